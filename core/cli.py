@@ -1,0 +1,122 @@
+"""`tidegate` command line: serve, admin, version."""
+from __future__ import annotations
+
+import argparse
+import sys
+
+import orjson
+
+from tidegate.core import __version__, config, control
+
+# admin exit codes: 0 done, 1 the daemon refused or failed, 2 usage, 3 no daemon reachable
+ADMIN_OK, ADMIN_FAILED, ADMIN_USAGE, ADMIN_NO_DAEMON = 0, 1, 2, 3
+
+ADMIN_HELP = {
+    "status": "daemon state, version, uptime, listen addresses, ready workers",
+    "workers": "one row per worker process: slot, generation, pid, state, heartbeat age, RSS, requests",
+    "config": "the configuration in force (secrets masked)",
+    "reload": "re-read the config file and replace workers without refusing a connection (= SIGHUP)",
+    "drain": "stop accepting, finish in-flight requests up to graceful_timeout, exit 0 (= SIGTERM)",
+    "stop": "stop at once, without waiting for in-flight requests (= SIGINT)",
+    "metrics": "the aggregated Prometheus metrics of all workers",
+    "keygen": "print a new CURVE key pair for a tcp:// control endpoint (needs no daemon)",
+}
+
+
+def _parser() -> argparse.ArgumentParser:
+    p = argparse.ArgumentParser(prog="tidegate", description="tidegate: a serving gateway for ML inference.")
+    sub = p.add_subparsers(dest="command", metavar="COMMAND", required=True)
+
+    s = sub.add_parser("serve", help="run the daemon (supervisor + workers) in the foreground",
+                       description="Run the daemon in the foreground. Without --config it runs on built-in "
+                                   "defaults with state under ./var. Signals: TERM drains, INT stops, HUP reloads.")
+    s.add_argument("--config", "-c", help="TOML config file (default: built-in defaults)")
+    s.add_argument("--bind", "-b", action="append", help="listen address HOST:PORT (repeatable; overrides server.bind)")
+    s.add_argument("--workers", "-w", help='ingress workers: a number or "auto" (overrides server.workers)')
+    s.add_argument("--log-level", choices=["debug", "info", "warning", "error"], help="overrides log.level")
+
+    a = sub.add_parser("admin", help="operate a running daemon over its control socket",
+                       description="Talk to a running daemon. Exit codes: 0 done, 1 refused/failed, "
+                                   "2 usage, 3 no daemon reachable.")
+    a.add_argument("--config", "-c", help="the daemon's config file (to find its control socket)")
+    a.add_argument("--endpoint", help="control endpoint, overriding the config (ipc://PATH or tcp://HOST:PORT)")
+    a.add_argument("--json", action="store_true", help="print JSON instead of a table")
+    a.add_argument("--timeout", type=float, default=10.0, help="seconds to wait for the daemon (default 10)")
+    asub = a.add_subparsers(dest="admin_command", metavar="ADMIN_COMMAND", required=True)
+    for name, help_ in ADMIN_HELP.items():
+        asub.add_parser(name, help=help_, description=help_)
+
+    sub.add_parser("version", help="print the version", description="Print the version and exit.")
+    return p
+
+
+def main(argv=None) -> int:
+    args = _parser().parse_args(argv)
+    if args.command == "version":
+        print(f"tidegate {__version__}")
+        return 0
+    if args.command == "serve":
+        from tidegate.workers.supervisor import serve
+        overrides = {}
+        if args.bind:
+            overrides["server.bind"] = args.bind if len(args.bind) > 1 else args.bind[0]
+        if args.workers:
+            overrides["server.workers"] = int(args.workers) if args.workers.isdigit() else args.workers
+        if args.log_level:
+            overrides["log.level"] = args.log_level
+        return serve(args.config, overrides)
+    return admin(args)
+
+
+def admin(args) -> int:
+    if args.admin_command == "keygen":
+        import zmq
+        pub, sec = zmq.curve_keypair()
+        print(f'public_key = "{pub.decode()}"\nsecret_key = "{sec.decode()}"')
+        return ADMIN_OK
+    try:
+        cfg = config.load(args.config, {"control.endpoint": args.endpoint} if args.endpoint else None)
+    except config.ConfigError as e:
+        print(f"tidegate admin: invalid config: {e}", file=sys.stderr)
+        return ADMIN_USAGE
+    try:
+        reply = control.call(cfg, args.admin_command, timeout=args.timeout)
+    except control.NoDaemon as e:
+        print(f"tidegate admin: {e}", file=sys.stderr)
+        return ADMIN_NO_DAEMON
+    if args.json:
+        print(orjson.dumps(reply, option=orjson.OPT_INDENT_2).decode())
+    elif not reply.get("ok"):
+        print(f"tidegate admin: {reply.get('message')}", file=sys.stderr)
+    else:
+        print(_human(args.admin_command, reply))
+    return ADMIN_OK if reply.get("ok") else ADMIN_FAILED
+
+
+def _human(cmd: str, reply: dict) -> str:
+    body = reply.get("body")
+    if cmd == "metrics":
+        return body.rstrip()
+    if cmd == "reload":
+        return f"{reply['message']} (generation {reply.get('gen')})"
+    if cmd == "workers":
+        cols = ["id", "slot", "gen", "pid", "state", "uptime_s", "heartbeat_age_s", "rss_bytes", "requests",
+                "open_connections"]
+        return _table(cols, [[r.get(c) for c in cols] for r in body])
+    if cmd == "config":
+        rows = [[f"{sec}.{k}", orjson.dumps(v).decode()] for sec, keys in body["config"].items() for k, v in keys.items()]
+        return f"# {body['path'] or '(built-in defaults)'}\n" + _table(["key", "value"], rows)
+    if isinstance(body, dict):
+        return _table(["field", "value"], [[k, v if isinstance(v, str) else orjson.dumps(v).decode()]
+                                           for k, v in body.items()])
+    return str(body)
+
+
+def _table(cols: list[str], rows: list[list]) -> str:
+    cells = [cols] + [["-" if v is None else str(v) for v in row] for row in rows]
+    widths = [max(len(r[i]) for r in cells) for i in range(len(cols))]
+    return "\n".join("  ".join(c.ljust(w) for c, w in zip(r, widths)).rstrip() for r in cells)
+
+
+if __name__ == "__main__":
+    sys.exit(main())

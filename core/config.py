@@ -1,0 +1,228 @@
+"""Configuration: one TOML file, validated up front against a declared schema.
+
+Every key has a type, a default and (where it matters) a check; an unknown key, a wrong type or an
+impossible value raises ConfigError naming the dotted key, so a bad file stops a start (or a
+SIGHUP reload) before any worker sees it. The result is a plain nested dict: it is what the
+supervisor hands to workers as JSON.
+"""
+from __future__ import annotations
+
+import copy
+import os
+import tomllib
+from dataclasses import dataclass
+from typing import Any, Callable
+
+
+class ConfigError(ValueError):
+    """A config problem; the message names the key."""
+
+
+@dataclass(frozen=True)
+class Key:
+    type: type | tuple
+    default: Any
+    help: str
+    check: Callable[[Any], str | None] | None = None  # returns an error text or None
+    secret: bool = False
+
+
+def positive(v):
+    return None if v > 0 else "must be > 0"
+
+
+def non_negative(v):
+    return None if v >= 0 else "must be >= 0"
+
+
+def _workers(v):
+    if v == "auto" or (isinstance(v, int) and not isinstance(v, bool) and 1 <= v <= 1024):
+        return None
+    return 'must be "auto" or an integer from 1 to 1024'
+
+
+def _bind(v):
+    items = [v] if isinstance(v, str) else v
+    if not items:
+        return "needs at least one address"
+    for item in items:
+        if not isinstance(item, str):
+            return "addresses must be strings"
+        try:
+            parse_bind(item)
+        except ValueError as e:
+            return str(e)
+    return None
+
+
+def _log_level(v):
+    return None if v in ("debug", "info", "warning", "error") else "must be one of debug, info, warning, error"
+
+
+def _endpoint(v):
+    if v == "" or v.startswith(("ipc://", "tcp://")):
+        return None
+    return 'must be "" (ipc:// in run_dir), ipc://PATH or tcp://HOST:PORT'
+
+
+def _z85_key(v):
+    return None if v == "" or len(v) == 40 else "must be a 40-character Z85 CURVE key"
+
+
+def _z85_keys(v):
+    return next((f"item {i} must be a 40-character Z85 CURVE key" for i, k in enumerate(v)
+                 if not isinstance(k, str) or len(k) != 40), None)
+
+
+KiB, MiB = 1024, 1024 * 1024
+
+SCHEMA: dict[str, dict[str, Key]] = {
+    "server": {
+        "bind": Key((str, list), "127.0.0.1:8080", "listen address(es), HOST:PORT or [V6]:PORT", _bind),
+        "workers": Key((str, int), "auto", 'ingress workers: "auto" = one per core', _workers),
+        "backlog": Key(int, 2048, "listen backlog per socket", positive),
+        "max_connections": Key(int, 10000, "open connections per worker; above it the worker stops accepting", positive),
+        "run_dir": Key(str, "./var/run", "sockets and pid file (created mode 0700)"),
+        "data_dir": Key(str, "./var/data", "durable state"),
+        "heartbeat_interval": Key(float, 1.0, "seconds between worker heartbeats", positive),
+        "worker_timeout": Key(float, 30.0, "a worker silent this long is killed and respawned", positive),
+        "boot_timeout": Key(float, 30.0, "a worker not ready this long after spawn failed to boot", positive),
+        "graceful_timeout": Key(float, 30.0, "SIGTERM: how long in-flight requests may take to finish", non_negative),
+        "respawn_backoff_max": Key(float, 10.0, "ceiling of the respawn delay for a crash-looping slot", positive),
+    },
+    "limits": {
+        "max_request_line": Key(int, 8 * KiB, "request-target bytes (414 above)", positive),
+        "max_header_bytes": Key(int, 32 * KiB, "header section bytes (431 above)", positive),
+        "max_headers": Key(int, 100, "header fields per request (431 above)", positive),
+        "max_body_bytes": Key(int, 1 * MiB, "request body bytes (413 above)", positive),
+        "max_json_depth": Key(int, 64, "JSON nesting depth (400 above)", positive),
+        "max_json_number_chars": Key(int, 64, "characters in one JSON number literal (400 above)", positive),
+        "max_pipelined": Key(int, 32, "parsed-but-unanswered requests per connection before reading pauses", positive),
+        "header_timeout": Key(float, 10.0, "seconds to receive a request's header section (408)", positive),
+        "body_timeout": Key(float, 60.0, "seconds between two reads of a request body (408)", positive),
+        "keepalive_timeout": Key(float, 75.0, "idle keep-alive connection lifetime", positive),
+        "send_timeout": Key(float, 60.0, "seconds a client may leave its write buffer full before it is cut", positive),
+        "write_buffer_bytes": Key(int, 256 * KiB, "per-connection write buffer before reading pauses", positive),
+    },
+    "control": {
+        "endpoint": Key(str, "", 'admin socket; "" = ipc://RUN_DIR/control.sock', _endpoint),
+        "max_message_bytes": Key(int, 1 * MiB, "ZMQ_MAXMSGSIZE on control and internal sockets", positive),
+        "curve_public_key": Key(str, "", "server CURVE public key (Z85), required for tcp://", _z85_key),
+        "curve_secret_key": Key(str, "", "server CURVE secret key (Z85), required for tcp://", _z85_key, secret=True),
+        "curve_client_keys": Key(list, [], "client public keys allowed on tcp://", _z85_keys),
+        "client_public_key": Key(str, "", "admin client CURVE public key (tcp:// only)", _z85_key),
+        "client_secret_key": Key(str, "", "admin client CURVE secret key (tcp:// only)", _z85_key, secret=True),
+    },
+    "log": {
+        "level": Key(str, "info", "debug | info | warning | error", _log_level),
+        "access": Key(bool, False, "one log line per request (off: metrics cover traffic)"),
+    },
+}
+
+
+def parse_bind(addr: str) -> tuple[str, int]:
+    """'HOST:PORT' or '[V6]:PORT' -> (host, port)."""
+    host, sep, port = addr.rpartition(":")
+    if not sep or not host or not port.isdigit() or not 0 <= int(port) <= 65535:
+        raise ValueError(f"{addr!r} is not HOST:PORT")
+    if host.startswith("["):
+        if not host.endswith("]"):
+            raise ValueError(f"{addr!r} is not [V6]:PORT")
+        host = host[1:-1]
+    return host, int(port)
+
+
+def defaults() -> dict:
+    return {sec: {k: copy.deepcopy(key.default) for k, key in keys.items()} for sec, keys in SCHEMA.items()}
+
+
+def _check_type(name: str, key: Key, value: Any) -> Any:
+    types = key.type if isinstance(key.type, tuple) else (key.type,)
+    if float in types and isinstance(value, int) and not isinstance(value, bool):
+        value = float(value)  # TOML "30" for a float key is fine
+    if isinstance(value, bool) and bool not in types:
+        raise ConfigError(f"{name}: expected {'/'.join(t.__name__ for t in types)}, got bool")
+    if not isinstance(value, types):
+        raise ConfigError(f"{name}: expected {'/'.join(t.__name__ for t in types)}, got {type(value).__name__}")
+    if key.check:
+        problem = key.check(value)
+        if problem:
+            raise ConfigError(f"{name}: {problem} (got {value!r})")
+    return value
+
+
+def validate(raw: dict) -> dict:
+    """Merge raw over the defaults, checking every key; returns a new dict."""
+    cfg = defaults()
+    for sec, body in raw.items():
+        if sec not in SCHEMA:
+            raise ConfigError(f"{sec}: unknown section (known: {', '.join(SCHEMA)})")
+        if not isinstance(body, dict):
+            raise ConfigError(f"{sec}: must be a table")
+        for k, v in body.items():
+            name = f"{sec}.{k}"
+            if k not in SCHEMA[sec]:
+                raise ConfigError(f"{name}: unknown key")
+            cfg[sec][k] = _check_type(name, SCHEMA[sec][k], v)
+    _cross_checks(cfg)
+    return cfg
+
+
+def _cross_checks(cfg: dict) -> None:
+    ctl = cfg["control"]
+    if ctl["endpoint"].startswith("tcp://"):
+        if not (ctl["curve_public_key"] and ctl["curve_secret_key"]):
+            raise ConfigError("control.endpoint: a tcp:// control socket needs control.curve_public_key and "
+                              "control.curve_secret_key (generate them with `tidegate admin keygen`)")
+        if not ctl["curve_client_keys"]:
+            raise ConfigError("control.curve_client_keys: a tcp:// control socket needs at least one allowed client key")
+    lim = cfg["limits"]
+    if lim["max_request_line"] > lim["max_header_bytes"]:
+        raise ConfigError("limits.max_request_line: cannot exceed limits.max_header_bytes")
+
+
+def load(path: str | None, overrides: dict | None = None) -> dict:
+    """Read and validate a TOML file (None: built-in defaults), then apply CLI overrides."""
+    raw: dict = {}
+    if path:
+        try:
+            with open(path, "rb") as f:
+                raw = tomllib.load(f)
+        except FileNotFoundError:
+            raise ConfigError(f"config file {path} does not exist") from None
+        except tomllib.TOMLDecodeError as e:
+            raise ConfigError(f"config file {path}: {e}") from None
+    for dotted, value in (overrides or {}).items():
+        sec, key = dotted.split(".")
+        raw.setdefault(sec, {})[key] = value
+    return validate(raw)
+
+
+def resolve_workers(cfg: dict) -> int:
+    w = cfg["server"]["workers"]
+    if w == "auto":
+        return max(1, len(os.sched_getaffinity(0)))
+    return w
+
+
+def binds(cfg: dict) -> list[str]:
+    b = cfg["server"]["bind"]
+    return [b] if isinstance(b, str) else list(b)
+
+
+def redacted(cfg: dict) -> dict:
+    """The config with secret values masked, for admin output and logs."""
+    out = copy.deepcopy(cfg)
+    for sec, keys in SCHEMA.items():
+        for k, key in keys.items():
+            if key.secret and out[sec][k]:
+                out[sec][k] = "***"
+    return out
+
+
+def control_endpoint(cfg: dict) -> str:
+    return cfg["control"]["endpoint"] or f"ipc://{os.path.abspath(cfg['server']['run_dir'])}/control.sock"
+
+
+def internal_endpoint(cfg: dict) -> str:
+    return f"ipc://{os.path.abspath(cfg['server']['run_dir'])}/supervisor.sock"

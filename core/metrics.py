@@ -1,0 +1,126 @@
+"""Request metrics: cheap counters in each worker, summed by the supervisor, rendered once.
+
+A worker only bumps integers in dicts on the request path. It ships a snapshot with every
+heartbeat (and a fresh one with each /metrics request); the supervisor keeps the latest snapshot
+per live worker and folds the counters of exited workers into a retired total, so counters never
+go backwards when a worker is respawned. Rendering uses prometheus_client's exposition code.
+"""
+from __future__ import annotations
+
+import copy
+from bisect import bisect_left
+
+from prometheus_client import CollectorRegistry, generate_latest
+from prometheus_client.core import CounterMetricFamily, GaugeMetricFamily, HistogramMetricFamily
+
+LATENCY_BUCKETS = (0.0005, 0.001, 0.0025, 0.005, 0.01, 0.025, 0.05, 0.1, 0.25, 0.5, 1.0, 2.5, 5.0, 10.0)
+COUNTERS = ("bytes_in", "bytes_out", "connections_accepted")
+
+
+class WorkerMetrics:
+    """Owned by one ingress worker's event loop; no locking needed."""
+
+    __slots__ = ("requests", "latency", "bytes_in", "bytes_out", "connections_accepted", "open_connections")
+
+    def __init__(self):
+        self.requests: dict[tuple[str, int], int] = {}
+        self.latency: dict[str, list] = {}  # route -> [bucket counts..., +Inf count, sum]
+        self.bytes_in = 0
+        self.bytes_out = 0
+        self.connections_accepted = 0
+        self.open_connections = 0
+
+    def observe(self, route: str, status: int, seconds: float) -> None:
+        key = (route, status)
+        self.requests[key] = self.requests.get(key, 0) + 1
+        h = self.latency.get(route)
+        if h is None:
+            h = self.latency[route] = [0] * (len(LATENCY_BUCKETS) + 1) + [0.0]
+        h[bisect_left(LATENCY_BUCKETS, seconds)] += 1
+        h[-1] += seconds
+
+    def snapshot(self) -> dict:
+        return {
+            "requests": [[r, s, n] for (r, s), n in self.requests.items()],
+            "latency": self.latency,
+            "bytes_in": self.bytes_in,
+            "bytes_out": self.bytes_out,
+            "connections_accepted": self.connections_accepted,
+            "open_connections": self.open_connections,
+        }
+
+
+def _empty() -> dict:
+    return {"requests": {}, "latency": {}, **{c: 0 for c in COUNTERS}}
+
+
+def _fold(total: dict, snap: dict) -> None:
+    for route, status, n in snap.get("requests", ()):
+        key = (route, int(status))
+        total["requests"][key] = total["requests"].get(key, 0) + n
+    for route, h in snap.get("latency", {}).items():
+        acc = total["latency"].setdefault(route, [0] * (len(LATENCY_BUCKETS) + 1) + [0.0])
+        for i, v in enumerate(h):
+            acc[i] += v
+    for c in COUNTERS:
+        total[c] += snap.get(c, 0)
+
+
+class Aggregator:
+    """Owned by the supervisor: latest snapshot per live worker + retired totals."""
+
+    def __init__(self):
+        self.live: dict[str, dict] = {}
+        self.retired = _empty()
+
+    def update(self, worker: str, snap: dict) -> None:
+        self.live[worker] = snap
+
+    def retire(self, worker: str) -> None:
+        snap = self.live.pop(worker, None)
+        if snap:
+            _fold(self.retired, snap)
+
+    def totals(self) -> dict:
+        total = copy.deepcopy(self.retired)
+        for snap in self.live.values():
+            _fold(total, snap)
+        total["open_connections"] = sum(s.get("open_connections", 0) for s in self.live.values())
+        return total
+
+    def render(self, extra: list[tuple[str, str, str, float]] = ()) -> bytes:
+        """Prometheus text format. extra: (kind "gauge"|"counter", name, help, value) from the supervisor."""
+        registry = CollectorRegistry(auto_describe=False)
+        registry.register(_Collector(self.totals(), extra))
+        return generate_latest(registry)
+
+
+class _Collector:
+    def __init__(self, totals: dict, extra):
+        self.t, self.extra = totals, extra
+
+    def collect(self):
+        t = self.t
+        req = CounterMetricFamily("tidegate_http_requests", "HTTP requests answered, by route and status",
+                                  labels=["route", "status"])
+        for (route, status), n in sorted(t["requests"].items()):
+            req.add_metric([route, str(status)], n)
+        yield req
+        lat = HistogramMetricFamily("tidegate_http_request_duration_seconds",
+                                    "Time from first request byte to response written", labels=["route"])
+        for route, h in sorted(t["latency"].items()):
+            cum, buckets = 0, []
+            for bound, n in zip(LATENCY_BUCKETS + (float("inf"),), h[:-1]):
+                cum += n
+                buckets.append(("+Inf" if bound == float("inf") else repr(bound), cum))
+            lat.add_metric([route], buckets, sum_value=h[-1])
+        yield lat
+        yield CounterMetricFamily("tidegate_http_received_bytes", "Bytes read from clients", value=t["bytes_in"])
+        yield CounterMetricFamily("tidegate_http_sent_bytes", "Bytes written to clients", value=t["bytes_out"])
+        yield CounterMetricFamily("tidegate_connections_accepted", "Client connections accepted",
+                                  value=t["connections_accepted"])
+        yield GaugeMetricFamily("tidegate_connections_open", "Client connections open now, all workers",
+                                value=t["open_connections"])
+        for kind, name, help_, value in self.extra:
+            family = CounterMetricFamily if kind == "counter" else GaugeMetricFamily
+            yield family(name, help_, value=value)

@@ -1,0 +1,23 @@
+"""Build glue: maps the top-level folders into the `tidegate` namespace and compiles ext/.
+
+Installed code lives under tidegate.core, tidegate.workers and tidegate.ext, so nothing claims
+generic top-level names like `core` in site-packages.
+"""
+from Cython.Build import cythonize
+from setuptools import Extension, setup
+
+EXTENSIONS = [
+    Extension("tidegate.ext.jsonguard", ["ext/jsonguard.pyx"], extra_compile_args=["-O3"]),
+]
+
+setup(
+    packages=["tidegate.core", "tidegate.workers", "tidegate.ext"],
+    package_dir={
+        "tidegate.core": "core",
+        "tidegate.workers": "workers",
+        "tidegate.ext": "ext",
+    },
+    package_data={"tidegate.ext": ["*.pyx", "*.pxd"]},
+    ext_modules=cythonize(EXTENSIONS, language_level=3, compiler_directives={"boundscheck": False, "wraparound": False}),
+    zip_safe=False,
+)

@@ -1,0 +1,1 @@
+"""One module per process kind: the supervisor and the ingress worker."""

@@ -1,0 +1,192 @@
+"""Ingress worker process: one single-threaded uvloop (epoll) event loop serving HTTP.
+
+Started by the supervisor with its listening sockets inherited (one SO_REUSEPORT socket per
+slot and address, kept open by the supervisor so a replaced worker's queue is never dropped)
+and its spec in $TIDEGATE_WORKER_SPEC. It reports READY once it accepts, heartbeats with a
+metrics snapshot, drains on SIGTERM, exits at once on SIGQUIT and ignores SIGINT (the
+supervisor decides). Exit codes: 0 clean, 3 failed to boot (the supervisor then halts).
+"""
+from __future__ import annotations
+
+import asyncio
+import os
+import signal
+import socket
+import sys
+import time
+
+import orjson
+import uvloop
+from setproctitle import setproctitle
+
+from tidegate.core import protocol
+from tidegate.core.http11 import HttpConnection, HttpError, HttpServer, Response, json_response
+from tidegate.core.jsonbody import parse_json
+from tidegate.core.jsonlog import log
+from tidegate.core.link import SupervisorLink
+from tidegate.core.metrics import WorkerMetrics
+from tidegate.core.router import Router
+
+EXIT_BOOT_ERROR = 3
+SPEC_ENV = "TIDEGATE_WORKER_SPEC"
+FAILPOINTS = frozenset(os.environ.get("TIDEGATE_FAILPOINTS", "").split(","))  # fault injection for tests
+
+_HEALTHZ = Response(200, b'{"status":"ok"}')
+_PROM_TYPE = b"text/plain; version=0.0.4; charset=utf-8"
+
+
+class IngressWorker:
+    def __init__(self, spec: dict):
+        self.spec = spec
+        self.cfg = spec["config"]
+        self.slot = spec["slot"]
+        self.loop = asyncio.get_running_loop()
+        self.metrics = WorkerMetrics()
+        self.router = self._routes()
+        self.http = HttpServer(self.cfg["limits"], self.router.dispatch, self.metrics, self.cfg["log"]["access"])
+        self.http.on_count_change = self._on_count_change
+        self.servers: list = []
+        self.accepting = False
+        self.link: SupervisorLink | None = None
+        self.stopped = asyncio.Event()
+        self.supervisor_pid = spec["supervisor_pid"]
+        self.booted = False
+
+    # ---- routes -------------------------------------------------------------------------------
+    def _routes(self) -> Router:
+        r = Router()
+        r.add("GET", "/healthz", lambda req: _HEALTHZ)
+        r.add("GET", "/readyz", self.readyz)
+        r.add("GET", "/metrics", self.metrics_route)
+        r.add("POST", "/v1/echo", self.echo)
+        return r
+
+    def echo(self, req) -> Response:
+        """Parse a JSON body under the configured limits and send it back: a connectivity probe."""
+        return json_response({"object": "echo", "data": parse_json(req, self.cfg["limits"])})
+
+    async def readyz(self, req) -> Response:
+        ans = await self._ask(protocol.READINESS)
+        return json_response(ans["body"], 200 if ans["body"]["ready"] else 503)
+
+    async def metrics_route(self, req) -> Response:
+        ans = await self._ask(protocol.METRICS, snap=self.snapshot())
+        return Response(200, ans["body"].encode(), _PROM_TYPE)
+
+    async def _ask(self, op: str, **fields) -> dict:
+        try:
+            return await self.link.request(op, timeout=2.0, **fields)
+        except asyncio.TimeoutError:
+            raise HttpError(503, "supervisor did not answer in time", "supervisor_timeout",
+                            headers=[(b"retry-after", b"1")]) from None
+
+    # ---- lifecycle ----------------------------------------------------------------------------
+    def snapshot(self) -> dict:
+        self.metrics.open_connections = len(self.http.conns)
+        return self.metrics.snapshot()
+
+    async def boot(self) -> None:
+        if "ingress.boot" in FAILPOINTS:
+            raise RuntimeError("failpoint ingress.boot")
+        srv = self.cfg["server"]
+        self.link = SupervisorLink(self.spec["internal"], self.spec["id"], self.cfg["control"]["max_message_bytes"])
+        self.link.start()
+        self.listen_socks = [socket.socket(fileno=fd) for fd in self.spec["fds"]]
+        await self._start_accepting()
+        self.loop.add_signal_handler(signal.SIGTERM, self.drain)
+        self.loop.add_signal_handler(signal.SIGQUIT, self.stopped.set)
+        self.link.send(protocol.READY, pid=os.getpid())
+        self._spawn_periodic(self._heartbeat, srv["heartbeat_interval"])
+        self._spawn_periodic(self.http.tick, 1.0)
+        self.booted = True
+        log.info("worker ready", slot=self.slot, gen=self.spec["gen"])
+
+    def _spawn_periodic(self, fn, interval: float) -> None:
+        async def run():
+            while not self.stopped.is_set():
+                await asyncio.sleep(interval)
+                fn()
+        asyncio.ensure_future(run())
+
+    def _heartbeat(self) -> None:
+        if os.getppid() != self.supervisor_pid:
+            log.error("supervisor is gone; exiting")
+            self.stopped.set()
+            return
+        self.link.send(protocol.HEARTBEAT, snap=self.snapshot())
+
+    async def _start_accepting(self) -> None:
+        # Each server gets a dup of the inherited socket so closing it (to pause) leaves ours open.
+        self.accepting = True
+        for s in self.listen_socks:
+            dup = socket.socket(fileno=os.dup(s.fileno()))
+            self.servers.append(await self.loop.create_server(
+                lambda: HttpConnection(self.http), sock=dup, backlog=self.cfg["server"]["backlog"]))
+
+    def _stop_accepting(self) -> None:
+        self.accepting = False
+        for server in self.servers:
+            server.close()
+        self.servers = []
+
+    def _on_count_change(self, n: int) -> None:
+        limit = self.cfg["server"]["max_connections"]
+        if self.accepting and n >= limit:
+            log.warning("max_connections reached; not accepting", open=n)
+            self._stop_accepting()
+        elif not self.accepting and not self.http.draining and n <= limit * 9 // 10:
+            log.info("accepting again", open=n)
+            asyncio.ensure_future(self._start_accepting())
+            self.accepting = True
+
+    def drain(self) -> None:
+        if self.http.draining:
+            return
+        log.info("draining", open=len(self.http.conns))
+        self._stop_accepting()
+        self.http.drain()
+        asyncio.ensure_future(self._finish_drain())
+
+    async def _finish_drain(self) -> None:
+        deadline = time.monotonic() + self.cfg["server"]["graceful_timeout"]
+        while self.http.conns and time.monotonic() < deadline:
+            await asyncio.sleep(0.05)
+        if self.http.conns:
+            log.warning("graceful timeout: closing connections", open=len(self.http.conns))
+        self.link.send(protocol.HEARTBEAT, snap=self.snapshot())  # final counters
+        await asyncio.sleep(0.05)
+        self.stopped.set()
+
+    async def run(self) -> None:
+        await self.boot()
+        await self.stopped.wait()
+        for conn in list(self.http.conns):
+            conn.abort("worker stopping")
+        self.link.close()
+
+
+def main() -> None:
+    spec = orjson.loads(os.environ.pop(SPEC_ENV))
+    signal.signal(signal.SIGINT, signal.SIG_IGN)
+    name = f"ingress {spec['slot']}"
+    setproctitle(f"tidegate: {name}")
+    log.configure(process=name.replace(" ", "-"), level=spec["config"]["log"]["level"])
+    worker = None
+
+    async def start():
+        nonlocal worker
+        worker = IngressWorker(spec)
+        await worker.run()
+
+    try:
+        uvloop.run(start())
+    except Exception as e:
+        if worker is None or not worker.booted:
+            log.error("worker failed to boot", error=repr(e))
+            sys.exit(EXIT_BOOT_ERROR)
+        log.error("worker crashed", error=repr(e))
+        sys.exit(1)
+
+
+if __name__ == "__main__":
+    main()

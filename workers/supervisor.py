@@ -1,0 +1,551 @@
+"""The supervisor (`tidegate serve`): owns the listening sockets, spawns and watches workers.
+
+Modelled on gunicorn's arbiter: signal handlers only enqueue the signal and wake the loop
+through a self-pipe; one loop reacts to signals, worker messages (ready, heartbeat, requests),
+admin commands and timers. Exit codes are a protocol:
+
+  worker  0 clean exit      3 failed to boot   other: crashed (respawned with backoff)
+  daemon  0 stopped/drained 1 bad config       3 a worker failed to boot   4 cannot bind
+
+Listening sockets are made here, one SO_REUSEPORT socket per (address, worker slot), and kept
+open for the daemon's life: a worker that replaces another in the same slot inherits the same
+socket, so connections queued in its backlog during a respawn or reload are never refused.
+"""
+from __future__ import annotations
+
+import collections
+import errno
+import os
+import signal
+import socket
+import subprocess
+import sys
+import time
+from dataclasses import dataclass, field
+
+import orjson
+import psutil
+import zmq
+from setproctitle import setproctitle
+
+from tidegate.core import __version__, config, control, protocol
+from tidegate.core.jsonlog import log
+from tidegate.core.metrics import Aggregator
+from tidegate.core.sdnotify import Notifier
+from tidegate.workers.ingress import EXIT_BOOT_ERROR, SPEC_ENV
+
+EXIT_OK, EXIT_CONFIG, EXIT_BOOT, EXIT_BIND = 0, 1, 3, 4
+SIGNALS = (signal.SIGHUP, signal.SIGTERM, signal.SIGINT, signal.SIGQUIT, signal.SIGCHLD)
+
+
+class BindError(OSError):
+    pass
+
+
+@dataclass
+class Worker:
+    id: str
+    slot: int
+    gen: int
+    proc: subprocess.Popen
+    spawned: float
+    state: str = "booting"          # booting -> ready -> retiring
+    ready_at: float = 0.0
+    last_hb: float = 0.0
+    snap: dict = field(default_factory=dict)
+
+
+class Listeners:
+    """SO_REUSEPORT listening sockets keyed by (address, slot); owned by the supervisor."""
+
+    def __init__(self, backlog: int):
+        self.backlog = backlog
+        self.socks: dict[tuple[str, int], socket.socket] = {}
+        self.ports: dict[str, int] = {}   # address as configured -> actual port (for :0)
+
+    def ensure(self, addresses: list[str], slots: int) -> None:
+        """Open whatever (address, slot) sockets are missing; BindError names the address."""
+        for addr in addresses:
+            host, port = config.parse_bind(addr)
+            port = self.ports.get(addr, port)
+            family = socket.AF_INET6 if ":" in host else socket.AF_INET
+            if port and not any(a == addr for a, _ in self.socks):
+                self._probe(addr, family, host, port)
+            for slot in range(slots):
+                if (addr, slot) in self.socks:
+                    continue
+                s = socket.socket(family, socket.SOCK_STREAM)
+                s.setsockopt(socket.SOL_SOCKET, socket.SO_REUSEADDR, 1)
+                s.setsockopt(socket.SOL_SOCKET, socket.SO_REUSEPORT, 1)
+                try:
+                    s.bind((host, port))
+                except OSError as e:
+                    s.close()
+                    raise BindError(e.errno, f"cannot bind {addr}: {e.strerror}") from None
+                s.listen(self.backlog)
+                s.set_inheritable(True)
+                port = self.ports[addr] = s.getsockname()[1]
+                self.socks[(addr, slot)] = s
+
+    @staticmethod
+    def _probe(addr, family, host, port) -> None:
+        # SO_REUSEPORT would happily share a port with another tidegate: a plain bind tells us
+        # whether anyone at all listens there.
+        p = socket.socket(family, socket.SOCK_STREAM)
+        try:
+            p.setsockopt(socket.SOL_SOCKET, socket.SO_REUSEADDR, 1)
+            p.bind((host, port))
+        except OSError as e:
+            raise BindError(e.errno, f"cannot bind {addr}: {e.strerror}") from None
+        finally:
+            p.close()
+
+    def fds(self, addresses: list[str], slot: int) -> list[int]:
+        return [self.socks[(a, slot)].fileno() for a in addresses]
+
+    def keep_only(self, addresses: list[str], slots: int) -> None:
+        for key in [k for k in self.socks if k[0] not in addresses or k[1] >= slots]:
+            self.socks.pop(key).close()
+        self.ports = {a: p for a, p in self.ports.items() if a in addresses}
+
+    def close_all(self) -> None:
+        for s in self.socks.values():
+            s.close()
+        self.socks.clear()
+
+    def bound(self) -> list[str]:
+        return [f"{config.parse_bind(a)[0]}:{p}" for a, p in self.ports.items()]
+
+
+class Supervisor:
+    def __init__(self, cfg: dict, cfg_path: str | None, overrides: dict):
+        self.cfg, self.cfg_path, self.overrides = cfg, cfg_path, overrides
+        self.started = time.monotonic()
+        self.state = "starting"      # starting -> running <-> reloading -> draining | stopping
+        self.exit_code: int | None = None
+        self.gen = 1
+        self.pending: dict | None = None   # reload in progress: {"gen", "cfg", "waiters"}
+        self.workers: dict[str, Worker] = {}
+        self.respawn_at: dict[int, float] = {}
+        self.crashes: collections.Counter = collections.Counter()  # slot -> quick crashes in a row
+        self.respawns = 0
+        self.sigqueue: collections.deque = collections.deque()
+        self.deadline = 0.0
+        self._ids = 0
+        self.aggregator = Aggregator()
+        self.notifier = Notifier()
+        self.listeners = Listeners(cfg["server"]["backlog"])
+
+    # ---- set-up -------------------------------------------------------------------------------
+    def _setup(self) -> None:
+        srv = self.cfg["server"]
+        control.ensure_run_dir(srv["run_dir"])
+        os.makedirs(srv["data_dir"], mode=0o700, exist_ok=True)
+        self.pidfile = os.path.join(srv["run_dir"], "supervisor.pid")
+        other = _running_pid(self.pidfile)
+        if other:
+            raise BindError(errno.EADDRINUSE, f"another tidegate (pid {other}) uses run_dir {srv['run_dir']}")
+        self.listeners.ensure(config.binds(self.cfg), config.resolve_workers(self.cfg))
+        with open(self.pidfile, "w") as f:
+            f.write(str(os.getpid()))
+        self.ctx = zmq.Context()
+        self.internal = self.ctx.socket(zmq.ROUTER)
+        self.internal.setsockopt(zmq.MAXMSGSIZE, self.cfg["control"]["max_message_bytes"])
+        self.internal.setsockopt(zmq.LINGER, 0)
+        ipath = config.internal_endpoint(self.cfg)
+        if os.path.exists(ipath[6:]):
+            os.unlink(ipath[6:])
+        self.internal.bind(ipath)
+        os.chmod(ipath[6:], 0o600)
+        self.control, self.auth = control.bind_server(self.ctx, self.cfg)
+        self.wake_r, self.wake_w = os.pipe2(os.O_NONBLOCK | os.O_CLOEXEC)
+        signal.set_wakeup_fd(self.wake_w, warn_on_full_buffer=False)
+        for sig in SIGNALS:
+            signal.signal(sig, self._on_signal)
+        self.poller = zmq.Poller()
+        self.poller.register(self.internal, zmq.POLLIN)
+        self.poller.register(self.control, zmq.POLLIN)
+        self.poller.register(self.wake_r, zmq.POLLIN)
+
+    def _on_signal(self, signum, frame) -> None:
+        self.sigqueue.append(signum)   # act in the loop, never in the handler
+
+    # ---- main loop ----------------------------------------------------------------------------
+    def run(self) -> int:
+        setproctitle("tidegate: supervisor")
+        log.configure(process="supervisor", level=self.cfg["log"]["level"])
+        try:
+            self._setup()
+        except BindError as e:
+            log.error("cannot start", error=e.strerror)
+            return EXIT_BIND
+        log.info("starting", version=__version__, bind=self.listeners.bound(),
+                 workers=config.resolve_workers(self.cfg), config=self.cfg_path or "(built-in defaults)",
+                 control=config.control_endpoint(self.cfg))
+        self.notifier.status("starting workers")
+        for slot in range(config.resolve_workers(self.cfg)):
+            self._spawn(slot, self.gen, self.cfg)
+        try:
+            while self.exit_code is None:
+                self._tick()
+        finally:
+            self._cleanup()
+        log.info("stopped", exit_code=self.exit_code)
+        return self.exit_code
+
+    def _tick(self) -> None:
+        events = dict(self.poller.poll(self._poll_timeout_ms()))
+        if self.wake_r in events:
+            try:
+                while os.read(self.wake_r, 4096):
+                    pass
+            except BlockingIOError:
+                pass
+        while self.sigqueue:
+            self._handle_signal(self.sigqueue.popleft())
+        if self.internal in events:
+            self._drain_socket(self.internal, self._on_worker_message)
+        if self.control in events:
+            self._drain_socket(self.control, self._on_control)
+        self._reap()
+        self._check_timers()
+        self.notifier.watchdog_due(time.monotonic())
+
+    def _poll_timeout_ms(self) -> int:
+        timeout = 0.25  # coarse enough to be idle, fine enough for heartbeat and respawn timers
+        wd = self.notifier.watchdog_due(time.monotonic())
+        if wd is not None:
+            timeout = min(timeout, max(wd, 0.0))
+        return int(timeout * 1000)
+
+    @staticmethod
+    def _drain_socket(sock, handler) -> None:
+        for _ in range(1000):  # bounded so a chatty peer cannot starve signals and timers
+            try:
+                frames = sock.recv_multipart(zmq.NOBLOCK)
+            except zmq.Again:
+                return
+            handler(frames)
+
+    # ---- signals ------------------------------------------------------------------------------
+    def _handle_signal(self, sig: int) -> None:
+        if sig == signal.SIGCHLD:
+            return  # _reap runs every tick
+        log.info("signal", signal=signal.Signals(sig).name)
+        if sig == signal.SIGHUP:
+            self.reload()
+        elif sig == signal.SIGTERM:
+            self.drain()
+        elif sig in (signal.SIGINT, signal.SIGQUIT):
+            self.stop(EXIT_OK)
+
+    def reload(self, waiter: bytes | None = None) -> None:
+        if self.state != "running":
+            self._answer_reload([waiter], ok=False, message=f"cannot reload while {self.state}")
+            return
+        try:
+            new = config.load(self.cfg_path, self.overrides)
+            self.listeners.ensure(config.binds(new), config.resolve_workers(new))
+        except (config.ConfigError, BindError) as e:
+            msg = str(e) if isinstance(e, config.ConfigError) else e.strerror
+            log.error("reload rejected; still serving with the previous config", error=msg)
+            self._answer_reload([waiter], ok=False, message=f"reload rejected: {msg}")
+            return
+        self.state = "reloading"
+        self.notifier.reloading()
+        log.configure(level=new["log"]["level"])
+        gen = self.gen + 1
+        self.pending = {"gen": gen, "cfg": new, "waiters": [waiter]}
+        for slot in range(config.resolve_workers(new)):
+            self._spawn(slot, gen, new)
+        log.info("reloading", gen=gen, workers=config.resolve_workers(new))
+
+    def _finish_reload(self, ok: bool, why: str = "") -> None:
+        p, self.pending = self.pending, None
+        if ok:
+            for w in self.workers.values():
+                if w.gen != p["gen"]:
+                    self._retire(w)
+            self.cfg, self.gen = p["cfg"], p["gen"]
+            self.respawn_at.clear()
+            log.info("reloaded", gen=self.gen)
+        else:
+            for w in self.workers.values():
+                if w.gen == p["gen"]:
+                    self._kill(w, signal.SIGKILL)
+                    w.state = "retiring"
+            log.configure(level=self.cfg["log"]["level"])
+            log.error("reload failed; still serving with the previous config", error=why)
+        self._trim_listeners()
+        self.state = "running"
+        self.notifier.ready("serving")
+        self._answer_reload(p["waiters"], ok, "reloaded" if ok else f"reload failed: {why}")
+
+    def _answer_reload(self, waiters, ok: bool, message: str) -> None:
+        for w in waiters:
+            if w is not None:
+                self._reply(w, {"op": protocol.REPLY, "ok": ok, "message": message, "gen": self.gen})
+
+    def drain(self) -> None:
+        if self.state in ("draining", "stopping"):
+            return
+        log.info("draining", graceful_timeout=self.cfg["server"]["graceful_timeout"])
+        self.notifier.stopping()
+        self.state = "draining"
+        self.listeners.close_all()  # workers hold their own copies until they stop accepting
+        self.deadline = time.monotonic() + self.cfg["server"]["graceful_timeout"] + 2.0
+        for w in self.workers.values():
+            self._kill(w, signal.SIGTERM)
+
+    def stop(self, code: int) -> None:
+        if self.state == "stopping":
+            return
+        self.notifier.stopping()
+        self.state = "stopping"
+        self.stop_code = code
+        self.deadline = time.monotonic() + 2.0
+        for w in self.workers.values():
+            self._kill(w, signal.SIGQUIT)
+
+    # ---- workers ------------------------------------------------------------------------------
+    def _spawn(self, slot: int, gen: int, cfg: dict) -> None:
+        self._ids += 1
+        wid = f"ingress-{slot}.g{gen}.{self._ids}"
+        addresses = config.binds(cfg)
+        fds = self.listeners.fds(addresses, slot)
+        spec = {"id": wid, "slot": slot, "gen": gen, "config": cfg, "fds": fds,
+                "internal": config.internal_endpoint(cfg), "supervisor_pid": os.getpid()}
+        env = dict(os.environ, **{SPEC_ENV: orjson.dumps(spec).decode()})
+        proc = subprocess.Popen([sys.executable, "-m", "tidegate.workers.ingress"], pass_fds=fds, env=env,
+                                stdin=subprocess.DEVNULL)
+        self.workers[wid] = Worker(wid, slot, gen, proc, time.monotonic())
+        log.info("spawned worker", worker=wid, worker_pid=proc.pid)
+
+    def _kill(self, w: Worker, sig: int) -> None:
+        try:
+            w.proc.send_signal(sig)
+        except ProcessLookupError:
+            pass
+
+    def _retire(self, w: Worker) -> None:
+        w.state = "retiring"
+        self._kill(w, signal.SIGTERM)
+
+    def _reap(self) -> None:
+        for w in list(self.workers.values()):
+            code = w.proc.poll()
+            if code is not None:
+                del self.workers[w.id]
+                self.aggregator.retire(w.id)
+                self._on_exit(w, code)
+        if self.state in ("draining", "stopping") and not self.workers:
+            self.exit_code = getattr(self, "stop_code", EXIT_OK) if self.state == "stopping" else EXIT_OK
+
+    def _on_exit(self, w: Worker, code: int) -> None:
+        how = f"signal {signal.Signals(-code).name}" if code < 0 else f"code {code}"
+        if self.state in ("draining", "stopping") or w.state == "retiring":
+            log.info("worker exited", worker=w.id, worker_pid=w.proc.pid, how=how)
+            self._trim_listeners()
+            return
+        if w.state == "booting":
+            why = f"worker {w.id} exited with {how} before it was ready" + (
+                " (boot error: see its log line above)" if code == EXIT_BOOT_ERROR else "")
+            if self.pending and w.gen == self.pending["gen"]:
+                self._finish_reload(False, why)
+            else:
+                log.error("worker failed to boot; stopping the daemon", worker=w.id, how=how)
+                self.stop(EXIT_BOOT)
+            return
+        lived = time.monotonic() - w.ready_at
+        self.crashes[w.slot] = self.crashes[w.slot] + 1 if lived < 10.0 else 0
+        delay = 0.0 if self.crashes[w.slot] <= 1 else min(
+            0.1 * 2 ** (self.crashes[w.slot] - 1), self.cfg["server"]["respawn_backoff_max"])
+        log.warning("worker died; respawning", worker=w.id, worker_pid=w.proc.pid, how=how, delay_s=delay)
+        self.respawn_at[w.slot] = time.monotonic() + delay
+
+    def _check_timers(self) -> None:
+        now = time.monotonic()
+        srv = self.cfg["server"]
+        for w in self.workers.values():
+            if w.state == "booting" and now - w.spawned > srv["boot_timeout"]:
+                log.error("worker not ready within boot_timeout; killing it", worker=w.id)
+                self._kill(w, signal.SIGKILL)
+            elif w.state == "ready" and now - w.last_hb > srv["worker_timeout"]:
+                log.error("worker missed heartbeats; killing it", worker=w.id, silent_s=round(now - w.last_hb, 1))
+                self._kill(w, signal.SIGKILL)
+                w.state = "hung"
+        if self.state in ("running", "reloading"):
+            for slot, due in list(self.respawn_at.items()):
+                if due <= now:
+                    del self.respawn_at[slot]
+                    self.respawns += 1
+                    self._spawn(slot, self.gen, self.cfg)
+        if self.state in ("draining", "stopping") and now > self.deadline:
+            for w in self.workers.values():
+                log.warning("worker did not stop in time; killing it", worker=w.id)
+                self._kill(w, signal.SIGKILL)
+            self.deadline = now + 5.0
+
+    def _expected(self) -> int:
+        return config.resolve_workers(self.cfg)
+
+    def _ready_count(self, gen: int) -> int:
+        return sum(1 for w in self.workers.values() if w.gen == gen and w.state == "ready")
+
+    def _trim_listeners(self) -> None:
+        """Close sockets no configuration in use needs any more (after old workers are gone)."""
+        if self.pending or any(w.state == "retiring" for w in self.workers.values()):
+            return
+        self.listeners.keep_only(config.binds(self.cfg), self._expected())
+
+    # ---- messages from workers ----------------------------------------------------------------
+    def _on_worker_message(self, frames: list[bytes]) -> None:
+        if len(frames) != 2:
+            return
+        ident, frame = frames
+        try:
+            msg = protocol.decode(frame)
+        except protocol.ProtocolError:
+            return
+        w = self.workers.get(ident.decode())
+        if w is None:
+            return
+        op, now = msg["op"], time.monotonic()
+        w.last_hb = now
+        if "snap" in msg:
+            w.snap = msg["snap"]
+            self.aggregator.update(w.id, w.snap)
+        if op == protocol.READY:
+            if w.state == "booting":
+                w.state, w.ready_at = "ready", now
+                log.info("worker ready", worker=w.id, worker_pid=w.proc.pid)
+                self._on_ready(w)
+        elif op == protocol.METRICS:
+            self._reply_worker(ident, msg, self.render_metrics().decode())
+        elif op == protocol.READINESS:
+            ready, expected = self._ready_count(self.gen), self._expected()
+            ok = self.state == "running" and ready >= expected or self.state == "reloading"
+            self._reply_worker(ident, msg, {"ready": ok, "state": self.state, "workers_ready": ready,
+                                            "workers_expected": expected})
+
+    def _on_ready(self, w: Worker) -> None:
+        if self.pending and w.gen == self.pending["gen"]:
+            if self._ready_count(w.gen) >= config.resolve_workers(self.pending["cfg"]):
+                self._finish_reload(True)
+        elif self.state == "starting" and self._ready_count(self.gen) >= self._expected():
+            self.state = "running"
+            self.notifier.ready(f"serving on {', '.join(self.listeners.bound())}")
+            log.info("ready", bind=self.listeners.bound(), workers=self._expected())
+
+    def _reply_worker(self, ident: bytes, msg: dict, body) -> None:
+        self.internal.send_multipart([ident, protocol.encode({"op": protocol.REPLY, "id": msg.get("id"),
+                                                              "body": body})])
+
+    def render_metrics(self) -> bytes:
+        return self.aggregator.render([
+            ("gauge", "tidegate_workers_ready", "Ingress workers ready", self._ready_count(self.gen)),
+            ("gauge", "tidegate_workers_expected", "Ingress workers configured", self._expected()),
+            ("counter", "tidegate_worker_respawns", "Workers respawned after dying or hanging", self.respawns),
+        ])
+
+    # ---- admin control socket -----------------------------------------------------------------
+    def _on_control(self, frames: list[bytes]) -> None:
+        if len(frames) != 3:
+            return
+        ident = frames[0]
+        try:
+            msg = protocol.decode(frames[2])
+        except protocol.ProtocolError as e:
+            return self._reply(ident, {"op": protocol.REPLY, "ok": False, "message": str(e)})
+        op = msg["op"]
+        if op == "reload":
+            if self.pending:
+                self.pending["waiters"].append(ident)
+            else:
+                self.reload(waiter=ident)
+            return
+        if op == "status":
+            body = self.status()
+        elif op == "workers":
+            body = self.worker_table()
+        elif op == "config":
+            body = {"path": self.cfg_path, "config": config.redacted(self.cfg)}
+        elif op == "metrics":
+            body = self.render_metrics().decode()
+        elif op == "drain":
+            body = {"message": "draining"}
+            self.drain()
+        elif op == "stop":
+            body = {"message": "stopping"}
+            self.stop(EXIT_OK)
+        else:
+            return self._reply(ident, {"op": protocol.REPLY, "ok": False,
+                                       "message": f"unknown command {op!r}; known: {', '.join(protocol.CONTROL_OPS)}"})
+        self._reply(ident, {"op": protocol.REPLY, "ok": True, "body": body})
+
+    def _reply(self, ident: bytes, msg: dict) -> None:
+        self.control.send_multipart([ident, b"", protocol.encode(msg)])
+
+    def status(self) -> dict:
+        return {"pid": os.getpid(), "version": __version__, "state": self.state,
+                "uptime_s": round(time.monotonic() - self.started, 1), "generation": self.gen,
+                "workers_ready": self._ready_count(self.gen), "workers_expected": self._expected(),
+                "bind": self.listeners.bound(), "config": self.cfg_path or "(built-in defaults)",
+                "control": config.control_endpoint(self.cfg), "respawns": self.respawns}
+
+    def worker_table(self) -> list[dict]:
+        now, rows = time.monotonic(), []
+        for w in sorted(self.workers.values(), key=lambda w: (w.slot, w.gen)):
+            try:
+                rss = psutil.Process(w.proc.pid).memory_info().rss
+            except psutil.Error:
+                rss = 0
+            reqs = sum(n for _, _, n in w.snap.get("requests", ()))
+            rows.append({"id": w.id, "slot": w.slot, "gen": w.gen, "pid": w.proc.pid, "state": w.state,
+                         "uptime_s": round(now - w.spawned, 1),
+                         "heartbeat_age_s": round(now - w.last_hb, 1) if w.last_hb else None,
+                         "rss_bytes": rss, "requests": reqs,
+                         "open_connections": w.snap.get("open_connections", 0)})
+        return rows
+
+    # ---- tear-down ----------------------------------------------------------------------------
+    def _cleanup(self) -> None:
+        for w in self.workers.values():
+            self._kill(w, signal.SIGKILL)
+        for sig in SIGNALS:
+            signal.signal(sig, signal.SIG_DFL)
+        self.listeners.close_all()
+        self.internal.close(0)
+        self.control.close(0)
+        if self.auth:
+            self.auth.stop()
+        self.ctx.term()
+        for path in (self.pidfile, config.internal_endpoint(self.cfg)[6:], config.control_endpoint(self.cfg)[6:]):
+            try:
+                os.unlink(path)
+            except OSError:
+                pass
+
+
+def _running_pid(pidfile: str) -> int | None:
+    try:
+        pid = int(open(pidfile).read().strip())
+    except (OSError, ValueError):
+        return None
+    try:
+        proc = psutil.Process(pid)
+        if pid != os.getpid() and "tidegate" in " ".join(proc.cmdline() + [proc.name()]):
+            return pid
+    except psutil.Error:
+        pass
+    return None
+
+
+def serve(cfg_path: str | None, overrides: dict) -> int:
+    try:
+        cfg = config.load(cfg_path, overrides)
+    except config.ConfigError as e:
+        log.error("invalid config", error=str(e))
+        print(f"tidegate: invalid config: {e}", file=sys.stderr)
+        return EXIT_CONFIG
+    return Supervisor(cfg, cfg_path, overrides).run()
