@@ -34,6 +34,7 @@ ERROR_TYPES = {400: "invalid_request_error", 401: "authentication_error", 403: "
 
 # connection phases, for the time-out sweep
 IDLE_NEW, HEAD, BODY, BUSY, IDLE_KEEPALIVE = range(5)
+_READ_SLACK = 256 * 1024  # one event-loop read may carry earlier pipelined requests too
 _RID_OK = frozenset(b"abcdefghijklmnopqrstuvwxyzABCDEFGHIJKLMNOPQRSTUVWXYZ0123456789-_.:")
 
 
@@ -169,12 +170,6 @@ class HttpConnection(asyncio.Protocol):
         if self.closing or self.parser is None:
             return
         self.srv.metrics.bytes_in += len(data)
-        if self.phase <= HEAD or not self._in_message:
-            # llhttp buffers a header line until it ends: bound the raw bytes of a head ourselves
-            self._raw_head += len(data)
-            lim = self.srv.limits
-            if self._raw_head > lim["max_header_bytes"] + lim["max_request_line"] + 65536:
-                return self._fail(HttpError(431, "request header section too large", "header_too_large"))
         try:
             self.parser.feed_data(data)
         except HttpError as e:
@@ -185,7 +180,17 @@ class HttpConnection(asyncio.Protocol):
                 self.pending[-1].keep_alive = False
             self._stop_reading()
         except httptools.HttpParserError as e:
-            self._fail(HttpError(400, f"malformed HTTP request: {e}", "bad_framing"))
+            # an HttpError raised in one of our callbacks comes back wrapped as its __context__
+            cause = e.__context__
+            self._fail(cause if isinstance(cause, HttpError) else
+                       HttpError(400, f"malformed HTTP request: {e}", "bad_framing"))
+        else:
+            if self.phase == HEAD:
+                # llhttp buffers a header line until it ends: bound what an unfinished head may hold
+                self._raw_head += len(data)
+                lim = self.srv.limits
+                if self._raw_head > lim["max_header_bytes"] + lim["max_request_line"] + _READ_SLACK:
+                    self._fail(HttpError(431, "request header section too large", "header_too_large"))
         if not self.busy:
             self._process()
 
@@ -201,6 +206,7 @@ class HttpConnection(asyncio.Protocol):
     def on_message_begin(self) -> None:
         self._in_message = True
         self.phase, self.since = HEAD, self.srv.now
+        self._raw_head = 0
         self._url = b""
         self._headers = {}
         self._nheaders = 0
@@ -236,7 +242,6 @@ class HttpConnection(asyncio.Protocol):
 
     def on_headers_complete(self) -> None:
         self.phase, self.since = BODY, self.srv.now
-        self._raw_head = 0
         headers, lim = self._headers, self.srv.limits
         if self.parser.get_http_version() == "1.1" and b"host" not in headers:
             raise HttpError(400, "missing Host header", "bad_framing")
