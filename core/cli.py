@@ -75,8 +75,8 @@ def admin(args) -> int:
         print(f'public_key = "{pub.decode()}"\nsecret_key = "{sec.decode()}"')
         return ADMIN_OK
     try:
-        cfg = config.load(args.config, {"control.endpoint": args.endpoint} if args.endpoint else None)
-    except config.ConfigError as e:
+        cfg = config.load_for_admin(args.config, {"control.endpoint": args.endpoint} if args.endpoint else None)
+    except (config.ConfigError, OSError, ValueError) as e:
         print(f"tidegate admin: invalid config: {e}", file=sys.stderr)
         return ADMIN_USAGE
     try:

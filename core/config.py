@@ -198,6 +198,22 @@ def load(path: str | None, overrides: dict | None = None) -> dict:
     return validate(raw)
 
 
+def load_for_admin(path: str | None, overrides: dict | None = None) -> dict:
+    """What `tidegate admin` needs (run_dir and [control]) even from a file that fails validation
+    elsewhere, so an operator can still reach the daemon to see why a reload was rejected."""
+    try:
+        return load(path, overrides)
+    except ConfigError:
+        with open(path, "rb") as f:  # load() succeeded in reading it, or raised on that first
+            raw = tomllib.load(f)
+        subset = {"server": {k: v for k, v in raw.get("server", {}).items() if k == "run_dir"},
+                  "control": raw.get("control", {})}
+        for dotted, value in (overrides or {}).items():
+            sec, key = dotted.split(".")
+            subset.setdefault(sec, {})[key] = value
+        return validate(subset)
+
+
 def resolve_workers(cfg: dict) -> int:
     w = cfg["server"]["workers"]
     if w == "auto":

@@ -144,6 +144,8 @@ class IngressWorker:
             return
         log.info("draining", open=len(self.http.conns))
         self._stop_accepting()
+        for s in self.listen_socks:  # the last copies: the port now refuses instead of queueing
+            s.close()
         self.http.drain()
         asyncio.ensure_future(self._finish_drain())
 
