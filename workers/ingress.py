@@ -20,12 +20,13 @@ import uvloop
 from setproctitle import setproctitle
 
 from tidegate.core import protocol
-from tidegate.core.http11 import HttpConnection, HttpError, HttpServer, Response, json_response
+from tidegate.core.http11 import HttpError, HttpServer, Response, json_response
 from tidegate.core.jsonbody import parse_json
 from tidegate.core.jsonlog import log
 from tidegate.core.link import SupervisorLink
 from tidegate.core.metrics import WorkerMetrics
 from tidegate.core.router import Router
+from tidegate.ext.httpconn import HttpConnection
 
 EXIT_BOOT_ERROR = 3
 SPEC_ENV = "TIDEGATE_WORKER_SPEC"
