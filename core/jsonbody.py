@@ -7,12 +7,14 @@ from tidegate.core.http11 import HttpError, Request
 from tidegate.ext import jsonguard
 
 _JSON_TYPES = (b"application/json", b"application/x-ndjson", b"text/plain")
+_JSON_TYPES_CI = {t: True for t in _JSON_TYPES}
 
 
 def parse_json(req: Request, limits: dict):
     """Decode req.body or raise a 400/415 that says what is wrong."""
     ctype = req.headers.get(b"content-type")
-    if ctype is not None and not ctype.split(b";", 1)[0].strip().lower().startswith(_JSON_TYPES):
+    if ctype is not None and ctype not in _JSON_TYPES_CI and not ctype.split(b";", 1)[0].strip().lower().startswith(
+            _JSON_TYPES):
         raise HttpError(415, f"Content-Type must be application/json, got {ctype.decode('latin-1')[:100]}",
                         "unsupported_media_type")
     body = req.body

@@ -1,25 +1,104 @@
 # cython: language_level=3, boundscheck=False, wraparound=False
-"""One HTTP/1.1 connection: the asyncio Protocol that frames requests with llhttp (httptools).
+"""HTTP/1.1 on the per-request hot path: Request, Response, HttpError and the connection.
 
-This is the per-request hot path of an ingress worker, so it is an extension type: fields are C
-slots and limits are copied into C integers once per connection. The logic is plain: llhttp
+`HttpConnection` is the asyncio Protocol that frames requests with llhttp (httptools). All of
+these are extension types so that the hot path touches C fields, not attribute dictionaries;
+limits are copied into C integers once per connection. The logic is plain: llhttp
 calls back per request part; a complete `Request` is queued in `pending`; `_process` answers the
 queue strictly in order through the delegate (`HttpServer.dispatch`), parking while an async
 handler runs. Limits raise `HttpError`; framing errors and limits are answered (after the
 requests parsed before them) and the connection closes. Time-outs are enforced by
 `HttpServer.tick`, a once-a-second sweep, which reads `phase`, `since` and `paused_since`.
 """
+cimport cython
+
 import asyncio
+import http
 import os
 import time
 from collections import deque
 
 import httptools
+import orjson
 
-from tidegate.core.http11 import (BODY, BUSY, HEAD, IDLE_KEEPALIVE, IDLE_NEW, HttpError, Request, Response,
-                                  _Failure)
 from tidegate.core.jsonlog import log
 from tidegate.core.metrics import LATENCY_BUCKETS
+
+REASONS = {s.value: s.phrase for s in http.HTTPStatus}
+STATUS_LINES = {code: f"HTTP/1.1 {code} {phrase}\r\n".encode() for code, phrase in REASONS.items()}
+ERROR_TYPES = {400: "invalid_request_error", 401: "authentication_error", 403: "permission_error",
+               404: "invalid_request_error", 405: "invalid_request_error", 408: "timeout_error",
+               413: "invalid_request_error", 414: "invalid_request_error", 415: "invalid_request_error",
+               417: "invalid_request_error",
+               429: "rate_limit_error", 431: "invalid_request_error", 503: "service_unavailable_error"}
+
+# connection phases, for the time-out sweep (HttpServer.tick)
+IDLE_NEW, HEAD, BODY, BUSY, IDLE_KEEPALIVE = range(5)
+
+
+@cython.final
+cdef class Response:
+    """What a handler returns. `head()` caches the status line and the headers that depend only on
+    this response, so a constant Response (e.g. /healthz) costs one concatenation per request."""
+    cdef public int status
+    cdef public bytes body, content_type
+    cdef public object headers
+    cdef bytes _head
+
+    def __init__(self, int status=200, bytes body=b"", bytes content_type=b"application/json", headers=None):
+        self.status, self.body, self.content_type, self.headers = status, body, content_type, headers
+
+    def head(self):
+        return self._build_head()
+
+    cdef bytes _build_head(self):
+        if self._head is None and self.headers is None:
+            status_line = STATUS_LINES.get(self.status) or f"HTTP/1.1 {self.status} Unknown\r\n".encode()
+            self._head = (status_line + b"content-type: " + self.content_type + b"\r\ncontent-length: "
+                          + str(len(self.body)).encode() + b"\r\n")
+        elif self._head is None:
+            parts = [STATUS_LINES.get(self.status) or f"HTTP/1.1 {self.status} Unknown\r\n".encode(),
+                     b"content-type: ", self.content_type, b"\r\ncontent-length: ", str(len(self.body)).encode(),
+                     b"\r\n"]
+            for name, value in self.headers or ():
+                parts += (name, b": ", value, b"\r\n")
+            self._head = b"".join(parts)
+        return self._head
+
+
+@cython.final
+cdef class Request:
+    """One parsed request, as the delegate sees it."""
+    cdef public str method, path, version, route
+    cdef public bytes query, body, request_id
+    cdef public dict headers
+    cdef public bint keep_alive
+    cdef public double started
+
+    def header(self, bytes name, default=None):
+        return self.headers.get(name, default)
+
+
+class HttpError(Exception):
+    """Raised anywhere in request handling; becomes an OpenAI-shaped JSON error response."""
+
+    def __init__(self, status, message, code=None, headers=None, close=False):
+        super().__init__(message)
+        self.status, self.message, self.code, self.headers, self.close = status, message, code, headers, close
+
+    def response(self):
+        body = {"error": {"type": ERROR_TYPES.get(self.status, "server_error"), "message": self.message,
+                          "param": None, "code": self.code}}
+        return Response(self.status, orjson.dumps(body), b"application/json", self.headers)
+
+
+class _Failure:
+    """A framing error queued behind the requests parsed before it, so answers stay in order."""
+    __slots__ = ("error",)
+
+    def __init__(self, error):
+        self.error = error
+
 
 cdef object _perf = time.perf_counter
 cdef object _HttpParserError = httptools.HttpParserError
@@ -35,17 +114,21 @@ cdef unsigned long long _rid_counter = 0
 cdef int _IDLE_NEW = IDLE_NEW, _HEAD = HEAD, _BODY = BODY, _BUSY = BUSY, _IDLE_KEEPALIVE = IDLE_KEEPALIVE
 
 
+cdef class HttpServer
+
+
 cdef class HttpConnection:
-    cdef public object srv, transport, parser, pending
+    cdef public HttpServer srv
+    cdef public object transport, parser, pending
     cdef public int phase
     cdef public double since, paused_since
     cdef public bint busy, closing, read_paused
-    cdef object metrics, _url, _headers, _body, _started
+    cdef object metrics, _url, _headers, _body, _started, _version
     cdef bint _in_message
     cdef Py_ssize_t _nheaders, _hbytes, _blen, _raw_head
     cdef Py_ssize_t max_request_line, max_header_bytes, max_headers, max_body_bytes, max_pipelined
 
-    def __init__(self, srv):
+    def __init__(self, HttpServer srv):
         self.srv = srv
         self.metrics = srv.metrics
         lim = srv.limits
@@ -66,7 +149,7 @@ cdef class HttpConnection:
         self.phase, self.since = _IDLE_NEW, srv.now
         transport.set_write_buffer_limits(high=srv.limits["write_buffer_bytes"])
         srv.conns.add(self)
-        self.metrics.connections_accepted += 1
+        srv.connections_accepted += 1
         if srv.on_count_change is not None:
             srv.on_count_change(len(srv.conns))
 
@@ -84,7 +167,7 @@ cdef class HttpConnection:
     def data_received(self, bytes data):
         if self.closing or self.parser is None:
             return
-        self.metrics.bytes_in += len(data)
+        self.srv.bytes_in += len(data)
         try:
             self.parser.feed_data(data)
         except HttpError as e:
@@ -181,7 +264,7 @@ cdef class HttpConnection:
         self._in_message = False
         self.phase = _BUSY
         parser = self.parser
-        req = Request()
+        cdef Request req = Request.__new__(Request)
         method = parser.get_method()
         req.method = _METHODS.get(method) or method.decode("latin-1")
         url = self._url
@@ -190,14 +273,19 @@ cdef class HttpConnection:
                 raise HttpError(400, "request target must be a path", "bad_target")
             parsed = httptools.parse_url(url)
             url = (parsed.path or b"/") + (b"?" + parsed.query if parsed.query else b"")
-        path, _, query = url.partition(b"?")
-        req.path = path.decode("latin-1")
-        req.query = query
+        if b"?" in url:
+            path, _, req.query = url.partition(b"?")
+            req.path = path.decode("latin-1")
+        else:
+            req.path = url.decode("latin-1")
+            req.query = b""
         req.headers = self._headers
         body = self._body
         req.body = b"" if body is None else (body[0] if len(body) == 1 else b"".join(body))
         req.keep_alive = parser.should_keep_alive()
-        req.version = parser.get_http_version()
+        if self._version is None:  # str.format per call in httptools: once per connection is enough
+            self._version = parser.get_http_version()
+        req.version = self._version
         rid = self._headers.get(b"x-request-id")
         req.request_id = (rid if rid is not None and len(rid) <= 128 and _RID_OK.issuperset(rid)
                           else next_request_id())
@@ -212,14 +300,22 @@ cdef class HttpConnection:
     cdef _process(self):
         """Answer queued requests in order until one needs to wait."""
         pending = self.pending
-        dispatch = self.srv.dispatch
+        routes = self.srv.routes
+        cdef Request req
         while pending and not self.busy and not self.closing and not self.paused_since:
-            req = pending.popleft()
-            if type(req) is _Failure:
-                self._send_error(req.error)
+            item = pending.popleft()
+            if type(item) is _Failure:
+                self._send_error(item.error)
                 return
+            req = item
             try:
-                resp = dispatch(req)
+                methods = routes.get(req.path)
+                handler = methods.get(req.method) if methods is not None else None
+                if handler is not None:
+                    req.route = req.path
+                    resp = handler(req)
+                else:  # patterns, HEAD-for-GET, 404, 405: the router's full dispatch
+                    resp = self.srv.dispatch(req)
             except HttpError as e:
                 resp = e.response()
             except Exception as e:  # a handler bug must not take the worker down
@@ -250,23 +346,19 @@ cdef class HttpConnection:
         self._send(req, resp)
         self._process()
 
-    cdef _send(self, req, resp):
-        srv = self.srv
+    cdef _send(self, Request req, Response resp):
+        cdef HttpServer srv = self.srv
         cdef bint keep = req.keep_alive and not srv.draining
         if keep:
             tail = b"\r\n\r\n" if req.version != "1.0" else b"\r\nconnection: keep-alive\r\n\r\n"
         else:
             tail = b"\r\nconnection: close\r\n\r\n"
-        head = resp._head
-        if head is None:
-            head = resp.head()
-        cdef bytes data = head + srv.date_line + b"x-request-id: " + req.request_id + tail
+        cdef bytes data = resp._build_head() + srv.date_line + b"x-request-id: " + req.request_id + tail
         if req.method != "HEAD":
             data += resp.body
         self.transport.write(data)
-        metrics = self.metrics
-        metrics.bytes_out += len(data)
-        observe(metrics, req.route, resp.status, _perf() - req.started)
+        srv.bytes_out += len(data)
+        observe(self.metrics, req.route, resp.status, _perf() - req.started)
         if srv.access_log:
             log.info("access", method=req.method, path=req.path, status=resp.status, request_id=req.request_id,
                      ms=round((_perf() - req.started) * 1000, 3))
@@ -274,7 +366,7 @@ cdef class HttpConnection:
             self.close()
 
     cdef _send_error(self, err):
-        req = Request()
+        cdef Request req = Request.__new__(Request)
         req.method, req.version, req.keep_alive, req.route = "GET", "1.1", False, "-"
         req.request_id = next_request_id()
         req.started = _perf()
@@ -309,10 +401,76 @@ cdef class HttpConnection:
         self.transport.abort()
 
 
+cdef class HttpServer:
+    """Per-worker state the connections share: limits, the delegate, counters, the coarse clock.
+
+    `routes` is the router's exact-path table ({path: {method: handler}}), consulted first so a
+    plain route costs no Python-level dispatch; everything else goes through `dispatch`.
+    """
+    cdef public dict limits, routes
+    cdef public object dispatch, metrics, on_count_change
+    cdef public set conns
+    cdef public bint draining, access_log
+    cdef public double now
+    cdef public bytes date_line
+    cdef public unsigned long long bytes_in, bytes_out, connections_accepted
+
+    def __init__(self, dict limits, dispatch, metrics, bint access_log=False, dict routes=None):
+        self.limits = limits
+        self.dispatch = dispatch            # Request -> Response | awaitable[Response]; sets req.route
+        self.routes = routes if routes is not None else {}
+        self.metrics = metrics              # WorkerMetrics: requests by route/status, latency
+        self.access_log = access_log
+        self.conns = set()                  # HttpConnection objects
+        self.draining = False
+        self.date_line = b""                # "date: ...\r\nserver: tidegate\r\n", refreshed each second
+        self.on_count_change = None         # callback(n_open) for accept pausing
+        self.tick()
+
+    def tick(self):
+        """Once a second: refresh the clock and Date header, enforce time-outs."""
+        self.now = now = time.monotonic()
+        self.date_line = time.strftime("date: %a, %d %b %Y %H:%M:%S GMT\r\nserver: tidegate\r\n",
+                                       time.gmtime()).encode()
+        lim = self.limits
+        head_t, body_t, ka_t, send_t = (lim["header_timeout"], lim["body_timeout"], lim["keepalive_timeout"],
+                                        lim["send_timeout"])
+        cdef HttpConnection conn
+        for conn in list(self.conns):
+            phase, idle = conn.phase, now - conn.since
+            if conn.paused_since and now - conn.paused_since > send_t:
+                conn.abort("send timeout: client is not reading")
+            elif conn.busy or conn.pending:
+                continue
+            elif phase in (_IDLE_NEW, _HEAD) and idle > head_t:
+                conn.fail_now(HttpError(408, f"request header not received within {head_t:g} s",
+                                        "header_timeout"))
+            elif phase == _BODY and idle > body_t:
+                conn.fail_now(HttpError(408, f"request body stalled for more than {body_t:g} s", "body_timeout"))
+            elif phase == _IDLE_KEEPALIVE and idle > ka_t:
+                conn.close()
+
+    def drain(self):
+        """Stop keeping connections alive: idle ones close now, busy ones after their answer."""
+        self.draining = True
+        for conn in list(self.conns):
+            if conn.is_idle():
+                conn.close()
+
+
 cpdef bytes next_request_id():
     global _rid_counter
     _rid_counter += 1
-    return _RID_PREFIX + (b"%x" % _rid_counter)
+    cdef char buf[16]
+    cdef int n = 16
+    cdef unsigned long long v = _rid_counter
+    while True:  # hex digits, written backwards
+        n -= 1
+        buf[n] = b"0123456789abcdef"[v & 15]
+        v >>= 4
+        if v == 0:
+            break
+    return _RID_PREFIX + buf[n:16]
 
 
 cdef observe(metrics, str route, int status, double seconds):

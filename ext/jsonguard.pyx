@@ -11,9 +11,10 @@ TOO_DEEP = 1
 NUMBER_TOO_LONG = 2
 
 
-def scan(const unsigned char[::1] buf, int max_depth, int max_number_chars):
+def scan(bytes data, int max_depth, int max_number_chars):
     """Return (code, offset): code is OK, TOO_DEEP or NUMBER_TOO_LONG; offset the byte it tripped on."""
-    cdef Py_ssize_t i = 0, n = buf.shape[0], num_start = -1
+    cdef const unsigned char* buf = data
+    cdef Py_ssize_t i = 0, n = len(data), num_start = -1
     cdef int depth = 0
     cdef unsigned char c
     cdef bint in_str = False

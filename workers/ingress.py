@@ -44,7 +44,8 @@ class IngressWorker:
         self.loop = asyncio.get_running_loop()
         self.metrics = WorkerMetrics()
         self.router = self._routes()
-        self.http = HttpServer(self.cfg["limits"], self.router.dispatch, self.metrics, self.cfg["log"]["access"])
+        self.http = HttpServer(self.cfg["limits"], self.router.dispatch, self.metrics, self.cfg["log"]["access"],
+                               routes=self.router.exact)
         self.http.on_count_change = self._on_count_change
         self.servers: list = []
         self.accepting = False
@@ -83,7 +84,9 @@ class IngressWorker:
 
     # ---- lifecycle ----------------------------------------------------------------------------
     def snapshot(self) -> dict:
-        self.metrics.open_connections = len(self.http.conns)
+        m, h = self.metrics, self.http  # byte and connection counters are kept in C by the server
+        m.open_connections, m.bytes_in, m.bytes_out, m.connections_accepted = (
+            len(h.conns), h.bytes_in, h.bytes_out, h.connections_accepted)
         return self.metrics.snapshot()
 
     async def boot(self) -> None:
