@@ -14,12 +14,6 @@ per request, which keeps the request path free of timer churn.
 """
 from __future__ import annotations
 
-import orjson
-
 # the request/response types live with the connection in the compiled hot path
-from tidegate.ext.httpconn import (BODY, ERROR_TYPES, HEAD, IDLE_KEEPALIVE, IDLE_NEW, HttpError,  # noqa: E402,F401
-                                   HttpServer, Request, Response)
-
-
-def json_response(obj, status: int = 200, headers=None) -> Response:
-    return Response(status, orjson.dumps(obj), b"application/json", headers)
+from tidegate.ext.httpconn import (BODY, ERROR_TYPES, HEAD, IDLE_KEEPALIVE, IDLE_NEW, HttpError,  # noqa: F401
+                                   HttpServer, Request, Response, json_response)

@@ -11,6 +11,8 @@ requests parsed before them) and the connection closes. Time-outs are enforced b
 `HttpServer.tick`, a once-a-second sweep, which reads `phase`, `since` and `paused_since`.
 """
 cimport cython
+from cpython.bytes cimport PyBytes_AS_STRING, PyBytes_FromStringAndSize, PyBytes_GET_SIZE
+from libc.string cimport memcpy
 
 import asyncio
 import http
@@ -79,6 +81,13 @@ cdef class Request:
         return self.headers.get(name, default)
 
 
+cpdef Response json_response(obj, int status=200, headers=None):
+    """A JSON Response (orjson), built without a Python-level constructor call."""
+    cdef Response r = Response.__new__(Response)
+    r.status, r.body, r.content_type, r.headers = status, orjson.dumps(obj), b"application/json", headers
+    return r
+
+
 class HttpError(Exception):
     """Raised anywhere in request handling; becomes an OpenAI-shaped JSON error response."""
 
@@ -106,6 +115,12 @@ cdef object _HttpParserUpgrade = httptools.HttpParserUpgrade
 cdef dict _METHODS = {m.encode(): m for m in ("GET", "HEAD", "POST", "PUT", "PATCH", "DELETE", "OPTIONS")}
 cdef frozenset _RID_OK = frozenset(b"abcdefghijklmnopqrstuvwxyzABCDEFGHIJKLMNOPQRSTUVWXYZ0123456789-_.:")
 cdef Py_ssize_t _READ_SLACK = 256 * 1024  # one event-loop read may carry earlier pipelined requests too
+# lower-case forms of the header names clients send most, to skip a bytes.lower() per header
+cdef dict _CANON = {n.encode(): n.lower().encode() for n in (
+    "Host", "host", "Content-Type", "content-type", "Content-Length", "content-length", "User-Agent",
+    "user-agent", "Accept", "accept", "Connection", "connection", "Authorization", "authorization",
+    "Accept-Encoding", "accept-encoding", "X-Request-Id", "x-request-id", "Transfer-Encoding",
+    "transfer-encoding", "Expect", "expect")}
 cdef tuple _BUCKETS = LATENCY_BUCKETS
 cdef Py_ssize_t _NBUCKETS = len(LATENCY_BUCKETS)
 # request ids: a random per-process prefix and a counter, unique across workers and restarts
@@ -224,7 +239,8 @@ cdef class HttpConnection:
             raise HttpError(431, f"more than {self.max_headers} header fields", "too_many_headers")
         if self._hbytes > self.max_header_bytes:
             raise HttpError(431, f"header section larger than {self.max_header_bytes} bytes", "header_too_large")
-        name = name.lower()
+        canon = _CANON.get(name)
+        name = canon if canon is not None else name.lower()
         if name == b"transfer-encoding" and value.strip().lower() != b"chunked":
             # llhttp accepts codings like "gzip, chunked"; we decode none of them
             raise HttpError(400, "unsupported Transfer-Encoding: only 'chunked' is accepted", "bad_framing")
@@ -353,9 +369,8 @@ cdef class HttpConnection:
             tail = b"\r\n\r\n" if req.version != "1.0" else b"\r\nconnection: keep-alive\r\n\r\n"
         else:
             tail = b"\r\nconnection: close\r\n\r\n"
-        cdef bytes data = resp._build_head() + srv.date_line + b"x-request-id: " + req.request_id + tail
-        if req.method != "HEAD":
-            data += resp.body
+        cdef bytes data = _concat5(resp._build_head(), srv.date_line, b"x-request-id: " + req.request_id, tail,
+                                   resp.body if req.method != "HEAD" else b"")
         self.transport.write(data)
         srv.bytes_out += len(data)
         observe(self.metrics, req.route, resp.status, _perf() - req.started)
@@ -456,6 +471,20 @@ cdef class HttpServer:
         for conn in list(self.conns):
             if conn.is_idle():
                 conn.close()
+
+
+cdef bytes _concat5(bytes a, bytes b, bytes c, bytes d, bytes e):
+    """a + b + c + d + e with one allocation (the response is written in one transport.write)."""
+    cdef Py_ssize_t la = PyBytes_GET_SIZE(a), lb = PyBytes_GET_SIZE(b), lc = PyBytes_GET_SIZE(c)
+    cdef Py_ssize_t ld = PyBytes_GET_SIZE(d), le = PyBytes_GET_SIZE(e)
+    cdef bytes out = PyBytes_FromStringAndSize(NULL, la + lb + lc + ld + le)
+    cdef char* p = PyBytes_AS_STRING(out)
+    memcpy(p, PyBytes_AS_STRING(a), la)
+    memcpy(p + la, PyBytes_AS_STRING(b), lb)
+    memcpy(p + la + lb, PyBytes_AS_STRING(c), lc)
+    memcpy(p + la + lb + lc, PyBytes_AS_STRING(d), ld)
+    memcpy(p + la + lb + lc + ld, PyBytes_AS_STRING(e), le)
+    return out
 
 
 cpdef bytes next_request_id():
