@@ -367,3 +367,19 @@ def test_logs_are_json_and_never_contain_secrets(daemon_factory):
         rec = json.loads(line)
         assert {"time", "level", "process", "event"} <= rec.keys()
     assert any(e["event"] == "access" for e in d.events())
+
+
+def test_control_socket_caps_message_size(daemon_factory):
+    d = daemon_factory(workers=1, control={"max_message_bytes": 4096})
+    ctx = zmq.Context()
+    s = ctx.socket(zmq.DEALER)
+    s.setsockopt(zmq.LINGER, 0)
+    s.connect(f"ipc://{d.dir / 'run' / 'control.sock'}")
+    s.send_multipart([b"", b'{"op": "status", "pad": "' + b"x" * 100000 + b'"}'])
+    s.setsockopt(zmq.RCVTIMEO, 1000)
+    with pytest.raises(zmq.Again):  # the oversized message is dropped with its connection
+        s.recv_multipart()
+    s.close()
+    ctx.term()
+    assert d.admin_json("status")["body"]["state"] == "running"
+    assert request(d.port).status == 200
