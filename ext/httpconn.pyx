@@ -54,18 +54,47 @@ cdef class Response:
         return self._build_head()
 
     cdef bytes _build_head(self):
-        if self._head is None and self.headers is None:
-            status_line = STATUS_LINES.get(self.status) or f"HTTP/1.1 {self.status} Unknown\r\n".encode()
-            self._head = (status_line + b"content-type: " + self.content_type + b"\r\ncontent-length: "
-                          + str(len(self.body)).encode() + b"\r\n")
-        elif self._head is None:
-            parts = [STATUS_LINES.get(self.status) or f"HTTP/1.1 {self.status} Unknown\r\n".encode(),
-                     b"content-type: ", self.content_type, b"\r\ncontent-length: ", str(len(self.body)).encode(),
-                     b"\r\n"]
-            for name, value in self.headers or ():
+        if self._head is not None:
+            return self._head
+        status_line = STATUS_LINES.get(self.status)
+        if status_line is None:
+            status_line = f"HTTP/1.1 {self.status} Unknown\r\n".encode()
+        if self.headers is None:  # the common case, assembled in one allocation
+            self._head = _head_bytes(status_line, self.content_type, PyBytes_GET_SIZE(self.body))
+        else:
+            parts = [_head_bytes(status_line, self.content_type, PyBytes_GET_SIZE(self.body))]
+            for name, value in self.headers:
                 parts += (name, b": ", value, b"\r\n")
             self._head = b"".join(parts)
         return self._head
+
+
+cdef bytes _head_bytes(bytes status_line, bytes content_type, Py_ssize_t length):
+    """status line + content-type + content-length, written with memcpy into one bytes object."""
+    cdef char digits[24]
+    cdef int nd = 24
+    cdef Py_ssize_t v = length
+    while True:
+        nd -= 1
+        digits[nd] = 48 + v % 10
+        v //= 10
+        if v == 0:
+            break
+    cdef Py_ssize_t ls = PyBytes_GET_SIZE(status_line), lc = PyBytes_GET_SIZE(content_type), ndig = 24 - nd
+    cdef bytes out = PyBytes_FromStringAndSize(NULL, ls + 14 + lc + 18 + ndig + 2)
+    cdef char* p = PyBytes_AS_STRING(out)
+    memcpy(p, PyBytes_AS_STRING(status_line), ls)
+    p += ls
+    memcpy(p, b"content-type: ", 14)
+    p += 14
+    memcpy(p, PyBytes_AS_STRING(content_type), lc)
+    p += lc
+    memcpy(p, b"\r\ncontent-length: ", 18)
+    p += 18
+    memcpy(p, digits + nd, ndig)
+    p += ndig
+    memcpy(p, b"\r\n", 2)
+    return out
 
 
 @cython.final
