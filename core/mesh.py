@@ -1,0 +1,166 @@
+"""The ingress workers' actor mesh: ask the owner of a key, get its answer back.
+
+Every worker binds one ROUTER socket (`ipc://RUN_DIR/peer-SLOT.sock`) for requests to the keys it
+owns and connects one DEALER to every peer for its own questions. The owner of a key (found on
+the ring) is the only process that touches that key's state, so no locks are needed anywhere.
+
+A single ZeroMQ round trip costs ~300 us, so messages are never sent one by one: everything
+queued for a peer during one event-loop turn goes out as one frame (an orjson list), and the
+owner answers a frame with one frame. Each request carries a correlation id and an absolute
+deadline (CLOCK_MONOTONIC is shared by all processes on the host); the owner skips requests
+whose deadline has passed, and the asker's future times out, so a dead or slow owner turns
+into a clear error for the client, never a hung request. A key the asker owns itself is a
+direct function call, not a message.
+
+Frames: request  [[id, op, deadline, payload], ...]   reply  [[id, ok, result], ...]
+"""
+from __future__ import annotations
+
+import asyncio
+import itertools
+import os
+import time
+
+import orjson
+import zmq
+
+from tidegate.core.jsonlog import log
+
+
+class OwnerUnavailable(Exception):
+    """The owner did not answer by the deadline (dead, respawning or overloaded)."""
+
+
+class RemoteError(Exception):
+    """The owner's handler raised; the message says what."""
+
+
+def peer_endpoint(run_dir: str, slot: int) -> str:
+    return f"ipc://{os.path.abspath(run_dir)}/peer-{slot}.sock"
+
+
+class Mesh:
+    def __init__(self, slot: int, n_slots: int, run_dir: str, handlers: dict, max_message_bytes: int,
+                 hwm: int = 10000):
+        self.slot, self.n_slots, self.handlers = slot, n_slots, handlers
+        self.ctx = zmq.Context()
+        self.router = self.ctx.socket(zmq.ROUTER)
+        for s in (self.router,):
+            s.setsockopt(zmq.LINGER, 0)
+            s.setsockopt(zmq.MAXMSGSIZE, max_message_bytes)
+            s.setsockopt(zmq.SNDHWM, hwm)
+            s.setsockopt(zmq.RCVHWM, hwm)
+        self.router.bind(peer_endpoint(run_dir, slot))
+        self.dealers: dict[int, zmq.Socket] = {}
+        for peer in range(n_slots):
+            if peer != slot:
+                d = self.ctx.socket(zmq.DEALER)
+                d.setsockopt(zmq.LINGER, 0)
+                d.setsockopt(zmq.MAXMSGSIZE, max_message_bytes)
+                d.setsockopt(zmq.SNDHWM, hwm)
+                d.setsockopt(zmq.RCVHWM, hwm)
+                d.connect(peer_endpoint(run_dir, peer))
+                self.dealers[peer] = d
+        self._ids = itertools.count(1)
+        self._waiting: dict[int, asyncio.Future] = {}
+        self._outbox: dict[int, list] = {}
+        self._flush_scheduled = False
+        self.loop = None
+        self.stats = {"frames_out": 0, "messages_out": 0, "frames_in": 0, "expired": 0}
+
+    def start(self) -> None:
+        self.loop = asyncio.get_running_loop()
+        self.loop.add_reader(self.router.getsockopt(zmq.FD), self._on_router)
+        for d in self.dealers.values():
+            self.loop.add_reader(d.getsockopt(zmq.FD), self._on_dealer, d)
+
+    # ---- asking -------------------------------------------------------------------------------
+    async def call(self, owner: int, op: str, payload, timeout: float = 0.5):
+        """Run handlers[op](payload) at the owner; returns its result."""
+        if owner == self.slot:
+            return self.handlers[op](payload)
+        rid = next(self._ids)
+        fut = self.loop.create_future()
+        self._waiting[rid] = fut
+        self._outbox.setdefault(owner, []).append([rid, op, time.monotonic() + timeout, payload])
+        if not self._flush_scheduled:
+            self._flush_scheduled = True
+            self.loop.call_soon(self._flush)
+        try:
+            ok, result = await asyncio.wait_for(fut, timeout)
+        except asyncio.TimeoutError:
+            raise OwnerUnavailable(f"worker {owner} did not answer {op!r} within {timeout * 1000:.0f} ms") from None
+        finally:
+            self._waiting.pop(rid, None)
+        if not ok:
+            raise RemoteError(result)
+        return result
+
+    def _flush(self) -> None:
+        """Send what this loop turn queued: one frame per peer."""
+        self._flush_scheduled = False
+        outbox, self._outbox = self._outbox, {}
+        for peer, msgs in outbox.items():
+            try:
+                self.dealers[peer].send(orjson.dumps(msgs), zmq.NOBLOCK)
+                self.stats["frames_out"] += 1
+                self.stats["messages_out"] += len(msgs)
+            except zmq.Again:
+                pass  # peer backed up past HWM: the callers time out with OwnerUnavailable
+            self.loop.call_soon(self._on_dealer, self.dealers[peer])  # a send can eat the fd's edge
+
+    def _on_dealer(self, sock) -> None:
+        while sock.getsockopt(zmq.EVENTS) & zmq.POLLIN:
+            try:
+                replies = orjson.loads(sock.recv(zmq.NOBLOCK))
+            except zmq.Again:
+                return
+            except orjson.JSONDecodeError:
+                continue
+            for rid, ok, result in replies:
+                fut = self._waiting.pop(rid, None)
+                if fut is not None and not fut.done():
+                    fut.set_result((ok, result))
+
+    # ---- owning -------------------------------------------------------------------------------
+    def _on_router(self) -> None:
+        sock = self.router
+        while sock.getsockopt(zmq.EVENTS) & zmq.POLLIN:
+            try:
+                ident, frame = sock.recv_multipart(zmq.NOBLOCK)
+                msgs = orjson.loads(frame)
+            except zmq.Again:
+                return
+            except (ValueError, orjson.JSONDecodeError):
+                continue
+            self.stats["frames_in"] += 1
+            now, replies = time.monotonic(), []
+            for rid, op, deadline, payload in msgs:
+                if deadline < now:
+                    self.stats["expired"] += 1  # the asker has given up: do not do the work
+                    continue
+                handler = self.handlers.get(op)
+                try:
+                    if handler is None:
+                        raise KeyError(f"unknown op {op!r}")
+                    replies.append([rid, True, handler(payload)])
+                except Exception as e:
+                    log.error("mesh handler failed", op=op, error=repr(e))
+                    replies.append([rid, False, repr(e)])
+            if replies:
+                try:
+                    sock.send_multipart([ident, orjson.dumps(replies)], zmq.NOBLOCK)
+                except zmq.Again:
+                    pass
+        # ROUTER sends can consume the edge too
+        if sock.getsockopt(zmq.EVENTS) & zmq.POLLIN:
+            self.loop.call_soon(self._on_router)
+
+    def close(self) -> None:
+        if self.loop:
+            self.loop.remove_reader(self.router.getsockopt(zmq.FD))
+            for d in self.dealers.values():
+                self.loop.remove_reader(d.getsockopt(zmq.FD))
+        for s in [self.router, *self.dealers.values()]:
+            s.close(0)
+        self.ctx.term()
