@@ -20,6 +20,7 @@ ADMIN_HELP = {
     "stop": "stop at once, without waiting for in-flight requests (= SIGINT)",
     "metrics": "the aggregated Prometheus metrics of all workers",
     "keygen": "print a new CURVE key pair for a tcp:// control endpoint (needs no daemon)",
+    "hash-key": "print the key_sha256 of an API key read from stdin, for [auth] keys (needs no daemon)",
 }
 
 
@@ -69,6 +70,14 @@ def main(argv=None) -> int:
 
 
 def admin(args) -> int:
+    if args.admin_command == "hash-key":
+        from tidegate.core.auth import hash_key
+        key = sys.stdin.readline().strip()
+        if not key:
+            print("tidegate admin hash-key: give the key on stdin", file=sys.stderr)
+            return ADMIN_USAGE
+        print(hash_key(key))
+        return ADMIN_OK
     if args.admin_command == "keygen":
         import zmq
         pub, sec = zmq.curve_keypair()

@@ -74,6 +74,23 @@ def _z85_keys(v):
                  if not isinstance(k, str) or len(k) != 40), None)
 
 
+def _api_keys(v):
+    for i, item in enumerate(v):
+        if not isinstance(item, dict):
+            return f"item {i} must be a table {{key_sha256, tenant, name, class}}"
+        unknown = set(item) - {"key_sha256", "tenant", "name", "class"}
+        if unknown:
+            return f"item {i}: unknown field(s) {', '.join(sorted(unknown))}"
+        h = item.get("key_sha256", "")
+        if not (isinstance(h, str) and len(h) == 64 and all(c in "0123456789abcdef" for c in h)):
+            return f"item {i}: key_sha256 must be 64 lower-case hex digits (`tidegate admin hash-key`)"
+        if not isinstance(item.get("tenant"), str) or not item["tenant"]:
+            return f"item {i}: tenant must be a non-empty string"
+        if item.get("class", "standard") not in ("critical", "standard", "background"):
+            return f"item {i}: class must be critical, standard or background"
+    return None
+
+
 KiB, MiB = 1024, 1024 * 1024
 
 SCHEMA: dict[str, dict[str, Key]] = {
@@ -112,6 +129,19 @@ SCHEMA: dict[str, dict[str, Key]] = {
         "curve_client_keys": Key(list, [], "client public keys allowed on tcp://", _z85_keys),
         "client_public_key": Key(str, "", "admin client CURVE public key (tcp:// only)", _z85_key),
         "client_secret_key": Key(str, "", "admin client CURVE secret key (tcp:// only)", _z85_key, secret=True),
+    },
+    "auth": {
+        "keys": Key(list, [], "API keys: [{key_sha256, tenant, name, class}]; none = API routes open", _api_keys),
+    },
+    "ratelimit": {
+        "key_rps": Key(float, 0.0, "requests/s per API key (0 = no limit)", non_negative),
+        "key_burst": Key(float, 0.0, "bucket size per API key (0 = max(1, key_rps))", non_negative),
+        "tenant_rps": Key(float, 0.0, "requests/s per tenant (0 = no limit)", non_negative),
+        "tenant_burst": Key(float, 0.0, "bucket size per tenant (0 = max(1, tenant_rps))", non_negative),
+        "table_capacity": Key(int, 65536, "buckets per worker; new identities are refused when full", positive),
+        "idle_ttl": Key(float, 60.0, "seconds before a full, idle bucket may be reclaimed", positive),
+        "owner_timeout": Key(float, 0.25, "seconds to wait for the bucket owner", positive),
+        "fail_open": Key(bool, True, "admit when the bucket owner does not answer (see ARCHITECTURE.md)"),
     },
     "log": {
         "level": Key(str, "info", "debug | info | warning | error", _log_level),

@@ -105,6 +105,7 @@ cdef class Request:
     cdef public dict headers
     cdef public bint keep_alive
     cdef public double started
+    cdef public object identity  # set by authentication (core/auth.py)
 
     def header(self, bytes name, default=None):
         return self.headers.get(name, default)

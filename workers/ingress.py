@@ -20,11 +20,15 @@ import uvloop
 from setproctitle import setproctitle
 
 from tidegate.core import protocol
+from tidegate.core.auth import ApiKeys, Identity
 from tidegate.core.http11 import HttpError, HttpServer, Response, json_response
 from tidegate.core.jsonbody import parse_json
 from tidegate.core.jsonlog import log
 from tidegate.core.link import SupervisorLink
+from tidegate.core.mesh import Mesh
 from tidegate.core.metrics import WorkerMetrics
+from tidegate.core.ratelimit import RateLimiter
+from tidegate.core.ring import HashRing
 from tidegate.core.router import Router
 from tidegate.ext.httpconn import HttpConnection
 
@@ -34,6 +38,7 @@ FAILPOINTS = frozenset(os.environ.get("TIDEGATE_FAILPOINTS", "").split(","))  # 
 
 _HEALTHZ = Response(200, b'{"status":"ok"}')
 _PROM_TYPE = b"text/plain; version=0.0.4; charset=utf-8"
+ANONYMOUS = Identity("anonymous", "anonymous", "anonymous", "standard")  # when no API keys are configured
 
 
 class IngressWorker:
@@ -43,6 +48,11 @@ class IngressWorker:
         self.slot = spec["slot"]
         self.loop = asyncio.get_running_loop()
         self.metrics = WorkerMetrics()
+        self.n_slots = spec["n_slots"]
+        self.ring = HashRing(range(self.n_slots))
+        self.keys = ApiKeys(self.cfg["auth"]["keys"])
+        self.ratelimit = RateLimiter(self.cfg, self.slot, self.ring)
+        self.mesh: Mesh | None = None
         self.router = self._routes()
         self.http = HttpServer(self.cfg["limits"], self.router.dispatch, self.metrics, self.cfg["log"]["access"],
                                routes=self.router.exact)
@@ -60,8 +70,26 @@ class IngressWorker:
         r.add("GET", "/healthz", lambda req: _HEALTHZ)
         r.add("GET", "/readyz", self.readyz)
         r.add("GET", "/metrics", self.metrics_route)
-        r.add("POST", "/v1/echo", self.echo)
+        r.add("POST", "/v1/echo", self.api(self.echo))
         return r
+
+    def api(self, handler):
+        """Wrap an API route: authenticate (when keys are configured), then rate-limit."""
+        keys, limiter = self.keys, self.ratelimit
+        if not keys.enabled and not limiter.enabled:
+            return handler
+
+        def guarded(req):
+            req.identity = keys.authenticate(req.headers) if keys.enabled else ANONYMOUS
+            waiting = limiter.check(req.identity) if limiter.enabled else None
+            return handler(req) if waiting is None else self._after(waiting, handler, req)
+        return guarded
+
+    @staticmethod
+    async def _after(waiting, handler, req) -> Response:
+        await waiting
+        resp = handler(req)
+        return resp if isinstance(resp, Response) else await resp
 
     def echo(self, req) -> Response:
         """Parse a JSON body under the configured limits and send it back: a connectivity probe."""
@@ -95,6 +123,11 @@ class IngressWorker:
         srv = self.cfg["server"]
         self.link = SupervisorLink(self.spec["internal"], self.spec["id"], self.cfg["control"]["max_message_bytes"])
         self.link.start()
+        if self.n_slots > 1:
+            self.mesh = Mesh(self.slot, self.n_slots, srv["run_dir"], self.ratelimit.handlers(),
+                             self.cfg["control"]["max_message_bytes"])
+            self.mesh.start()
+            self.ratelimit.mesh = self.mesh
         self.listen_socks = [socket.socket(fileno=fd) for fd in self.spec["fds"]]
         await self._start_accepting()
         self.loop.add_signal_handler(signal.SIGTERM, self.drain)
@@ -168,6 +201,8 @@ class IngressWorker:
         await self.stopped.wait()
         for conn in list(self.http.conns):
             conn.abort("worker stopping")
+        if self.mesh:
+            self.mesh.close()
         self.link.close()
 
 

@@ -313,7 +313,7 @@ class Supervisor:
         wid = f"ingress-{slot}.g{gen}.{self._ids}"
         addresses = config.binds(cfg)
         fds = self.listeners.fds(addresses, slot)
-        spec = {"id": wid, "slot": slot, "gen": gen, "config": cfg, "fds": fds,
+        spec = {"id": wid, "slot": slot, "gen": gen, "config": cfg, "fds": fds, "n_slots": config.resolve_workers(cfg),
                 "internal": config.internal_endpoint(cfg), "supervisor_pid": os.getpid()}
         env = dict(os.environ, **{SPEC_ENV: orjson.dumps(spec).decode()})
         proc = subprocess.Popen([sys.executable, "-m", "tidegate.workers.ingress"], pass_fds=fds, env=env,

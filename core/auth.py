@@ -1,0 +1,51 @@
+"""API-key authentication: keys are known only by their SHA-256, never stored or logged in clear.
+
+A request presents `Authorization: Bearer KEY` (or `x-api-key: KEY`); the gateway hashes what it
+got and looks the digest up. Unknown, missing and malformed credentials all get the same 401 in
+the same time (one hash, one dict lookup), so an answer says nothing about why.
+"""
+from __future__ import annotations
+
+import hashlib
+from dataclasses import dataclass
+
+from tidegate.core.http11 import HttpError
+
+
+@dataclass(frozen=True)
+class Identity:
+    key_id: str       # first 12 hex digits of the key's hash: safe to log and to key buckets
+    name: str
+    tenant: str
+    klass: str
+
+
+def hash_key(key: str | bytes) -> str:
+    return hashlib.sha256(key.encode() if isinstance(key, str) else key).hexdigest()
+
+
+_UNAUTHORIZED = HttpError(401, "missing or invalid API key", "invalid_api_key",
+                          headers=[(b"www-authenticate", b'Bearer realm="tidegate"')])
+
+
+class ApiKeys:
+    def __init__(self, entries: list[dict]):
+        self.by_hash = {e["key_sha256"]: Identity(e["key_sha256"][:12], e.get("name", e["key_sha256"][:12]),
+                                                  e["tenant"], e.get("class", "standard")) for e in entries}
+
+    @property
+    def enabled(self) -> bool:
+        return bool(self.by_hash)
+
+    def authenticate(self, headers: dict) -> Identity:
+        """The caller's identity, or HttpError 401."""
+        raw = headers.get(b"authorization")
+        if raw is not None:
+            scheme, _, token = raw.partition(b" ")
+            token = token.strip() if scheme.lower() == b"bearer" else b""
+        else:
+            token = headers.get(b"x-api-key", b"")
+        ident = self.by_hash.get(hash_key(token)) if token else None
+        if ident is None:
+            raise _UNAUTHORIZED
+        return ident

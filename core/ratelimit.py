@@ -1,0 +1,108 @@
+"""Exact per-identity rate limits: every bucket lives at its ring owner, and only there.
+
+A request's buckets (its API key's and its tenant's) are hashed onto the ring of ingress
+workers. Buckets a worker owns are checked in place; the others go to their owners over the
+mesh, batched per event-loop turn, and the owner answers from its Cython BucketTable. Because a
+bucket has exactly one owner, N workers together admit exactly what the limit allows (peers that
+count locally and reconcile later drift). If one bucket admits and another refuses, the admitted
+token is given back, so a refusal costs nothing.
+
+When an owner does not answer in `owner_timeout` (it died and is being respawned), the check
+fails open by default: the limit is protection, and refusing all traffic of a tenant for the
+second a worker takes to come back hurts more than a short overshoot. `fail_open = false`
+answers 503 instead.
+"""
+from __future__ import annotations
+
+import math
+
+from tidegate.core.http11 import HttpError
+from tidegate.core.mesh import OwnerUnavailable
+from tidegate.core.ring import HashRing, hash64
+from tidegate.ext.tokenbucket import BucketTable
+
+TAKE, REFUND = "rl.take", "rl.refund"
+
+
+class RateLimiter:
+    def __init__(self, cfg: dict, slot: int, ring: HashRing, mesh=None):
+        rl = cfg["ratelimit"]
+        self.cfg, self.slot, self.ring, self.mesh = rl, slot, ring, mesh
+        self.table = BucketTable(rl["table_capacity"], rl["idle_ttl"])
+        self.limits = []  # (scope, rate, burst) for the scopes that are limited
+        for scope in ("key", "tenant"):
+            rate = rl[f"{scope}_rps"]
+            if rate > 0:
+                self.limits.append((scope, rate, rl[f"{scope}_burst"] or max(1.0, rate)))
+        self.stats = {"admitted": 0, "limited": 0, "owner_unavailable": 0}
+
+    @property
+    def enabled(self) -> bool:
+        return bool(self.limits)
+
+    def handlers(self) -> dict:
+        return {TAKE: self._take_local, REFUND: self._refund_local}
+
+    def _take_local(self, checks: list) -> list:
+        return [self.table.take(h, n, cap, rate) for h, n, cap, rate in checks]
+
+    def _refund_local(self, refunds: list) -> None:
+        for h, n in refunds:
+            self.table.refund(h, n)
+
+    def _checks(self, ident) -> dict[int, list]:
+        """owner slot -> [[bucket hash, n, capacity, rate], ...] for this identity."""
+        by_owner: dict[int, list] = {}
+        for scope, rate, burst in self.limits:
+            name = f"{scope}:{ident.key_id if scope == 'key' else ident.tenant}".encode()
+            by_owner.setdefault(self.ring.owner(name), []).append([hash64(name), 1.0, burst, rate])
+        return by_owner
+
+    def check(self, ident):
+        """None if admitted without waiting; else an awaitable that raises 429 (or 503) or returns."""
+        by_owner = self._checks(ident)
+        if len(by_owner) == 1 and self.slot in by_owner:  # all buckets are ours: no message at all
+            self._decide(by_owner, {self.slot: self._take_local(by_owner[self.slot])})
+            return None
+        return self._check_remote(by_owner)
+
+    async def _check_remote(self, by_owner: dict) -> None:
+        results = {}
+        for owner, checks in by_owner.items():
+            try:
+                results[owner] = await self.mesh.call(owner, TAKE, checks, self.cfg["owner_timeout"])
+            except OwnerUnavailable:
+                self.stats["owner_unavailable"] += 1
+                if not self.cfg["fail_open"]:
+                    raise HttpError(503, "rate-limit owner unavailable; retry shortly", "owner_unavailable",
+                                    headers=[(b"retry-after", b"1")]) from None
+                results[owner] = [0.0] * len(checks)  # fail open: admit
+        self._decide(by_owner, results)
+
+    def _decide(self, by_owner: dict, results: dict) -> None:
+        denied = [(c, r) for o, checks in by_owner.items() for c, r in zip(checks, results[o]) if r < 0]
+        if not denied:
+            self.stats["admitted"] += 1
+            return
+        self.stats["limited"] += 1
+        for owner, checks in by_owner.items():  # give back what the other buckets granted
+            refunds = [[c[0], c[1]] for c, r in zip(checks, results[owner]) if r >= 0]
+            if refunds:
+                if owner == self.slot:
+                    self._refund_local(refunds)
+                elif self.mesh is not None:
+                    self.mesh.loop.create_task(self._refund_remote(owner, refunds))
+        check, r = min(denied, key=lambda cr: cr[0][2])  # the tightest bucket speaks for the answer
+        cap, rate = check[2], check[3]
+        wait = math.inf if r == -math.inf else -r
+        retry = "3600" if math.isinf(wait) else str(max(1, math.ceil(wait)))
+        reset = str(max(1, math.ceil(cap / rate)))
+        raise HttpError(429, "rate limit exceeded; retry after the time in Retry-After", "rate_limit_exceeded",
+                        headers=[(b"retry-after", retry.encode()), (b"ratelimit-limit", b"%d" % cap),
+                                 (b"ratelimit-remaining", b"0"), (b"ratelimit-reset", reset.encode())])
+
+    async def _refund_remote(self, owner: int, refunds: list) -> None:
+        try:
+            await self.mesh.call(owner, REFUND, refunds, self.cfg["owner_timeout"])
+        except OwnerUnavailable:
+            pass
