@@ -82,12 +82,13 @@ class Server:
         self.log.close()
 
 
-def tidegate(tmp: str, **limits) -> Server:
+def tidegate(tmp: str, workers: int = 1, extra: str = "") -> Server:
     port = free_port()
     conf = os.path.join(tmp, "tidegate.toml")
     with open(conf, "w") as f:
-        f.write(f'[server]\nbind = "127.0.0.1:{port}"\nworkers = 1\nrun_dir = "{tmp}/run"\ndata_dir = "{tmp}/data"\n'
-                f'max_connections = 20000\n[limits]\nkeepalive_timeout = 600.0\n[log]\nlevel = "warning"\n')
+        f.write(f'[server]\nbind = "127.0.0.1:{port}"\nworkers = {workers}\nrun_dir = "{tmp}/run"\n'
+                f'data_dir = "{tmp}/data"\nmax_connections = 20000\n[limits]\nkeepalive_timeout = 600.0\n'
+                f'[log]\nlevel = "warning"\n{extra}')
     return Server("tidegate", [sys.executable, "-m", "tidegate.core.cli", "serve", "--config", conf], port, tmp,
                   worker_match="tidegate: ingress 0")
 

@@ -1,8 +1,9 @@
 """API-key authentication: keys are known only by their SHA-256, never stored or logged in clear.
 
 A request presents `Authorization: Bearer KEY` (or `x-api-key: KEY`); the gateway hashes what it
-got and looks the digest up. Unknown, missing and malformed credentials all get the same 401 in
-the same time (one hash, one dict lookup), so an answer says nothing about why.
+got and looks the digest up (keys that matched are remembered in memory, so a client's next
+request skips the hash). Unknown, missing and malformed credentials all get the same 401 after
+the same work (one hash, one dict lookup), so an answer says nothing about why.
 """
 from __future__ import annotations
 
@@ -29,7 +30,10 @@ _UNAUTHORIZED = HttpError(401, "missing or invalid API key", "invalid_api_key",
 
 
 class ApiKeys:
+    CACHE_MAX = 10000
+
     def __init__(self, entries: list[dict]):
+        self._known: dict[bytes, Identity] = {}  # presented key -> identity, for keys that matched
         self.by_hash = {e["key_sha256"]: Identity(e["key_sha256"][:12], e.get("name", e["key_sha256"][:12]),
                                                   e["tenant"], e.get("class", "standard")) for e in entries}
 
@@ -45,7 +49,13 @@ class ApiKeys:
             token = token.strip() if scheme.lower() == b"bearer" else b""
         else:
             token = headers.get(b"x-api-key", b"")
+        ident = self._known.get(token)
+        if ident is not None:
+            return ident
         ident = self.by_hash.get(hash_key(token)) if token else None
         if ident is None:
             raise _UNAUTHORIZED
+        if len(self._known) >= self.CACHE_MAX:
+            self._known.clear()
+        self._known[token] = ident  # only keys that matched: a flood of bad keys cannot fill it
         return ident

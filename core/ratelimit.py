@@ -1,8 +1,9 @@
 """Exact per-identity rate limits: every bucket lives at its ring owner, and only there.
 
-A request's buckets (its API key's and its tenant's) are hashed onto the ring of ingress
-workers. Buckets a worker owns are checked in place; the others go to their owners over the
-mesh, batched per event-loop turn, and the owner answers from its Cython BucketTable. Because a
+A request's buckets (its API key's and its tenant's) belong to the ring owner of its tenant:
+one owner per request means at most one hop, and none when the request landed on that owner.
+Buckets a worker owns are checked in place; the others go to their owner over the mesh,
+batched per event-loop turn, and the owner answers from its Cython BucketTable. Because a
 bucket has exactly one owner, N workers together admit exactly what the limit allows (peers that
 count locally and reconcile later drift). If one bucket admits and another refuses, the admitted
 token is given back, so a refusal costs nothing.
@@ -16,7 +17,7 @@ from __future__ import annotations
 
 import math
 
-from tidegate.core.http11 import HttpError
+from tidegate.core.http11 import HttpError, Response
 from tidegate.core.mesh import OwnerUnavailable
 from tidegate.core.ring import HashRing, hash64
 from tidegate.ext.tokenbucket import BucketTable
@@ -35,6 +36,7 @@ class RateLimiter:
             if rate > 0:
                 self.limits.append((scope, rate, rl[f"{scope}_burst"] or max(1.0, rate)))
         self.stats = {"admitted": 0, "limited": 0, "owner_unavailable": 0}
+        self._plans: dict = {}  # identity -> {owner: [[bucket hash, n, capacity, rate], ...]}
 
     @property
     def enabled(self) -> bool:
@@ -51,33 +53,42 @@ class RateLimiter:
             self.table.refund(h, n)
 
     def _checks(self, ident) -> dict[int, list]:
-        """owner slot -> [[bucket hash, n, capacity, rate], ...] for this identity."""
-        by_owner: dict[int, list] = {}
-        for scope, rate, burst in self.limits:
-            name = f"{scope}:{ident.key_id if scope == 'key' else ident.tenant}".encode()
-            by_owner.setdefault(self.ring.owner(name), []).append([hash64(name), 1.0, burst, rate])
-        return by_owner
+        """owner slot -> [[bucket hash, n, capacity, rate], ...] for this identity (a fixed plan per
+        identity, computed once: hashing is the dearest part of a local check)."""
+        plan = self._plans.get(ident)
+        if plan is None:
+            if len(self._plans) > 100000:
+                self._plans.clear()
+            owner = self.ring.owner(f"tenant:{ident.tenant}".encode())
+            plan = self._plans[ident] = {owner: []}
+            for scope, rate, burst in self.limits:
+                name = f"{scope}:{ident.key_id if scope == 'key' else ident.tenant}".encode()
+                plan[owner].append([hash64(name), 1.0, burst, rate])
+        return plan
 
-    def check(self, ident):
-        """None if admitted without waiting; else an awaitable that raises 429 (or 503) or returns."""
+    def check(self, ident, then, req):
+        """Admit or refuse ident's request, then answer with then(req). Returns then(req)'s
+        result at once when the buckets are local; otherwise an awaitable of it."""
         by_owner = self._checks(ident)
-        if len(by_owner) == 1 and self.slot in by_owner:  # all buckets are ours: no message at all
-            self._decide(by_owner, {self.slot: self._take_local(by_owner[self.slot])})
-            return None
-        return self._check_remote(by_owner)
+        owner, checks = next(iter(by_owner.items()))
+        if owner == self.slot:  # the buckets are ours: no message at all
+            self._decide(by_owner, {owner: self._take_local(checks)})
+            return then(req)
+        return self._check_remote(by_owner, owner, self.mesh.request(owner, TAKE, checks, self.cfg["owner_timeout"]),
+                                  then, req)
 
-    async def _check_remote(self, by_owner: dict) -> None:
-        results = {}
-        for owner, checks in by_owner.items():
-            try:
-                results[owner] = await self.mesh.call(owner, TAKE, checks, self.cfg["owner_timeout"])
-            except OwnerUnavailable:
-                self.stats["owner_unavailable"] += 1
-                if not self.cfg["fail_open"]:
-                    raise HttpError(503, "rate-limit owner unavailable; retry shortly", "owner_unavailable",
-                                    headers=[(b"retry-after", b"1")]) from None
-                results[owner] = [0.0] * len(checks)  # fail open: admit
+    async def _check_remote(self, by_owner: dict, owner: int, reply, then, req):
+        try:
+            results = {owner: await reply}
+        except OwnerUnavailable:
+            self.stats["owner_unavailable"] += 1
+            if not self.cfg["fail_open"]:
+                raise HttpError(503, "rate-limit owner unavailable; retry shortly", "owner_unavailable",
+                                headers=[(b"retry-after", b"1")]) from None
+            results = {owner: [0.0] * len(by_owner[owner])}  # fail open: admit
         self._decide(by_owner, results)
+        resp = then(req)
+        return resp if resp.__class__ is Response else await resp
 
     def _decide(self, by_owner: dict, results: dict) -> None:
         denied = [(c, r) for o, checks in by_owner.items() for c, r in zip(checks, results[o]) if r < 0]
@@ -91,7 +102,8 @@ class RateLimiter:
                 if owner == self.slot:
                     self._refund_local(refunds)
                 elif self.mesh is not None:
-                    self.mesh.loop.create_task(self._refund_remote(owner, refunds))
+                    self.mesh.request(owner, REFUND, refunds, self.cfg["owner_timeout"]).add_done_callback(
+                        _ignore_result)
         check, r = min(denied, key=lambda cr: cr[0][2])  # the tightest bucket speaks for the answer
         cap, rate = check[2], check[3]
         wait = math.inf if r == -math.inf else -r
@@ -101,8 +113,7 @@ class RateLimiter:
                         headers=[(b"retry-after", retry.encode()), (b"ratelimit-limit", b"%d" % cap),
                                  (b"ratelimit-remaining", b"0"), (b"ratelimit-reset", reset.encode())])
 
-    async def _refund_remote(self, owner: int, refunds: list) -> None:
-        try:
-            await self.mesh.call(owner, REFUND, refunds, self.cfg["owner_timeout"])
-        except OwnerUnavailable:
-            pass
+
+
+def _ignore_result(fut) -> None:
+    fut.exception()  # a lost refund only leaves a bucket a token short until it refills

@@ -81,15 +81,8 @@ class IngressWorker:
 
         def guarded(req):
             req.identity = keys.authenticate(req.headers) if keys.enabled else ANONYMOUS
-            waiting = limiter.check(req.identity) if limiter.enabled else None
-            return handler(req) if waiting is None else self._after(waiting, handler, req)
+            return limiter.check(req.identity, handler, req) if limiter.enabled else handler(req)
         return guarded
-
-    @staticmethod
-    async def _after(waiting, handler, req) -> Response:
-        await waiting
-        resp = handler(req)
-        return resp if isinstance(resp, Response) else await resp
 
     def echo(self, req) -> Response:
         """Parse a JSON body under the configured limits and send it back: a connectivity probe."""
