@@ -1,9 +1,8 @@
 """A worker's ZeroMQ link to the supervisor: fire-and-forget sends and request/reply by id.
 
 One DEALER socket per worker, driven straight from the event loop with add_reader on the ZMQ
-file descriptor (zmq.asyncio costs measurable throughput on the HTTP path: ~10% here). The ZMQ
-descriptor is edge-triggered and only says "check events", so every wake-up drains all
-messages, and every send schedules a check because a send can consume the edge.
+file descriptor (core/zmqfd.py; zmq.asyncio costs measurable throughput on the HTTP path: ~10%
+here).
 Replies resolve the future waiting on their "id"; no answer by the deadline raises
 TimeoutError, so a slow supervisor becomes a 503 for the client rather than a hung request.
 """
@@ -15,6 +14,7 @@ import itertools
 import zmq
 
 from tidegate.core import protocol
+from tidegate.core.zmqfd import waiting
 
 
 class SupervisorLink:
@@ -35,12 +35,9 @@ class SupervisorLink:
         self.loop.add_reader(self.sock.getsockopt(zmq.FD), self._on_readable)
 
     def _on_readable(self) -> None:
-        sock = self.sock
-        while sock.getsockopt(zmq.EVENTS) & zmq.POLLIN:
+        for frame in waiting(self.sock):
             try:
-                msg = protocol.decode(sock.recv(zmq.NOBLOCK))
-            except zmq.Again:
-                return
+                msg = protocol.decode(frame)
             except protocol.ProtocolError:
                 continue
             fut = self._waiting.pop(msg.get("id"), None)

@@ -25,6 +25,7 @@ import orjson
 import zmq
 
 from tidegate.core.jsonlog import log
+from tidegate.core.zmqfd import waiting
 
 
 class OwnerUnavailable(Exception):
@@ -115,11 +116,9 @@ class Mesh:
             self.loop.call_soon(self._on_dealer, self.dealers[peer])  # a send can eat the fd's edge
 
     def _on_dealer(self, sock) -> None:
-        while sock.getsockopt(zmq.EVENTS) & zmq.POLLIN:
+        for frame in waiting(sock):
             try:
-                replies = orjson.loads(sock.recv(zmq.NOBLOCK))
-            except zmq.Again:
-                return
+                replies = orjson.loads(frame)
             except orjson.JSONDecodeError:
                 continue
             for rid, ok, result in replies:
@@ -137,12 +136,10 @@ class Mesh:
     # ---- owning -------------------------------------------------------------------------------
     def _on_router(self) -> None:
         sock = self.router
-        while sock.getsockopt(zmq.EVENTS) & zmq.POLLIN:
+        for frames in waiting(sock, multipart=True):
             try:
-                ident, frame = sock.recv_multipart(zmq.NOBLOCK)
+                ident, frame = frames
                 msgs = orjson.loads(frame)
-            except zmq.Again:
-                return
             except (ValueError, orjson.JSONDecodeError):
                 continue
             self.stats["frames_in"] += 1
