@@ -8,7 +8,7 @@ the same work (one hash, one dict lookup), so an answer says nothing about why.
 from __future__ import annotations
 
 import hashlib
-from dataclasses import dataclass
+from dataclasses import dataclass, field
 
 from tidegate.core.http11 import HttpError
 
@@ -19,14 +19,26 @@ class Identity:
     name: str
     tenant: str
     klass: str
+    user: str = ""    # set for session callers
+    session: str = ""  # the session's id (SHA-256 of its token)
+    record: dict | None = field(default=None, compare=False, hash=False, repr=False)  # the session as fetched
 
 
 def hash_key(key: str | bytes) -> str:
     return hashlib.sha256(key.encode() if isinstance(key, str) else key).hexdigest()
 
 
-_UNAUTHORIZED = HttpError(401, "missing or invalid API key", "invalid_api_key",
+UNAUTHORIZED = HttpError(401, "missing or invalid credentials", "invalid_api_key",
                           headers=[(b"www-authenticate", b'Bearer realm="tidegate"')])
+
+
+def presented_token(headers: dict) -> bytes:
+    """The credential a request presents: `Authorization: Bearer X` or `x-api-key: X`."""
+    raw = headers.get(b"authorization")
+    if raw is not None:
+        scheme, _, token = raw.partition(b" ")
+        return token.strip() if scheme.lower() == b"bearer" else b""
+    return headers.get(b"x-api-key", b"")
 
 
 class ApiKeys:
@@ -41,20 +53,14 @@ class ApiKeys:
     def enabled(self) -> bool:
         return bool(self.by_hash)
 
-    def authenticate(self, headers: dict) -> Identity:
-        """The caller's identity, or HttpError 401."""
-        raw = headers.get(b"authorization")
-        if raw is not None:
-            scheme, _, token = raw.partition(b" ")
-            token = token.strip() if scheme.lower() == b"bearer" else b""
-        else:
-            token = headers.get(b"x-api-key", b"")
+    def authenticate(self, token: bytes) -> Identity:
+        """The identity of an API key, or HttpError 401."""
         ident = self._known.get(token)
         if ident is not None:
             return ident
         ident = self.by_hash.get(hash_key(token)) if token else None
         if ident is None:
-            raise _UNAUTHORIZED
+            raise UNAUTHORIZED
         if len(self._known) >= self.CACHE_MAX:
             self._known.clear()
         self._known[token] = ident  # only keys that matched: a flood of bad keys cannot fill it

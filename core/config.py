@@ -133,11 +133,19 @@ SCHEMA: dict[str, dict[str, Key]] = {
     "auth": {
         "keys": Key(list, [], "API keys: [{key_sha256, tenant, name, class}]; none = API routes open", _api_keys),
     },
+    "sessions": {
+        "ttl": Key(float, 3600.0, "seconds a session lives after its last use (sliding)", positive),
+        "max_per_worker": Key(int, 1000000, "sessions one owner holds; creating more answers 503", positive),
+        "max_attributes_bytes": Key(int, 4096, "JSON size of a session's attributes (400 above)", positive),
+        "owner_timeout": Key(float, 0.5, "seconds to wait for a session's owner (then 503: fails closed)", positive),
+    },
     "ratelimit": {
         "key_rps": Key(float, 0.0, "requests/s per API key (0 = no limit)", non_negative),
         "key_burst": Key(float, 0.0, "bucket size per API key (0 = max(1, key_rps))", non_negative),
         "tenant_rps": Key(float, 0.0, "requests/s per tenant (0 = no limit)", non_negative),
         "tenant_burst": Key(float, 0.0, "bucket size per tenant (0 = max(1, tenant_rps))", non_negative),
+        "user_rps": Key(float, 0.0, "requests/s per session user (0 = no limit)", non_negative),
+        "user_burst": Key(float, 0.0, "bucket size per session user (0 = max(1, user_rps))", non_negative),
         "table_capacity": Key(int, 65536, "buckets per worker; new identities are refused when full", positive),
         "idle_ttl": Key(float, 60.0, "seconds before a full, idle bucket may be reclaimed", positive),
         "owner_timeout": Key(float, 0.25, "seconds to wait for the bucket owner", positive),

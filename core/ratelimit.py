@@ -31,7 +31,7 @@ class RateLimiter:
         self.cfg, self.slot, self.ring, self.mesh = rl, slot, ring, mesh
         self.table = BucketTable(rl["table_capacity"], rl["idle_ttl"])
         self.limits = []  # (scope, rate, burst) for the scopes that are limited
-        for scope in ("key", "tenant"):
+        for scope in ("key", "tenant", "user"):
             rate = rl[f"{scope}_rps"]
             if rate > 0:
                 self.limits.append((scope, rate, rl[f"{scope}_burst"] or max(1.0, rate)))
@@ -62,8 +62,10 @@ class RateLimiter:
             owner = self.ring.owner(f"tenant:{ident.tenant}".encode())
             plan = self._plans[ident] = {owner: []}
             for scope, rate, burst in self.limits:
-                name = f"{scope}:{ident.key_id if scope == 'key' else ident.tenant}".encode()
-                plan[owner].append([hash64(name), 1.0, burst, rate])
+                if scope == "user" and not ident.user:
+                    continue  # API-key callers have no user
+                who = {"key": ident.key_id, "tenant": ident.tenant, "user": f"{ident.tenant}/{ident.user}"}[scope]
+                plan[owner].append([hash64(f"{scope}:{who}".encode()), 1.0, burst, rate])
         return plan
 
     def check(self, ident, then, req):
@@ -71,6 +73,8 @@ class RateLimiter:
         result at once when the buckets are local; otherwise an awaitable of it."""
         by_owner = self._checks(ident)
         owner, checks = next(iter(by_owner.items()))
+        if not checks:
+            return then(req)
         if owner == self.slot:  # the buckets are ours: no message at all
             self._decide(by_owner, {owner: self._take_local(checks)})
             return then(req)

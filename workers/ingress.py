@@ -20,7 +20,7 @@ import uvloop
 from setproctitle import setproctitle
 
 from tidegate.core import protocol
-from tidegate.core.auth import ApiKeys, Identity
+from tidegate.core.auth import ApiKeys
 from tidegate.core.http11 import HttpError, HttpServer, Response, json_response
 from tidegate.core.jsonbody import parse_json
 from tidegate.core.jsonlog import log
@@ -30,6 +30,8 @@ from tidegate.core.metrics import WorkerMetrics
 from tidegate.core.ratelimit import RateLimiter
 from tidegate.core.ring import HashRing
 from tidegate.core.router import Router
+from tidegate.core.session_routes import SessionService
+from tidegate.core.sessions import SessionStore
 from tidegate.ext.httpconn import HttpConnection
 
 EXIT_BOOT_ERROR = 3
@@ -38,7 +40,6 @@ FAILPOINTS = frozenset(os.environ.get("TIDEGATE_FAILPOINTS", "").split(","))  # 
 
 _HEALTHZ = Response(200, b'{"status":"ok"}')
 _PROM_TYPE = b"text/plain; version=0.0.4; charset=utf-8"
-ANONYMOUS = Identity("anonymous", "anonymous", "anonymous", "standard")  # when no API keys are configured
 
 
 class IngressWorker:
@@ -52,8 +53,9 @@ class IngressWorker:
         self.ring = HashRing(range(self.n_slots))
         self.keys = ApiKeys(self.cfg["auth"]["keys"])
         self.ratelimit = RateLimiter(self.cfg, self.slot, self.ring)
+        self.sessions: SessionService | None = None  # opened in boot(): LMDB after fork
         self.mesh: Mesh | None = None
-        self.router = self._routes()
+        self.router = Router()
         self.http = HttpServer(self.cfg["limits"], self.router.dispatch, self.metrics, self.cfg["log"]["access"],
                                routes=self.router.exact)
         self.http.on_count_change = self._on_count_change
@@ -65,24 +67,16 @@ class IngressWorker:
         self.booted = False
 
     # ---- routes -------------------------------------------------------------------------------
-    def _routes(self) -> Router:
-        r = Router()
+    def _routes(self) -> None:
+        r, api = self.router, self.sessions.guard
         r.add("GET", "/healthz", lambda req: _HEALTHZ)
         r.add("GET", "/readyz", self.readyz)
         r.add("GET", "/metrics", self.metrics_route)
-        r.add("POST", "/v1/echo", self.api(self.echo))
-        return r
-
-    def api(self, handler):
-        """Wrap an API route: authenticate (when keys are configured), then rate-limit."""
-        keys, limiter = self.keys, self.ratelimit
-        if not keys.enabled and not limiter.enabled:
-            return handler
-
-        def guarded(req):
-            req.identity = keys.authenticate(req.headers) if keys.enabled else ANONYMOUS
-            return limiter.check(req.identity, handler, req) if limiter.enabled else handler(req)
-        return guarded
+        r.add("POST", "/v1/echo", api(self.echo))
+        r.add("POST", "/v1/sessions", api(self.sessions.create))
+        r.add("GET", "/v1/sessions/current", api(self.sessions.current, session_only=True))
+        r.add("PATCH", "/v1/sessions/current", api(self.sessions.patch, session_only=True))
+        r.add("DELETE", "/v1/sessions/current", api(self.sessions.delete, session_only=True))
 
     def echo(self, req) -> Response:
         """Parse a JSON body under the configured limits and send it back: a connectivity probe."""
@@ -116,11 +110,16 @@ class IngressWorker:
         srv = self.cfg["server"]
         self.link = SupervisorLink(self.spec["internal"], self.spec["id"], self.cfg["control"]["max_message_bytes"])
         self.link.start()
+        store = SessionStore(os.path.join(srv["data_dir"], f"sessions-{self.slot}"), self.cfg["sessions"]["ttl"],
+                             self.cfg["sessions"]["max_per_worker"])
+        self.sessions = SessionService(self.cfg, self.slot, self.ring, self.keys, self.ratelimit, store)
+        self._routes()
         if self.n_slots > 1:
-            self.mesh = Mesh(self.slot, self.n_slots, srv["run_dir"], self.ratelimit.handlers(),
+            self.mesh = Mesh(self.slot, self.n_slots, srv["run_dir"],
+                             {**self.ratelimit.handlers(), **self.sessions.handlers()},
                              self.cfg["control"]["max_message_bytes"])
             self.mesh.start()
-            self.ratelimit.mesh = self.mesh
+            self.ratelimit.mesh = self.sessions.mesh = self.mesh
         self.listen_socks = [socket.socket(fileno=fd) for fd in self.spec["fds"]]
         await self._start_accepting()
         self.loop.add_signal_handler(signal.SIGTERM, self.drain)
@@ -196,6 +195,7 @@ class IngressWorker:
             conn.abort("worker stopping")
         if self.mesh:
             self.mesh.close()
+        self.sessions.store.close()
         self.link.close()
 
 
