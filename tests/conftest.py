@@ -208,8 +208,8 @@ class Reader:
 
 
 def request(port: int, method: str = "GET", path: str = "/healthz", body: bytes | None = None,
-            headers: dict | None = None) -> HttpReply:
-    with connect(port) as s:
+            headers: dict | None = None, timeout: float = 5.0) -> HttpReply:
+    with connect(port, timeout) as s:
         h = {"Host": "t", "Connection": "close", **(headers or {})}
         if body is not None:
             h.setdefault("Content-Type", "application/json")
