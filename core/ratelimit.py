@@ -15,6 +15,7 @@ answers 503 instead.
 """
 from __future__ import annotations
 
+import asyncio
 import math
 
 from tidegate.core.http11 import HttpError, Response
@@ -69,8 +70,8 @@ class RateLimiter:
         return plan
 
     def check(self, ident, then, req):
-        """Admit or refuse ident's request, then answer with then(req). Returns then(req)'s
-        result at once when the buckets are local; otherwise an awaitable of it."""
+        """Admit or refuse ident's request, then answer with then(req): at once when the buckets
+        are local, else as a future resolved from the owner's reply (callbacks, no Task)."""
         by_owner = self._checks(ident)
         owner, checks = next(iter(by_owner.items()))
         if not checks:
@@ -78,21 +79,30 @@ class RateLimiter:
         if owner == self.slot:  # the buckets are ours: no message at all
             self._decide(by_owner, {owner: self._take_local(checks)})
             return then(req)
-        return self._check_remote(by_owner, owner, self.mesh.request(owner, TAKE, checks, self.cfg["owner_timeout"]),
-                                  then, req)
+        out = self.mesh.loop.create_future()
+        self.mesh.request(owner, TAKE, checks, self.cfg["owner_timeout"]).add_done_callback(
+            lambda reply: self._on_reply(reply, by_owner, owner, then, req, out))
+        return out
 
-    async def _check_remote(self, by_owner: dict, owner: int, reply, then, req):
+    def _on_reply(self, reply, by_owner: dict, owner: int, then, req, out) -> None:
         try:
-            results = {owner: await reply}
-        except OwnerUnavailable:
-            self.stats["owner_unavailable"] += 1
-            if not self.cfg["fail_open"]:
-                raise HttpError(503, "rate-limit owner unavailable; retry shortly", "owner_unavailable",
-                                headers=[(b"retry-after", b"1")]) from None
-            results = {owner: [0.0] * len(by_owner[owner])}  # fail open: admit
-        self._decide(by_owner, results)
-        resp = then(req)
-        return resp if resp.__class__ is Response else await resp
+            try:
+                results = {owner: reply.result()}
+            except OwnerUnavailable:
+                self.stats["owner_unavailable"] += 1
+                if not self.cfg["fail_open"]:
+                    raise HttpError(503, "rate-limit owner unavailable; retry shortly", "owner_unavailable",
+                                    headers=[(b"retry-after", b"1")]) from None
+                results = {owner: [0.0] * len(by_owner[owner])}  # fail open: admit
+            self._decide(by_owner, results)
+            resp = then(req)
+        except BaseException as e:
+            out.set_exception(e)
+            return
+        if resp.__class__ is Response:
+            out.set_result(resp)
+        else:  # an async handler: chain its outcome into out
+            asyncio.ensure_future(resp).add_done_callback(lambda done: _chain(done, out))
 
     def _decide(self, by_owner: dict, results: dict) -> None:
         denied = [(c, r) for o, checks in by_owner.items() for c, r in zip(checks, results[o]) if r < 0]
@@ -117,6 +127,13 @@ class RateLimiter:
                         headers=[(b"retry-after", retry.encode()), (b"ratelimit-limit", b"%d" % cap),
                                  (b"ratelimit-remaining", b"0"), (b"ratelimit-reset", reset.encode())])
 
+
+
+def _chain(done, out) -> None:
+    if done.exception() is not None:
+        out.set_exception(done.exception())
+    else:
+        out.set_result(done.result())
 
 
 def _ignore_result(fut) -> None:

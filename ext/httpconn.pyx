@@ -140,6 +140,7 @@ class _Failure:
 
 
 cdef object _perf = time.perf_counter
+cdef object _Future = asyncio.Future
 cdef object _HttpParserError = httptools.HttpParserError
 cdef object _HttpParserUpgrade = httptools.HttpParserUpgrade
 cdef dict _METHODS = {m.encode(): m for m in ("GET", "HEAD", "POST", "PUT", "PATCH", "DELETE", "OPTIONS")}
@@ -168,7 +169,7 @@ cdef class HttpConnection:
     cdef public int phase
     cdef public double since, paused_since
     cdef public bint busy, closing, read_paused
-    cdef object metrics, _url, _headers, _body, _started, _version
+    cdef object metrics, _url, _headers, _body, _started, _version, _parked
     cdef bint _in_message
     cdef Py_ssize_t _nheaders, _hbytes, _blen, _raw_head
     cdef Py_ssize_t max_request_line, max_header_bytes, max_headers, max_body_bytes, max_pipelined
@@ -369,7 +370,11 @@ cdef class HttpConnection:
                 resp = HttpError(500, "internal error", "internal").response()
             if type(resp) is not Response:
                 self.busy = True
-                asyncio.ensure_future(self._await(req, resp))
+                if isinstance(resp, _Future):  # a plain future: a callback, no Task
+                    self._parked = req
+                    resp.add_done_callback(self._on_future)
+                else:
+                    asyncio.ensure_future(self._await(req, resp))
                 return
             self._send(req, resp)
         if self.read_paused and not self.closing and len(pending) < self.max_pipelined:
@@ -377,6 +382,21 @@ cdef class HttpConnection:
             self.transport.resume_reading()
         if not pending and not self._in_message and not self.busy:
             self.phase, self.since = _IDLE_KEEPALIVE, self.srv.now
+
+    def _on_future(self, fut):
+        req, self._parked = self._parked, None
+        try:
+            resp = fut.result()
+        except HttpError as e:
+            resp = e.response()
+        except BaseException as e:
+            log.error("handler failed", route=req.route, error=repr(e))
+            resp = HttpError(500, "internal error", "internal").response()
+        self.busy = False
+        if self.closing:
+            return
+        self._send(req, resp)
+        self._process()
 
     async def _await(self, req, awaitable):
         try:
