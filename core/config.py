@@ -146,6 +146,8 @@ SCHEMA: dict[str, dict[str, Key]] = {
         "tenant_burst": Key(float, 0.0, "bucket size per tenant (0 = max(1, tenant_rps))", non_negative),
         "user_rps": Key(float, 0.0, "requests/s per session user (0 = no limit)", non_negative),
         "user_burst": Key(float, 0.0, "bucket size per session user (0 = max(1, user_rps))", non_negative),
+        "key_tpm": Key(float, 0.0, "LLM tokens/minute per API key, reserved up front (0 = no limit)", non_negative),
+        "tenant_tpm": Key(float, 0.0, "LLM tokens/minute per tenant (0 = no limit)", non_negative),
         "table_capacity": Key(int, 65536, "buckets per worker; new identities are refused when full", positive),
         "idle_ttl": Key(float, 60.0, "seconds before a full, idle bucket may be reclaimed", positive),
         "owner_timeout": Key(float, 0.25, "seconds to wait for the bucket owner", positive),

@@ -36,6 +36,11 @@ class RateLimiter:
             rate = rl[f"{scope}_rps"]
             if rate > 0:
                 self.limits.append((scope, rate, rl[f"{scope}_burst"] or max(1.0, rate)))
+        self.token_limits = []  # (scope, tokens per second, bucket size) for LLM tokens/minute
+        for scope in ("key", "tenant"):
+            tpm = rl[f"{scope}_tpm"]
+            if tpm > 0:
+                self.token_limits.append((scope, tpm / 60.0, tpm))
         self.stats = {"admitted": 0, "limited": 0, "owner_unavailable": 0}
         self._plans: dict = {}  # identity -> {owner: [[bucket hash, n, capacity, rate], ...]}
 
@@ -99,10 +104,42 @@ class RateLimiter:
         except BaseException as e:
             out.set_exception(e)
             return
-        if resp.__class__ is Response:
+        if resp.__class__ is Response or not asyncio.iscoroutine(resp):
             out.set_result(resp)
         else:  # an async handler: chain its outcome into out
             asyncio.ensure_future(resp).add_done_callback(lambda done: _chain(done, out))
+
+    # ---- LLM tokens/minute: reserve up front, settle when the real usage is known --------------
+    def reserve(self, ident, tokens: float):
+        """Reserve `tokens` (prompt + max_tokens) from ident's tokens/minute buckets. Returns a
+        Reservation at once when the buckets are local, else a future of one; raises (or the
+        future fails with) 429 when a bucket cannot cover it. Reserving first means concurrent
+        requests cannot together overshoot the limit."""
+        owner = self.ring.owner(f"tenant:{ident.tenant}".encode())
+        checks = [[hash64(f"tpm-{scope}:{ident.key_id if scope == 'key' else ident.tenant}".encode()),
+                   float(tokens), burst, rate] for scope, rate, burst in self.token_limits]
+        by_owner = {owner: checks}
+        reservation = Reservation(owner, checks)
+        if not checks:
+            return reservation
+        if owner == self.slot:
+            self._decide(by_owner, {owner: self._take_local(checks)})
+            return reservation
+        out = self.mesh.loop.create_future()
+        self.mesh.request(owner, TAKE, checks, self.cfg["owner_timeout"]).add_done_callback(
+            lambda reply: self._on_reply(reply, by_owner, owner, lambda _: reservation, None, out))
+        return out
+
+    def settle(self, reservation: "Reservation", used: float) -> None:
+        """Give back what was reserved but not used."""
+        unused = [[c[0], c[1] - used] for c in reservation.checks if c[1] > used]
+        if not unused:
+            return
+        if reservation.owner == self.slot or self.mesh is None:
+            self._refund_local(unused)
+        else:
+            self.mesh.request(reservation.owner, REFUND, unused, self.cfg["owner_timeout"]).add_done_callback(
+                _ignore_result)
 
     def _decide(self, by_owner: dict, results: dict) -> None:
         denied = [(c, r) for o, checks in by_owner.items() for c, r in zip(checks, results[o]) if r < 0]
@@ -127,6 +164,13 @@ class RateLimiter:
                         headers=[(b"retry-after", retry.encode()), (b"ratelimit-limit", b"%d" % cap),
                                  (b"ratelimit-remaining", b"0"), (b"ratelimit-reset", reset.encode())])
 
+
+
+class Reservation:
+    __slots__ = ("owner", "checks")
+
+    def __init__(self, owner: int, checks: list):
+        self.owner, self.checks = owner, checks
 
 
 def _chain(done, out) -> None:
