@@ -15,12 +15,24 @@ from prometheus_client.core import CounterMetricFamily, GaugeMetricFamily, Histo
 
 LATENCY_BUCKETS = (0.0005, 0.001, 0.0025, 0.005, 0.01, 0.025, 0.05, 0.1, 0.25, 0.5, 1.0, 2.5, 5.0, 10.0)
 COUNTERS = ("bytes_in", "bytes_out", "connections_accepted")
+# named counters and gauges that other parts of a worker report (help texts for /metrics)
+EXTRA_HELP = {
+    "ratelimit_admitted": ("counter", "Requests admitted by the rate limiter"),
+    "ratelimit_limited": ("counter", "Requests refused with 429 by the rate limiter"),
+    "owner_unavailable": ("counter", "Owner calls that timed out (rate limits or sessions)"),
+    "mesh_frames_sent": ("counter", "Frames sent to peer workers over the mesh"),
+    "mesh_messages_sent": ("counter", "Messages sent to peer workers (several per frame)"),
+    "mesh_expired": ("counter", "Requests an owner skipped because their deadline had passed"),
+    "ratelimit_buckets": ("gauge", "Token buckets held, all workers"),
+    "sessions_live": ("gauge", "Sessions held, all workers"),
+}
 
 
 class WorkerMetrics:
     """Owned by one ingress worker's event loop; no locking needed."""
 
-    __slots__ = ("requests", "latency", "bytes_in", "bytes_out", "connections_accepted", "open_connections")
+    __slots__ = ("requests", "latency", "bytes_in", "bytes_out", "connections_accepted", "open_connections",
+                 "extra")
 
     def __init__(self):
         self.requests: dict[tuple[str, int], int] = {}
@@ -29,6 +41,7 @@ class WorkerMetrics:
         self.bytes_out = 0
         self.connections_accepted = 0
         self.open_connections = 0
+        self.extra: dict[str, float] = {}  # names from EXTRA_HELP, set by the worker before a snapshot
 
     def observe(self, route: str, status: int, seconds: float) -> None:
         key = (route, status)
@@ -47,11 +60,12 @@ class WorkerMetrics:
             "bytes_out": self.bytes_out,
             "connections_accepted": self.connections_accepted,
             "open_connections": self.open_connections,
+            "extra": self.extra,
         }
 
 
 def _empty() -> dict:
-    return {"requests": {}, "latency": {}, **{c: 0 for c in COUNTERS}}
+    return {"requests": {}, "latency": {}, "extra": {}, **{c: 0 for c in COUNTERS}}
 
 
 def _fold(total: dict, snap: dict) -> None:
@@ -64,6 +78,9 @@ def _fold(total: dict, snap: dict) -> None:
             acc[i] += v
     for c in COUNTERS:
         total[c] += snap.get(c, 0)
+    for name, v in snap.get("extra", {}).items():
+        if EXTRA_HELP.get(name, ("gauge",))[0] == "counter":
+            total["extra"][name] = total["extra"].get(name, 0) + v
 
 
 class Aggregator:
@@ -86,6 +103,10 @@ class Aggregator:
         for snap in self.live.values():
             _fold(total, snap)
         total["open_connections"] = sum(s.get("open_connections", 0) for s in self.live.values())
+        for snap in self.live.values():  # gauges: live workers only
+            for name, v in snap.get("extra", {}).items():
+                if EXTRA_HELP.get(name, ("gauge",))[0] == "gauge":
+                    total["extra"][name] = total["extra"].get(name, 0) + v
         return total
 
     def render(self, extra: list[tuple[str, str, str, float]] = ()) -> bytes:
@@ -121,6 +142,10 @@ class _Collector:
                                   value=t["connections_accepted"])
         yield GaugeMetricFamily("tidegate_connections_open", "Client connections open now, all workers",
                                 value=t["open_connections"])
+        for name, (kind, help_) in EXTRA_HELP.items():
+            if name in t["extra"]:
+                family = CounterMetricFamily if kind == "counter" else GaugeMetricFamily
+                yield family(f"tidegate_{name}", help_, value=t["extra"][name])
         for kind, name, help_, value in self.extra:
             family = CounterMetricFamily if kind == "counter" else GaugeMetricFamily
             yield family(name, help_, value=value)

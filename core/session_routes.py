@@ -59,6 +59,7 @@ class SessionService:
                 return self.handlers()[op](payload)
             return await self.mesh.request(owner, op, payload, self.cfg["owner_timeout"])
         except OwnerUnavailable:
+            self.limiter.stats["owner_unavailable"] += 1
             raise HttpError(503, "the session's owner is unavailable; retry shortly", "owner_unavailable",
                             headers=[(b"retry-after", b"1")]) from None
 

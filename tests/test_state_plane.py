@@ -79,3 +79,18 @@ def test_tenant_limit_is_shared_by_its_keys(daemon_factory):
     ok = sum(r.status == 200 for r in replies)
     assert 8 <= ok <= 8 + elapsed + 1, (ok, elapsed)
     assert echo(d.port, GAMMA).status == 200  # another tenant
+
+
+def test_state_plane_metrics(daemon_factory):
+    d = daemon_factory(workers=2, auth={"keys": KEYS}, ratelimit={"key_rps": 1.0, "key_burst": 3.0})
+    replies = fire(d.port, ALPHA, 10)
+    limited = sum(r.status == 429 for r in replies)
+    deadline = time.time() + 5
+    while time.time() < deadline:
+        text = request(d.port, path="/metrics").body.decode()
+        if f"tidegate_ratelimit_limited_total {float(limited)}" in text:
+            break
+        time.sleep(0.2)
+    assert f"tidegate_ratelimit_limited_total {float(limited)}" in text, text
+    assert f"tidegate_ratelimit_admitted_total {float(10 - limited)}" in text
+    assert "tidegate_ratelimit_buckets" in text and "tidegate_sessions_live 0.0" in text

@@ -102,6 +102,14 @@ class IngressWorker:
         m, h = self.metrics, self.http  # byte and connection counters are kept in C by the server
         m.open_connections, m.bytes_in, m.bytes_out, m.connections_accepted = (
             len(h.conns), h.bytes_in, h.bytes_out, h.connections_accepted)
+        rl = self.ratelimit.stats
+        m.extra = {"ratelimit_admitted": rl["admitted"], "ratelimit_limited": rl["limited"],
+                   "owner_unavailable": rl["owner_unavailable"], "ratelimit_buckets": len(self.ratelimit.table),
+                   "sessions_live": len(self.sessions.store.live) if self.sessions else 0}
+        if self.mesh:
+            ms = self.mesh.stats
+            m.extra.update(mesh_frames_sent=ms["frames_out"], mesh_messages_sent=ms["messages_out"],
+                           mesh_expired=ms["expired"])
         return self.metrics.snapshot()
 
     async def boot(self) -> None:
