@@ -132,6 +132,7 @@ SCHEMA: dict[str, dict[str, Key]] = {
     },
     "auth": {
         "keys": Key(list, [], "API keys: [{key_sha256, tenant, name, class}]; none = API routes open", _api_keys),
+        "keys_file": Key(str, "", "a TOML file with more `keys = [...]` (read at start and on reload)"),
     },
     "sessions": {
         "ttl": Key(float, 3600.0, "seconds a session lives after its last use (sliding)", positive),
@@ -148,6 +149,7 @@ SCHEMA: dict[str, dict[str, Key]] = {
         "user_burst": Key(float, 0.0, "bucket size per session user (0 = max(1, user_rps))", non_negative),
         "key_tpm": Key(float, 0.0, "LLM tokens/minute per API key, reserved up front (0 = no limit)", non_negative),
         "tenant_tpm": Key(float, 0.0, "LLM tokens/minute per tenant (0 = no limit)", non_negative),
+        "user_tpm": Key(float, 0.0, "LLM tokens/minute per session user (0 = no limit)", non_negative),
         "table_capacity": Key(int, 65536, "buckets per worker; new identities are refused when full", positive),
         "idle_ttl": Key(float, 60.0, "seconds before a full, idle bucket may be reclaimed", positive),
         "owner_timeout": Key(float, 0.25, "seconds to wait for the bucket owner", positive),
@@ -209,6 +211,24 @@ def validate(raw: dict) -> dict:
 
 
 def _cross_checks(cfg: dict) -> None:
+    auth = cfg["auth"]
+    if auth["keys_file"]:
+        try:
+            with open(auth["keys_file"], "rb") as f:
+                extra = tomllib.load(f)
+        except (OSError, tomllib.TOMLDecodeError) as e:
+            raise ConfigError(f"auth.keys_file: {e}") from None
+        unknown = set(extra) - {"keys"}
+        if unknown:
+            raise ConfigError(f"auth.keys_file: unknown key(s) {', '.join(sorted(unknown))}")
+        keys = extra.get("keys", [])
+        problem = _api_keys(keys) if isinstance(keys, list) else "keys must be an array of tables"
+        if problem:
+            raise ConfigError(f"auth.keys_file {auth['keys_file']}: {problem}")
+        auth["keys"] = auth["keys"] + keys
+    hashes = [k["key_sha256"] for k in auth["keys"]]
+    if len(hashes) != len(set(hashes)):
+        raise ConfigError("auth.keys: the same key is listed twice")
     ctl = cfg["control"]
     if ctl["endpoint"].startswith("tcp://"):
         if not (ctl["curve_public_key"] and ctl["curve_secret_key"]):

@@ -37,7 +37,7 @@ class RateLimiter:
             if rate > 0:
                 self.limits.append((scope, rate, rl[f"{scope}_burst"] or max(1.0, rate)))
         self.token_limits = []  # (scope, tokens per second, bucket size) for LLM tokens/minute
-        for scope in ("key", "tenant"):
+        for scope in ("key", "tenant", "user"):
             tpm = rl[f"{scope}_tpm"]
             if tpm > 0:
                 self.token_limits.append((scope, tpm / 60.0, tpm))
@@ -116,8 +116,9 @@ class RateLimiter:
         future fails with) 429 when a bucket cannot cover it. Reserving first means concurrent
         requests cannot together overshoot the limit."""
         owner = self.ring.owner(f"tenant:{ident.tenant}".encode())
-        checks = [[hash64(f"tpm-{scope}:{ident.key_id if scope == 'key' else ident.tenant}".encode()),
-                   float(tokens), burst, rate] for scope, rate, burst in self.token_limits]
+        who = {"key": ident.key_id, "tenant": ident.tenant, "user": f"{ident.tenant}/{ident.user}"}
+        checks = [[hash64(f"tpm-{scope}:{who[scope]}".encode()), float(tokens), burst, rate]
+                  for scope, rate, burst in self.token_limits if scope != "user" or ident.user]
         by_owner = {owner: checks}
         reservation = Reservation(owner, checks)
         if not checks:

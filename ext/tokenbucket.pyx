@@ -140,6 +140,15 @@ cdef class BucketTable:
         b.tokens = min(b.capacity, b.tokens + n)
         return b.tokens
 
+    cpdef double wait_time(self, uint64_t key, double n, double capacity, double rate, double now=-1.0):
+        """Seconds until n tokens are available for key, taking nothing (inf if never)."""
+        if n > capacity or rate <= 0:
+            return INFINITY
+        cdef double have = self.level(key, now)
+        if have < 0:
+            have = capacity  # no bucket yet: a new one starts full
+        return 0.0 if have >= n else (n - have) / rate
+
     cpdef double level(self, uint64_t key, double now=-1.0):
         """Tokens available now for key (capacity of a missing bucket is unknown: -1)."""
         if now < 0:

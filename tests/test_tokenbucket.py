@@ -72,3 +72,13 @@ def test_take_batch_matches_take():
     expected = [b.take(k, 1.0, 5.0, 0.0) for k in keys]
     assert list(out) == expected
     assert sum(1 for x in out if x >= 0) == 7 * 5  # 5 tokens per identity, no refill
+
+
+def test_wait_time_takes_nothing():
+    t = BucketTable(capacity=10)
+    k = hash64(b"w")
+    assert t.wait_time(k, 3, 10, 2, 0.0) == 0  # no bucket yet: starts full
+    t.take(k, 10, 10, 2, 0.0)
+    assert math.isclose(t.wait_time(k, 3, 10, 2, 0.0), 1.5)
+    assert math.isclose(t.wait_time(k, 3, 10, 2, 0.0), 1.5)  # still: nothing was taken
+    assert t.wait_time(k, 11, 10, 2, 0.0) == math.inf

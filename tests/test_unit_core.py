@@ -118,3 +118,18 @@ def test_aggregator_sums_workers_and_keeps_retired_counts():
     assert 'tidegate_http_request_duration_seconds_bucket{le="0.0005",route="/healthz"} 3.0' in text
     assert 'tidegate_http_request_duration_seconds_count{route="/healthz"} 4.0' in text
     assert "tidegate_workers_ready 1.0" in text
+
+
+def test_keys_file_is_merged_and_validated(tmp_path):
+    f = tmp_path / "keys.toml"
+    f.write_text('keys = [{key_sha256 = "' + "b" * 64 + '", tenant = "t2"}]\n')
+    cfg = config.validate({"auth": {"keys": [{"key_sha256": "a" * 64, "tenant": "t1"}], "keys_file": str(f)}})
+    assert [k["tenant"] for k in cfg["auth"]["keys"]] == ["t1", "t2"]
+    f.write_text('keys = [{key_sha256 = "nothex", tenant = "t2"}]\n')
+    with pytest.raises(config.ConfigError, match="auth.keys_file"):
+        config.validate({"auth": {"keys_file": str(f)}})
+    with pytest.raises(config.ConfigError, match="auth.keys_file"):
+        config.validate({"auth": {"keys_file": str(tmp_path / "missing.toml")}})
+    f.write_text('keys = [{key_sha256 = "' + "a" * 64 + '", tenant = "t2"}]\n')
+    with pytest.raises(config.ConfigError, match="listed twice"):
+        config.validate({"auth": {"keys": [{"key_sha256": "a" * 64, "tenant": "t1"}], "keys_file": str(f)}})

@@ -135,6 +135,8 @@ class IngressWorker:
         self.link.send(protocol.READY, pid=os.getpid())
         self._spawn_periodic(self._heartbeat, srv["heartbeat_interval"])
         self._spawn_periodic(self.http.tick, 1.0)
+        self._spawn_periodic(self.sessions.store.expire, 60.0)
+        self._spawn_periodic(self.ratelimit.table.reclaim, 60.0)
         self.booted = True
         log.info("worker ready", slot=self.slot, gen=self.spec["gen"])
 
