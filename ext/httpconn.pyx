@@ -369,12 +369,12 @@ cdef class HttpConnection:
                 log.error("handler failed", route=req.route, error=repr(e))
                 resp = HttpError(500, "internal error", "internal").response()
             if type(resp) is not Response:
+                # park until it resolves: a future directly (no Task), a coroutine as a Task
                 self.busy = True
-                if isinstance(resp, _Future):  # a plain future: a callback, no Task
-                    self._parked = req
-                    resp.add_done_callback(self._on_future)
-                else:
-                    asyncio.ensure_future(self._await(req, resp))
+                self._parked = req
+                if not isinstance(resp, _Future):
+                    resp = asyncio.ensure_future(resp)
+                resp.add_done_callback(self._on_future)
                 return
             self._send(req, resp)
         if self.read_paused and not self.closing and len(pending) < self.max_pipelined:
@@ -390,20 +390,6 @@ cdef class HttpConnection:
         except HttpError as e:
             resp = e.response()
         except BaseException as e:
-            log.error("handler failed", route=req.route, error=repr(e))
-            resp = HttpError(500, "internal error", "internal").response()
-        self.busy = False
-        if self.closing:
-            return
-        self._send(req, resp)
-        self._process()
-
-    async def _await(self, req, awaitable):
-        try:
-            resp = await awaitable
-        except HttpError as e:
-            resp = e.response()
-        except Exception as e:
             log.error("handler failed", route=req.route, error=repr(e))
             resp = HttpError(500, "internal error", "internal").response()
         self.busy = False
