@@ -103,3 +103,11 @@ def test_bucket_plain_python_batch(benchmark):
         for k in keys:
             t.take(k, 1.0, 100.0, 10.0)
     benchmark(run)
+
+
+@pytest.mark.benchmark(group="token bucket: 1,000 checks")
+def test_bucket_cython_take_list(benchmark):
+    """The shape the owner gets from the mesh: a list of [key, n, capacity, rate]."""
+    t = BucketTable(capacity=2 * N_IDS)
+    checks = [[h, 1.0, 100.0, 10.0] for h in HASHES[:1000]]
+    benchmark(t.take_list, checks)

@@ -52,7 +52,7 @@ class RateLimiter:
         return {TAKE: self._take_local, REFUND: self._refund_local}
 
     def _take_local(self, checks: list) -> list:
-        return [self.table.take(h, n, cap, rate) for h, n, cap, rate in checks]
+        return self.table.take_list(checks)
 
     def _refund_local(self, refunds: list) -> None:
         for h, n in refunds:

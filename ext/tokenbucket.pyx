@@ -168,3 +168,12 @@ cdef class BucketTable:
         cdef Py_ssize_t i
         for i in range(keys.shape[0]):
             out[i] = self.take(keys[i], n[i], capacity[i], rate[i], now)
+
+    cpdef list take_list(self, list checks):
+        """take() for each [key, n, capacity, rate] in checks (the shape the mesh carries),
+        in one call with one clock read; returns the results in order."""
+        cdef double now = monotonic()
+        cdef list out = []
+        for c in checks:
+            out.append(self.take(c[0], c[1], c[2], c[3], now))
+        return out

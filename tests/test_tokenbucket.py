@@ -82,3 +82,11 @@ def test_wait_time_takes_nothing():
     assert math.isclose(t.wait_time(k, 3, 10, 2, 0.0), 1.5)
     assert math.isclose(t.wait_time(k, 3, 10, 2, 0.0), 1.5)  # still: nothing was taken
     assert t.wait_time(k, 11, 10, 2, 0.0) == math.inf
+
+
+def test_take_list_matches_take():
+    keys = [hash64(b"%d" % (i % 3)) for i in range(12)]
+    a, b = BucketTable(capacity=10), BucketTable(capacity=10)
+    got = a.take_list([[k, 1.0, 3.0, 0.0] for k in keys])
+    assert got == [b.take(k, 1.0, 3.0, 0.0) for k in keys]
+    assert sum(x >= 0 for x in got) == 9
