@@ -18,8 +18,8 @@ from tidegate.core.zmqfd import waiting
 
 
 class SupervisorLink:
-    def __init__(self, endpoint: str, identity: str, max_message_bytes: int):
-        self.ctx = zmq.Context()
+    def __init__(self, ctx: zmq.Context, endpoint: str, identity: str, max_message_bytes: int):
+        self.ctx = ctx  # shared with the mesh: one ZeroMQ I/O thread per worker
         self.sock = self.ctx.socket(zmq.DEALER)
         self.sock.setsockopt(zmq.IDENTITY, identity.encode())
         self.sock.setsockopt(zmq.MAXMSGSIZE, max_message_bytes)
@@ -68,4 +68,3 @@ class SupervisorLink:
         if self.loop:
             self.loop.remove_reader(self.sock.getsockopt(zmq.FD))
         self.sock.close(0)
-        self.ctx.term()

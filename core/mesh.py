@@ -43,9 +43,12 @@ def peer_endpoint(run_dir: str, slot: int) -> str:
 class Mesh:
     HOLD_S = 0.002  # longest a message waits behind an unanswered frame
     def __init__(self, slot: int, n_slots: int, run_dir: str, handlers: dict, max_message_bytes: int,
-                 hwm: int = 10000):
+                 hwm: int = 10000, ctx: zmq.Context | None = None):
         self.slot, self.n_slots, self.handlers = slot, n_slots, handlers
-        self.ctx = zmq.Context()
+        # the worker passes its one context: every extra context is one more ZeroMQ I/O thread
+        # competing for the cores, and a send waits whenever its I/O thread is not running
+        self._own_ctx = ctx is None
+        self.ctx = ctx or zmq.Context()
         self.router = self.ctx.socket(zmq.ROUTER)
         for s in (self.router,):
             s.setsockopt(zmq.LINGER, 0)
@@ -195,4 +198,5 @@ class Mesh:
                 self.loop.remove_reader(d.getsockopt(zmq.FD))
         for s in [self.router, *self.dealers.values()]:
             s.close(0)
-        self.ctx.term()
+        if self._own_ctx:
+            self.ctx.term()

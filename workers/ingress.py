@@ -17,6 +17,7 @@ import time
 
 import orjson
 import uvloop
+import zmq
 from setproctitle import setproctitle
 
 from tidegate.core import protocol
@@ -116,7 +117,9 @@ class IngressWorker:
         if "ingress.boot" in FAILPOINTS:
             raise RuntimeError("failpoint ingress.boot")
         srv = self.cfg["server"]
-        self.link = SupervisorLink(self.spec["internal"], self.spec["id"], self.cfg["control"]["max_message_bytes"])
+        self.zmq = zmq.Context()  # one per worker, shared by the supervisor link and the mesh
+        self.link = SupervisorLink(self.zmq, self.spec["internal"], self.spec["id"],
+                                   self.cfg["control"]["max_message_bytes"])
         self.link.start()
         store = SessionStore(os.path.join(srv["data_dir"], f"sessions-{self.slot}"), self.cfg["sessions"]["ttl"],
                              self.cfg["sessions"]["max_per_worker"])
@@ -125,7 +128,7 @@ class IngressWorker:
         if self.n_slots > 1:
             self.mesh = Mesh(self.slot, self.n_slots, srv["run_dir"],
                              {**self.ratelimit.handlers(), **self.sessions.handlers()},
-                             self.cfg["control"]["max_message_bytes"])
+                             self.cfg["control"]["max_message_bytes"], ctx=self.zmq)
             self.mesh.start()
             self.ratelimit.mesh = self.sessions.mesh = self.mesh
         self.listen_socks = [socket.socket(fileno=fd) for fd in self.spec["fds"]]
@@ -207,6 +210,7 @@ class IngressWorker:
             self.mesh.close()
         self.sessions.store.close()
         self.link.close()
+        self.zmq.term()
 
 
 def main() -> None:
