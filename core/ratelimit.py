@@ -42,7 +42,7 @@ class RateLimiter:
             if tpm > 0:
                 self.token_limits.append((scope, tpm / 60.0, tpm))
         self.stats = {"admitted": 0, "limited": 0, "owner_unavailable": 0}
-        self._plans: dict = {}  # identity -> {owner: [[bucket hash, n, capacity, rate], ...]}
+        self._plans: dict = {}  # (tenant, key, user) -> {owner: [[bucket hash, n, capacity, rate], ...]}
 
     @property
     def enabled(self) -> bool:
@@ -61,12 +61,13 @@ class RateLimiter:
     def _checks(self, ident) -> dict[int, list]:
         """owner slot -> [[bucket hash, n, capacity, rate], ...] for this identity (a fixed plan per
         identity, computed once: hashing is the dearest part of a local check)."""
-        plan = self._plans.get(ident)
+        key = (ident.tenant, ident.key_id, ident.user)  # a tuple hashes faster than the dataclass
+        plan = self._plans.get(key)
         if plan is None:
             if len(self._plans) > 100000:
                 self._plans.clear()
             owner = self.ring.owner(f"tenant:{ident.tenant}".encode())
-            plan = self._plans[ident] = {owner: []}
+            plan = self._plans[key] = {owner: []}
             for scope, rate, burst in self.limits:
                 if scope == "user" and not ident.user:
                     continue  # API-key callers have no user
