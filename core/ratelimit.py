@@ -42,7 +42,7 @@ class RateLimiter:
             if tpm > 0:
                 self.token_limits.append((scope, tpm / 60.0, tpm))
         self.stats = {"admitted": 0, "limited": 0, "owner_unavailable": 0}
-        self._plans: dict = {}  # (tenant, key, user) -> {owner: [[bucket hash, n, capacity, rate], ...]}
+        self._plans: dict = {}  # (tenant, key, user) -> (owner, [[bucket hash, n, capacity, rate], ...])
 
     @property
     def enabled(self) -> bool:
@@ -58,49 +58,49 @@ class RateLimiter:
         for h, n in refunds:
             self.table.refund(h, n)
 
-    def _checks(self, ident) -> dict[int, list]:
-        """owner slot -> [[bucket hash, n, capacity, rate], ...] for this identity (a fixed plan per
-        identity, computed once: hashing is the dearest part of a local check)."""
+    def _checks(self, ident) -> tuple[int, list]:
+        """(owner slot, [[bucket hash, n, capacity, rate], ...]) for this identity: a fixed plan per
+        identity, computed once (hashing is the dearest part of a local check)."""
         key = (ident.tenant, ident.key_id, ident.user)  # a tuple hashes faster than the dataclass
         plan = self._plans.get(key)
         if plan is None:
             if len(self._plans) > 100000:
                 self._plans.clear()
             owner = self.ring.owner(f"tenant:{ident.tenant}".encode())
-            plan = self._plans[key] = {owner: []}
+            checks = []
             for scope, rate, burst in self.limits:
                 if scope == "user" and not ident.user:
                     continue  # API-key callers have no user
                 who = {"key": ident.key_id, "tenant": ident.tenant, "user": f"{ident.tenant}/{ident.user}"}[scope]
-                plan[owner].append([hash64(f"{scope}:{who}".encode()), 1.0, burst, rate])
+                checks.append([hash64(f"{scope}:{who}".encode()), 1.0, burst, rate])
+            plan = self._plans[key] = (owner, checks)
         return plan
 
     def check(self, ident, then, req):
         """Admit or refuse ident's request, then answer with then(req): at once when the buckets
         are local, else as a future resolved from the owner's reply (callbacks, no Task)."""
-        by_owner = self._checks(ident)
-        owner, checks = next(iter(by_owner.items()))
+        owner, checks = self._checks(ident)
         if not checks:
             return then(req)
         if owner == self.slot:  # the buckets are ours: no message at all
-            self._decide(by_owner, {owner: self._take_local(checks)})
+            self._decide(owner, checks, self.table.take_list(checks))
             return then(req)
         out = self.mesh.loop.create_future()
         self.mesh.request(owner, TAKE, checks, self.cfg["owner_timeout"]).add_done_callback(
-            lambda reply: self._on_reply(reply, by_owner, owner, then, req, out))
+            lambda reply: self._on_reply(reply, owner, checks, then, req, out))
         return out
 
-    def _on_reply(self, reply, by_owner: dict, owner: int, then, req, out) -> None:
+    def _on_reply(self, reply, owner: int, checks: list, then, req, out) -> None:
         try:
             try:
-                results = {owner: reply.result()}
+                results = reply.result()
             except OwnerUnavailable:
                 self.stats["owner_unavailable"] += 1
                 if not self.cfg["fail_open"]:
                     raise HttpError(503, "rate-limit owner unavailable; retry shortly", "owner_unavailable",
                                     headers=[(b"retry-after", b"1")]) from None
-                results = {owner: [0.0] * len(by_owner[owner])}  # fail open: admit
-            self._decide(by_owner, results)
+                results = [0.0] * len(checks)  # fail open: admit
+            self._decide(owner, checks, results)
             resp = then(req)
         except BaseException as e:
             out.set_exception(e)
@@ -120,16 +120,15 @@ class RateLimiter:
         who = {"key": ident.key_id, "tenant": ident.tenant, "user": f"{ident.tenant}/{ident.user}"}
         checks = [[hash64(f"tpm-{scope}:{who[scope]}".encode()), float(tokens), burst, rate]
                   for scope, rate, burst in self.token_limits if scope != "user" or ident.user]
-        by_owner = {owner: checks}
         reservation = Reservation(owner, checks)
         if not checks:
             return reservation
-        if owner == self.slot:
-            self._decide(by_owner, {owner: self._take_local(checks)})
+        if owner == self.slot or self.mesh is None:
+            self._decide(owner, checks, self.table.take_list(checks))
             return reservation
         out = self.mesh.loop.create_future()
         self.mesh.request(owner, TAKE, checks, self.cfg["owner_timeout"]).add_done_callback(
-            lambda reply: self._on_reply(reply, by_owner, owner, lambda _: reservation, None, out))
+            lambda reply: self._on_reply(reply, owner, checks, lambda _: reservation, None, out))
         return out
 
     def settle(self, reservation: "Reservation", used: float) -> None:
@@ -143,29 +142,25 @@ class RateLimiter:
             self.mesh.request(reservation.owner, REFUND, unused, self.cfg["owner_timeout"]).add_done_callback(
                 _ignore_result)
 
-    def _decide(self, by_owner: dict, results: dict) -> None:
-        denied = [(c, r) for o, checks in by_owner.items() for c, r in zip(checks, results[o]) if r < 0]
-        if not denied:
+    def _decide(self, owner: int, checks: list, results: list) -> None:
+        """Admit (return) or refuse (raise 429) given the owner's answers to checks."""
+        if min(results) >= 0:
             self.stats["admitted"] += 1
             return
         self.stats["limited"] += 1
-        for owner, checks in by_owner.items():  # give back what the other buckets granted
-            refunds = [[c[0], c[1]] for c, r in zip(checks, results[owner]) if r >= 0]
-            if refunds:
-                if owner == self.slot:
-                    self._refund_local(refunds)
-                elif self.mesh is not None:
-                    self.mesh.request(owner, REFUND, refunds, self.cfg["owner_timeout"]).add_done_callback(
-                        _ignore_result)
-        check, r = min(denied, key=lambda cr: cr[0][2])  # the tightest bucket speaks for the answer
-        cap, rate = check[2], check[3]
-        wait = math.inf if r == -math.inf else -r
-        retry = "3600" if math.isinf(wait) else str(max(1, math.ceil(wait)))
+        refunds = [[c[0], c[1]] for c, r in zip(checks, results) if r >= 0]
+        if refunds:  # give back what the other buckets granted
+            if owner == self.slot or self.mesh is None:
+                self._refund_local(refunds)
+            else:
+                self.mesh.request(owner, REFUND, refunds, self.cfg["owner_timeout"]).add_done_callback(_ignore_result)
+        check, r = min(((c, r) for c, r in zip(checks, results) if r < 0), key=lambda cr: cr[0][2])
+        cap, rate = check[2], check[3]  # the tightest refusing bucket speaks for the answer
+        retry = "3600" if r == -math.inf else str(max(1, math.ceil(-r)))
         reset = str(max(1, math.ceil(cap / rate)))
         raise HttpError(429, "rate limit exceeded; retry after the time in Retry-After", "rate_limit_exceeded",
                         headers=[(b"retry-after", retry.encode()), (b"ratelimit-limit", b"%d" % cap),
                                  (b"ratelimit-remaining", b"0"), (b"ratelimit-reset", reset.encode())])
-
 
 
 class Reservation:
