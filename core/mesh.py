@@ -36,12 +36,21 @@ class RemoteError(Exception):
     """The owner's handler raised; the message says what."""
 
 
+def _settle(fut: asyncio.Future, ok: bool, result) -> None:
+    if not fut.done():
+        if ok:
+            fut.set_result(result)
+        else:
+            fut.set_exception(result)
+
+
 def peer_endpoint(run_dir: str, slot: int) -> str:
     return f"ipc://{os.path.abspath(run_dir)}/peer-{slot}.sock"
 
 
 class Mesh:
     HOLD_S = 0.002  # longest a message waits behind an unanswered frame
+    SWEEP_S = 0.01  # deadline check period: a call fails at most this late
     def __init__(self, slot: int, n_slots: int, run_dir: str, handlers: dict, max_message_bytes: int,
                  hwm: int = 10000, ctx: zmq.Context | None = None):
         self.slot, self.n_slots, self.handlers = slot, n_slots, handlers
@@ -79,6 +88,7 @@ class Mesh:
         self.loop.add_reader(self.router.getsockopt(zmq.FD), self._on_router)
         for peer, d in self.dealers.items():
             self.loop.add_reader(d.getsockopt(zmq.FD), self._on_dealer, d, peer)
+        self.loop.call_later(self.SWEEP_S, self._sweep)
 
     # ---- asking -------------------------------------------------------------------------------
     async def call(self, owner: int, op: str, payload, timeout: float = 0.5):
@@ -91,21 +101,29 @@ class Mesh:
         """Queue a call to another worker; the future gets the result, RemoteError or
         OwnerUnavailable. No coroutine and no Task per call: on the request path those cost
         more than the rest of the hop."""
-        rid = next(self._ids)
         fut = self.loop.create_future()
-        # a plain timer per call (asyncio.wait_for would wrap each call in a Task)
-        self._waiting[rid] = (fut, self.loop.call_later(timeout, self._expire, rid, owner, op, timeout))
-        self._outbox.setdefault(owner, []).append([rid, op, time.monotonic() + timeout, payload])
+        self.request_cb(owner, op, payload, timeout, lambda ok, result: _settle(fut, ok, result))
+        return fut
+
+    def request_cb(self, owner: int, op: str, payload, timeout: float, callback) -> None:
+        """Like request(), with callback(ok, result_or_exception) instead of a future."""
+        rid = next(self._ids)
+        deadline = time.monotonic() + timeout
+        self._waiting[rid] = (callback, deadline, owner, op, timeout)
+        self._outbox.setdefault(owner, []).append([rid, op, deadline, payload])
         if not self._flush_scheduled:
             self._flush_scheduled = True
             self.loop.call_soon(self._flush)
-        return fut
 
-    def _expire(self, rid: int, owner: int, op: str, timeout: float) -> None:
-        entry = self._waiting.pop(rid, None)
-        if entry is not None and not entry[0].done():
-            entry[0].set_exception(OwnerUnavailable(
-                f"worker {owner} did not answer {op!r} within {timeout * 1000:.0f} ms"))
+    def _sweep(self) -> None:
+        """Fail the calls whose deadline has passed: one timer for all of them (a timer per call
+        costs more than the hop's own bookkeeping)."""
+        now = time.monotonic()
+        expired = [rid for rid, entry in self._waiting.items() if entry[1] <= now]
+        for rid in expired:
+            callback, _, owner, op, timeout = self._waiting.pop(rid)
+            callback(False, OwnerUnavailable(f"worker {owner} did not answer {op!r} within {timeout * 1000:.0f} ms"))
+        self.loop.call_later(self.SWEEP_S, self._sweep)
 
     def _flush(self) -> None:
         """Send what this loop turn queued: one frame per peer, and at most one frame in flight
@@ -147,15 +165,8 @@ class Mesh:
                 continue
             for rid, ok, result in replies:
                 entry = self._waiting.pop(rid, None)
-                if entry is None:
-                    continue
-                fut, timer = entry
-                timer.cancel()
-                if not fut.done():
-                    if ok:
-                        fut.set_result(result)
-                    else:
-                        fut.set_exception(RemoteError(result))
+                if entry is not None:
+                    entry[0](ok, result if ok else RemoteError(result))
         if got:
             self._release(peer)  # the frame in flight is answered: send what waited
 

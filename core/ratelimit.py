@@ -86,15 +86,15 @@ class RateLimiter:
             self._decide(owner, checks, self.table.take_list(checks))
             return then(req)
         out = self.mesh.loop.create_future()
-        self.mesh.request(owner, TAKE, checks, self.cfg["owner_timeout"]).add_done_callback(
-            lambda reply: self._on_reply(reply, owner, checks, then, req, out))
+        self.mesh.request_cb(owner, TAKE, checks, self.cfg["owner_timeout"],
+                             lambda ok, result: self._on_reply(ok, result, owner, checks, then, req, out))
         return out
 
-    def _on_reply(self, reply, owner: int, checks: list, then, req, out) -> None:
+    def _on_reply(self, ok: bool, results, owner: int, checks: list, then, req, out) -> None:
         try:
-            try:
-                results = reply.result()
-            except OwnerUnavailable:
+            if not ok:
+                if not isinstance(results, OwnerUnavailable):
+                    raise results
                 self.stats["owner_unavailable"] += 1
                 if not self.cfg["fail_open"]:
                     raise HttpError(503, "rate-limit owner unavailable; retry shortly", "owner_unavailable",
@@ -127,8 +127,9 @@ class RateLimiter:
             self._decide(owner, checks, self.table.take_list(checks))
             return reservation
         out = self.mesh.loop.create_future()
-        self.mesh.request(owner, TAKE, checks, self.cfg["owner_timeout"]).add_done_callback(
-            lambda reply: self._on_reply(reply, owner, checks, lambda _: reservation, None, out))
+        self.mesh.request_cb(owner, TAKE, checks, self.cfg["owner_timeout"],
+                             lambda ok, result: self._on_reply(ok, result, owner, checks, lambda _: reservation,
+                                                               None, out))
         return out
 
     def settle(self, reservation: "Reservation", used: float) -> None:
@@ -139,8 +140,7 @@ class RateLimiter:
         if reservation.owner == self.slot or self.mesh is None:
             self._refund_local(unused)
         else:
-            self.mesh.request(reservation.owner, REFUND, unused, self.cfg["owner_timeout"]).add_done_callback(
-                _ignore_result)
+            self.mesh.request_cb(reservation.owner, REFUND, unused, self.cfg["owner_timeout"], _ignore)
 
     def _decide(self, owner: int, checks: list, results: list) -> None:
         """Admit (return) or refuse (raise 429) given the owner's answers to checks."""
@@ -153,7 +153,7 @@ class RateLimiter:
             if owner == self.slot or self.mesh is None:
                 self._refund_local(refunds)
             else:
-                self.mesh.request(owner, REFUND, refunds, self.cfg["owner_timeout"]).add_done_callback(_ignore_result)
+                self.mesh.request_cb(owner, REFUND, refunds, self.cfg["owner_timeout"], _ignore)
         check, r = min(((c, r) for c, r in zip(checks, results) if r < 0), key=lambda cr: cr[0][2])
         cap, rate = check[2], check[3]  # the tightest refusing bucket speaks for the answer
         retry = "3600" if r == -math.inf else str(max(1, math.ceil(-r)))
@@ -177,5 +177,5 @@ def _chain(done, out) -> None:
         out.set_result(done.result())
 
 
-def _ignore_result(fut) -> None:
-    fut.exception()  # a lost refund only leaves a bucket a token short until it refills
+def _ignore(ok, result) -> None:
+    """A lost refund only leaves a bucket a little short until it refills."""
