@@ -31,6 +31,7 @@ class SessionService:
             cfg["sessions"], slot, ring, keys, limiter, store)
         self.limits = cfg["limits"]
         self.mesh = None
+        self._ops = self.handlers()
 
     # ---- at the owner -------------------------------------------------------------------------
     def handlers(self) -> dict:
@@ -56,7 +57,7 @@ class SessionService:
         owner = self.ring.owner(sid)
         try:
             if owner == self.slot or self.mesh is None:
-                return self.handlers()[op](payload)
+                return self._ops[op](payload)
             return await self.mesh.request(owner, op, payload, self.cfg["owner_timeout"])
         except OwnerUnavailable:
             self.limiter.stats["owner_unavailable"] += 1
