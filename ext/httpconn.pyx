@@ -107,9 +107,6 @@ cdef class Request:
     cdef public double started
     cdef public object identity  # set by authentication (core/auth.py)
 
-    def header(self, bytes name, default=None):
-        return self.headers.get(name, default)
-
 
 cpdef Response json_response(obj, int status=200, headers=None):
     """A JSON Response (orjson), built without a Python-level constructor call."""
@@ -121,9 +118,9 @@ cpdef Response json_response(obj, int status=200, headers=None):
 class HttpError(Exception):
     """Raised anywhere in request handling; becomes an OpenAI-shaped JSON error response."""
 
-    def __init__(self, status, message, code=None, headers=None, close=False):
+    def __init__(self, status, message, code=None, headers=None):
         super().__init__(message)
-        self.status, self.message, self.code, self.headers, self.close = status, message, code, headers, close
+        self.status, self.message, self.code, self.headers = status, message, code, headers
 
     def response(self):
         body = {"error": {"type": ERROR_TYPES.get(self.status, "server_error"), "message": self.message,

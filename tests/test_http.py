@@ -71,7 +71,6 @@ def test_http10_closes_and_head_has_no_body(port):
         s.sendall(b"HEAD /healthz HTTP/1.1\r\nHost: t\r\n\r\n" + get())
         r = Reader(s)
         s.settimeout(2)
-        head = r.buf
         while b"\r\n\r\n" not in r.buf:
             r._fill()
         first, rest = r.buf.split(b"\r\n\r\n", 1)

@@ -271,9 +271,26 @@ def test_metrics_sum_all_workers(daemon_factory):
 
 
 def test_readyz_reflects_workers(daemon_factory):
-    d = daemon_factory(workers=1, server={"respawn_backoff_max": 5.0})
+    d = daemon_factory(workers=2, server={"respawn_backoff_max": 5.0})
     r = request(d.port, path="/readyz")
-    assert r.status == 200 and r.json()["ready"] is True
+    assert r.status == 200 and r.json() == {"ready": True, "state": "running", "workers_ready": 2,
+                                            "workers_expected": 2}
+    # crash slot 0 in a loop: respawn backoff grows, and meanwhile the daemon is not ready
+    for _ in range(4):
+        old = worker_pids(d)[0]
+        os.kill(old, signal.SIGKILL)
+        wait_for(lambda: (p := worker_pids(d)) and p.get(0) not in (None, old), what="respawn")
+    os.kill(worker_pids(d)[0], signal.SIGKILL)  # the 5th quick death waits 1.6 s before respawn
+
+    def not_ready():
+        try:
+            r = request(d.port, path="/readyz", timeout=0.15)
+        except OSError:
+            return None  # landed on the dead slot's backlog
+        return r if r.status == 503 else None
+    r = wait_for(not_ready, timeout=3, what="503 from /readyz")
+    assert r.json()["ready"] is False and r.json()["workers_ready"] == 1
+    wait_for(lambda: request(d.port, path="/readyz").status == 200, what="ready again")
 
 
 def test_systemd_notify(daemon_factory, tmp_path):
