@@ -19,6 +19,7 @@ COUNTERS = ("bytes_in", "bytes_out", "connections_accepted")
 EXTRA_HELP = {
     "ratelimit_admitted": ("counter", "Requests admitted by the rate limiter"),
     "ratelimit_limited": ("counter", "Requests refused with 429 by the rate limiter"),
+    "ratelimit_leased": ("counter", "Requests admitted from tokens leased by the bucket owner (no hop)"),
     "owner_unavailable": ("counter", "Owner calls that timed out (rate limits or sessions)"),
     "mesh_frames_sent": ("counter", "Frames sent to peer workers over the mesh"),
     "mesh_messages_sent": ("counter", "Messages sent to peer workers (several per frame)"),

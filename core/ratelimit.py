@@ -8,6 +8,14 @@ bucket has exactly one owner, N workers together admit exactly what the limit al
 count locally and reconcile later drift). If one bucket admits and another refuses, the admitted
 token is given back, so a refusal costs nothing.
 
+Leases take the hop off the hot path without giving up exactness: when a plan (tenant, key,
+user) is busy on a worker that does not own it, the owner grants that worker a few extra tokens
+with its answer, taken from the buckets like any others, so the worker admits the next requests
+of that plan in place. A lease is at most `lease_max` tokens and at most 1/(2N) of what the
+bucket holds, so leases dry up as a bucket empties and the last tokens are decided at the owner
+one by one; tokens not used within `lease_ttl` go back. Every admission still spends a token
+the owner took, so N workers together never admit more than the limit.
+
 When an owner does not answer in `owner_timeout` (it died and is being respawned), the check
 fails open by default: the limit is protection, and refusing all traffic of a tenant for the
 second a worker takes to come back hurts more than a short overshoot. `fail_open = false`
@@ -23,7 +31,7 @@ from tidegate.core.mesh import OwnerUnavailable
 from tidegate.core.ring import HashRing, hash64
 from tidegate.ext.tokenbucket import BucketTable
 
-TAKE, REFUND = "rl.take", "rl.refund"
+TAKE, LEASE, REFUND = "rl.take", "rl.lease", "rl.refund"
 
 
 class RateLimiter:
@@ -41,18 +49,34 @@ class RateLimiter:
             tpm = rl[f"{scope}_tpm"]
             if tpm > 0:
                 self.token_limits.append((scope, tpm / 60.0, tpm))
-        self.stats = {"admitted": 0, "limited": 0, "owner_unavailable": 0}
+        self.stats = {"admitted": 0, "limited": 0, "owner_unavailable": 0, "leased": 0}
         self._plans: dict = {}  # (tenant, key, user) -> (owner, [[bucket hash, n, capacity, rate], ...])
+        # plan key -> Lease, for plans owned elsewhere: tokens granted by the owner, not yet spent
+        self._leases: dict = {}
+        self.lease_max, self.lease_ttl = rl["lease_max"], rl["lease_ttl"]
+        self.n_slots = len(ring.nodes)
 
     @property
     def enabled(self) -> bool:
         return bool(self.limits)
 
     def handlers(self) -> dict:
-        return {TAKE: self._take_local, REFUND: self._refund_local}
+        return {TAKE: self._take_local, LEASE: self._lease_local, REFUND: self._refund_local}
 
     def _take_local(self, checks: list) -> list:
         return self.table.take_list(checks)
+
+    def _lease_local(self, msg: list) -> list:
+        """Owner side of a check that may carry a lease: [checks, want] -> [results, granted].
+        The extra tokens come out of the same buckets, capped at 1/(2N) of what is left."""
+        checks, want = msg
+        results = self.table.take_list(checks)
+        left = min(results)
+        granted = min(want, int(left / (2 * self.n_slots))) if left > 0 else 0
+        if granted > 0:
+            for c in checks:
+                self.table.take(c[0], granted, c[2], c[3])
+        return [results, granted]
 
     def _refund_local(self, refunds: list) -> None:
         for h, n in refunds:
@@ -85,10 +109,59 @@ class RateLimiter:
         if owner == self.slot:  # the buckets are ours: no message at all
             self._decide(owner, checks, self.table.take_list(checks))
             return then(req)
+        want = 0
+        if self.lease_max:
+            key = (ident.tenant, ident.key_id, ident.user)
+            lease = self._leases.get(key)
+            if lease is None:
+                lease = self._leases[key] = Lease(owner, checks)
+            now = self.mesh.loop.time()
+            if lease.tokens > 0 and now < lease.expiry:  # spend a leased token: no message
+                lease.tokens -= 1
+                self.stats["admitted"] += 1
+                self.stats["leased"] += 1
+                return then(req)
+            want = lease.next_want(now, self.lease_max, self.lease_ttl)
+            if lease.tokens > 0:  # expired leftovers go back before asking again
+                self._give_back(lease)
+            if want:
+                lease.asking = True
         out = self.mesh.loop.create_future()
-        self.mesh.request_cb(owner, TAKE, checks, self.cfg["owner_timeout"],
-                             lambda ok, result: self._on_reply(ok, result, owner, checks, then, req, out))
+        if want:
+            self.mesh.request_cb(owner, LEASE, [checks, want], self.cfg["owner_timeout"],
+                                 lambda ok, result: self._on_lease(ok, result, lease, owner, checks, then, req, out))
+        else:
+            self.mesh.request_cb(owner, TAKE, checks, self.cfg["owner_timeout"],
+                                 lambda ok, result: self._on_reply(ok, result, owner, checks, then, req, out))
         return out
+
+    def _on_lease(self, ok: bool, result, lease: "Lease", owner: int, checks: list, then, req, out) -> None:
+        lease.asking = False
+        if ok:
+            result, granted = result
+            if granted:
+                lease.tokens += granted
+                lease.expiry = self.mesh.loop.time() + self.lease_ttl
+        self._on_reply(ok, result, owner, checks, then, req, out)
+
+    def sweep_leases(self) -> None:
+        """Give back tokens of leases that ran out of time, and forget plans gone quiet, so a
+        lease never keeps tokens from the other workers for more than lease_ttl (plus a sweep)."""
+        if not self._leases:
+            return
+        now = self.mesh.loop.time()
+        for key, lease in list(self._leases.items()):
+            if now < lease.expiry or lease.asking:
+                continue
+            if lease.tokens > 0:
+                self._give_back(lease)
+            elif now > lease.expiry + 10 * self.lease_ttl:
+                del self._leases[key]
+
+    def _give_back(self, lease: "Lease") -> None:
+        refunds = [[c[0], lease.tokens] for c in lease.checks]
+        lease.tokens = 0
+        self.mesh.request_cb(lease.owner, REFUND, refunds, self.cfg["owner_timeout"], _ignore)
 
     def _on_reply(self, ok: bool, results, owner: int, checks: list, then, req, out) -> None:
         try:
@@ -161,6 +234,27 @@ class RateLimiter:
         raise HttpError(429, "rate limit exceeded; retry after the time in Retry-After", "rate_limit_exceeded",
                         headers=[(b"retry-after", retry.encode()), (b"ratelimit-limit", b"%d" % cap),
                                  (b"ratelimit-remaining", b"0"), (b"ratelimit-reset", reset.encode())])
+
+
+class Lease:
+    """Tokens the owner granted this worker for one plan. The size asked for adapts: it doubles
+    while the plan keeps coming back within lease_ttl, and halves when tokens went unused, so a
+    quiet plan asks for nothing and costs no refunds."""
+    __slots__ = ("owner", "checks", "tokens", "expiry", "want", "asking", "last_ask")
+
+    def __init__(self, owner: int, checks: list):
+        self.owner, self.checks = owner, checks
+        self.tokens, self.expiry, self.want, self.asking, self.last_ask = 0, 0.0, 0, False, -1e9
+
+    def next_want(self, now: float, most: int, ttl: float) -> int:
+        if self.asking:  # one lease request in flight per plan is enough
+            return 0
+        if self.tokens > 0:  # the last lease was not used up in time
+            self.want //= 2
+        elif now - self.last_ask < ttl:  # busy: back for more within ttl
+            self.want = min(most, max(1, self.want * 2))
+        self.last_ask = now
+        return self.want
 
 
 class Reservation:

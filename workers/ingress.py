@@ -105,7 +105,8 @@ class IngressWorker:
             len(h.conns), h.bytes_in, h.bytes_out, h.connections_accepted)
         rl = self.ratelimit.stats
         m.extra = {"ratelimit_admitted": rl["admitted"], "ratelimit_limited": rl["limited"],
-                   "owner_unavailable": rl["owner_unavailable"], "ratelimit_buckets": len(self.ratelimit.table),
+                   "owner_unavailable": rl["owner_unavailable"], "ratelimit_leased": rl["leased"],
+                   "ratelimit_buckets": len(self.ratelimit.table),
                    "sessions_live": len(self.sessions.store.live) if self.sessions else 0}
         if self.mesh:
             ms = self.mesh.stats
@@ -131,6 +132,7 @@ class IngressWorker:
                              self.cfg["control"]["max_message_bytes"], ctx=self.zmq)
             self.mesh.start()
             self.ratelimit.mesh = self.sessions.mesh = self.mesh
+            self._spawn_periodic(self.ratelimit.sweep_leases, self.cfg["ratelimit"]["lease_ttl"])
         self.listen_socks = [socket.socket(fileno=fd) for fd in self.spec["fds"]]
         await self._start_accepting()
         self.loop.add_signal_handler(signal.SIGTERM, self.drain)
