@@ -123,7 +123,8 @@ class Mesh:
         for rid in expired:
             callback, _, owner, op, timeout = self._waiting.pop(rid)
             callback(False, OwnerUnavailable(f"worker {owner} did not answer {op!r} within {timeout * 1000:.0f} ms"))
-        self.loop.call_later(self.SWEEP_S, self._sweep)
+        if not self.router.closed:
+            self.loop.call_later(self.SWEEP_S, self._sweep)
 
     def _flush(self) -> None:
         """Send what this loop turn queued: one frame per peer, and at most one frame in flight
@@ -131,6 +132,8 @@ class Mesh:
         comes back (Nagle's idea for RPC): an idle mesh sends at once, a busy one sends fewer,
         fuller frames, and every send costs a wake-up of ZeroMQ's I/O thread on both sides."""
         self._flush_scheduled = False
+        if self.router.closed:  # closed after this flush was scheduled
+            return
         for peer in [p for p in self._outbox if p not in self._inflight]:
             self._send_frame(peer)
 

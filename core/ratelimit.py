@@ -120,6 +120,8 @@ class RateLimiter:
                 lease.tokens -= 1
                 self.stats["admitted"] += 1
                 self.stats["leased"] += 1
+                if lease.tokens <= lease.want >> 2 and not lease.asking:
+                    self._prefetch(lease)  # renew before it runs dry, so the plan never waits
                 return then(req)
             want = lease.next_want(now, self.lease_max, self.lease_ttl)
             if lease.tokens > 0:  # expired leftovers go back before asking again
@@ -144,6 +146,20 @@ class RateLimiter:
                 lease.expiry = self.mesh.loop.time() + self.lease_ttl
         self._on_reply(ok, result, owner, checks, then, req, out)
 
+    def _prefetch(self, lease: "Lease") -> None:
+        """Ask for the next lease while this one still has tokens: a check of 0 tokens that
+        carries a lease request. Being here means the plan is busy, so the next lease is larger."""
+        lease.asking = True
+        lease.want = min(self.lease_max, max(1, lease.want * 2))
+        self.mesh.request_cb(lease.owner, LEASE, [lease.probe, lease.want], self.cfg["owner_timeout"],
+                             lambda ok, result: self._on_prefetch(ok, result, lease))
+
+    def _on_prefetch(self, ok: bool, result, lease: "Lease") -> None:
+        lease.asking = False
+        if ok and result[1]:
+            lease.tokens += result[1]
+            lease.expiry = self.mesh.loop.time() + self.lease_ttl
+
     def sweep_leases(self) -> None:
         """Give back tokens of leases that ran out of time, and forget plans gone quiet, so a
         lease never keeps tokens from the other workers for more than lease_ttl (plus a sweep)."""
@@ -155,6 +171,7 @@ class RateLimiter:
                 continue
             if lease.tokens > 0:
                 self._give_back(lease)
+                lease.want //= 2
             elif now > lease.expiry + 10 * self.lease_ttl:
                 del self._leases[key]
 
@@ -240,10 +257,11 @@ class Lease:
     """Tokens the owner granted this worker for one plan. The size asked for adapts: it doubles
     while the plan keeps coming back within lease_ttl, and halves when tokens went unused, so a
     quiet plan asks for nothing and costs no refunds."""
-    __slots__ = ("owner", "checks", "tokens", "expiry", "want", "asking", "last_ask")
+    __slots__ = ("owner", "checks", "probe", "tokens", "expiry", "want", "asking", "last_ask")
 
     def __init__(self, owner: int, checks: list):
         self.owner, self.checks = owner, checks
+        self.probe = [[c[0], 0.0, c[2], c[3]] for c in checks]  # takes nothing: carries prefetches
         self.tokens, self.expiry, self.want, self.asking, self.last_ask = 0, 0.0, 0, False, -1e9
 
     def next_want(self, now: float, most: int, ttl: float) -> int:

@@ -88,8 +88,9 @@ def test_state_plane_metrics(daemon_factory):
     deadline = time.time() + 5
     while time.time() < deadline:
         text = request(d.port, path="/metrics").body.decode()
-        if f"tidegate_ratelimit_limited_total {float(limited)}" in text:
-            break
+        if (f"tidegate_ratelimit_limited_total {float(limited)}" in text
+                and f"tidegate_ratelimit_admitted_total {float(10 - limited)}" in text):
+            break  # both workers' heartbeats have carried their counts
         time.sleep(0.2)
     assert f"tidegate_ratelimit_limited_total {float(limited)}" in text, text
     assert f"tidegate_ratelimit_admitted_total {float(10 - limited)}" in text
