@@ -60,6 +60,8 @@ def main() -> None:
                 res[name].append(r)
                 print(f"  round {rnd + 1} {name:6} {r['rps']:>9.0f} req/s  p50 {r['p50_ms']:.2f} ms  "
                       f"p99 {r['p99_ms']:.2f} ms", flush=True)
+        counts = metric_counts(state.port, ("ratelimit_admitted_total", "ratelimit_leased_total",
+                                            "mesh_messages_sent_total"))
     finally:
         plain.stop()
         state.stop()
@@ -67,8 +69,24 @@ def main() -> None:
     for k, v in med.items():
         print(f"{k:6} median {v['rps']:>9.0f} req/s  p50 {v['p50_ms']:.2f} ms  p99 {v['p99_ms']:.2f} ms")
     cost = 1 - med["state"]["rps"] / med["plain"]["rps"]
+    admitted = counts["ratelimit_admitted_total"] or 1
+    print(f"state side: {counts['ratelimit_leased_total'] / admitted:.0%} of admissions spent a leased token; "
+          f"{counts['mesh_messages_sent_total'] / admitted:.2f} mesh messages per request")
     print(f"authenticated + rate-limited / plain = {med['state']['rps'] / med['plain']['rps']:.2f}x "
           f"(state plane costs {cost * 100:.0f}% of the throughput)")
+
+
+def metric_counts(port: int, names) -> dict:
+    """Totals from the daemon's /metrics (the supervisor sums all workers)."""
+    import urllib.request
+    import time
+    time.sleep(1.5)  # let the last heartbeats carry the workers' counters
+    text = urllib.request.urlopen(f"http://127.0.0.1:{port}/metrics", timeout=5).read().decode()
+    out = {}
+    for name in names:
+        out[name] = sum(float(line.split()[-1]) for line in text.splitlines()
+                        if line.startswith(f"tidegate_{name}"))
+    return out
 
 
 if __name__ == "__main__":

@@ -154,7 +154,7 @@ SCHEMA: dict[str, dict[str, Key]] = {
         "idle_ttl": Key(float, 60.0, "seconds before a full, idle bucket may be reclaimed", positive),
         "owner_timeout": Key(float, 0.25, "seconds to wait for the bucket owner", positive),
         "fail_open": Key(bool, True, "admit when the bucket owner does not answer (see ARCHITECTURE.md)"),
-        "lease_max": Key(int, 32, "most requests/s tokens a worker may hold from another worker's buckets "
+        "lease_max": Key(int, 256, "most requests/s tokens a worker may hold from another worker's buckets "
                          "(0 = ask the owner for every request)", non_negative),
         "lease_ttl": Key(float, 0.05, "seconds a worker may hold leased tokens before giving them back", positive),
     },

@@ -120,7 +120,7 @@ class RateLimiter:
                 lease.tokens -= 1
                 self.stats["admitted"] += 1
                 self.stats["leased"] += 1
-                if lease.tokens <= lease.want >> 2 and not lease.asking:
+                if lease.tokens <= lease.want >> 1 and not lease.asking:
                     self._prefetch(lease)  # renew before it runs dry, so the plan never waits
                 return then(req)
             want = lease.next_want(now, self.lease_max, self.lease_ttl)
