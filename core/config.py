@@ -91,6 +91,41 @@ def _api_keys(v):
     return None
 
 
+MODEL_FIELDS = {"name": str, "path": str, "n_ctx": int, "max_seqs": int, "threads": int, "n_gpu_layers": int,
+                "chat_template": str, "embeddings": bool}
+
+
+def _models(v):
+    names = set()
+    for i, item in enumerate(v):
+        if not isinstance(item, dict):
+            return f"item {i} must be a table {{{', '.join(MODEL_FIELDS)}}}"
+        unknown = set(item) - set(MODEL_FIELDS)
+        if unknown:
+            return f"item {i}: unknown field(s) {', '.join(sorted(unknown))}"
+        for k, t in MODEL_FIELDS.items():
+            if k in item and (not isinstance(item[k], t) or (t is int and isinstance(item[k], bool))):
+                return f"item {i}: {k} must be {t.__name__}"
+        if not item.get("name") or not all(c.isalnum() or c in "-_.:" for c in item["name"]):
+            return f"item {i}: name must be a non-empty string of letters, digits and -_.:"
+        if item["name"] in names:
+            return f"item {i}: model {item['name']!r} is listed twice"
+        names.add(item["name"])
+        for k in ("n_ctx", "max_seqs"):
+            if k in item and item[k] < 1:
+                return f"item {i}: {k} must be >= 1"
+    return None
+
+
+def _class_counts(v):
+    for k, n in v.items():
+        if k not in ("critical", "standard", "background"):
+            return f"unknown traffic class {k!r} (critical, standard, background)"
+        if not isinstance(n, int) or isinstance(n, bool) or n < 0:
+            return f"{k}: must be an integer >= 0"
+    return None
+
+
 KiB, MiB = 1024, 1024 * 1024
 
 SCHEMA: dict[str, dict[str, Key]] = {
@@ -157,6 +192,31 @@ SCHEMA: dict[str, dict[str, Key]] = {
         "lease_max": Key(int, 256, "most requests/s tokens a worker may hold from another worker's buckets "
                          "(0 = ask the owner for every request)", non_negative),
         "lease_ttl": Key(float, 0.05, "seconds a worker may hold leased tokens before giving them back", positive),
+    },
+    "inference": {
+        "enabled": Key(bool, True, "start the inference worker(s) and serve the /v1 model routes"),
+        "models": Key(list, [], "models, one inference worker each: [{name, path, n_ctx, max_seqs, threads, "
+                      "n_gpu_layers, chat_template, embeddings}]; empty = the built-in demo model", _models),
+        "n_ctx": Key(int, 4096, "context length per sequence (prompt + completion)", positive),
+        "max_seqs": Key(int, 8, "sequences decoded together (continuous batching slots)", positive),
+        "n_batch": Key(int, 512, "tokens per llama_decode step (long prompts are prefilled in chunks)", positive),
+        "threads": Key(int, 0, "llama.cpp threads (0 = all cores)", non_negative),
+        "n_gpu_layers": Key(int, 0, "layers offloaded to a GPU when llama.cpp was built with one", non_negative),
+        "embeddings": Key(bool, True, "serve /v1/embeddings from the model (mean pooling)"),
+        "default_max_tokens": Key(int, 256, "max_tokens when a request gives none", positive),
+        "max_stop": Key(int, 4, "stop strings per request", positive),
+        "max_prompt_bytes": Key(int, 1 * MiB, "UTF-8 bytes of the rendered prompt (then 400)", positive),
+        "request_timeout": Key(float, 300.0, "seconds a request may wait and run before it is dropped (504)", positive),
+        "reserved": Key(dict, {"critical": 1}, "sequence slots only a class (or one above it) may take", _class_counts),
+        "queue_max": Key(dict, {"critical": 256, "standard": 256, "background": 256},
+                         "requests queued per class before 503", _class_counts),
+        "prefix_block": Key(int, 16, "tokens per prefix-cache block (hash chain granularity)", positive),
+        "prefix_min_tokens": Key(int, 64, "new prompt tokens a prefix must add to be saved to RAM/disk", positive),
+        "prefix_ram_bytes": Key(int, 1024 * MiB, "RAM tier: KV bytes kept (LRU)", non_negative),
+        "prefix_disk_bytes": Key(int, 4096 * MiB, "disk tier under data_dir: KV bytes kept (LRU); 0 = off",
+                                 non_negative),
+        "shared_prefixes": Key(list, [], "prompt prefixes (rendered text) every tenant may share in the cache, "
+                               "e.g. a common system prompt; all others are salted by tenant"),
     },
     "log": {
         "level": Key(str, "info", "debug | info | warning | error", _log_level),
@@ -297,6 +357,21 @@ def redacted(cfg: dict) -> dict:
             if key.secret and out[sec][k]:
                 out[sec][k] = "***"
     return out
+
+
+def models(cfg: dict) -> list[dict]:
+    """The configured models with every field filled in from [inference] (the demo model when none)."""
+    inf = cfg["inference"]
+    if not inf["enabled"]:
+        return []
+    base = {"path": "", "n_ctx": inf["n_ctx"], "max_seqs": inf["max_seqs"], "threads": inf["threads"],
+            "n_gpu_layers": inf["n_gpu_layers"], "chat_template": "", "embeddings": inf["embeddings"]}
+    listed = inf["models"] or [{"name": "tidegate-demo"}]
+    return [{**base, **m} for m in listed]
+
+
+def inference_endpoint(cfg: dict, name: str) -> str:
+    return f"ipc://{os.path.abspath(cfg['server']['run_dir'])}/infer-{name}.sock"
 
 
 def control_endpoint(cfg: dict) -> str:

@@ -16,4 +16,4 @@ from __future__ import annotations
 
 # the request/response types live with the connection in the compiled hot path
 from tidegate.ext.httpconn import (BODY, ERROR_TYPES, HEAD, IDLE_KEEPALIVE, IDLE_NEW, HttpError,  # noqa: F401
-                                   HttpServer, Request, Response, json_response)
+                                   HttpServer, Request, Response, Stream, json_response)

@@ -29,7 +29,7 @@ from tidegate.core.metrics import LATENCY_BUCKETS
 REASONS = {s.value: s.phrase for s in http.HTTPStatus}
 STATUS_LINES = {code: f"HTTP/1.1 {code} {phrase}\r\n".encode() for code, phrase in REASONS.items()}
 ERROR_TYPES = {400: "invalid_request_error", 401: "authentication_error", 403: "permission_error",
-               404: "invalid_request_error", 405: "invalid_request_error", 408: "timeout_error",
+               404: "invalid_request_error", 504: "timeout_error", 405: "invalid_request_error", 408: "timeout_error",
                413: "invalid_request_error", 414: "invalid_request_error", 415: "invalid_request_error",
                417: "invalid_request_error",
                429: "rate_limit_error", 431: "invalid_request_error", 503: "service_unavailable_error"}
@@ -67,6 +67,72 @@ cdef class Response:
                 parts += (name, b": ", value, b"\r\n")
             self._head = b"".join(parts)
         return self._head
+
+
+cdef class HttpConnection
+cdef class Request
+
+
+cdef class Stream:
+    """A streamed answer (SSE): a handler returns one (directly or from a future), the connection
+    writes the head with chunked framing, then the producer calls write() per chunk and end()
+    once. Writes before the connection has taken the stream are kept and sent after the head.
+    While it streams, the connection is busy: pipelined requests wait their turn. on_close()
+    runs if the client goes away first, so the producer can stop (cancel a sequence)."""
+    cdef public int status
+    cdef public bytes content_type
+    cdef public object headers, on_close
+    cdef public bint finished
+    cdef HttpConnection conn
+    cdef Request req
+    cdef bint chunked
+    cdef list early
+
+    def __init__(self, int status=200, bytes content_type=b"text/event-stream", headers=None, on_close=None):
+        self.status, self.content_type, self.headers, self.on_close = status, content_type, headers, on_close
+        self.early = []
+
+    @property
+    def closed(self):
+        """True once the client is gone (or the stream ended): stop producing."""
+        return self.finished or (self.conn is not None and self.conn.closing)
+
+    def write(self, bytes data):
+        if self.finished or not data:
+            return
+        if self.conn is None:
+            self.early.append(data)
+        elif not self.conn.closing:
+            self._emit(data)
+
+    cdef _emit(self, bytes data):
+        if self.chunked:
+            data = b"%x\r\n%b\r\n" % (len(data), data)
+        self.conn.transport.write(data)
+        self.conn.srv.bytes_out += len(data)
+
+    def end(self):
+        if self.finished:
+            return
+        self.finished = True
+        if self.conn is not None:
+            self._close_out()
+
+    cdef _attached(self, HttpConnection conn, Request req):
+        self.conn, self.req = conn, req
+        for data in self.early:
+            self._emit(data)
+        self.early = None
+        if self.finished:
+            self._close_out()
+
+    cdef _close_out(self):
+        conn = self.conn
+        if conn.closing:
+            return
+        if self.chunked:
+            conn.transport.write(b"0\r\n\r\n")
+        conn._end_stream(self.req, self)
 
 
 cdef bytes _head_bytes(bytes status_line, bytes content_type, Py_ssize_t length):
@@ -118,13 +184,16 @@ cpdef Response json_response(obj, int status=200, headers=None):
 class HttpError(Exception):
     """Raised anywhere in request handling; becomes an OpenAI-shaped JSON error response."""
 
-    def __init__(self, status, message, code=None, headers=None):
+    def __init__(self, status, message, code=None, headers=None, param=None):
         super().__init__(message)
-        self.status, self.message, self.code, self.headers = status, message, code, headers
+        self.status, self.message, self.code, self.headers, self.param = status, message, code, headers, param
+
+    def body(self):
+        return {"error": {"type": ERROR_TYPES.get(self.status, "server_error"), "message": self.message,
+                          "param": self.param, "code": self.code}}
 
     def response(self):
-        body = {"error": {"type": ERROR_TYPES.get(self.status, "server_error"), "message": self.message,
-                          "param": None, "code": self.code}}
+        body = self.body()
         return Response(self.status, orjson.dumps(body), b"application/json", self.headers)
 
 
@@ -166,7 +235,7 @@ cdef class HttpConnection:
     cdef public int phase
     cdef public double since, paused_since
     cdef public bint busy, closing, read_paused
-    cdef object metrics, _url, _headers, _body, _started, _version, _parked
+    cdef object metrics, _url, _headers, _body, _started, _version, _parked, _stream
     cdef bint _in_message
     cdef Py_ssize_t _nheaders, _hbytes, _blen, _raw_head
     cdef Py_ssize_t max_request_line, max_header_bytes, max_headers, max_body_bytes, max_pipelined
@@ -198,6 +267,9 @@ cdef class HttpConnection:
 
     def connection_lost(self, exc):
         self.closing = True
+        st, self._stream = self._stream, None
+        if st is not None and st.on_close is not None and not st.finished:
+            st.on_close()  # the client left mid-stream: let the producer stop
         srv = self.srv
         srv.conns.discard(self)
         self.pending.clear()
@@ -365,6 +437,9 @@ cdef class HttpConnection:
             except Exception as e:  # a handler bug must not take the worker down
                 log.error("handler failed", route=req.route, error=repr(e))
                 resp = HttpError(500, "internal error", "internal").response()
+            if type(resp) is Stream:
+                self._start_stream(req, resp)
+                return
             if type(resp) is not Response:
                 # park until it resolves: a future directly (no Task), a coroutine as a Task
                 self.busy = True
@@ -392,7 +467,35 @@ cdef class HttpConnection:
         self.busy = False
         if self.closing:
             return
+        if type(resp) is Stream:
+            self._start_stream(req, resp)
+            return
         self._send(req, resp)
+        self._process()
+
+    cdef _start_stream(self, Request req, Stream st):
+        """Write a streamed answer's head; the connection stays busy until st.end()."""
+        self.busy = True
+        self._stream = st
+        st.chunked = req.version != "1.0"
+        status_line = STATUS_LINES.get(st.status) or f"HTTP/1.1 {st.status} Unknown\r\n".encode()
+        parts = [status_line, b"content-type: ", st.content_type, b"\r\ncache-control: no-cache\r\n",
+                 b"transfer-encoding: chunked\r\n" if st.chunked else b"connection: close\r\n"]
+        for name, value in st.headers or ():
+            parts += (name, b": ", value, b"\r\n")
+        parts += (self.srv.date_line, b"x-request-id: ", req.request_id, b"\r\n\r\n")
+        data = b"".join(parts)
+        self.transport.write(data)
+        self.srv.bytes_out += len(data)
+        st._attached(self, req)
+
+    def _end_stream(self, Request req, Stream st):
+        self._stream = None
+        self.busy = False
+        observe(self.metrics, req.route, st.status, _perf() - req.started)
+        if not st.chunked or not req.keep_alive or self.srv.draining:
+            self.close()
+            return
         self._process()
 
     cdef _send(self, Request req, Response resp):

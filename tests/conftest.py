@@ -49,7 +49,9 @@ class Daemon:
         self.config_path = tmp_path / "tidegate.toml"
         self.sections = {"server": {"bind": f"127.0.0.1:{self.port}", "workers": workers,
                                     "run_dir": str(tmp_path / "run"), "data_dir": str(tmp_path / "data"),
-                                    "heartbeat_interval": 0.2, "graceful_timeout": 5.0}}
+                                    "heartbeat_interval": 0.2, "graceful_timeout": 5.0},
+                         # no model unless a test asks: the HTTP and state tests do not need one
+                         "inference": {"enabled": False}}
         for sec, body in sections.items():
             self.sections.setdefault(sec, {}).update(body)
         write_config(self.config_path, self.sections)
@@ -128,6 +130,13 @@ class Daemon:
                 self.proc.wait()
         if self.proc:
             self.log.close()
+
+
+@pytest.fixture(scope="session")
+def demo_model(tmp_path_factory):
+    """The tiny demo GGUF, built once per test session."""
+    from tidegate.core.demo_model import make_demo
+    return make_demo(str(tmp_path_factory.mktemp("model") / "demo.gguf"))
 
 
 @pytest.fixture

@@ -20,14 +20,16 @@ import uvloop
 import zmq
 from setproctitle import setproctitle
 
-from tidegate.core import protocol
+from tidegate.core import config, protocol
 from tidegate.core.auth import ApiKeys
 from tidegate.core.http11 import HttpError, HttpServer, Response, json_response
+from tidegate.core.infer_client import InferClient
 from tidegate.core.jsonbody import parse_json
 from tidegate.core.jsonlog import log
 from tidegate.core.link import SupervisorLink
 from tidegate.core.mesh import Mesh
 from tidegate.core.metrics import WorkerMetrics
+from tidegate.core.openai_api import OpenAIRoutes
 from tidegate.core.ratelimit import RateLimiter
 from tidegate.core.ring import HashRing
 from tidegate.core.router import Router
@@ -66,6 +68,7 @@ class IngressWorker:
         self.stopped = asyncio.Event()
         self.supervisor_pid = spec["supervisor_pid"]
         self.booted = False
+        self.infer: dict = {}  # model name -> InferClient
 
     # ---- routes -------------------------------------------------------------------------------
     def _routes(self) -> None:
@@ -78,6 +81,11 @@ class IngressWorker:
         r.add("GET", "/v1/sessions/current", api(self.sessions.current, session_only=True))
         r.add("PATCH", "/v1/sessions/current", api(self.sessions.patch, session_only=True))
         r.add("DELETE", "/v1/sessions/current", api(self.sessions.delete, session_only=True))
+        models = config.models(self.cfg)
+        if models:
+            self.infer = {m["name"]: InferClient(self.zmq, config.inference_endpoint(self.cfg, m["name"]), self.loop,
+                                                 self.cfg["control"]["max_message_bytes"]) for m in models}
+            OpenAIRoutes(self.cfg, models, self.infer, self.ratelimit).add_to(r, api)
 
     def echo(self, req) -> Response:
         """Parse a JSON body under the configured limits and send it back: a connectivity probe."""
@@ -210,6 +218,8 @@ class IngressWorker:
             conn.abort("worker stopping")
         if self.mesh:
             self.mesh.close()
+        for client in self.infer.values():
+            client.close()
         self.sessions.store.close()
         self.link.close()
         self.zmq.term()

@@ -183,7 +183,7 @@ class Supervisor:
                  workers=config.resolve_workers(self.cfg), config=self.cfg_path or "(built-in defaults)",
                  control=config.control_endpoint(self.cfg))
         self.notifier.status("starting workers")
-        for slot in range(config.resolve_workers(self.cfg)):
+        for slot in slots(self.cfg):
             self._spawn(slot, self.gen, self.cfg)
         try:
             while self.exit_code is None:
@@ -256,7 +256,7 @@ class Supervisor:
         log.configure(level=new["log"]["level"])
         gen = self.gen + 1
         self.pending = {"gen": gen, "cfg": new, "waiters": [waiter]}
-        for slot in range(config.resolve_workers(new)):
+        for slot in slots(new):
             self._spawn(slot, gen, new)
         log.info("reloading", gen=gen, workers=config.resolve_workers(new))
 
@@ -308,8 +308,11 @@ class Supervisor:
             self._kill(w, signal.SIGQUIT)
 
     # ---- workers ------------------------------------------------------------------------------
-    def _spawn(self, slot: int, gen: int, cfg: dict) -> None:
+    def _spawn(self, slot, gen: int, cfg: dict) -> None:
         self._ids += 1
+        if isinstance(slot, str):  # "model:NAME": an inference worker
+            self._spawn_inference(slot, gen, cfg)
+            return
         wid = f"ingress-{slot}.g{gen}.{self._ids}"
         addresses = config.binds(cfg)
         fds = self.listeners.fds(addresses, slot)
@@ -320,6 +323,17 @@ class Supervisor:
                                 stdin=subprocess.DEVNULL)
         self.workers[wid] = Worker(wid, slot, gen, proc, time.monotonic())
         log.info("spawned worker", worker=wid, worker_pid=proc.pid)
+
+    def _spawn_inference(self, slot: str, gen: int, cfg: dict) -> None:
+        name = slot.split(":", 1)[1]
+        model = next(m for m in config.models(cfg) if m["name"] == name)
+        wid = f"inference-{name}.g{gen}.{self._ids}"
+        spec = {"id": wid, "slot": slot, "gen": gen, "config": cfg, "model": model,
+                "internal": config.internal_endpoint(cfg), "supervisor_pid": os.getpid()}
+        env = dict(os.environ, **{SPEC_ENV: orjson.dumps(spec).decode()})
+        proc = subprocess.Popen([sys.executable, "-m", "tidegate.workers.inference"], env=env, stdin=subprocess.DEVNULL)
+        self.workers[wid] = Worker(wid, slot, gen, proc, time.monotonic())
+        log.info("spawned inference worker", worker=wid, worker_pid=proc.pid, model=name)
 
     def _kill(self, w: Worker, sig: int) -> None:
         try:
@@ -387,7 +401,7 @@ class Supervisor:
             self.deadline = now + 5.0
 
     def _expected(self) -> int:
-        return config.resolve_workers(self.cfg)
+        return len(slots(self.cfg))
 
     def _ready_count(self, gen: int) -> int:
         return sum(1 for w in self.workers.values() if w.gen == gen and w.state == "ready")
@@ -396,7 +410,7 @@ class Supervisor:
         """Close sockets no configuration in use needs any more (after old workers are gone)."""
         if self.pending or any(w.state == "retiring" for w in self.workers.values()):
             return
-        self.listeners.keep_only(config.binds(self.cfg), self._expected())
+        self.listeners.keep_only(config.binds(self.cfg), config.resolve_workers(self.cfg))
 
     # ---- messages from workers ----------------------------------------------------------------
     def _on_worker_message(self, frames: list[bytes]) -> None:
@@ -430,7 +444,7 @@ class Supervisor:
 
     def _on_ready(self, w: Worker) -> None:
         if self.pending and w.gen == self.pending["gen"]:
-            if self._ready_count(w.gen) >= config.resolve_workers(self.pending["cfg"]):
+            if self._ready_count(w.gen) >= len(slots(self.pending["cfg"])):
                 self._finish_reload(True)
         elif self.state == "starting" and self._ready_count(self.gen) >= self._expected():
             self.state = "running"
@@ -495,7 +509,7 @@ class Supervisor:
 
     def worker_table(self) -> list[dict]:
         now, rows = time.monotonic(), []
-        for w in sorted(self.workers.values(), key=lambda w: (w.slot, w.gen)):
+        for w in sorted(self.workers.values(), key=lambda w: (isinstance(w.slot, str), str(w.slot), w.gen)):
             try:
                 rss = psutil.Process(w.proc.pid).memory_info().rss
             except psutil.Error:
@@ -525,6 +539,11 @@ class Supervisor:
                 os.unlink(path)
             except OSError:
                 pass
+
+
+def slots(cfg: dict) -> list:
+    """What the supervisor keeps running: ingress slots 0..N-1, then "model:NAME" per model."""
+    return list(range(config.resolve_workers(cfg))) + [f"model:{m['name']}" for m in config.models(cfg)]
 
 
 def _running_pid(pidfile: str) -> int | None:

@@ -1,0 +1,212 @@
+"""llama.cpp through llama-cpp-python's low-level bindings: one model, one context, many sequences.
+
+Only the per-sequence C API is used (llama_batch with several seq ids and one llama_decode per
+step, llama_memory_seq_* for KV moves, llama_state_seq_* for KV bytes), never the high-level
+`Llama` object: its prompt caches keep a full logits array per entry and were measured slower
+than recomputing. The KV cache is unified (`kv_unified`), so a sequence may copy a prefix from
+another one (partial copies assert otherwise), and the context holds n_ctx cells per sequence.
+"""
+from __future__ import annotations
+
+import ctypes
+import hashlib
+import os
+
+import llama_cpp as L
+import numpy as np
+
+_backend_ready = False
+
+
+class LlamaError(RuntimeError):
+    pass
+
+
+class Engine:
+    def __init__(self, path: str, n_ctx: int, n_seq: int, n_batch: int = 512, threads: int = 0,
+                 n_gpu_layers: int = 0, embeddings: bool = False):
+        global _backend_ready
+        if not _backend_ready:
+            L.llama_backend_init()
+            L.llama_log_set(_quiet_log, ctypes.c_void_p(0))
+            _backend_ready = True
+        if not os.path.exists(path):
+            raise LlamaError(f"model file not found: {path}")
+        mp = L.llama_model_default_params()
+        mp.n_gpu_layers = n_gpu_layers
+        self.model = L.llama_model_load_from_file(path.encode(), mp)
+        if not self.model:
+            raise LlamaError(f"llama.cpp could not load {path}")
+        self.path, self.n_ctx, self.n_seq, self.n_batch = path, n_ctx, n_seq, n_batch
+        self.vocab = L.llama_model_get_vocab(self.model)
+        self.n_vocab = L.llama_vocab_n_tokens(self.vocab)
+        self.n_embd = L.llama_model_n_embd(self.model)
+        threads = threads or max(1, (os.cpu_count() or 2))
+        cp = L.llama_context_default_params()
+        cp.n_ctx = n_ctx * n_seq        # unified KV: n_ctx cells for each sequence
+        cp.n_batch = cp.n_ubatch = n_batch
+        cp.n_seq_max = n_seq
+        cp.n_threads = cp.n_threads_batch = threads
+        cp.kv_unified = True
+        cp.no_perf = True
+        self.ctx = L.llama_init_from_model(self.model, cp)
+        if not self.ctx:
+            raise LlamaError("llama.cpp could not create a context (out of memory?)")
+        self.mem = L.llama_get_memory(self.ctx)
+        self.batch = L.llama_batch_init(n_batch, 0, n_seq)
+        self.embed_ctx = None
+        if embeddings:
+            ep = L.llama_context_default_params()
+            ep.n_ctx = ep.n_batch = ep.n_ubatch = n_ctx
+            ep.n_seq_max = 1
+            ep.n_threads = ep.n_threads_batch = threads
+            ep.embeddings = True
+            ep.pooling_type = L.LLAMA_POOLING_TYPE_MEAN
+            self.embed_ctx = L.llama_init_from_model(self.model, ep)
+            self.embed_batch = L.llama_batch_init(n_ctx, 0, 1)
+        self.fingerprint = model_fingerprint(path)
+        self._piece = ctypes.create_string_buffer(256)
+        self._state_buf = None
+
+    # ---- text ---------------------------------------------------------------------------------
+    def tokenize(self, text: str, add_bos: bool = True) -> list[int]:
+        data = text.encode("utf-8")
+        n = len(data) + 8
+        buf = (L.llama_token * n)()
+        k = L.llama_tokenize(self.vocab, data, len(data), buf, n, add_bos, True)
+        if k < 0:
+            buf = (L.llama_token * -k)()
+            k = L.llama_tokenize(self.vocab, data, len(data), buf, -k, add_bos, True)
+        return list(buf[:k])
+
+    def piece(self, token: int) -> bytes:
+        n = L.llama_token_to_piece(self.vocab, token, self._piece, 256, 0, False)
+        return self._piece.raw[:n] if n > 0 else b""
+
+    def is_eog(self, token: int) -> bool:
+        return bool(L.llama_vocab_is_eog(self.vocab, token))
+
+    def chat_template(self) -> str | None:
+        t = L.llama_model_chat_template(self.model, None)
+        return t.decode("utf-8", "replace") if t else None
+
+    def meta(self, key: str) -> str | None:
+        buf = ctypes.create_string_buffer(512)
+        n = L.llama_model_meta_val_str(self.model, key.encode(), buf, 512)
+        return buf.value.decode("utf-8", "replace") if n >= 0 else None
+
+    # ---- one step ----------------------------------------------------------------------------
+    def decode(self, items: list[tuple[int, int, int, bool]]) -> None:
+        """One llama_decode over (token, pos, seq, wants_logits) items (len <= n_batch)."""
+        b = self.batch
+        for i, (tok, pos, seq, logits) in enumerate(items):
+            b.token[i] = tok
+            b.pos[i] = pos
+            b.n_seq_id[i] = 1
+            b.seq_id[i][0] = seq
+            b.logits[i] = logits
+        b.n_tokens = len(items)
+        rc = L.llama_decode(self.ctx, b)
+        if rc != 0:
+            raise LlamaError(f"llama_decode failed with {rc} (KV cache full?)")
+
+    def sample(self, sampler, index: int) -> int:
+        return L.llama_sampler_sample(sampler, self.ctx, index)
+
+    def logits(self, index: int) -> np.ndarray:
+        p = L.llama_get_logits_ith(self.ctx, index)
+        return np.ctypeslib.as_array(p, shape=(self.n_vocab,)).copy()
+
+    # ---- sequences ---------------------------------------------------------------------------
+    def seq_keep(self, seq: int, n: int) -> None:
+        """Drop everything of seq from position n on."""
+        L.llama_memory_seq_rm(self.mem, seq, n, -1)
+
+    def seq_clear(self, seq: int) -> None:
+        L.llama_memory_seq_rm(self.mem, seq, -1, -1)
+
+    def seq_copy(self, src: int, dst: int, n: int) -> None:
+        """Tier 1: dst gets src's first n positions (shares the cells; no compute)."""
+        L.llama_memory_seq_rm(self.mem, dst, -1, -1)
+        L.llama_memory_seq_cp(self.mem, src, dst, 0, n)
+
+    def state_get(self, seq: int) -> bytes:
+        """Tier 2/3: the KV bytes of seq."""
+        size = L.llama_state_seq_get_size(self.ctx, seq)
+        buf = (ctypes.c_uint8 * size)()
+        n = L.llama_state_seq_get_data(self.ctx, buf, size, seq)
+        return bytes(memoryview(buf)[:n])
+
+    def state_set(self, seq: int, data: bytes) -> bool:
+        L.llama_memory_seq_rm(self.mem, seq, -1, -1)
+        buf = (ctypes.c_uint8 * len(data)).from_buffer_copy(data)
+        return L.llama_state_seq_set_data(self.ctx, buf, len(data), seq) == len(data)
+
+    # ---- embeddings --------------------------------------------------------------------------
+    def embed(self, tokens: list[int]) -> list[float]:
+        if self.embed_ctx is None:
+            raise LlamaError("this model is not configured for embeddings")
+        b = self.embed_batch
+        tokens = tokens[: self.n_ctx]
+        for i, tok in enumerate(tokens):
+            b.token[i], b.pos[i], b.n_seq_id[i], b.logits[i] = tok, i, 1, 1
+            b.seq_id[i][0] = 0
+        b.n_tokens = len(tokens)
+        L.llama_memory_clear(L.llama_get_memory(self.embed_ctx), True)
+        if L.llama_decode(self.embed_ctx, b) != 0:
+            raise LlamaError("llama_decode failed for embeddings")
+        p = L.llama_get_embeddings_seq(self.embed_ctx, 0)
+        v = np.ctypeslib.as_array(p, shape=(self.n_embd,)).astype(np.float32)
+        norm = float(np.linalg.norm(v)) or 1.0
+        return (v / norm).tolist()
+
+
+def make_sampler(n_vocab: int, temperature: float, top_p: float, top_k: int, min_p: float, seed: int,
+                 logit_bias: dict[int, float] | None = None):
+    """A llama.cpp sampler chain for one sequence (free with free_sampler)."""
+    chain = L.llama_sampler_chain_init(L.llama_sampler_chain_default_params())
+    if logit_bias:
+        arr = (L.llama_logit_bias * len(logit_bias))()
+        for i, (tok, bias) in enumerate(logit_bias.items()):
+            arr[i].token, arr[i].bias = tok, bias
+        L.llama_sampler_chain_add(chain, L.llama_sampler_init_logit_bias(n_vocab, len(logit_bias), arr))
+    if temperature <= 0:
+        L.llama_sampler_chain_add(chain, L.llama_sampler_init_greedy())
+        return chain
+    if top_k > 0:
+        L.llama_sampler_chain_add(chain, L.llama_sampler_init_top_k(top_k))
+    if top_p < 1.0:
+        L.llama_sampler_chain_add(chain, L.llama_sampler_init_top_p(top_p, 1))
+    if min_p > 0:
+        L.llama_sampler_chain_add(chain, L.llama_sampler_init_min_p(min_p, 1))
+    L.llama_sampler_chain_add(chain, L.llama_sampler_init_temp(temperature))
+    L.llama_sampler_chain_add(chain, L.llama_sampler_init_dist(seed & 0xFFFFFFFF))
+    return chain
+
+
+def free_sampler(chain) -> None:
+    L.llama_sampler_free(chain)
+
+
+def model_fingerprint(path: str) -> str:
+    """Identifies the exact weights: size plus hashes of the head and the tail of the file
+    (a full hash of a multi-GB model would delay every start)."""
+    size = os.path.getsize(path)
+    h = hashlib.blake2b(str(size).encode(), digest_size=16)
+    with open(path, "rb") as f:
+        h.update(f.read(1 << 20))
+        f.seek(max(0, size - (1 << 20)))
+        h.update(f.read(1 << 20))
+    return h.hexdigest()
+
+
+_last_level = [0]
+
+
+@ctypes.CFUNCTYPE(None, ctypes.c_int, ctypes.c_char_p, ctypes.c_void_p)
+def _quiet_log(level, text, user_data):
+    """llama.cpp logs a great deal at load time; keep errors only (CONT continues the last line)."""
+    if level != 5:  # GGML_LOG_LEVEL_CONT
+        _last_level[0] = level
+    if _last_level[0] == 4 and text:  # GGML_LOG_LEVEL_ERROR
+        os.write(2, text)

@@ -1,0 +1,177 @@
+"""The OpenAI-compatible API end to end: the real daemon with its inference worker on the demo
+model, spoken to over HTTP and with the official openai package."""
+import http.client
+import json
+import os
+import signal
+import socket
+import time
+
+import openai
+import pytest
+
+from conftest import request
+
+CT = {"Content-Type": "application/json"}
+
+
+@pytest.fixture
+def llm(daemon_factory, demo_model):
+    return daemon_factory(workers=2, inference={"enabled": True, "models": [{"name": "demo", "path": demo_model,
+                                                                              "n_ctx": 512, "max_seqs": 4}]})
+
+
+def post(d, path, body, timeout=30.0):
+    return request(d.port, "POST", path, json.dumps(body).encode(), timeout=timeout)
+
+
+def sse(d, path, body):
+    """(status, headers, [parsed data events], raw) of a streamed request."""
+    conn = http.client.HTTPConnection("127.0.0.1", d.port, timeout=30)
+    conn.request("POST", path, json.dumps(body), CT)
+    r = conn.getresponse()
+    raw = r.read().decode()
+    conn.close()
+    events = [line[6:] for line in raw.split("\n") if line.startswith("data: ")]
+    return r.status, dict(r.getheaders()), events, raw
+
+
+def client(d):
+    return openai.OpenAI(base_url=f"http://127.0.0.1:{d.port}/v1", api_key="unused", max_retries=0, timeout=30)
+
+
+def test_builtin_default_serves_the_demo_model_and_says_so(daemon_factory):
+    d = daemon_factory(inference={"enabled": True})  # no model configured: the demo one
+    models = request(d.port, path="/v1/models").json()["data"]
+    assert [m["id"] for m in models] == ["tidegate-demo"]
+    assert models[0]["owned_by"] == "tidegate-demo" and "demo model" in models[0]["description"]
+    assert any(e.get("event") == "inference worker ready" and e.get("demo") for e in d.events())
+    r = post(d, "/v1/completions", {"model": "tidegate-demo", "prompt": "Hello", "max_tokens": 3})
+    assert r.status == 200 and r.json()["usage"]["completion_tokens"] == 3
+
+
+def test_chat_and_completions_shapes_and_determinism(llm):
+    body = {"model": "demo", "messages": [{"role": "system", "content": "Be brief."},
+                                          {"role": "user", "content": "Name a colour."}],
+            "max_tokens": 8, "temperature": 0}
+    a, b = post(llm, "/v1/chat/completions", body).json(), post(llm, "/v1/chat/completions", body).json()
+    assert a["object"] == "chat.completion" and a["model"] == "demo" and a["id"].startswith("chatcmpl-")
+    choice = a["choices"][0]
+    assert choice["message"]["role"] == "assistant" and choice["finish_reason"] == "length"
+    assert choice["message"]["content"] == b["choices"][0]["message"]["content"]  # greedy: reproducible
+    u = a["usage"]
+    assert u["completion_tokens"] == 8 and u["total_tokens"] == u["prompt_tokens"] + 8
+    assert b["usage"]["prompt_tokens_details"]["cached_tokens"] >= 0
+    c = post(llm, "/v1/completions", {"model": "demo", "prompt": "The sky is", "max_tokens": 4, "temperature": 0})
+    assert c.json()["object"] == "text_completion" and c.json()["choices"][0]["text"]
+    # seeded sampling is reproducible too
+    s1 = post(llm, "/v1/completions", {"model": "demo", "prompt": "Once", "max_tokens": 6, "temperature": 0.9,
+                                       "top_p": 0.9, "top_k": 40, "min_p": 0.05, "seed": 7}).json()
+    s2 = post(llm, "/v1/completions", {"model": "demo", "prompt": "Once", "max_tokens": 6, "temperature": 0.9,
+                                       "top_p": 0.9, "top_k": 40, "min_p": 0.05, "seed": 7}).json()
+    assert s1["choices"][0]["text"] == s2["choices"][0]["text"]
+
+
+def test_stream_is_sse_with_done_and_matches_the_whole_answer(llm):
+    body = {"model": "demo", "prompt": "In the beginning", "max_tokens": 12, "temperature": 0}
+    whole = post(llm, "/v1/completions", body).json()["choices"][0]["text"]
+    status, headers, events, raw = sse(llm, "/v1/completions", dict(body, stream=True,
+                                                                     stream_options={"include_usage": True}))
+    assert status == 200 and headers["content-type"] == "text/event-stream"
+    assert events[-1] == "[DONE]" and raw.endswith("data: [DONE]\n\n")
+    chunks = [json.loads(e) for e in events[:-1]]
+    assert "".join(c["choices"][0]["text"] for c in chunks if c["choices"]) == whole
+    assert chunks[-2]["choices"][0]["finish_reason"] == "length"
+    assert chunks[-1]["choices"] == [] and chunks[-1]["usage"]["completion_tokens"] == 12
+
+
+def test_stop_strings_cut_the_answer(llm):
+    body = {"model": "demo", "prompt": "Count with me", "max_tokens": 20, "temperature": 0}
+    whole = post(llm, "/v1/completions", body).json()["choices"][0]["text"]
+    stop = whole[5:8]
+    cut = post(llm, "/v1/completions", dict(body, stop=[stop])).json()["choices"][0]
+    assert cut["finish_reason"] == "stop" and cut["text"] == whole[:whole.find(stop)]
+    _, _, events, _ = sse(llm, "/v1/completions", dict(body, stop=stop, stream=True))
+    streamed = "".join(json.loads(e)["choices"][0]["text"] for e in events[:-1])
+    assert streamed == cut["text"]
+
+
+def test_errors_are_openai_shaped(llm):
+    r = post(llm, "/v1/chat/completions", {"model": "nope", "messages": [{"role": "user", "content": "x"}]})
+    assert r.status == 404 and r.json()["error"]["code"] == "model_not_found" and r.json()["error"]["param"] == "model"
+    r = post(llm, "/v1/completions", {"model": "demo", "prompt": "x", "temperature": 9})
+    assert r.status == 400 and r.json()["error"]["param"] == "temperature"
+    r = post(llm, "/v1/chat/completions", {"model": "demo", "messages": [{"role": "robot", "content": "x"}]})
+    assert r.status == 400 and r.json()["error"]["param"] == "messages[0].role"
+    r = post(llm, "/v1/completions", {"model": "demo", "prompt": "word " * 600, "max_tokens": 10})
+    err = r.json()["error"]
+    assert r.status == 400 and err["code"] == "context_length_exceeded" and "512" in err["message"]
+    # a stream whose request is refused by the inference worker still gets the real status
+    status, _, events, _ = sse(llm, "/v1/completions", {"model": "demo", "prompt": "word " * 600, "max_tokens": 10,
+                                                        "stream": True})
+    assert status == 400
+
+
+def test_openai_package_works_for_everything(llm):
+    c = client(llm)
+    assert [m.id for m in c.models.list().data] == ["demo"]
+    chat = c.chat.completions.create(model="demo", messages=[{"role": "user", "content": "Hi"}], max_tokens=5,
+                                     temperature=0)
+    assert chat.choices[0].message.role == "assistant" and chat.usage.completion_tokens == 5
+    stream = c.chat.completions.create(model="demo", messages=[{"role": "user", "content": "Hi"}], max_tokens=5,
+                                       temperature=0, stream=True, stream_options={"include_usage": True})
+    parts, usage = [], None
+    for chunk in stream:
+        if chunk.choices:
+            parts.append(chunk.choices[0].delta.content or "")
+        if chunk.usage:
+            usage = chunk.usage
+    assert "".join(parts) == chat.choices[0].message.content and usage.completion_tokens == 5
+    comp = c.completions.create(model="demo", prompt="Hello", max_tokens=4, temperature=0)
+    streamed = "".join(ch.choices[0].text for ch in c.completions.create(model="demo", prompt="Hello", max_tokens=4,
+                                                                        temperature=0, stream=True) if ch.choices)
+    assert comp.choices[0].text == streamed
+    emb = c.embeddings.create(model="demo", input=["a cat", "a dog"])  # the package asks for base64
+    assert len(emb.data) == 2 and len(emb.data[0].embedding) == 128
+    assert abs(sum(x * x for x in emb.data[0].embedding) - 1.0) < 1e-3
+    with pytest.raises(openai.NotFoundError):
+        c.chat.completions.create(model="nope", messages=[{"role": "user", "content": "Hi"}])
+    with pytest.raises(openai.BadRequestError) as e:
+        c.completions.create(model="demo", prompt="word " * 600, max_tokens=10)
+    assert e.value.code == "context_length_exceeded"
+
+
+def metric(d, name) -> float:
+    text = request(d.port, path="/metrics").body.decode()
+    return sum(float(line.split()[-1]) for line in text.splitlines() if line.startswith(name + " "))
+
+
+def test_client_disconnect_cancels_its_sequence(llm):
+    s = socket.create_connection(("127.0.0.1", llm.port))
+    body = json.dumps({"model": "demo", "prompt": "Go on forever", "max_tokens": 400, "stream": True}).encode()
+    s.sendall(b"POST /v1/completions HTTP/1.1\r\nHost: t\r\nContent-Type: application/json\r\n"
+              b"Content-Length: %d\r\n\r\n%b" % (len(body), body))
+    assert b"200 OK" in s.recv(4096)
+    s.close()
+    deadline = time.time() + 10
+    while time.time() < deadline and metric(llm, "tidegate_llm_cancelled_total") < 1:
+        time.sleep(0.2)
+    assert metric(llm, "tidegate_llm_cancelled_total") >= 1
+    assert metric(llm, "tidegate_llm_completion_tokens_total") < 400
+
+
+def test_inference_worker_down_is_a_503_with_retry_after_then_recovers(llm):
+    assert post(llm, "/v1/completions", {"model": "demo", "prompt": "x", "max_tokens": 2}).status == 200
+    pid = next(r["pid"] for r in llm.admin_json("workers")["body"] if r["id"].startswith("inference-"))
+    os.kill(pid, signal.SIGKILL)
+    time.sleep(0.15)  # the ingress workers see the connection drop; the respawn takes longer
+    r = post(llm, "/v1/completions", {"model": "demo", "prompt": "x", "max_tokens": 2})
+    assert r.status == 503 and r.headers["retry-after"] == "1"
+    assert r.json()["error"]["code"] == "worker_unavailable"
+    deadline = time.time() + 20
+    while time.time() < deadline:
+        r = post(llm, "/v1/completions", {"model": "demo", "prompt": "x", "max_tokens": 2})
+        if r.status == 200:
+            break
+        time.sleep(0.2)
+    assert r.status == 200
