@@ -175,3 +175,23 @@ def test_inference_worker_down_is_a_503_with_retry_after_then_recovers(llm):
             break
         time.sleep(0.2)
     assert r.status == 200
+
+
+def test_llm_tokens_per_minute_are_reserved_up_front_and_settled(daemon_factory, demo_model):
+    from tidegate.core.auth import hash_key
+    key = "sk-tpm-test-0123456789"
+    d = daemon_factory(auth={"keys": [{"key_sha256": hash_key(key), "tenant": "acme", "name": "k"}]},
+                       ratelimit={"key_tpm": 100.0},
+                       inference={"enabled": True, "models": [{"name": "demo", "path": demo_model, "n_ctx": 512}]})
+    auth = {"Authorization": f"Bearer {key}"}
+
+    def ask(max_tokens):
+        return request(d.port, "POST", "/v1/completions", json.dumps(
+            {"model": "demo", "prompt": "Hi", "max_tokens": max_tokens, "temperature": 0}).encode(),
+            headers=auth, timeout=30)
+    assert ask(150).status == 429  # prompt + 150 can never fit in 100 tokens/minute
+    first = ask(60)
+    assert first.status == 200  # reserved ~60, settled at the real usage (~62)
+    r = ask(60)  # what is left (~38) cannot cover another 60
+    assert r.status == 429 and r.headers["ratelimit-limit"] == "100"
+    assert ask(20).status == 200
