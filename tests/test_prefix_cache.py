@@ -35,6 +35,7 @@ def generate(w, prompt: str, tenant: str, n: int = 12) -> dict:
         w._admit()
         if any(s.seq for s in w.slots):
             w._step()
+            w._save_prefixes()
         for kind, r, payload in w.events.pop(b"peer", []):
             if r == rid:
                 assert kind == "end", payload

@@ -74,6 +74,7 @@ class InferenceWorker:
                                      "prefix_hits_ram", "prefix_hits_disk", "prefix_misses")}
         self.draining = False
         self.running = True
+        self.to_save: list = []  # (seq, slot) whose prompt just went in: saved after the step's events leave
 
     # ---- boot ---------------------------------------------------------------------------------
     def boot(self) -> None:
@@ -123,6 +124,7 @@ class InferenceWorker:
             if any(s.seq for s in self.slots):
                 self._step()
             self._flush()
+            self._save_prefixes()
             now = time.monotonic()
             if now >= self.next_hb:
                 self._heartbeat(now)
@@ -309,16 +311,22 @@ class InferenceWorker:
                                    int.from_bytes(os.urandom(4), "little"),
                                    {int(k): v for k, v in (p.get("logit_bias") or {}).items()})
 
-    def _save_prefix(self, seq: Seq, slot: Slot) -> None:
-        """After a prompt is in the KV: keep its blocks in RAM (and on disk) when that adds enough."""
-        slot.names = seq.names
-        have = max(self.ram.longest(seq.names)[0], self.disk.longest(seq.names)[0] if self.disk else 0)
-        if (len(seq.names) - have) * self.block < self.inf["prefix_min_tokens"] or not self.ram.max_bytes:
-            return
-        data = self.engine.state_get(slot.idx)
-        self.ram.put(seq.names, data)
-        if self.disk:
-            self.disk.put(seq.names, data)
+    def _save_prefixes(self) -> None:
+        """Keep prompts that just went into the KV in RAM (and on disk) when that adds enough new
+        tokens. Runs after the step's first tokens were sent, before the next step changes the KV,
+        so copying the state never delays a first token."""
+        for seq, slot in self.to_save:
+            if slot.seq is not None and slot.seq is not seq:
+                continue  # the slot went to another sequence: its KV is not this prompt any more
+            have = max(self.ram.longest(seq.names)[0], self.disk.longest(seq.names)[0] if self.disk else 0)
+            if (len(seq.names) - have) * self.block < self.inf["prefix_min_tokens"] or not self.ram.max_bytes:
+                continue
+            data = self.engine.state_get(slot.idx)
+            # the KV holds the prompt only (the sampled token is decoded next step)
+            self.ram.put(seq.names, data)
+            if self.disk:
+                self.disk.put(seq.names, data)
+        self.to_save.clear()
 
     # ---- one decode step ----------------------------------------------------------------------
     def _step(self) -> None:
@@ -356,7 +364,8 @@ class InferenceWorker:
             slot = self.slots[seq.slot]
             if not seq.generated and not seq.first_token_at:
                 seq.first_token_at = now
-                self._save_prefix(seq, slot)
+                slot.names = seq.names
+                self.to_save.append((seq, slot))
             tok = self.engine.sample(seq.sampler, seq.logit_index)
             self._accept(seq, slot, tok)
 
