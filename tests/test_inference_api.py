@@ -195,3 +195,16 @@ def test_llm_tokens_per_minute_are_reserved_up_front_and_settled(daemon_factory,
     r = ask(60)  # what is left (~38) cannot cover another 60
     assert r.status == 429 and r.headers["ratelimit-limit"] == "100"
     assert ask(20).status == 200
+
+
+def test_make_demo_writes_a_llama_gguf_with_the_llama2_tokenizer(tmp_path):
+    import subprocess
+    import sys
+    path = tmp_path / "m.gguf"
+    r = subprocess.run([sys.executable, "-m", "tidegate.core.cli", "model", "make-demo", str(path)],
+                       capture_output=True, text=True, timeout=120)
+    assert r.returncode == 0 and path.exists()
+    from tidegate.core.llama_engine import Engine
+    e = Engine(str(path), n_ctx=64, n_seq=1)
+    assert e.tokenize("Hello world") == [1, 15043, 3186]  # Llama-2's ids: a real vocabulary
+    assert e.meta("general.architecture") == "llama" and "<|assistant|>" in e.chat_template()

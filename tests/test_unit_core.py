@@ -133,3 +133,17 @@ def test_keys_file_is_merged_and_validated(tmp_path):
     f.write_text('keys = [{key_sha256 = "' + "a" * 64 + '", tenant = "t2"}]\n')
     with pytest.raises(config.ConfigError, match="listed twice"):
         config.validate({"auth": {"keys": [{"key_sha256": "a" * 64, "tenant": "t1"}], "keys_file": str(f)}})
+
+
+def test_example_config_is_valid_and_lists_every_key():
+    import os
+    import tomllib
+    from tidegate.core import config
+    path = os.path.join(os.path.dirname(__file__), "..", "conf", "tidegate.toml")
+    config.load(path)
+    with open(path, "rb") as f:
+        raw = tomllib.load(f)
+    text = open(path).read()  # secrets and lists of tables are shown commented out
+    missing = [f"{sec}.{k}" for sec, keys in config.SCHEMA.items() for k in keys
+               if k not in raw.get(sec, {}) and f"# {k} =" not in text]
+    assert not missing, missing
