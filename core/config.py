@@ -370,8 +370,10 @@ def models(cfg: dict) -> list[dict]:
     return [{**base, **m} for m in listed]
 
 
-def inference_endpoint(cfg: dict, name: str) -> str:
-    return f"ipc://{os.path.abspath(cfg['server']['run_dir'])}/infer-{name}.sock"
+def inference_endpoint(cfg: dict, name: str, gen: int) -> str:
+    """Per generation: after a reload the new ingress workers talk to the new inference worker
+    while the old pair finishes what it has."""
+    return f"ipc://{os.path.abspath(cfg['server']['run_dir'])}/infer-{name}.g{gen}.sock"
 
 
 def control_endpoint(cfg: dict) -> str:

@@ -208,3 +208,24 @@ def test_make_demo_writes_a_llama_gguf_with_the_llama2_tokenizer(tmp_path):
     e = Engine(str(path), n_ctx=64, n_seq=1)
     assert e.tokenize("Hello world") == [1, 15043, 3186]  # Llama-2's ids: a real vocabulary
     assert e.meta("general.architecture") == "llama" and "<|assistant|>" in e.chat_template()
+
+
+def test_reload_lets_a_running_stream_finish_and_serves_after(llm):
+    import threading
+    out = {}
+
+    def long_stream():
+        out["r"] = sse(llm, "/v1/completions", {"model": "demo", "prompt": "Tell a long story", "max_tokens": 480,
+                                                "temperature": 0, "stream": True})
+    t = threading.Thread(target=long_stream)
+    t.start()
+    time.sleep(0.1)
+    assert llm.admin_json("reload")["ok"]
+    t.join(60)
+    status, _, events, raw = out["r"]
+    assert status == 200 and events and events[-1] == "[DONE]", (status, raw[-500:])
+    assert json.loads(events[-2])["choices"][0]["finish_reason"] == "length"
+    r = post(llm, "/v1/completions", {"model": "demo", "prompt": "after", "max_tokens": 3})
+    assert r.status == 200
+    rows = llm.admin_json("workers")["body"]
+    assert any(r["gen"] == 2 and r["state"] == "ready" for r in rows if r["id"].startswith("inference-"))

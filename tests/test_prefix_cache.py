@@ -20,7 +20,7 @@ def worker(tmp_path, model, **inference):
     cfg = config.validate({"server": {"run_dir": str(tmp_path / "run"), "data_dir": str(tmp_path / "data")},
                            "inference": {"models": [{"name": "demo", "path": model, "n_ctx": 1024, "max_seqs": 4}],
                                          **inference}})
-    spec = {"id": "test", "config": cfg, "model": config.models(cfg)[0],
+    spec = {"id": "test", "gen": 1, "config": cfg, "model": config.models(cfg)[0],
             "internal": f"ipc://{tmp_path}/run/none.sock", "supervisor_pid": os.getpid()}
     w = InferenceWorker(spec)
     w.boot()

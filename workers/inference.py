@@ -1,7 +1,7 @@
 """Inference worker process: one model, continuous batching, a three-tier prefix cache.
 
 Started by the supervisor (one per configured model) with its spec in $TIDEGATE_WORKER_SPEC. It
-binds a ROUTER at ipc://RUN_DIR/infer-NAME.sock; each ingress worker's DEALER sends requests
+binds a ROUTER at ipc://RUN_DIR/infer-NAME.gGEN.sock; each ingress worker's DEALER sends requests
 and receives token deltas for the connections it owns. The loop (a plain blocking loop: the work
 is llama_decode, which releases nothing to wait for):
 
@@ -97,7 +97,7 @@ class InferenceWorker:
         self.router.setsockopt(zmq.MAXMSGSIZE, self.cfg["control"]["max_message_bytes"])
         self.router.setsockopt(zmq.LINGER, 0)
         self.router.setsockopt(zmq.SNDHWM, 100000)
-        self.router.bind(config.inference_endpoint(self.cfg, self.name))
+        self.router.bind(config.inference_endpoint(self.cfg, self.name, self.spec["gen"]))
         self.link = self.ctx.socket(zmq.DEALER)
         self.link.setsockopt(zmq.IDENTITY, self.spec["id"].encode())
         self.link.setsockopt(zmq.LINGER, 0)
@@ -115,7 +115,7 @@ class InferenceWorker:
     def run(self) -> None:
         signal.signal(signal.SIGTERM, lambda *_: setattr(self, "draining", True))
         signal.signal(signal.SIGQUIT, lambda *_: setattr(self, "running", False))
-        grace_end = None
+        grace_end = idle_since = None
         while self.running:
             busy = any(s.seq for s in self.slots)
             if self.poller.poll(0 if busy else 50):
@@ -128,9 +128,11 @@ class InferenceWorker:
             now = time.monotonic()
             if now >= self.next_hb:
                 self._heartbeat(now)
-            if self.draining:
+            if self.draining:  # SIGTERM: the old generation's ingress workers are draining too; serve them
                 grace_end = grace_end or now + self.cfg["server"]["graceful_timeout"]
-                if not any(s.seq for s in self.slots) and not any(self.sched.queued().values()) or now > grace_end:
+                idle = not any(s.seq for s in self.slots) and not any(self.sched.queued().values())
+                idle_since = (idle_since or now) if idle else None
+                if idle_since and now - idle_since > 0.5 or now > grace_end:
                     break
         self._heartbeat(time.monotonic())
         if self.disk:
@@ -192,8 +194,6 @@ class InferenceWorker:
 
     # ---- requests -----------------------------------------------------------------------------
     def _submit(self, peer: bytes, rid, body: dict) -> None:
-        if self.draining:
-            raise RequestError(503, "the inference worker is restarting; retry shortly", "worker_unavailable", None)
         if "messages" in body:
             text = render_chat(self.template, body["messages"])
         else:

@@ -83,7 +83,8 @@ class IngressWorker:
         r.add("DELETE", "/v1/sessions/current", api(self.sessions.delete, session_only=True))
         models = config.models(self.cfg)
         if models:
-            self.infer = {m["name"]: InferClient(self.zmq, config.inference_endpoint(self.cfg, m["name"]), self.loop,
+            self.infer = {m["name"]: InferClient(self.zmq, config.inference_endpoint(self.cfg, m["name"], self.spec["gen"]),
+                                                 self.loop,
                                                  self.cfg["control"]["max_message_bytes"]) for m in models}
             OpenAIRoutes(self.cfg, models, self.infer, self.ratelimit).add_to(r, api)
 
