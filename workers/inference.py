@@ -22,18 +22,16 @@ import time
 
 import orjson
 import zmq
-from setproctitle import setproctitle
 
 from tidegate.core import config, protocol
 from tidegate.core.chat_template import render_chat
 from tidegate.core.demo_model import ensure_demo
 from tidegate.core.jsonlog import log
 from tidegate.core.llama_engine import Engine, LlamaError, free_sampler, make_sampler
+from tidegate.core.process import EXIT_BOOT_ERROR, start_worker
 from tidegate.core.prefix_cache import DiskTier, RamTier, block_names, common_blocks
 from tidegate.core.scheduler import QueueFull, Scheduler
 
-EXIT_BOOT_ERROR = 3
-SPEC_ENV = "TIDEGATE_WORKER_SPEC"
 
 
 class Seq:
@@ -427,11 +425,7 @@ class RequestError(Exception):
 
 
 def main() -> None:
-    spec = orjson.loads(os.environ.pop(SPEC_ENV))
-    signal.signal(signal.SIGINT, signal.SIG_IGN)
-    name = f"inference {spec['model']['name']}"
-    setproctitle(f"tidegate: {name}")
-    log.configure(process=name.replace(" ", "-"), level=spec["config"]["log"]["level"])
+    spec = start_worker(lambda spec: f"inference {spec['model']['name']}")
     worker = InferenceWorker(spec)
     try:
         worker.boot()

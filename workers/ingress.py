@@ -15,10 +15,8 @@ import socket
 import sys
 import time
 
-import orjson
 import uvloop
 import zmq
-from setproctitle import setproctitle
 
 from tidegate.core import config, protocol
 from tidegate.core.auth import ApiKeys
@@ -30,6 +28,7 @@ from tidegate.core.link import SupervisorLink
 from tidegate.core.mesh import Mesh
 from tidegate.core.metrics import WorkerMetrics
 from tidegate.core.openai_api import OpenAIRoutes
+from tidegate.core.process import EXIT_BOOT_ERROR, start_worker
 from tidegate.core.ratelimit import RateLimiter
 from tidegate.core.ring import HashRing
 from tidegate.core.router import Router
@@ -37,8 +36,6 @@ from tidegate.core.session_routes import SessionService
 from tidegate.core.sessions import SessionStore
 from tidegate.ext.httpconn import HttpConnection
 
-EXIT_BOOT_ERROR = 3
-SPEC_ENV = "TIDEGATE_WORKER_SPEC"
 FAILPOINTS = frozenset(os.environ.get("TIDEGATE_FAILPOINTS", "").split(","))  # fault injection for tests
 
 _HEALTHZ = Response(200, b'{"status":"ok"}')
@@ -227,11 +224,7 @@ class IngressWorker:
 
 
 def main() -> None:
-    spec = orjson.loads(os.environ.pop(SPEC_ENV))
-    signal.signal(signal.SIGINT, signal.SIG_IGN)
-    name = f"ingress {spec['slot']}"
-    setproctitle(f"tidegate: {name}")
-    log.configure(process=name.replace(" ", "-"), level=spec["config"]["log"]["level"])
+    spec = start_worker(lambda spec: f"ingress {spec['slot']}")
     worker = None
 
     async def start():

@@ -32,7 +32,7 @@ from tidegate.core import __version__, config, control, protocol
 from tidegate.core.jsonlog import log
 from tidegate.core.metrics import Aggregator
 from tidegate.core.sdnotify import Notifier
-from tidegate.workers.ingress import EXIT_BOOT_ERROR, SPEC_ENV
+from tidegate.core.process import EXIT_BOOT_ERROR, SPEC_ENV
 
 EXIT_OK, EXIT_CONFIG, EXIT_BOOT, EXIT_BIND = 0, 1, 3, 4
 SIGNALS = (signal.SIGHUP, signal.SIGTERM, signal.SIGINT, signal.SIGQUIT, signal.SIGCHLD)
@@ -309,31 +309,24 @@ class Supervisor:
 
     # ---- workers ------------------------------------------------------------------------------
     def _spawn(self, slot, gen: int, cfg: dict) -> None:
+        """Start the worker for slot: an int is an ingress slot, "model:NAME" an inference worker."""
         self._ids += 1
-        if isinstance(slot, str):  # "model:NAME": an inference worker
-            self._spawn_inference(slot, gen, cfg)
-            return
-        wid = f"ingress-{slot}.g{gen}.{self._ids}"
-        addresses = config.binds(cfg)
-        fds = self.listeners.fds(addresses, slot)
-        spec = {"id": wid, "slot": slot, "gen": gen, "config": cfg, "fds": fds, "n_slots": config.resolve_workers(cfg),
-                "internal": config.internal_endpoint(cfg), "supervisor_pid": os.getpid()}
+        spec = {"slot": slot, "gen": gen, "config": cfg, "internal": config.internal_endpoint(cfg),
+                "supervisor_pid": os.getpid()}
+        fds: list[int] = []
+        if isinstance(slot, str):
+            name = slot.split(":", 1)[1]
+            spec.update(id=f"inference-{name}.g{gen}.{self._ids}",
+                        model=next(m for m in config.models(cfg) if m["name"] == name))
+            module = "tidegate.workers.inference"
+        else:
+            fds = self.listeners.fds(config.binds(cfg), slot)
+            spec.update(id=f"ingress-{slot}.g{gen}.{self._ids}", fds=fds, n_slots=config.resolve_workers(cfg))
+            module = "tidegate.workers.ingress"
         env = dict(os.environ, **{SPEC_ENV: orjson.dumps(spec).decode()})
-        proc = subprocess.Popen([sys.executable, "-m", "tidegate.workers.ingress"], pass_fds=fds, env=env,
-                                stdin=subprocess.DEVNULL)
-        self.workers[wid] = Worker(wid, slot, gen, proc, time.monotonic())
-        log.info("spawned worker", worker=wid, worker_pid=proc.pid)
-
-    def _spawn_inference(self, slot: str, gen: int, cfg: dict) -> None:
-        name = slot.split(":", 1)[1]
-        model = next(m for m in config.models(cfg) if m["name"] == name)
-        wid = f"inference-{name}.g{gen}.{self._ids}"
-        spec = {"id": wid, "slot": slot, "gen": gen, "config": cfg, "model": model,
-                "internal": config.internal_endpoint(cfg), "supervisor_pid": os.getpid()}
-        env = dict(os.environ, **{SPEC_ENV: orjson.dumps(spec).decode()})
-        proc = subprocess.Popen([sys.executable, "-m", "tidegate.workers.inference"], env=env, stdin=subprocess.DEVNULL)
-        self.workers[wid] = Worker(wid, slot, gen, proc, time.monotonic())
-        log.info("spawned inference worker", worker=wid, worker_pid=proc.pid, model=name)
+        proc = subprocess.Popen([sys.executable, "-m", module], pass_fds=fds, env=env, stdin=subprocess.DEVNULL)
+        self.workers[spec["id"]] = Worker(spec["id"], slot, gen, proc, time.monotonic())
+        log.info("spawned worker", worker=spec["id"], worker_pid=proc.pid)
 
     def _kill(self, w: Worker, sig: int) -> None:
         try:
