@@ -229,3 +229,17 @@ def test_reload_lets_a_running_stream_finish_and_serves_after(llm):
     assert r.status == 200
     rows = llm.admin_json("workers")["body"]
     assert any(r["gen"] == 2 and r["state"] == "ready" for r in rows if r["id"].startswith("inference-"))
+
+
+def test_inference_counters_reach_metrics(llm):
+    body = {"model": "demo", "prompt": "Metrics please " * 20, "max_tokens": 4, "temperature": 0}
+    post(llm, "/v1/completions", body)
+    post(llm, "/v1/completions", body)  # the same prompt again: a prefix hit
+    deadline = time.time() + 5
+    while time.time() < deadline and metric(llm, "tidegate_llm_requests_total") < 2:
+        time.sleep(0.1)
+    assert metric(llm, "tidegate_llm_requests_total") >= 2
+    assert metric(llm, "tidegate_llm_completion_tokens_total") >= 8
+    assert metric(llm, "tidegate_prefix_hits_live_total") >= 1 and metric(llm, "tidegate_llm_cached_tokens_total") >= 16
+    text = request(llm.port, path="/metrics").body.decode()
+    assert "tidegate_llm_active_sequences" in text and "tidegate_prefix_ram_bytes" in text
