@@ -230,6 +230,7 @@ class OpenAIRoutes:
                 reservation = await reservation
         msg = dict(what, params=params, tenant=tenant, cls=cls, stream=stream, timeout=self.inf["request_timeout"])
         call = _Call(self, model, chat, stream, include_usage, reservation)
+        req.on_close = call.client_left
         try:
             call.rid = self.clients[model].submit("gen", msg, call.on_event)
         except Unavailable as e:
@@ -274,7 +275,7 @@ class _Call:
                     self.first.set_result(json_response(self._whole(payload)))
             return
         if self.sse is None:
-            self.sse = Stream(on_close=self._client_left)
+            self.sse = Stream(on_close=self.client_left)
             if not self.first.done():
                 self.first.set_result(self.sse)
             if self.chat:  # the first chat chunk announces the role
@@ -291,9 +292,11 @@ class _Call:
             self.sse.write(b"data: [DONE]\n\n")
             self.sse.end()
 
-    def _client_left(self) -> None:
+    def client_left(self) -> None:
+        """The client went away: stop its sequence at the next step. What was reserved stays
+        spent (part of it was generated, and a refund must never exceed what was unused)."""
         self.api.clients[self.model].cancel(self.rid)
-        self.settle(0)
+        self.reservation = None
 
     def _envelope(self, choices: list, usage=None) -> dict:
         out = {"id": self.id, "object": "chat.completion.chunk" if self.chat else "text_completion",

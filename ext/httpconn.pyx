@@ -172,6 +172,7 @@ cdef class Request:
     cdef public bint keep_alive
     cdef public double started
     cdef public object identity  # set by authentication (core/auth.py)
+    cdef public object on_close  # set by a handler that must hear if the client leaves before the answer
 
 
 cpdef Response json_response(obj, int status=200, headers=None):
@@ -270,6 +271,9 @@ cdef class HttpConnection:
         st, self._stream = self._stream, None
         if st is not None and st.on_close is not None and not st.finished:
             st.on_close()  # the client left mid-stream: let the producer stop
+        req = self._parked
+        if req is not None and req.on_close is not None:
+            req.on_close()  # the client left while its answer was being computed
         srv = self.srv
         srv.conns.discard(self)
         self.pending.clear()

@@ -158,6 +158,17 @@ def test_client_disconnect_cancels_its_sequence(llm):
         time.sleep(0.2)
     assert metric(llm, "tidegate_llm_cancelled_total") >= 1
     assert metric(llm, "tidegate_llm_completion_tokens_total") < 400
+    # a non-streamed request whose client leaves before the answer is cancelled too
+    s = socket.create_connection(("127.0.0.1", llm.port))
+    body = json.dumps({"model": "demo", "prompt": "Go on forever", "max_tokens": 400}).encode()
+    s.sendall(b"POST /v1/completions HTTP/1.1\r\nHost: t\r\nContent-Type: application/json\r\n"
+              b"Content-Length: %d\r\n\r\n%b" % (len(body), body))
+    time.sleep(0.05)
+    s.close()
+    deadline = time.time() + 10
+    while time.time() < deadline and metric(llm, "tidegate_llm_cancelled_total") < 2:
+        time.sleep(0.2)
+    assert metric(llm, "tidegate_llm_cancelled_total") >= 2
 
 
 def test_inference_worker_down_is_a_503_with_retry_after_then_recovers(llm):
