@@ -139,7 +139,7 @@ class Engine:
 
     def state_set(self, seq: int, data: bytes) -> bool:
         L.llama_memory_seq_rm(self.mem, seq, -1, -1)
-        buf = (ctypes.c_uint8 * len(data)).from_buffer_copy(data)
+        buf = ctypes.cast(ctypes.c_char_p(data), ctypes.POINTER(ctypes.c_uint8))  # no copy: llama.cpp only reads
         return L.llama_state_seq_set_data(self.ctx, buf, len(data), seq) == len(data)
 
     # ---- embeddings --------------------------------------------------------------------------
