@@ -218,6 +218,13 @@ SCHEMA: dict[str, dict[str, Key]] = {
         "shared_prefixes": Key(list, [], "prompt prefixes (rendered text) every tenant may share in the cache, "
                                "e.g. a common system prompt; all others are salted by tenant"),
     },
+    "cache": {
+        "exact_enabled": Key(bool, True, "answer identical reproducible requests from the exact cache"),
+        "exact_any": Key(bool, False, "also cache non-reproducible requests (temperature > 0 without a seed)"),
+        "exact_ttl": Key(float, 3600.0, "seconds an exact-cache entry lives", positive),
+        "exact_max_bytes": Key(int, 256 * MiB, "exact-cache bytes per owner worker (LRU)", positive),
+        "owner_timeout": Key(float, 0.1, "seconds to wait for a cache owner (then: a miss)", positive),
+    },
     "log": {
         "level": Key(str, "info", "debug | info | warning | error", _log_level),
         "access": Key(bool, False, "one log line per request (off: metrics cover traffic)"),

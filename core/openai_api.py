@@ -22,6 +22,7 @@ import time
 import numpy as np
 import orjson
 
+from tidegate.core.exact_cache import cache_key
 from tidegate.core.http11 import HttpError, Stream, json_response
 from tidegate.core.infer_client import Unavailable
 from tidegate.core.jsonbody import parse_json
@@ -53,10 +54,10 @@ def _int(body: dict, name: str, lo: int, hi: int, default):
 
 
 class OpenAIRoutes:
-    def __init__(self, cfg: dict, models: list[dict], clients: dict, limiter):
+    def __init__(self, cfg: dict, models: list[dict], clients: dict, limiter, exact=None):
         self.cfg, self.limits, self.inf = cfg, cfg["limits"], cfg["inference"]
         self.models = {m["name"]: m for m in models}
-        self.clients, self.limiter = clients, limiter
+        self.clients, self.limiter, self.exact = clients, limiter, exact
         self.created = int(time.time())
 
     def add_to(self, router, guard) -> None:
@@ -222,6 +223,18 @@ class OpenAIRoutes:
         ident = req.identity
         tenant = ident.tenant if ident is not None else "anonymous"
         cls = ident.klass if ident is not None else "standard"
+        call = _Call(self, model, chat, stream, include_usage)
+        if self.exact is not None and self.exact.cacheable(params):
+            cc = req.headers.get(b"cache-control", b"").lower()
+            key = cache_key(tenant, model, "chat" if chat else "completions", dict(body, **what))
+            if b"no-cache" not in cc:
+                found = asyncio.get_running_loop().create_future()
+                self.exact.get(key, found.set_result)
+                entry = await found
+                if entry is not None:
+                    return await call.replay(entry, b"exact")
+            if b"no-store" not in cc:
+                call.store = (key, tenant)
         reservation = None
         if self.limiter.token_limits and ident is not None:  # tokens/minute: reserve, settle on the answer
             est = sum(len(m["content"]) for m in what["messages"]) // 3 if chat else len(what["prompt"]) // 3
@@ -229,7 +242,7 @@ class OpenAIRoutes:
             if asyncio.isfuture(reservation):
                 reservation = await reservation
         msg = dict(what, params=params, tenant=tenant, cls=cls, stream=stream, timeout=self.inf["request_timeout"])
-        call = _Call(self, model, chat, stream, include_usage, reservation)
+        call.reservation = reservation
         req.on_close = call.client_left
         try:
             call.rid = self.clients[model].submit("gen", msg, call.on_event)
@@ -242,14 +255,28 @@ class OpenAIRoutes:
 class _Call:
     """One generation in flight: turns inference events into the HTTP answer."""
 
-    def __init__(self, api: OpenAIRoutes, model: str, chat: bool, stream: bool, include_usage: bool, reservation):
+    def __init__(self, api: OpenAIRoutes, model: str, chat: bool, stream: bool, include_usage: bool):
         self.api, self.model, self.chat, self.stream, self.include_usage = api, model, chat, stream, include_usage
-        self.reservation = reservation
+        self.reservation = None
+        self.store = None  # (key, tenant): put the answer in the exact cache when it ends well
+        self.cache_header = [(b"x-tidegate-cache", b"miss")]
         self.first = asyncio.get_running_loop().create_future()
         self.id = ("chatcmpl-" if chat else "cmpl-") + os.urandom(12).hex()
         self.created = int(time.time())
         self.sse: Stream | None = None
         self.rid = 0
+        self._full_text = ""  # streamed deltas so far, for the exact cache
+
+    async def replay(self, entry: dict, kind: bytes):
+        """Answer from a cached entry, streamed or not, exactly as a generation would."""
+        self.cache_header = [(b"x-tidegate-cache", kind)]
+        usage = dict(entry["usage"], cached_tokens=entry["usage"]["prompt_tokens"])
+        if self.stream:
+            self.on_event("d", entry["text"])
+            self.on_event("end", dict(entry, text="", usage=usage))
+        else:
+            self.on_event("end", dict(entry, usage=usage))
+        return await self.first
 
     def settle(self, used: int) -> None:
         if self.reservation is not None:
@@ -268,14 +295,20 @@ class _Call:
                 self.sse.write(b"data: " + orjson.dumps(err.body()) + b"\n\n")
                 self.sse.end()
             return
+        if kind == "end" and self.store is not None and payload["finish_reason"] in ("stop", "length"):
+            key, tenant = self.store
+            self.api.exact.put(key, tenant, {"text": self._full_text + payload["text"],
+                                             "finish_reason": payload["finish_reason"], "usage": payload["usage"]})
         if not self.stream:
             if kind == "end":
                 self.settle(payload["usage"]["total_tokens"])
                 if not self.first.done():
-                    self.first.set_result(json_response(self._whole(payload)))
+                    self.first.set_result(json_response(self._whole(payload), headers=self.cache_header))
             return
+        if kind == "d" and self.store is not None:
+            self._full_text += payload
         if self.sse is None:
-            self.sse = Stream(on_close=self.client_left)
+            self.sse = Stream(on_close=self.client_left, headers=self.cache_header)
             if not self.first.done():
                 self.first.set_result(self.sse)
             if self.chat:  # the first chat chunk announces the role

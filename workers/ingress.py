@@ -21,6 +21,7 @@ import zmq
 from tidegate.core import config, protocol
 from tidegate.core.auth import ApiKeys
 from tidegate.core.http11 import HttpError, HttpServer, Response, json_response
+from tidegate.core.exact_cache import ExactCache
 from tidegate.core.infer_client import InferClient
 from tidegate.core.jsonbody import parse_json
 from tidegate.core.jsonlog import log
@@ -53,6 +54,7 @@ class IngressWorker:
         self.ring = HashRing(range(self.n_slots))
         self.keys = ApiKeys(self.cfg["auth"]["keys"])
         self.ratelimit = RateLimiter(self.cfg, self.slot, self.ring)
+        self.exact = ExactCache(self.cfg, self.slot, self.ring)
         self.sessions: SessionService | None = None  # opened in boot(): LMDB after fork
         self.mesh: Mesh | None = None
         self.router = Router()
@@ -83,7 +85,7 @@ class IngressWorker:
             self.infer = {m["name"]: InferClient(self.zmq, config.inference_endpoint(self.cfg, m["name"], self.spec["gen"]),
                                                  self.loop,
                                                  self.cfg["control"]["max_message_bytes"]) for m in models}
-            OpenAIRoutes(self.cfg, models, self.infer, self.ratelimit).add_to(r, api)
+            OpenAIRoutes(self.cfg, models, self.infer, self.ratelimit, self.exact).add_to(r, api)
 
     def echo(self, req) -> Response:
         """Parse a JSON body under the configured limits and send it back: a connectivity probe."""
@@ -134,10 +136,10 @@ class IngressWorker:
         self._routes()
         if self.n_slots > 1:
             self.mesh = Mesh(self.slot, self.n_slots, srv["run_dir"],
-                             {**self.ratelimit.handlers(), **self.sessions.handlers()},
+                             {**self.ratelimit.handlers(), **self.sessions.handlers(), **self.exact.handlers()},
                              self.cfg["control"]["max_message_bytes"], ctx=self.zmq)
             self.mesh.start()
-            self.ratelimit.mesh = self.sessions.mesh = self.mesh
+            self.ratelimit.mesh = self.sessions.mesh = self.exact.mesh = self.mesh
             self._spawn_periodic(self.ratelimit.sweep_leases, self.cfg["ratelimit"]["lease_ttl"])
         self.listen_socks = [socket.socket(fileno=fd) for fd in self.spec["fds"]]
         await self._start_accepting()
