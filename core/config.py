@@ -126,6 +126,22 @@ def _class_counts(v):
     return None
 
 
+def _overrides(v):
+    allowed = {"tenant": str, "enabled": bool, "threshold": float, "ttl": float, "max_entries": int}
+    for i, item in enumerate(v):
+        if not isinstance(item, dict) or not isinstance(item.get("tenant"), str):
+            return f"item {i} must be a table with a tenant"
+        for k, val in item.items():
+            t = allowed.get(k)
+            if t is None:
+                return f"item {i}: unknown field {k}"
+            if t is float and isinstance(val, int) and not isinstance(val, bool):
+                item[k] = float(val)
+            elif not isinstance(val, t) or (t is int and isinstance(val, bool)):
+                return f"item {i}: {k} must be {t.__name__}"
+    return None
+
+
 KiB, MiB = 1024, 1024 * 1024
 
 SCHEMA: dict[str, dict[str, Key]] = {
@@ -224,6 +240,19 @@ SCHEMA: dict[str, dict[str, Key]] = {
         "exact_ttl": Key(float, 3600.0, "seconds an exact-cache entry lives", positive),
         "exact_max_bytes": Key(int, 256 * MiB, "exact-cache bytes per owner worker (LRU)", positive),
         "owner_timeout": Key(float, 0.1, "seconds to wait for a cache owner (then: a miss)", positive),
+        "semantic_enabled": Key(bool, True, "answer paraphrases from the semantic cache (embedder process)"),
+        "semantic_threshold": Key(float, 0.90, "cosine a neighbour needs before the verifier sees it",
+                                  lambda v: None if 0 < v <= 1 else "must be in (0, 1]"),
+        "semantic_min_overlap": Key(float, 0.8, "verifier: share of the longer text the aligned words must cover",
+                                    lambda v: None if 0 < v <= 1 else "must be in (0, 1]"),
+        "semantic_ttl": Key(float, 86400.0, "seconds a semantic entry lives", positive),
+        "semantic_max_entries": Key(int, 10000, "entries per namespace (oldest evicted)", positive),
+        "semantic_timeout": Key(float, 0.05, "seconds a semantic lookup may take (then: a miss)", positive),
+        "semantic_tenants": Key(list, [], "per-tenant overrides: [{tenant, enabled, threshold, ttl, max_entries}]",
+                                lambda v: _overrides(v)),
+        "embedder": Key(str, "wordllama", "wordllama (256-d, ships its weights) | gguf (embedder_model)",
+                        lambda v: None if v in ("wordllama", "gguf") else "must be wordllama or gguf"),
+        "embedder_model": Key(str, "", "GGUF path for embedder = gguf"),
     },
     "log": {
         "level": Key(str, "info", "debug | info | warning | error", _log_level),
@@ -381,6 +410,14 @@ def inference_endpoint(cfg: dict, name: str, gen: int) -> str:
     """Per generation: after a reload the new ingress workers talk to the new inference worker
     while the old pair finishes what it has."""
     return f"ipc://{os.path.abspath(cfg['server']['run_dir'])}/infer-{name}.g{gen}.sock"
+
+
+def embedder_endpoint(cfg: dict, gen: int) -> str:
+    return f"ipc://{os.path.abspath(cfg['server']['run_dir'])}/embedder.g{gen}.sock"
+
+
+def semantic_enabled(cfg: dict) -> bool:
+    return bool(models(cfg)) and cfg["cache"]["semantic_enabled"]
 
 
 def control_endpoint(cfg: dict) -> str:

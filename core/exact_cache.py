@@ -101,9 +101,6 @@ class ExactCache:
     def handlers(self) -> dict:
         return self.store.handlers()
 
-    def cacheable(self, params: dict) -> bool:
-        return self.enabled and (self.any or reproducible(params))
-
     def get(self, key: str, callback) -> None:
         """callback(entry or None): a miss when the owner does not answer in time."""
         owner = self.ring.owner(key.encode())

@@ -1,5 +1,5 @@
-"""An ingress worker's link to one inference worker: submit, cancel, and events routed back to
-the request that asked.
+"""An ingress worker's link to a blocking worker (an inference worker, the embedder): submit,
+cancel, and events routed back to the request that asked.
 
 One DEALER per (ingress worker, model), driven from the event loop with add_reader. Requests
 queued in one loop turn leave in one frame. A socket monitor tells whether the inference worker
@@ -50,6 +50,11 @@ class InferClient:
         self._queue([op, rid, body])
         return rid
 
+    def send(self, op: str, body) -> None:
+        """A message that expects no answer (a cache insert); dropped while disconnected."""
+        if self.connected or not self.was_connected:
+            self._queue([op, 0, body])
+
     def cancel(self, rid: int) -> None:
         if self.handlers.pop(rid, None) is not None and self.connected:
             self._queue(["cancel", rid, None])
@@ -64,7 +69,7 @@ class InferClient:
         try:
             self.sock.send(orjson.dumps(msgs), zmq.NOBLOCK)
         except zmq.ZMQError:
-            self._fail([m[1] for m in msgs if m[0] != "cancel"], "the inference worker is not accepting requests")
+            self._fail([m[1] for m in msgs if m[1]], "the worker is not accepting requests")
         self.loop.call_soon(self._on_readable)  # a send can eat the fd's edge
 
     def _on_readable(self) -> None:

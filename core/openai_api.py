@@ -22,7 +22,7 @@ import time
 import numpy as np
 import orjson
 
-from tidegate.core.exact_cache import cache_key
+from tidegate.core.exact_cache import cache_key, reproducible
 from tidegate.core.http11 import HttpError, Stream, json_response
 from tidegate.core.infer_client import Unavailable
 from tidegate.core.jsonbody import parse_json
@@ -54,10 +54,10 @@ def _int(body: dict, name: str, lo: int, hi: int, default):
 
 
 class OpenAIRoutes:
-    def __init__(self, cfg: dict, models: list[dict], clients: dict, limiter, exact=None):
+    def __init__(self, cfg: dict, models: list[dict], clients: dict, limiter, exact=None, semantic=None):
         self.cfg, self.limits, self.inf = cfg, cfg["limits"], cfg["inference"]
         self.models = {m["name"]: m for m in models}
-        self.clients, self.limiter, self.exact = clients, limiter, exact
+        self.clients, self.limiter, self.exact, self.semantic = clients, limiter, exact, semantic
         self.created = int(time.time())
 
     def add_to(self, router, guard) -> None:
@@ -175,6 +175,35 @@ class OpenAIRoutes:
             raise _bad("'prompt' must be a string (one prompt per request)", "prompt")
         return await self._generate(req, body, model, {"prompt": prompt}, chat=False)
 
+    async def _cached(self, req, call, body: dict, params: dict, model: str, tenant: str, what: dict, chat: bool):
+        """Answer from the exact, then the semantic cache (when the request may be cached and
+        Cache-Control allows a lookup); else note in call where to store the answer."""
+        if not (reproducible(params) or self.cfg["cache"]["exact_any"]):
+            return None
+        cc = req.headers.get(b"cache-control", b"").lower()
+        lookup, store = b"no-cache" not in cc, b"no-store" not in cc
+        if self.exact is not None and self.exact.enabled:
+            key = cache_key(tenant, model, "chat" if chat else "completions", dict(body, **what))
+            if lookup:
+                found = asyncio.get_running_loop().create_future()
+                self.exact.get(key, found.set_result)
+                entry = await found
+                if entry is not None:
+                    return await call.replay(entry, b"exact")
+            if store:
+                call.store = (key, tenant)
+        sem = self.semantic
+        where = sem.key(tenant, model, what) if sem is not None else None
+        if where is not None and sem.policy(tenant)["enabled"]:
+            ns, text = where
+            if lookup:
+                entry = await sem.lookup(ns, text, sem.policy(tenant)["threshold"])
+                if entry is not None:
+                    return await call.replay(entry, b"semantic")
+            if store:
+                call.semantic_store = (ns, tenant, text)
+        return None
+
     async def embeddings(self, req):
         body = self._body(req)
         model = self._model(body)
@@ -224,17 +253,9 @@ class OpenAIRoutes:
         tenant = ident.tenant if ident is not None else "anonymous"
         cls = ident.klass if ident is not None else "standard"
         call = _Call(self, model, chat, stream, include_usage)
-        if self.exact is not None and self.exact.cacheable(params):
-            cc = req.headers.get(b"cache-control", b"").lower()
-            key = cache_key(tenant, model, "chat" if chat else "completions", dict(body, **what))
-            if b"no-cache" not in cc:
-                found = asyncio.get_running_loop().create_future()
-                self.exact.get(key, found.set_result)
-                entry = await found
-                if entry is not None:
-                    return await call.replay(entry, b"exact")
-            if b"no-store" not in cc:
-                call.store = (key, tenant)
+        hit = await self._cached(req, call, body, params, model, tenant, what, chat)
+        if hit is not None:
+            return hit
         reservation = None
         if self.limiter.token_limits and ident is not None:  # tokens/minute: reserve, settle on the answer
             est = sum(len(m["content"]) for m in what["messages"]) // 3 if chat else len(what["prompt"]) // 3
@@ -259,6 +280,7 @@ class _Call:
         self.api, self.model, self.chat, self.stream, self.include_usage = api, model, chat, stream, include_usage
         self.reservation = None
         self.store = None  # (key, tenant): put the answer in the exact cache when it ends well
+        self.semantic_store = None  # (namespace, tenant, text): and in the semantic cache
         self.cache_header = [(b"x-tidegate-cache", b"miss")]
         self.first = asyncio.get_running_loop().create_future()
         self.id = ("chatcmpl-" if chat else "cmpl-") + os.urandom(12).hex()
@@ -295,17 +317,21 @@ class _Call:
                 self.sse.write(b"data: " + orjson.dumps(err.body()) + b"\n\n")
                 self.sse.end()
             return
-        if kind == "end" and self.store is not None and payload["finish_reason"] in ("stop", "length"):
-            key, tenant = self.store
-            self.api.exact.put(key, tenant, {"text": self._full_text + payload["text"],
-                                             "finish_reason": payload["finish_reason"], "usage": payload["usage"]})
+        if kind == "end" and payload["finish_reason"] in ("stop", "length") and (self.store or self.semantic_store):
+            entry = {"text": self._full_text + payload["text"], "finish_reason": payload["finish_reason"],
+                     "usage": payload["usage"]}
+            if self.store is not None:
+                self.api.exact.put(self.store[0], self.store[1], entry)
+            if self.semantic_store is not None:
+                ns, tenant, text = self.semantic_store
+                self.api.semantic.insert(ns, tenant, text, entry)
         if not self.stream:
             if kind == "end":
                 self.settle(payload["usage"]["total_tokens"])
                 if not self.first.done():
                     self.first.set_result(json_response(self._whole(payload), headers=self.cache_header))
             return
-        if kind == "d" and self.store is not None:
+        if kind == "d" and (self.store or self.semantic_store):
             self._full_text += payload
         if self.sse is None:
             self.sse = Stream(on_close=self.client_left, headers=self.cache_header)

@@ -26,3 +26,62 @@ def start_worker(name_of) -> dict:
     setproctitle(f"tidegate: {name}")
     log.configure(process=name.replace(" ", "-"), level=spec["config"]["log"]["level"])
     return spec
+
+
+class WorkerSockets:
+    """The sockets of a blocking (non-asyncio) worker — inference, embedder: a ROUTER its
+    clients (the ingress workers) connect to, and a DEALER to the supervisor for READY and
+    heartbeats."""
+
+    def __init__(self, spec: dict, endpoint: str):
+        import zmq
+        from tidegate.core import protocol
+        self.zmq, self.protocol, self.spec = zmq, protocol, spec
+        self.ctx = zmq.Context(1)
+        self.router = self.ctx.socket(zmq.ROUTER)
+        self.router.setsockopt(zmq.MAXMSGSIZE, spec["config"]["control"]["max_message_bytes"])
+        self.router.setsockopt(zmq.LINGER, 0)
+        self.router.setsockopt(zmq.SNDHWM, 100000)
+        self.router.bind(endpoint)
+        self.link = self.ctx.socket(zmq.DEALER)
+        self.link.setsockopt(zmq.IDENTITY, spec["id"].encode())
+        self.link.setsockopt(zmq.LINGER, 0)
+        self.link.connect(spec["internal"])
+        self.poller = zmq.Poller()
+        self.poller.register(self.router, zmq.POLLIN)
+
+    def ready(self) -> None:
+        self.link.send(self.protocol.encode({"op": self.protocol.READY, "pid": os.getpid()}))
+
+    def heartbeat(self, extra: dict) -> bool:
+        """Send counters to the supervisor; False when the supervisor is gone (then exit)."""
+        if os.getppid() != self.spec["supervisor_pid"]:
+            log.error("supervisor is gone; exiting")
+            return False
+        try:
+            self.link.send(self.protocol.encode({"op": self.protocol.HEARTBEAT, "snap": {"extra": extra}}),
+                           self.zmq.NOBLOCK)
+        except self.zmq.Again:
+            pass
+        return True
+
+    def close(self) -> None:
+        self.router.close(0)
+        self.link.close(0)
+        self.ctx.term()
+
+
+def run_blocking_worker(name_of, make) -> None:
+    """main() of a blocking worker: make(spec) must have boot() and run(); exit codes as above."""
+    import sys
+    worker = make(start_worker(name_of))
+    try:
+        worker.boot()
+    except Exception as e:
+        log.error("worker failed to boot", error=repr(e))
+        sys.exit(EXIT_BOOT_ERROR)
+    try:
+        worker.run()
+    except Exception as e:
+        log.error("worker crashed", error=repr(e))
+        sys.exit(1)

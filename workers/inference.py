@@ -17,18 +17,17 @@ from __future__ import annotations
 
 import os
 import signal
-import sys
 import time
 
 import orjson
 import zmq
 
-from tidegate.core import config, protocol
+from tidegate.core import config
 from tidegate.core.chat_template import render_chat
 from tidegate.core.demo_model import ensure_demo
 from tidegate.core.jsonlog import log
 from tidegate.core.llama_engine import Engine, LlamaError, free_sampler, make_sampler
-from tidegate.core.process import EXIT_BOOT_ERROR, start_worker
+from tidegate.core.process import WorkerSockets, run_blocking_worker
 from tidegate.core.prefix_cache import DiskTier, RamTier, block_names, common_blocks
 from tidegate.core.scheduler import QueueFull, Scheduler
 
@@ -90,19 +89,9 @@ class InferenceWorker:
             root = os.path.join(srv["data_dir"], "prefix-cache", self.name)
             self.disk = DiskTier(root, self.inf["prefix_disk_bytes"], self.engine.fingerprint, self.block, log)
         self.shared = [self.engine.tokenize(p) for p in self.inf["shared_prefixes"]]
-        self.ctx = zmq.Context(1)
-        self.router = self.ctx.socket(zmq.ROUTER)
-        self.router.setsockopt(zmq.MAXMSGSIZE, self.cfg["control"]["max_message_bytes"])
-        self.router.setsockopt(zmq.LINGER, 0)
-        self.router.setsockopt(zmq.SNDHWM, 100000)
-        self.router.bind(config.inference_endpoint(self.cfg, self.name, self.spec["gen"]))
-        self.link = self.ctx.socket(zmq.DEALER)
-        self.link.setsockopt(zmq.IDENTITY, self.spec["id"].encode())
-        self.link.setsockopt(zmq.LINGER, 0)
-        self.link.connect(self.spec["internal"])
-        self.poller = zmq.Poller()
-        self.poller.register(self.router, zmq.POLLIN)
-        self.link.send(protocol.encode({"op": protocol.READY, "pid": os.getpid()}))
+        self.socks = WorkerSockets(self.spec, config.inference_endpoint(self.cfg, self.name, self.spec["gen"]))
+        self.router, self.poller = self.socks.router, self.socks.poller
+        self.socks.ready()
         self.next_hb = time.monotonic()
         log.info("inference worker ready", model=self.name, path=path, demo=self.demo,
                  n_ctx=self.model["n_ctx"], max_seqs=self.model["max_seqs"],
@@ -135,23 +124,14 @@ class InferenceWorker:
         self._heartbeat(time.monotonic())
         if self.disk:
             self.disk.flush(2.0)
-        self.router.close(0)
-        self.link.close(0)
-        self.ctx.term()
+        self.socks.close()
 
     def _heartbeat(self, now: float) -> None:
         self.next_hb = now + self.cfg["server"]["heartbeat_interval"]
-        if os.getppid() != self.spec["supervisor_pid"]:
-            log.error("supervisor is gone; exiting")
-            self.running = False
-            return
         extra = dict(self.stats, llm_active_sequences=sum(1 for s in self.slots if s.seq),
                      llm_queued=sum(self.sched.queued().values()), prefix_ram_bytes=self.ram.bytes,
                      prefix_disk_bytes=self.disk.bytes if self.disk else 0)
-        try:
-            self.link.send(protocol.encode({"op": protocol.HEARTBEAT, "snap": {"extra": extra}}), zmq.NOBLOCK)
-        except zmq.Again:
-            pass
+        self.running = self.socks.heartbeat(extra) and self.running
 
     def _take_messages(self) -> None:
         for _ in range(10000):
@@ -425,18 +405,7 @@ class RequestError(Exception):
 
 
 def main() -> None:
-    spec = start_worker(lambda spec: f"inference {spec['model']['name']}")
-    worker = InferenceWorker(spec)
-    try:
-        worker.boot()
-    except Exception as e:
-        log.error("inference worker failed to boot", error=repr(e))
-        sys.exit(EXIT_BOOT_ERROR)
-    try:
-        worker.run()
-    except Exception as e:
-        log.error("inference worker crashed", error=repr(e))
-        sys.exit(1)
+    run_blocking_worker(lambda spec: f"inference {spec['model']['name']}", InferenceWorker)
 
 
 if __name__ == "__main__":

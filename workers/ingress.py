@@ -33,6 +33,7 @@ from tidegate.core.process import EXIT_BOOT_ERROR, start_worker
 from tidegate.core.ratelimit import RateLimiter
 from tidegate.core.ring import HashRing
 from tidegate.core.router import Router
+from tidegate.core.semantic_client import SemanticCache
 from tidegate.core.session_routes import SessionService
 from tidegate.core.sessions import SessionStore
 from tidegate.ext.httpconn import HttpConnection
@@ -68,6 +69,7 @@ class IngressWorker:
         self.supervisor_pid = spec["supervisor_pid"]
         self.booted = False
         self.infer: dict = {}  # model name -> InferClient
+        self.embedder = self.semantic = None  # the semantic cache's embedder process, when on
 
     # ---- routes -------------------------------------------------------------------------------
     def _routes(self) -> None:
@@ -85,7 +87,11 @@ class IngressWorker:
             self.infer = {m["name"]: InferClient(self.zmq, config.inference_endpoint(self.cfg, m["name"], self.spec["gen"]),
                                                  self.loop,
                                                  self.cfg["control"]["max_message_bytes"]) for m in models}
-            OpenAIRoutes(self.cfg, models, self.infer, self.ratelimit, self.exact).add_to(r, api)
+            if config.semantic_enabled(self.cfg):
+                self.embedder = InferClient(self.zmq, config.embedder_endpoint(self.cfg, self.spec["gen"]), self.loop,
+                                            self.cfg["control"]["max_message_bytes"])
+                self.semantic = SemanticCache(self.cfg, self.embedder)
+            OpenAIRoutes(self.cfg, models, self.infer, self.ratelimit, self.exact, self.semantic).add_to(r, api)
 
     def echo(self, req) -> Response:
         """Parse a JSON body under the configured limits and send it back: a connectivity probe."""
@@ -116,6 +122,11 @@ class IngressWorker:
                    "owner_unavailable": rl["owner_unavailable"], "ratelimit_leased": rl["leased"],
                    "ratelimit_buckets": len(self.ratelimit.table),
                    "sessions_live": len(self.sessions.store.live) if self.sessions else 0}
+        xs = self.exact.store
+        m.extra.update(exact_hits=xs.stats["hits"], exact_misses=xs.stats["misses"], exact_inserts=xs.stats["inserts"],
+                       exact_evictions=xs.stats["evictions"], exact_bytes=xs.bytes)
+        if self.semantic:
+            m.extra.update(self.semantic.stats)
         if self.mesh:
             ms = self.mesh.stats
             m.extra.update(mesh_frames_sent=ms["frames_out"], mesh_messages_sent=ms["messages_out"],
@@ -218,7 +229,7 @@ class IngressWorker:
             conn.abort("worker stopping")
         if self.mesh:
             self.mesh.close()
-        for client in self.infer.values():
+        for client in [*self.infer.values(), *([self.embedder] if self.embedder else [])]:
             client.close()
         self.sessions.store.close()
         self.link.close()

@@ -314,7 +314,10 @@ class Supervisor:
         spec = {"slot": slot, "gen": gen, "config": cfg, "internal": config.internal_endpoint(cfg),
                 "supervisor_pid": os.getpid()}
         fds: list[int] = []
-        if isinstance(slot, str):
+        if slot == "embedder":
+            spec["id"] = f"embedder.g{gen}.{self._ids}"
+            module = "tidegate.workers.embedder"
+        elif isinstance(slot, str):
             name = slot.split(":", 1)[1]
             spec.update(id=f"inference-{name}.g{gen}.{self._ids}",
                         model=next(m for m in config.models(cfg) if m["name"] == name))
@@ -535,8 +538,10 @@ class Supervisor:
 
 
 def slots(cfg: dict) -> list:
-    """What the supervisor keeps running: ingress slots 0..N-1, then "model:NAME" per model."""
-    return list(range(config.resolve_workers(cfg))) + [f"model:{m['name']}" for m in config.models(cfg)]
+    """What the supervisor keeps running: ingress slots 0..N-1, "model:NAME" per model, and the
+    "embedder" when the semantic cache is on."""
+    return (list(range(config.resolve_workers(cfg))) + [f"model:{m['name']}" for m in config.models(cfg)]
+            + (["embedder"] if config.semantic_enabled(cfg) else []))
 
 
 def _running_pid(pidfile: str) -> int | None:
