@@ -193,7 +193,7 @@ class OpenAIRoutes:
             if store:
                 call.store = (key, tenant)
         sem = self.semantic
-        where = sem.key(tenant, model, what) if sem is not None else None
+        where = sem.key(tenant, model, what, body) if sem is not None else None
         if where is not None and sem.policy(tenant)["enabled"]:
             ns, text = where
             if lookup:

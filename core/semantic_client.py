@@ -2,7 +2,7 @@
 per-tenant policy, and lookups and inserts sent to the embedder process.
 
 Namespace = tenant × model × route × system prompt × conversation so far (every message but the
-last user message), hashed: a hit never crosses tenants, and a multi-turn answer is only reused
+last user message) × the parameters that shape the answer (max_tokens, stop, sampling), hashed: a hit never crosses tenants, and a multi-turn answer is only reused
 in the same conversation context. The text embedded is the last user message (the prompt, for
 /v1/completions). A lookup that takes longer than `semantic_timeout` counts as a miss: the cache
 must never be slower than it is worth.
@@ -13,6 +13,8 @@ import asyncio
 import hashlib
 
 import orjson
+
+from tidegate.core.exact_cache import OUTPUT_FIELDS
 
 
 class SemanticCache:
@@ -29,7 +31,7 @@ class SemanticCache:
         return self.tenants.get(tenant, self.default)
 
     @staticmethod
-    def key(tenant: str, model: str, what: dict) -> tuple[str, str] | None:
+    def key(tenant: str, model: str, what: dict, body: dict) -> tuple[str, str] | None:
         """(namespace, text to embed), or None when the request has no last user message."""
         if "prompt" in what:
             context, text = [], what["prompt"]
@@ -40,7 +42,9 @@ class SemanticCache:
             context, text = msgs[:-1], msgs[-1]["content"]
         system = [m["content"] for m in context if m["role"] in ("system", "developer")]
         turns = [[m["role"], m["content"]] for m in context if m["role"] not in ("system", "developer")]
-        h = hashlib.sha256(orjson.dumps([tenant, model, "prompt" in what, system, turns])).hexdigest()[:32]
+        shape = {k: body[k] for k in OUTPUT_FIELDS if k in body and k not in ("messages", "prompt")}
+        h = hashlib.sha256(orjson.dumps([tenant, model, "prompt" in what, system, turns, shape],
+                                        option=orjson.OPT_SORT_KEYS)).hexdigest()[:32]
         return h, text
 
     async def lookup(self, ns: str, text: str, threshold: float):

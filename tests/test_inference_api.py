@@ -17,8 +17,11 @@ CT = {"Content-Type": "application/json"}
 
 @pytest.fixture
 def llm(daemon_factory, demo_model):
-    return daemon_factory(workers=2, inference={"enabled": True, "models": [{"name": "demo", "path": demo_model,
-                                                                              "n_ctx": 512, "max_seqs": 4}]})
+    # caches off: these tests are about generation (tests/test_exact_cache.py and
+    # tests/test_semantic_cache.py cover the caches)
+    return daemon_factory(workers=2, cache={"exact_enabled": False, "semantic_enabled": False},
+                          inference={"enabled": True, "models": [{"name": "demo", "path": demo_model,
+                                                                  "n_ctx": 512, "max_seqs": 4}]})
 
 
 def post(d, path, body, timeout=30.0):
@@ -196,10 +199,12 @@ def test_llm_tokens_per_minute_are_reserved_up_front_and_settled(daemon_factory,
                        inference={"enabled": True, "models": [{"name": "demo", "path": demo_model, "n_ctx": 512}]})
     auth = {"Authorization": f"Bearer {key}"}
 
-    def ask(max_tokens):
+    def ask(max_tokens):  # a new prompt each time: a cache hit would cost no tokens
+        ask.n += 1
         return request(d.port, "POST", "/v1/completions", json.dumps(
-            {"model": "demo", "prompt": "Hi", "max_tokens": max_tokens, "temperature": 0}).encode(),
+            {"model": "demo", "prompt": f"Hi {ask.n}", "max_tokens": max_tokens, "temperature": 0}).encode(),
             headers=auth, timeout=30)
+    ask.n = 0
     assert ask(150).status == 429  # prompt + 150 can never fit in 100 tokens/minute
     first = ask(60)
     assert first.status == 200  # reserved ~60, settled at the real usage (~62)
@@ -245,12 +250,12 @@ def test_reload_lets_a_running_stream_finish_and_serves_after(llm):
 def test_inference_counters_reach_metrics(llm):
     body = {"model": "demo", "prompt": "Metrics please " * 20, "max_tokens": 4, "temperature": 0}
     post(llm, "/v1/completions", body)
-    post(llm, "/v1/completions", body)  # the same prompt again: a prefix hit
+    post(llm, "/v1/completions", dict(body, max_tokens=5))  # the same prompt again (not a cache hit): a prefix hit
     deadline = time.time() + 5
     while time.time() < deadline and metric(llm, "tidegate_llm_requests_total") < 2:
         time.sleep(0.1)
     assert metric(llm, "tidegate_llm_requests_total") >= 2
-    assert metric(llm, "tidegate_llm_completion_tokens_total") >= 8
+    assert metric(llm, "tidegate_llm_completion_tokens_total") >= 9
     assert metric(llm, "tidegate_prefix_hits_live_total") >= 1 and metric(llm, "tidegate_llm_cached_tokens_total") >= 16
     text = request(llm.port, path="/metrics").body.decode()
     assert "tidegate_llm_active_sequences" in text and "tidegate_prefix_ram_bytes" in text
