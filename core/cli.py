@@ -46,6 +46,11 @@ def _parser() -> argparse.ArgumentParser:
     asub = a.add_subparsers(dest="admin_command", metavar="ADMIN_COMMAND", required=True)
     for name, help_ in ADMIN_HELP.items():
         asub.add_parser(name, help=help_, description=help_)
+    c = asub.add_parser("cache", help="response caches: stats | purge [--tenant T]",
+                        description="stats: exact and semantic cache counters, summed over all workers. "
+                                    "purge: drop cached answers (all, or one tenant's) in every worker.")
+    c.add_argument("action", choices=["stats", "purge"])
+    c.add_argument("--tenant", help="purge only this tenant's entries")
 
     m = sub.add_parser("model", help="model files", description="Model files.")
     msub = m.add_subparsers(dest="model_command", metavar="MODEL_COMMAND", required=True)
@@ -103,7 +108,8 @@ def admin(args) -> int:
         print(f"tidegate admin: invalid config: {e}", file=sys.stderr)
         return ADMIN_USAGE
     try:
-        reply = control.call(cfg, args.admin_command, timeout=args.timeout)
+        fields = {"action": args.action, "tenant": args.tenant} if args.admin_command == "cache" else {}
+        reply = control.call(cfg, args.admin_command, timeout=args.timeout, **fields)
     except control.NoDaemon as e:
         print(f"tidegate admin: {e}", file=sys.stderr)
         return ADMIN_NO_DAEMON

@@ -29,6 +29,7 @@ class SupervisorLink:
         self._ids = itertools.count(1)
         self._waiting: dict[int, asyncio.Future] = {}
         self.loop = None
+        self.on_command = None  # callback(msg) for unsolicited supervisor messages (protocol.PURGE)
 
     def start(self) -> None:
         self.loop = asyncio.get_running_loop()
@@ -39,6 +40,10 @@ class SupervisorLink:
             try:
                 msg = protocol.decode(frame)
             except protocol.ProtocolError:
+                continue
+            if msg["op"] != protocol.REPLY:
+                if self.on_command is not None:
+                    self.on_command(msg)
                 continue
             fut = self._waiting.pop(msg.get("id"), None)
             if fut is not None and not fut.done():

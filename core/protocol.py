@@ -16,7 +16,10 @@ READINESS = "readiness"  # request: are all workers and downstream processes up?
 REPLY = "reply"          # supervisor -> worker answer to a request
 
 # admin -> supervisor (control socket)
-CONTROL_OPS = ("status", "workers", "config", "reload", "drain", "stop", "metrics")
+CONTROL_OPS = ("status", "workers", "config", "reload", "drain", "stop", "metrics", "cache")
+
+# supervisor -> worker, unsolicited
+PURGE = "purge"          # drop cached answers (all, or one tenant's)
 
 
 class ProtocolError(ValueError):

@@ -60,3 +60,25 @@ def test_semantic_entries_survive_a_restart(daemon_factory, demo_model):
     hit = ask(d, "How do I cancel my subscription please?")
     assert hit.headers["x-tidegate-cache"] == "semantic"
     assert hit.json()["choices"][0]["message"]["content"] == first.json()["choices"][0]["message"]["content"]
+
+
+def test_admin_cache_stats_and_purge(daemon_factory, demo_model):
+    keys = [{"key_sha256": hash_key(k), "tenant": t, "name": t} for t, k in KEYS.items()]
+    d = daemon_factory(workers=2, auth={"keys": keys}, cache={"semantic_timeout": 1.0},
+                       inference={"enabled": True, "models": [{"name": "demo", "path": demo_model, "n_ctx": 512}]})
+    ask(d, "How do I reset my password?")
+    ask(d, "How do I reset my password?", tenant="globex")
+    wait_inserts(d, 2)
+    assert ask(d, "How do I reset my password?").headers["x-tidegate-cache"] == "exact"
+    deadline = time.time() + 5
+    while time.time() < deadline:
+        stats = d.admin_json("cache", "stats")["body"]
+        if stats["exact_hits"] >= 1 and stats["semantic_entries"] >= 2:
+            break
+        time.sleep(0.2)
+    assert stats["exact_hits"] >= 1 and stats["exact_inserts"] >= 2 and stats["semantic_entries"] == 2
+    assert d.admin_json("cache", "purge", "--tenant", "acme")["ok"]
+    time.sleep(0.5)
+    assert ask(d, "How do I reset my password?").headers["x-tidegate-cache"] == "miss"  # acme: gone everywhere
+    assert ask(d, "How do I reset my password?", tenant="globex").headers["x-tidegate-cache"] == "exact"
+    assert ask(d, "How can I reset my password?", tenant="globex").headers["x-tidegate-cache"] == "semantic"

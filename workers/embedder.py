@@ -42,6 +42,7 @@ class EmbedderWorker:
         self.store = SemanticStore(os.path.join(self.cfg["server"]["data_dir"], "semantic"), self.embedder.dim, log)
         self.socks = WorkerSockets(self.spec, config.embedder_endpoint(self.cfg, self.spec["gen"]))
         self.router = self.socks.router
+        self.socks.poller.register(self.socks.link, zmq.POLLIN)  # purge commands from the supervisor
         self.socks.ready()
         log.info("embedder ready", embedder=self.embedder.name, dim=self.embedder.dim,
                  entries=len(self.store.meta), rebuilt=self.store.stats["semantic_index_rebuilds"])
@@ -53,6 +54,7 @@ class EmbedderWorker:
         next_hb, next_sweep, next_save = now, now + SWEEP_S, now + SAVE_S
         while self.running and not self.draining:
             if self.socks.poller.poll(100):
+                self._commands()
                 self.turn(self._take())
             now = time.monotonic()
             if now >= next_hb:
@@ -67,6 +69,18 @@ class EmbedderWorker:
         self._heartbeat()
         self.store.close()
         self.socks.close()
+
+    def _commands(self) -> None:
+        while True:
+            try:
+                msg = orjson.loads(self.socks.link.recv(zmq.NOBLOCK))
+            except zmq.Again:
+                return
+            except orjson.JSONDecodeError:
+                continue
+            if msg.get("op") == "purge":
+                n = self.store.purge(msg.get("tenant"))
+                log.info("semantic cache purged", tenant=msg.get("tenant") or "(all)", entries=n)
 
     def _take(self) -> list:
         msgs = []

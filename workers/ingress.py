@@ -133,6 +133,11 @@ class IngressWorker:
                            mesh_expired=ms["expired"])
         return self.metrics.snapshot()
 
+    def _on_command(self, msg: dict) -> None:
+        if msg["op"] == protocol.PURGE:
+            n = self.exact.store.purge(msg.get("tenant"))
+            log.info("exact cache purged", tenant=msg.get("tenant") or "(all)", entries=n)
+
     async def boot(self) -> None:
         if "ingress.boot" in FAILPOINTS:
             raise RuntimeError("failpoint ingress.boot")
@@ -141,6 +146,7 @@ class IngressWorker:
         self.link = SupervisorLink(self.zmq, self.spec["internal"], self.spec["id"],
                                    self.cfg["control"]["max_message_bytes"])
         self.link.start()
+        self.link.on_command = self._on_command
         store = SessionStore(os.path.join(srv["data_dir"], f"sessions-{self.slot}"), self.cfg["sessions"]["ttl"],
                              self.cfg["sessions"]["max_per_worker"])
         self.sessions = SessionService(self.cfg, self.slot, self.ring, self.keys, self.ratelimit, store)

@@ -482,6 +482,11 @@ class Supervisor:
             body = {"path": self.cfg_path, "config": config.redacted(self.cfg)}
         elif op == "metrics":
             body = self.render_metrics().decode()
+        elif op == "cache":
+            body = self._cache(msg)
+            if body is None:
+                return self._reply(ident, {"op": protocol.REPLY, "ok": False,
+                                           "message": "cache: action must be stats or purge"})
         elif op == "drain":
             body = {"message": "draining"}
             self.drain()
@@ -495,6 +500,27 @@ class Supervisor:
 
     def _reply(self, ident: bytes, msg: dict) -> None:
         self.control.send_multipart([ident, b"", protocol.encode(msg)])
+
+    def _cache(self, msg: dict) -> dict | None:
+        """admin cache stats: counters from the workers' latest snapshots; purge: tell every
+        worker that holds cache state (ingress: exact entries it owns; the embedder)."""
+        if msg.get("action") == "stats":
+            extra = self.aggregator.totals()["extra"]
+            return {k: extra.get(k, 0) for k in (
+                "exact_hits", "exact_misses", "exact_inserts", "exact_evictions", "exact_bytes", "semantic_lookups",
+                "semantic_hits", "semantic_verifier_rejections", "semantic_timeouts", "semantic_inserts",
+                "semantic_evictions", "semantic_expired", "semantic_entries", "embed_batches", "embed_texts")}
+        if msg.get("action") == "purge":
+            tenant = msg.get("tenant")
+            told = 0
+            for w in self.workers.values():
+                if w.state == "ready" and (isinstance(w.slot, int) or w.slot == "embedder"):
+                    self.internal.send_multipart([w.id.encode(), protocol.encode({"op": protocol.PURGE,
+                                                                                  "tenant": tenant})])
+                    told += 1
+            log.info("cache purge", tenant=tenant or "(all)", workers=told)
+            return {"message": f"purge of {tenant or 'all tenants'} sent to {told} workers"}
+        return None
 
     def status(self) -> dict:
         return {"pid": os.getpid(), "version": __version__, "state": self.state,
