@@ -292,6 +292,7 @@ class _Call:
     async def replay(self, entry: dict, kind: bytes):
         """Answer from a cached entry, streamed or not, exactly as a generation would."""
         self.cache_header = [(b"x-tidegate-cache", kind)]
+        self.store = self.semantic_store = None  # a replayed answer is not stored again
         usage = dict(entry["usage"], cached_tokens=entry["usage"]["prompt_tokens"])
         if self.stream:
             self.on_event("d", entry["text"])

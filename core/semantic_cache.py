@@ -69,7 +69,8 @@ class SemanticStore:
         self.root, self.dim, self.log = root, dim, log
         self.env = lmdb.open(os.path.join(root, "payloads"), map_size=max_bytes, subdir=True, max_dbs=1)
         self.spaces: dict[str, Namespace] = {}
-        self.meta: dict[int, tuple] = {}  # id -> (ns, tenant, text, entry, expires)
+        # id -> (ns, tenant, text, expires); the answer itself stays in LMDB (read on a hit)
+        self.meta: dict[int, tuple] = {}
         self.next_id = 1
         self.stats = {k: 0 for k in ("semantic_lookups", "semantic_hits", "semantic_verifier_rejections",
                                      "semantic_inserts", "semantic_evictions", "semantic_expired",
@@ -84,7 +85,7 @@ class SemanticStore:
                 eid = _ID.unpack(k)[0]
                 vec = np.frombuffer(v[: self.dim * 4], dtype=np.float32)
                 ns, tenant, text, entry, expires = orjson.loads(v[self.dim * 4:])
-                self.meta[eid] = (ns, tenant, text, entry, expires)
+                self.meta[eid] = (ns, tenant, text, expires)
                 vectors.setdefault(ns, []).append((eid, vec))
                 self.next_id = max(self.next_id, eid + 1)
         for ns, items in vectors.items():
@@ -151,14 +152,14 @@ class SemanticStore:
             meta = self.meta.get(int(eid))
             if meta is None:
                 continue
-            if meta[4] < now:
+            if meta[3] < now:
                 self._delete(int(eid))
                 self.stats["semantic_expired"] += 1
                 continue
             ok, reason = verify(text, meta[2], min_overlap)
             if ok:
                 self.stats["semantic_hits"] += 1
-                return meta[3], score
+                return self._answer(int(eid)), score
             self.stats["semantic_verifier_rejections"] += 1
             why = f"verifier:{reason}"
         return None, why
@@ -174,12 +175,15 @@ class SemanticStore:
         eid = self.next_id
         self.next_id += 1
         expires = time.time() + ttl
-        meta = (ns, tenant, text, entry, expires)
         with self.env.begin(write=True) as txn:
-            txn.put(_ID.pack(eid), vec.astype(np.float32).tobytes() + orjson.dumps(meta))
-        self.meta[eid] = meta
+            txn.put(_ID.pack(eid), vec.astype(np.float32).tobytes() + orjson.dumps((ns, tenant, text, entry, expires)))
+        self.meta[eid] = (ns, tenant, text, expires)
         space.add(vec, eid)
         self.stats["semantic_inserts"] += 1
+
+    def _answer(self, eid: int) -> dict:
+        with self.env.begin() as txn:
+            return orjson.loads(txn.get(_ID.pack(eid))[self.dim * 4:])[3]
 
     def _delete(self, eid: int) -> None:
         meta = self.meta.pop(eid, None)
@@ -195,7 +199,7 @@ class SemanticStore:
     def sweep(self) -> None:
         """Drop expired entries; rebuild indexes that hold more deleted than live elements."""
         now = time.time()
-        for eid in [eid for eid, m in self.meta.items() if m[4] < now]:
+        for eid in [eid for eid, m in self.meta.items() if m[3] < now]:
             self._delete(eid)
             self.stats["semantic_expired"] += 1
         for ns, space in list(self.spaces.items()):
