@@ -60,3 +60,35 @@ def test_restart_keeps_entries_and_a_corrupt_index_is_rebuilt(tmp_path, emb):
     s3 = SemanticStore(str(tmp_path), emb.dim)
     assert s3.stats["semantic_index_rebuilds"] == 1
     assert ask(s3, emb, "ns", "How do I cancel my subscription?")[0] == {"text": "Settings > Billing."}
+
+
+def test_gguf_embedder_is_the_second_plug(demo_model):
+    import numpy as np
+    from tidegate.core.embedders import make_embedder
+    e = make_embedder("gguf", demo_model)
+    v = e.embed(["a cat sat", "a cat sat", "stock markets fell"])
+    assert v.shape == (3, e.dim) and np.allclose(np.linalg.norm(v, axis=1), 1.0, atol=1e-4)
+    assert float(v[0] @ v[1]) > 0.999
+
+
+def test_namespaces_split_tenants_conversations_and_answer_shapes():
+    from tidegate.core.semantic_client import SemanticCache
+    msgs = [{"role": "system", "content": "S"}, {"role": "user", "content": "Q"}]
+    base = SemanticCache.key("acme", "m", {"messages": msgs}, {"max_tokens": 5})
+    assert base[1] == "Q"
+    assert base != SemanticCache.key("globex", "m", {"messages": msgs}, {"max_tokens": 5})
+    assert base != SemanticCache.key("acme", "m", {"messages": msgs}, {"max_tokens": 6})
+    longer = [msgs[0], {"role": "user", "content": "earlier"}, {"role": "assistant", "content": "A"}, msgs[1]]
+    assert base[0] != SemanticCache.key("acme", "m", {"messages": longer}, {"max_tokens": 5})[0]
+    assert SemanticCache.key("acme", "m", {"messages": msgs + [{"role": "assistant", "content": "x"}]}, {}) is None
+
+
+def test_per_tenant_policy_overrides_the_defaults():
+    from tidegate.core import config
+    from tidegate.core.semantic_client import SemanticCache
+    cfg = config.validate({"cache": {"semantic_tenants": [{"tenant": "acme", "enabled": False},
+                                                          {"tenant": "globex", "threshold": 0.97, "ttl": 60}]}})
+    sc = SemanticCache(cfg, client=None)
+    assert sc.policy("acme")["enabled"] is False
+    assert sc.policy("globex")["threshold"] == 0.97 and sc.policy("globex")["ttl"] == 60.0
+    assert sc.policy("other")["threshold"] == 0.9
