@@ -50,6 +50,32 @@ class WorkerSockets:
         self.poller = zmq.Poller()
         self.poller.register(self.router, zmq.POLLIN)
 
+    def take(self, limit: int = 10000) -> list:
+        """Every (peer, [op, rid, body]) waiting now; a frame carries a list of messages."""
+        import orjson
+        out = []
+        for _ in range(limit):
+            try:
+                peer, frame = self.router.recv_multipart(self.zmq.NOBLOCK)
+            except self.zmq.Again:
+                break
+            except ValueError:  # not [peer, frame]
+                continue
+            try:
+                out += [(peer, m) for m in orjson.loads(frame) if isinstance(m, list) and len(m) == 3]
+            except (orjson.JSONDecodeError, TypeError):
+                continue
+        return out
+
+    def send(self, events: dict) -> None:
+        """{peer: [event, ...]}: one frame per peer."""
+        import orjson
+        for peer, evs in events.items():
+            try:
+                self.router.send_multipart([peer, orjson.dumps(evs)], self.zmq.NOBLOCK)
+            except self.zmq.ZMQError:
+                log.warning("client not reading; events dropped", events=len(evs))
+
     def ready(self) -> None:
         self.link.send(self.protocol.encode({"op": self.protocol.READY, "pid": os.getpid()}))
 

@@ -55,7 +55,7 @@ class EmbedderWorker:
         while self.running and not self.draining:
             if self.socks.poller.poll(100):
                 self._commands()
-                self.turn(self._take())
+                self.turn(self.socks.take())
             now = time.monotonic()
             if now >= next_hb:
                 next_hb = now + self.cfg["server"]["heartbeat_interval"]
@@ -81,21 +81,6 @@ class EmbedderWorker:
             if msg.get("op") == "purge":
                 n = self.store.purge(msg.get("tenant"))
                 log.info("semantic cache purged", tenant=msg.get("tenant") or "(all)", entries=n)
-
-    def _take(self) -> list:
-        msgs = []
-        for _ in range(10000):
-            try:
-                peer, frame = self.router.recv_multipart(zmq.NOBLOCK)
-            except zmq.Again:
-                break
-            except ValueError:
-                continue
-            try:
-                msgs += [(peer, m) for m in orjson.loads(frame)]
-            except (orjson.JSONDecodeError, TypeError):
-                continue
-        return msgs
 
     def turn(self, msgs: list) -> dict:
         """Embed every text of this turn in one batch, then answer. Returns {peer: events}."""
@@ -132,11 +117,7 @@ class EmbedderWorker:
                 log.error("semantic cache op failed", op=op, error=repr(e))
                 event = ["err", rid, [500, "semantic cache error", "internal", None]]
             out.setdefault(peer, []).append(event)
-        for peer, events in out.items():
-            try:
-                self.router.send_multipart([peer, orjson.dumps(events)], zmq.NOBLOCK)
-            except zmq.ZMQError:
-                pass
+        self.socks.send(out)
         return out
 
     def info(self) -> dict:

@@ -19,8 +19,6 @@ import os
 import signal
 import time
 
-import orjson
-import zmq
 
 from tidegate.core import config
 from tidegate.core.chat_template import render_chat
@@ -90,7 +88,7 @@ class InferenceWorker:
             self.disk = DiskTier(root, self.inf["prefix_disk_bytes"], self.engine.fingerprint, self.block, log)
         self.shared = [self.engine.tokenize(p) for p in self.inf["shared_prefixes"]]
         self.socks = WorkerSockets(self.spec, config.inference_endpoint(self.cfg, self.name, self.spec["gen"]))
-        self.router, self.poller = self.socks.router, self.socks.poller
+        self.poller = self.socks.poller
         self.socks.ready()
         self.next_hb = time.monotonic()
         log.info("inference worker ready", model=self.name, path=path, demo=self.demo,
@@ -134,40 +132,25 @@ class InferenceWorker:
         self.running = self.socks.heartbeat(extra) and self.running
 
     def _take_messages(self) -> None:
-        for _ in range(10000):
+        for peer, (op, rid, body) in self.socks.take():
             try:
-                peer, frame = self.router.recv_multipart(zmq.NOBLOCK)
-            except zmq.Again:
-                return
-            except ValueError:
-                continue
-            try:
-                msgs = orjson.loads(frame)
-            except orjson.JSONDecodeError:
-                continue
-            for op, rid, body in msgs:
-                try:
-                    if op == "gen":
-                        self._submit(peer, rid, body)
-                    elif op == "cancel":
-                        self._cancel(rid, peer)
-                    elif op == "embed":
-                        self._embed(peer, rid, body)
-                except RequestError as e:
-                    self._send(peer, ["err", rid, e.args])
-                except Exception as e:  # a bad request must not take the worker down
-                    log.error("request failed", op=op, error=repr(e))
-                    self._send(peer, ["err", rid, [500, "inference worker error", "internal", None]])
+                if op == "gen":
+                    self._submit(peer, rid, body)
+                elif op == "cancel":
+                    self._cancel(rid, peer)
+                elif op == "embed":
+                    self._embed(peer, rid, body)
+            except RequestError as e:
+                self._send(peer, ["err", rid, e.args])
+            except Exception as e:  # a bad request must not take the worker down
+                log.error("request failed", op=op, error=repr(e))
+                self._send(peer, ["err", rid, [500, "inference worker error", "internal", None]])
 
     def _send(self, peer: bytes, event: list) -> None:
         self.events.setdefault(peer, []).append(event)
 
     def _flush(self) -> None:
-        for peer, events in self.events.items():
-            try:
-                self.router.send_multipart([peer, orjson.dumps(events)], zmq.NOBLOCK)
-            except zmq.Again:
-                log.warning("ingress worker not reading; events dropped", events=len(events))
+        self.socks.send(self.events)
         self.events.clear()
 
     # ---- requests -----------------------------------------------------------------------------
