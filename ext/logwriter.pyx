@@ -1,0 +1,157 @@
+# cython: language_level=3, boundscheck=False, wraparound=False
+"""The append-only event log's hot path: records into a buffer, sealed into checksummed
+(optionally LZ4-compressed) blocks, written with one write + fdatasync per block.
+
+On disk a segment is a sequence of blocks:
+
+    block  = magic "TGB1" | body_len u32 | raw_len u32 | codec u8 | n_records u32 | first_seq u64
+             | crc32c(body) u32 | body
+    body   = the records, LZ4 block-compressed when that saves space (codec 1), else raw (codec 0)
+    record = len u32 | crc32c(payload) u32 | payload
+
+Group commit is two steps so the event loop never waits on the disk: `seal()` (loop thread:
+takes what was appended since the last seal and frames it as one block) and `write_block()`
+(a writer thread: one os.write and one fdatasync; the GIL is released meanwhile). A block is
+acknowledged only after its fdatasync returned. A failed write truncates the segment back to
+where the block began, so a retry can never leave a torn block in the middle of a segment.
+"""
+from libc.stdint cimport uint32_t, uint64_t
+from libc.string cimport memcpy
+from cpython.bytes cimport PyBytes_AS_STRING, PyBytes_FromStringAndSize, PyBytes_GET_SIZE
+
+import os
+import struct
+
+import lz4.block
+
+MAGIC = b"TGB1"
+HEADER = struct.Struct("<4sIIBIQI")  # magic, body_len, raw_len, codec, n_records, first_seq, crc
+CODEC_RAW, CODEC_LZ4 = 0, 1
+
+cdef uint32_t _TABLE[256]
+
+
+cdef void _init_table():
+    cdef uint32_t c, i, k
+    for i in range(256):
+        c = i
+        for k in range(8):
+            c = (c >> 1) ^ (0x82F63B78 if c & 1 else 0)
+        _TABLE[i] = c
+
+
+_init_table()
+
+
+cdef inline uint32_t _crc(const unsigned char* p, Py_ssize_t n, uint32_t crc) nogil:
+    crc = ~crc
+    cdef Py_ssize_t i
+    for i in range(n):
+        crc = _TABLE[(crc ^ p[i]) & 0xFF] ^ (crc >> 8)
+    return ~crc
+
+
+def crc32c(const unsigned char[::1] data, uint32_t crc=0):
+    """CRC-32C (Castagnoli) of data."""
+    if data.shape[0] == 0:
+        return crc
+    return _crc(&data[0], data.shape[0], crc)
+
+
+cdef class LogWriter:
+    """Appends records for one partition. Not thread-safe by itself: append/seal on the loop
+    thread, write_block on one writer thread, never two write_blocks at once."""
+    cdef bytearray buf
+    cdef public uint64_t next_seq, first_unsealed
+    cdef public Py_ssize_t n_unsealed
+    cdef public object directory, path
+    cdef public Py_ssize_t segment_bytes, size
+    cdef public bint compress
+    cdef int fd
+
+    def __init__(self, directory, uint64_t next_seq, Py_ssize_t segment_bytes=64 << 20, bint compress=True):
+        self.directory, self.segment_bytes, self.compress = directory, segment_bytes, compress
+        self.buf = bytearray()
+        self.next_seq = self.first_unsealed = next_seq
+        self.n_unsealed = 0
+        self.fd = -1
+        self._open_segment()
+
+    def _open_segment(self):
+        """Append to the newest segment, or start one named by the next sequence number."""
+        names = sorted(n for n in os.listdir(self.directory) if n.endswith(".log"))
+        last = names[len(names) - 1] if names else None  # (no negative indexes: wraparound is off)
+        if last and os.path.getsize(os.path.join(self.directory, last)) < self.segment_bytes:
+            self.path = os.path.join(self.directory, last)
+        else:
+            self.path = os.path.join(self.directory, "%020d.log" % self.next_seq)
+        if self.fd >= 0:
+            os.close(self.fd)
+        self.fd = os.open(self.path, os.O_WRONLY | os.O_CREAT | os.O_APPEND | os.O_CLOEXEC, 0o600)
+        self.size = os.fstat(self.fd).st_size
+        dfd = os.open(self.directory, os.O_RDONLY)
+        try:
+            os.fsync(dfd)  # the new file's name is durable too
+        finally:
+            os.close(dfd)
+
+    def append(self, bytes payload):
+        """Buffer one record; returns its sequence number."""
+        cdef Py_ssize_t n = PyBytes_GET_SIZE(payload)
+        cdef uint32_t c = _crc(<const unsigned char*>PyBytes_AS_STRING(payload), n, 0)
+        self.buf += struct.pack("<II", n, c)
+        self.buf += payload
+        self.n_unsealed += 1
+        self.next_seq += 1
+        return self.next_seq - 1
+
+    @property
+    def pending_bytes(self):
+        return len(self.buf)
+
+    def seal(self):
+        """The records appended since the last seal as one block: (block bytes, n, first_seq),
+        or None when there are none."""
+        if not self.n_unsealed:
+            return None
+        raw = bytes(self.buf)
+        codec, body = CODEC_RAW, raw
+        if self.compress and len(raw) > 256:
+            packed = lz4.block.compress(raw, store_size=False)
+            if len(packed) < len(raw):
+                codec, body = CODEC_LZ4, packed
+        cdef uint32_t c = _crc(<const unsigned char*>PyBytes_AS_STRING(body), PyBytes_GET_SIZE(body), 0)
+        block = HEADER.pack(MAGIC, len(body), len(raw), codec, self.n_unsealed, self.first_unsealed, c) + body
+        out = (block, self.n_unsealed, self.first_unsealed)
+        self.buf = bytearray()
+        self.first_unsealed = self.next_seq
+        self.n_unsealed = 0
+        return out
+
+    def write_block(self, bytes block):
+        """One write + fdatasync (call from the writer thread). On any error the segment is cut
+        back to where this block began and the error is raised: nothing half-written stays."""
+        if self.fd < 0:
+            raise OSError(9, "event log segment is not open")
+        start = self.size
+        try:
+            view = memoryview(block)
+            while view:
+                done = os.write(self.fd, view)
+                view = view[done:]
+            os.fdatasync(self.fd)
+        except OSError:
+            try:
+                os.ftruncate(self.fd, start)
+                os.fdatasync(self.fd)
+            except OSError:
+                pass
+            raise
+        self.size = start + len(block)
+        if self.size >= self.segment_bytes:
+            self._open_segment()
+
+    def close(self):
+        if self.fd >= 0:
+            os.close(self.fd)
+            self.fd = -1
