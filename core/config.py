@@ -254,6 +254,16 @@ SCHEMA: dict[str, dict[str, Key]] = {
                         lambda v: None if v in ("wordllama", "gguf") else "must be wordllama or gguf"),
         "embedder_model": Key(str, "", "GGUF path for embedder = gguf"),
     },
+    "events": {
+        "enabled": Key(bool, True, "serve POST /v1/events into the append-only log (one partition per worker)"),
+        "batch_bytes": Key(int, 1 * MiB, "group commit: flush when this many bytes wait", positive),
+        "window": Key(float, 0.002, "group commit: flush this long after the first waiting event (s)", positive),
+        "segment_bytes": Key(int, 64 * MiB, "segment files roll at this size", positive),
+        "compress": Key(bool, True, "LZ4-compress blocks when that saves space"),
+        "max_events": Key(int, 10000, "events per request (413 above)", positive),
+        "max_event_bytes": Key(int, 64 * KiB, "JSON bytes per event (400 above)", positive),
+        "owner_timeout": Key(float, 2.0, "seconds to wait for the partition owner's fsync (then 503)", positive),
+    },
     "log": {
         "level": Key(str, "info", "debug | info | warning | error", _log_level),
         "access": Key(bool, False, "one log line per request (off: metrics cover traffic)"),

@@ -192,7 +192,11 @@ class Mesh:
                 try:
                     if handler is None:
                         raise KeyError(f"unknown op {op!r}")
-                    replies.append([rid, True, handler(payload)])
+                    result = handler(payload)
+                    if isinstance(result, asyncio.Future):  # answered when it resolves (e.g. after an fsync)
+                        result.add_done_callback(lambda f, rid=rid, ident=ident: self._reply_later(ident, rid, f))
+                        continue
+                    replies.append([rid, True, result])
                 except Exception as e:
                     log.error("mesh handler failed", op=op, error=repr(e))
                     replies.append([rid, False, repr(e)])
@@ -204,6 +208,14 @@ class Mesh:
         # ROUTER sends can consume the edge too
         if sock.getsockopt(zmq.EVENTS) & zmq.POLLIN:
             self.loop.call_soon(self._on_router)
+
+    def _reply_later(self, ident: bytes, rid, fut) -> None:
+        err = fut.exception()
+        reply = [rid, False, repr(err)] if err is not None else [rid, True, fut.result()]
+        try:
+            self.router.send_multipart([ident, orjson.dumps([reply])], zmq.NOBLOCK)
+        except (zmq.Again, zmq.ZMQError):
+            pass
 
     def close(self) -> None:
         if self.loop:

@@ -21,6 +21,7 @@ import zmq
 from tidegate.core import config, protocol
 from tidegate.core.auth import ApiKeys
 from tidegate.core.http11 import HttpError, HttpServer, Response, json_response
+from tidegate.core.event_routes import EventService
 from tidegate.core.exact_cache import ExactCache
 from tidegate.core.infer_client import InferClient
 from tidegate.core.jsonbody import parse_json
@@ -70,6 +71,7 @@ class IngressWorker:
         self.booted = False
         self.infer: dict = {}  # model name -> InferClient
         self.embedder = self.semantic = None  # the semantic cache's embedder process, when on
+        self.events = None  # EventService: this worker's event-log partition
 
     # ---- routes -------------------------------------------------------------------------------
     def _routes(self) -> None:
@@ -82,6 +84,8 @@ class IngressWorker:
         r.add("GET", "/v1/sessions/current", api(self.sessions.current, session_only=True))
         r.add("PATCH", "/v1/sessions/current", api(self.sessions.patch, session_only=True))
         r.add("DELETE", "/v1/sessions/current", api(self.sessions.delete, session_only=True))
+        if self.events:
+            r.add("POST", "/v1/events", api(self.events.ingest))
         models = config.models(self.cfg)
         if models:
             self.infer = {m["name"]: InferClient(self.zmq, config.inference_endpoint(self.cfg, m["name"], self.spec["gen"]),
@@ -122,6 +126,8 @@ class IngressWorker:
                    "owner_unavailable": rl["owner_unavailable"], "ratelimit_leased": rl["leased"],
                    "ratelimit_buckets": len(self.ratelimit.table),
                    "sessions_live": len(self.sessions.store.live) if self.sessions else 0}
+        if self.events:
+            m.extra.update(self.events.partition.stats)
         xs = self.exact.store
         m.extra.update(exact_hits=xs.stats["hits"], exact_misses=xs.stats["misses"], exact_inserts=xs.stats["inserts"],
                        exact_evictions=xs.stats["evictions"], exact_bytes=xs.bytes)
@@ -150,13 +156,18 @@ class IngressWorker:
         store = SessionStore(os.path.join(srv["data_dir"], f"sessions-{self.slot}"), self.cfg["sessions"]["ttl"],
                              self.cfg["sessions"]["max_per_worker"])
         self.sessions = SessionService(self.cfg, self.slot, self.ring, self.keys, self.ratelimit, store)
+        if self.cfg["events"]["enabled"]:
+            self.events = EventService(self.cfg, self.slot, self.ring)  # the partition: opened after fork
         self._routes()
         if self.n_slots > 1:
             self.mesh = Mesh(self.slot, self.n_slots, srv["run_dir"],
-                             {**self.ratelimit.handlers(), **self.sessions.handlers(), **self.exact.handlers()},
+                             {**self.ratelimit.handlers(), **self.sessions.handlers(), **self.exact.handlers(),
+                              **(self.events.handlers() if self.events else {})},
                              self.cfg["control"]["max_message_bytes"], ctx=self.zmq)
             self.mesh.start()
             self.ratelimit.mesh = self.sessions.mesh = self.exact.mesh = self.mesh
+            if self.events:
+                self.events.mesh = self.mesh
             self._spawn_periodic(self.ratelimit.sweep_leases, self.cfg["ratelimit"]["lease_ttl"])
         self.listen_socks = [socket.socket(fileno=fd) for fd in self.spec["fds"]]
         await self._start_accepting()
@@ -238,6 +249,8 @@ class IngressWorker:
         for client in [*self.infer.values(), *([self.embedder] if self.embedder else [])]:
             client.close()
         self.sessions.store.close()
+        if self.events:
+            self.events.partition.close()
         self.link.close()
         self.zmq.term()
 
