@@ -142,6 +142,11 @@ def _overrides(v):
     return None
 
 
+def _views(v):
+    from tidegate.core.views import view_problem
+    return view_problem(v)
+
+
 KiB, MiB = 1024, 1024 * 1024
 
 SCHEMA: dict[str, dict[str, Key]] = {
@@ -263,6 +268,10 @@ SCHEMA: dict[str, dict[str, Key]] = {
         "max_events": Key(int, 10000, "events per request (413 above)", positive),
         "max_event_bytes": Key(int, 64 * KiB, "JSON bytes per event (400 above)", positive),
         "owner_timeout": Key(float, 2.0, "seconds to wait for the partition owner's fsync (then 503)", positive),
+        "views": Key(list, [], "materialized views: [{name, kind = count|sum|avg|last|last_n, event_type, field, "
+                     "window, n}] (see core/views.py)", lambda v: _views(v)),
+        "views_map_bytes": Key(int, 1024 * MiB, "LMDB map size of the views", positive),
+        "view_lag_max": Key(float, 5.0, "/readyz fails while the view builder is further behind (s)", positive),
     },
     "log": {
         "level": Key(str, "info", "debug | info | warning | error", _log_level),

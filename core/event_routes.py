@@ -14,12 +14,14 @@ from __future__ import annotations
 import asyncio
 import os
 import time
+from urllib.parse import unquote
 
 import orjson
 
 from tidegate.core.eventlog import LogUnavailable, Partition
 from tidegate.core.http11 import HttpError, json_response
 from tidegate.core.mesh import OwnerUnavailable
+from tidegate.core.views import ViewReader
 
 APPEND = "ev.append"
 
@@ -27,6 +29,7 @@ APPEND = "ev.append"
 class EventService:
     def __init__(self, cfg: dict, slot: int, ring):
         self.cfg, self.slot, self.ring = cfg["events"], slot, ring
+        self.views = ViewReader(cfg["server"]["data_dir"], self.cfg["views"])
         self.limits = cfg["limits"]
         self.mesh = None
         self.partition = Partition(os.path.join(cfg["server"]["data_dir"], "events", f"p-{slot}"),
@@ -117,6 +120,19 @@ class EventService:
                             headers=[(b"retry-after", b"1")])
         return json_response({"object": "events.accepted", "accepted": len(events),
                               "durable": not buffered}, 202)
+
+
+    def view(self, req):
+        """GET /v1/views/{view}/{key}: one row, read in a read-only LMDB snapshot."""
+        parts = req.path.split("/", 4)
+        name, key = unquote(parts[3]), unquote(parts[4]) if len(parts) > 4 else ""
+        if name not in self.views.views:
+            raise HttpError(404, f"no view named {name!r} (declared: {', '.join(self.views.views) or 'none'})",
+                            "view_not_found", param="view")
+        value = self.views.get(name, key)
+        if value is None:
+            raise HttpError(404, f"view {name!r} has nothing for key {key!r}", "key_not_found", param="key")
+        return json_response({"view": name, "key": key, "kind": self.views.views[name]["kind"], "value": value})
 
 
 def _one_object(text: bytes) -> bool:

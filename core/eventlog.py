@@ -189,5 +189,12 @@ class Partition:
         return True
 
     def close(self) -> None:
+        """Finish the write in flight, then write what is still buffered (ack=buffered events)."""
         self.pool.shutdown(wait=True)
+        sealed = None if self.failed else self.writer.seal()
+        if sealed is not None:
+            try:
+                self.writer.write_block(sealed[0])
+            except OSError:
+                pass
         self.writer.close()

@@ -55,6 +55,8 @@ EXTRA_HELP = {
     "log_blocks": ("counter", "Event-log blocks written (one write + fsync each)"),
     "log_bytes": ("counter", "Event-log bytes written"),
     "log_write_errors": ("counter", "Event-log writes that failed (the partition stops acknowledging)"),
+    "views_events_applied": ("counter", "Events applied to the views by the view builder"),
+    "view_lag_seconds": ("gauge", "Seconds since the view builder was last caught up with the log"),
     "llm_active_sequences": ("gauge", "Sequences decoding now"),
     "llm_queued": ("gauge", "Generation requests waiting for a sequence slot"),
     "prefix_ram_bytes": ("gauge", "KV bytes held by the RAM prefix tier"),

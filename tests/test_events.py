@@ -93,3 +93,38 @@ def test_sigkill_of_owners_during_writes_loses_no_acknowledged_event(daemon_fact
     assert not missing, missing[:5]
     assert all(seen[a] == 1 for a in acked)  # exactly once
     assert all(ns == sorted(ns) for ns in by_key.values())  # in order per key
+
+
+VIEWS = [{"name": "clicks", "kind": "count", "event_type": "click"},
+         {"name": "clicks_1h", "kind": "count", "event_type": "click", "window": 3600},
+         {"name": "spend", "kind": "sum", "field": "amount"},
+         {"name": "avg_spend", "kind": "avg", "field": "amount", "window": 86400},
+         {"name": "last_page", "kind": "last", "field": "page"},
+         {"name": "recent", "kind": "last_n", "n": 3}]
+
+
+def test_views_are_materialized_and_read(daemon_factory):
+    d = daemon_factory(workers=2, events={"views": VIEWS})
+    evs = [{"key": "u1", "type": "click", "payload": {"page": f"/p{i}"}} for i in range(4)]
+    evs += [{"key": "u1", "type": "buy", "payload": {"amount": a}} for a in (10, 20.5)]
+    evs += [{"key": "u2", "type": "click", "payload": {"page": "/home"}}]
+    assert post_events(d, json.dumps(evs).encode()).status == 202
+
+    def view(name, key):
+        return request(d.port, path=f"/v1/views/{name}/{key}")
+    deadline = time.time() + 10
+    while time.time() < deadline and view("recent", "u1").status != 200:
+        time.sleep(0.1)
+    while time.time() < deadline and len(view("recent", "u1").json()["value"]) < 3:
+        time.sleep(0.1)
+    assert view("clicks", "u1").json()["value"] == 4 and view("clicks_1h", "u1").json()["value"] == 4
+    assert view("spend", "u1").json()["value"] == 30.5 and view("avg_spend", "u1").json()["value"] == 15.25
+    assert view("last_page", "u1").json()["value"] == "/p3" and view("last_page", "u2").json()["value"] == "/home"
+    assert [p.get("amount") for p in view("recent", "u1").json()["value"]] == [None, 10, 20.5]
+    assert view("clicks", "nobody").status == 404 and view("nope", "u1").status == 404
+    ready = request(d.port, path="/readyz").json()
+    assert ready["ready"] and ready["view_lag_seconds"] < 5
+    # the feature API: a row as a vector in declared order
+    from tidegate.core.views import ViewReader
+    vec = ViewReader(d.sections["server"]["data_dir"], VIEWS).vector("u1", ["spend", "clicks", "last_page"])
+    assert vec.dtype.name == "float32" and vec[0] == 30.5 and vec[1] == 4 and vec[2] != vec[2]  # NaN: not numeric

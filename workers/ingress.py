@@ -86,6 +86,8 @@ class IngressWorker:
         r.add("DELETE", "/v1/sessions/current", api(self.sessions.delete, session_only=True))
         if self.events:
             r.add("POST", "/v1/events", api(self.events.ingest))
+            view = api(self.events.view)
+            r.add("GET", "/v1/views/{view}/{key}", lambda req, **_: view(req))
         models = config.models(self.cfg)
         if models:
             self.infer = {m["name"]: InferClient(self.zmq, config.inference_endpoint(self.cfg, m["name"], self.spec["gen"]),

@@ -314,9 +314,9 @@ class Supervisor:
         spec = {"slot": slot, "gen": gen, "config": cfg, "internal": config.internal_endpoint(cfg),
                 "supervisor_pid": os.getpid()}
         fds: list[int] = []
-        if slot == "embedder":
-            spec["id"] = f"embedder.g{gen}.{self._ids}"
-            module = "tidegate.workers.embedder"
+        if slot in ("embedder", "views"):
+            spec["id"] = f"{slot}.g{gen}.{self._ids}"
+            module = {"embedder": "tidegate.workers.embedder", "views": "tidegate.workers.viewbuilder"}[slot]
         elif isinstance(slot, str):
             name = slot.split(":", 1)[1]
             spec.update(id=f"inference-{name}.g{gen}.{self._ids}",
@@ -435,8 +435,10 @@ class Supervisor:
         elif op == protocol.READINESS:
             ready, expected = self._ready_count(self.gen), self._expected()
             ok = self.state == "running" and ready >= expected or self.state == "reloading"
-            self._reply_worker(ident, msg, {"ready": ok, "state": self.state, "workers_ready": ready,
-                                            "workers_expected": expected})
+            lag = self.aggregator.totals()["extra"].get("view_lag_seconds", 0.0)
+            lagging = lag > self.cfg["events"]["view_lag_max"]
+            self._reply_worker(ident, msg, {"ready": ok and not lagging, "state": self.state, "workers_ready": ready,
+                                            "workers_expected": expected, "view_lag_seconds": lag})
 
     def _on_ready(self, w: Worker) -> None:
         if self.pending and w.gen == self.pending["gen"]:
@@ -565,9 +567,10 @@ class Supervisor:
 
 def slots(cfg: dict) -> list:
     """What the supervisor keeps running: ingress slots 0..N-1, "model:NAME" per model, and the
-    "embedder" when the semantic cache is on."""
+    "embedder" when the semantic cache is on, "views" when views are declared."""
     return (list(range(config.resolve_workers(cfg))) + [f"model:{m['name']}" for m in config.models(cfg)]
-            + (["embedder"] if config.semantic_enabled(cfg) else []))
+            + (["embedder"] if config.semantic_enabled(cfg) else [])
+            + (["views"] if cfg["events"]["enabled"] and cfg["events"]["views"] else []))
 
 
 def _running_pid(pidfile: str) -> int | None:
