@@ -46,6 +46,13 @@ def _parser() -> argparse.ArgumentParser:
     asub = a.add_subparsers(dest="admin_command", metavar="ADMIN_COMMAND", required=True)
     for name, help_ in ADMIN_HELP.items():
         asub.add_parser(name, help=help_, description=help_)
+    lg = asub.add_parser("log", help="event log: stats | tail [--key K] [-n N] | repair",
+                         description="Read the event-log partitions under data_dir directly (safe while the "
+                                     "daemon runs). repair cuts a partition at its first bad block (the events "
+                                     "from there on are lost); then `tidegate admin reload` reopens it.")
+    lg.add_argument("action", choices=["stats", "tail", "repair"])
+    lg.add_argument("--key", help="tail: only this key's events")
+    lg.add_argument("-n", type=int, default=10, help="tail: how many events (default 10)")
     c = asub.add_parser("cache", help="response caches: stats | purge [--tenant T]",
                         description="stats: exact and semantic cache counters, summed over all workers. "
                                     "purge: drop cached answers (all, or one tenant's) in every worker.")
@@ -107,6 +114,11 @@ def admin(args) -> int:
     except (config.ConfigError, OSError, ValueError) as e:
         print(f"tidegate admin: invalid config: {e}", file=sys.stderr)
         return ADMIN_USAGE
+    if args.admin_command == "log":
+        from tidegate.core.eventlog import admin_log
+        code, out = admin_log(cfg, args.action, args.key, args.n)
+        print(orjson.dumps(out, option=orjson.OPT_INDENT_2).decode() if args.json else _human("log", {"body": out}))
+        return ADMIN_OK if code == 0 else ADMIN_FAILED
     try:
         fields = {"action": args.action, "tenant": args.tenant} if args.admin_command == "cache" else {}
         reply = control.call(cfg, args.admin_command, timeout=args.timeout, **fields)
@@ -132,6 +144,11 @@ def _human(cmd: str, reply: dict) -> str:
         cols = ["id", "slot", "gen", "pid", "state", "uptime_s", "heartbeat_age_s", "rss_bytes", "requests",
                 "open_connections"]
         return _table(cols, [[r.get(c) for c in cols] for r in body])
+    if cmd == "log" and isinstance(body, list):
+        cols = sorted({k for row in body for k in row}, key=lambda c: ["partition", "seq"].index(c)
+                      if c in ("partition", "seq") else 9)
+        return _table(cols, [[r.get(c) if not isinstance(r.get(c), (dict, list)) else orjson.dumps(r[c]).decode()
+                              for c in cols] for r in body])
     if cmd == "config":
         rows = [[f"{sec}.{k}", orjson.dumps(v).decode()] for sec, keys in body["config"].items() for k, v in keys.items()]
         return f"# {body['path'] or '(built-in defaults)'}\n" + _table(["key", "value"], rows)

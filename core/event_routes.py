@@ -18,8 +18,9 @@ from urllib.parse import unquote
 
 import orjson
 
-from tidegate.core.eventlog import LogUnavailable, Partition
+from tidegate.core.eventlog import CorruptLog, LogUnavailable, Partition
 from tidegate.core.http11 import HttpError, json_response
+from tidegate.core.jsonlog import log
 from tidegate.core.mesh import OwnerUnavailable
 from tidegate.core.views import ViewReader
 
@@ -32,9 +33,14 @@ class EventService:
         self.views = ViewReader(cfg["server"]["data_dir"], self.cfg["views"])
         self.limits = cfg["limits"]
         self.mesh = None
-        self.partition = Partition(os.path.join(cfg["server"]["data_dir"], "events", f"p-{slot}"),
-                                   self.cfg["batch_bytes"], self.cfg["window"], self.cfg["segment_bytes"],
-                                   self.cfg["compress"])
+        self.partition, self.corrupt = None, None
+        try:
+            self.partition = Partition(os.path.join(cfg["server"]["data_dir"], "events", f"p-{slot}"),
+                                       self.cfg["batch_bytes"], self.cfg["window"], self.cfg["segment_bytes"],
+                                       self.cfg["compress"])
+        except CorruptLog as e:  # this partition stays shut; the rest of the worker serves
+            self.corrupt = f"{e}; run `tidegate admin log repair` (then `tidegate admin reload`)"
+            log.error("event log partition refused", partition=f"p-{slot}", error=self.corrupt)
 
     def handlers(self) -> dict:
         return {APPEND: self._append_local}
@@ -42,9 +48,14 @@ class EventService:
     def _append_local(self, msg: list):
         records, buffered = msg
         try:
-            return self.partition.append([r.encode() for r in records], buffered)
+            return self._append(records, buffered)
         except LogUnavailable as e:
             raise RuntimeError(str(e)) from None
+
+    def _append(self, records: list[str], buffered: bool):
+        if self.partition is None:
+            raise LogUnavailable(self.corrupt)
+        return self.partition.append([r.encode() for r in records], buffered)
 
     # ---- the route ----------------------------------------------------------------------------
     def _parse(self, req) -> list:
@@ -104,7 +115,7 @@ class EventService:
         for owner, recs in by_owner.items():
             if owner == self.slot or self.mesh is None:
                 try:
-                    waits.append(self.partition.append([r.encode() for r in recs], buffered))
+                    waits.append(self._append(recs, buffered))
                 except LogUnavailable as e:
                     raise HttpError(503, str(e), "log_unavailable", headers=[(b"retry-after", b"1")]) from None
             else:

@@ -198,3 +198,39 @@ class Partition:
             except OSError:
                 pass
         self.writer.close()
+
+
+def admin_log(cfg: dict, action: str, key: str | None = None, n: int = 10) -> tuple[int, list]:
+    """`tidegate admin log stats | tail | repair`: (exit code 0/1, rows)."""
+    import glob
+
+    import orjson
+    root = os.path.join(cfg["server"]["data_dir"], "events")
+    parts = sorted(glob.glob(os.path.join(root, "p-*")))
+    rows, code = [], 0
+    for part in parts:
+        name = os.path.basename(part)
+        if action == "repair":
+            before = sum(os.path.getsize(p) for p in segments(part))
+            next_seq = recover(part, repair=True)
+            after = sum(os.path.getsize(p) for p in segments(part))
+            rows.append({"partition": name, "next_seq": next_seq, "bytes_cut": before - after})
+            continue
+        try:
+            records = list(read_all(part))
+            problem = ""
+        except CorruptLog as e:
+            records, problem, code = [], str(e), 1
+        if action == "stats":
+            segs = segments(part)
+            rows.append({"partition": name, "segments": len(segs), "bytes": sum(os.path.getsize(p) for p in segs),
+                         "events": len(records), "next_seq": records[-1][0] + 1 if records else 0,
+                         "problem": problem or None})
+        else:  # tail
+            for seq, payload in records:
+                ev = orjson.loads(payload)
+                if key is None or ev["key"] == key:
+                    rows.append({"partition": name, "seq": seq, **ev})
+    if action == "tail":
+        rows = sorted(rows, key=lambda r: r["ingest"])[-n:]
+    return code, rows

@@ -128,3 +128,30 @@ def test_views_are_materialized_and_read(daemon_factory):
     from tidegate.core.views import ViewReader
     vec = ViewReader(d.sections["server"]["data_dir"], VIEWS).vector("u1", ["spend", "clicks", "last_page"])
     assert vec.dtype.name == "float32" and vec[0] == 30.5 and vec[1] == 4 and vec[2] != vec[2]  # NaN: not numeric
+
+
+def test_admin_log_and_a_corrupt_partition_is_refused_then_repaired(daemon_factory):
+    d = daemon_factory(workers=1)
+    assert post_events(d, json.dumps([{"key": "a", "type": "t", "payload": {"i": i}} for i in range(3)]).encode()).status == 202
+    stats = d.admin_json("log", "stats")
+    assert stats[0]["events"] == 3 and stats[0]["problem"] is None
+    tail = d.admin_json("log", "tail", "--key", "a", "-n", "2")
+    assert [r["payload"]["i"] for r in tail] == [1, 2]
+    d.stop()
+    part = os.path.join(d.sections["server"]["data_dir"], "events", "p-0")
+    first = sorted(os.listdir(part))[0]
+    with open(os.path.join(part, first), "r+b") as f:  # damage the first block ...
+        f.seek(40)
+        f.write(b"\xff\xff\xff")
+    with open(os.path.join(part, "9" * 20 + ".log"), "wb"):  # ... which a later segment makes a middle one
+        pass
+    d2 = daemon_factory(workers=1, server={"data_dir": d.sections["server"]["data_dir"]})
+    r = post_events(d2, b'{"key": "a", "type": "t"}')
+    assert r.status == 503 and "admin log repair" in r.json()["error"]["message"]
+    assert any(e.get("event") == "event log partition refused" and "offset 0" in e.get("error", "")
+               for e in d2.events())
+    r = d2.admin("--json", "log", "stats")
+    assert r.returncode == 1 and json.loads(r.stdout)[0]["problem"].startswith("corrupt event log block")
+    assert d2.admin_json("log", "repair")[0]["bytes_cut"] > 0
+    assert d2.admin_json("reload")["ok"]
+    assert post_events(d2, b'{"key": "a", "type": "t"}').status == 202

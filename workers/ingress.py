@@ -128,7 +128,7 @@ class IngressWorker:
                    "owner_unavailable": rl["owner_unavailable"], "ratelimit_leased": rl["leased"],
                    "ratelimit_buckets": len(self.ratelimit.table),
                    "sessions_live": len(self.sessions.store.live) if self.sessions else 0}
-        if self.events:
+        if self.events and self.events.partition:
             m.extra.update(self.events.partition.stats)
         xs = self.exact.store
         m.extra.update(exact_hits=xs.stats["hits"], exact_misses=xs.stats["misses"], exact_inserts=xs.stats["inserts"],
@@ -251,7 +251,7 @@ class IngressWorker:
         for client in [*self.infer.values(), *([self.embedder] if self.embedder else [])]:
             client.close()
         self.sessions.store.close()
-        if self.events:
+        if self.events and self.events.partition:
             self.events.partition.close()
         self.link.close()
         self.zmq.term()
