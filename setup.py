@@ -10,7 +10,7 @@ EXTENSIONS = [
     Extension("tidegate.ext.jsonguard", ["ext/jsonguard.pyx"], extra_compile_args=["-O3"]),
     Extension("tidegate.ext.httpconn", ["ext/httpconn.pyx"], extra_compile_args=["-O3"]),
     Extension("tidegate.ext.tokenbucket", ["ext/tokenbucket.pyx"], extra_compile_args=["-O3"]),
-    Extension("tidegate.ext.logwriter", ["ext/logwriter.pyx"], extra_compile_args=["-O3"]),
+    Extension("tidegate.ext.logwriter", ["ext/logwriter.pyx"], include_dirs=["ext"], extra_compile_args=["-O3"]),
 ]
 
 setup(
@@ -20,7 +20,7 @@ setup(
         "tidegate.workers": "workers",
         "tidegate.ext": "ext",
     },
-    package_data={"tidegate.ext": ["*.pyx", "*.pxd"]},
+    package_data={"tidegate.ext": ["*.pyx", "*.pxd", "*.h"]},
     ext_modules=cythonize(EXTENSIONS, language_level=3, compiler_directives={"boundscheck": False, "wraparound": False}),
     zip_safe=False,
 )

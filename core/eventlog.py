@@ -124,9 +124,7 @@ class Partition:
         if self.failed:
             raise LogUnavailable(self.failed)
         self.loop = self.loop or asyncio.get_running_loop()
-        first = self.writer.next_seq
-        for p in payloads:
-            self.writer.append(p)
+        first = self.writer.append_many(payloads)
         self.stats["events_appended"] += len(payloads)
         fut = self.loop.create_future()
         if buffered:

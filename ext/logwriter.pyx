@@ -16,6 +16,7 @@ acknowledged only after its fdatasync returned. A failed write truncates the seg
 where the block began, so a retry can never leave a torn block in the middle of a segment.
 """
 from libc.stdint cimport uint32_t, uint64_t
+from libc.stdlib cimport free, realloc
 from libc.string cimport memcpy
 from cpython.bytes cimport PyBytes_AS_STRING, PyBytes_FromStringAndSize, PyBytes_GET_SIZE
 
@@ -28,27 +29,15 @@ MAGIC = b"TGB1"
 HEADER = struct.Struct("<4sIIBIQI")  # magic, body_len, raw_len, codec, n_records, first_seq, crc
 CODEC_RAW, CODEC_LZ4 = 0, 1
 
-cdef uint32_t _TABLE[256]
+cdef extern from "crc32c.h":
+    void tg_crc_init()
+    uint32_t tg_crc32c(const unsigned char* p, size_t n, uint32_t crc) nogil
 
-
-cdef void _init_table():
-    cdef uint32_t c, i, k
-    for i in range(256):
-        c = i
-        for k in range(8):
-            c = (c >> 1) ^ (0x82F63B78 if c & 1 else 0)
-        _TABLE[i] = c
-
-
-_init_table()
+tg_crc_init()
 
 
 cdef inline uint32_t _crc(const unsigned char* p, Py_ssize_t n, uint32_t crc) nogil:
-    crc = ~crc
-    cdef Py_ssize_t i
-    for i in range(n):
-        crc = _TABLE[(crc ^ p[i]) & 0xFF] ^ (crc >> 8)
-    return ~crc
+    return tg_crc32c(p, n, crc)
 
 
 def crc32c(const unsigned char[::1] data, uint32_t crc=0):
@@ -61,7 +50,8 @@ def crc32c(const unsigned char[::1] data, uint32_t crc=0):
 cdef class LogWriter:
     """Appends records for one partition. Not thread-safe by itself: append/seal on the loop
     thread, write_block on one writer thread, never two write_blocks at once."""
-    cdef bytearray buf
+    cdef char* buf
+    cdef Py_ssize_t used, cap
     cdef public uint64_t next_seq, first_unsealed
     cdef public Py_ssize_t n_unsealed
     cdef public object directory, path
@@ -71,7 +61,7 @@ cdef class LogWriter:
 
     def __init__(self, directory, uint64_t next_seq, Py_ssize_t segment_bytes=64 << 20, bint compress=True):
         self.directory, self.segment_bytes, self.compress = directory, segment_bytes, compress
-        self.buf = bytearray()
+        self.buf, self.used, self.cap = NULL, 0, 0
         self.next_seq = self.first_unsealed = next_seq
         self.n_unsealed = 0
         self.fd = -1
@@ -95,26 +85,63 @@ cdef class LogWriter:
         finally:
             os.close(dfd)
 
+    def __dealloc__(self):
+        free(self.buf)
+
+    cdef int _reserve(self, Py_ssize_t more) except -1:
+        cdef Py_ssize_t cap = self.cap or 65536
+        cdef char* p
+        if self.used + more <= self.cap:
+            return 0
+        while cap < self.used + more:
+            cap *= 2
+        p = <char*>realloc(self.buf, cap)
+        if p == NULL:
+            raise MemoryError()
+        self.buf, self.cap = p, cap
+        return 0
+
+    cdef inline void _put(self, const char* data, Py_ssize_t n):
+        cdef uint32_t head[2]
+        head[0] = <uint32_t>n
+        head[1] = _crc(<const unsigned char*>data, n, 0)
+        memcpy(self.buf + self.used, head, 8)
+        memcpy(self.buf + self.used + 8, data, n)
+        self.used += 8 + n
+
     def append(self, bytes payload):
         """Buffer one record; returns its sequence number."""
         cdef Py_ssize_t n = PyBytes_GET_SIZE(payload)
-        cdef uint32_t c = _crc(<const unsigned char*>PyBytes_AS_STRING(payload), n, 0)
-        self.buf += struct.pack("<II", n, c)
-        self.buf += payload
+        self._reserve(8 + n)
+        self._put(PyBytes_AS_STRING(payload), n)
         self.n_unsealed += 1
         self.next_seq += 1
         return self.next_seq - 1
 
+    def append_many(self, list payloads):
+        """Buffer several records; returns the first one's sequence number."""
+        cdef Py_ssize_t total = 0
+        cdef bytes p
+        for p in payloads:
+            total += 8 + PyBytes_GET_SIZE(p)
+        self._reserve(total)
+        for p in payloads:
+            self._put(PyBytes_AS_STRING(p), PyBytes_GET_SIZE(p))
+        first = self.next_seq
+        self.n_unsealed += len(payloads)
+        self.next_seq += len(payloads)
+        return first
+
     @property
     def pending_bytes(self):
-        return len(self.buf)
+        return self.used
 
     def seal(self):
         """The records appended since the last seal as one block: (block bytes, n, first_seq),
         or None when there are none."""
         if not self.n_unsealed:
             return None
-        raw = bytes(self.buf)
+        raw = PyBytes_FromStringAndSize(self.buf, self.used)
         codec, body = CODEC_RAW, raw
         if self.compress and len(raw) > 256:
             packed = lz4.block.compress(raw, store_size=False)
@@ -123,7 +150,7 @@ cdef class LogWriter:
         cdef uint32_t c = _crc(<const unsigned char*>PyBytes_AS_STRING(body), PyBytes_GET_SIZE(body), 0)
         block = HEADER.pack(MAGIC, len(body), len(raw), codec, self.n_unsealed, self.first_unsealed, c) + body
         out = (block, self.n_unsealed, self.first_unsealed)
-        self.buf = bytearray()
+        self.used = 0
         self.first_unsealed = self.next_seq
         self.n_unsealed = 0
         return out
