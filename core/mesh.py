@@ -215,7 +215,9 @@ class Mesh:
         try:
             self.router.send_multipart([ident, orjson.dumps([reply])], zmq.NOBLOCK)
         except (zmq.Again, zmq.ZMQError):
-            pass
+            return
+        if self.router.getsockopt(zmq.EVENTS) & zmq.POLLIN:  # the send may have eaten the fd's edge
+            self.loop.call_soon(self._on_router)
 
     def close(self) -> None:
         if self.loop:
