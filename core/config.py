@@ -268,6 +268,10 @@ SCHEMA: dict[str, dict[str, Key]] = {
         "max_events": Key(int, 10000, "events per request (413 above)", positive),
         "max_event_bytes": Key(int, 64 * KiB, "JSON bytes per event (400 above)", positive),
         "owner_timeout": Key(float, 2.0, "seconds to wait for the partition owner's fsync (then 503)", positive),
+        "retention_bytes": Key(int, 0, "per partition: delete the oldest segments beyond this size (0 = keep all)",
+                               non_negative),
+        "retention_age": Key(float, 0.0, "per partition: delete segments older than this many seconds (0 = keep)",
+                             non_negative),
         "views": Key(list, [], "materialized views: [{name, kind = count|sum|avg|last|last_n, event_type, field, "
                      "window, n}] (see core/views.py)", lambda v: _views(v)),
         "views_map_bytes": Key(int, 1024 * MiB, "LMDB map size of the views", positive),

@@ -45,6 +45,15 @@ class EventService:
     def handlers(self) -> dict:
         return {APPEND: self._append_local}
 
+    def retain(self) -> None:
+        """Periodic: apply the retention limits to this worker's partition."""
+        c = self.cfg
+        if self.partition is None or not (c["retention_bytes"] or c["retention_age"]):
+            return
+        applied = self.views.applied_segment(f"p-{self.slot}") if c["views"] else None
+        for path in self.partition.retain(c["retention_bytes"], c["retention_age"], applied):
+            log.info("event log segment retired", file=path)
+
     def _append_local(self, msg: list):
         records, buffered = msg
         try:

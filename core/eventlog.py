@@ -18,6 +18,7 @@ from __future__ import annotations
 import asyncio
 import os
 import struct
+import time
 from concurrent.futures import ThreadPoolExecutor
 
 import lz4.block
@@ -174,6 +175,25 @@ class Partition:
                     w.set_exception(LogUnavailable(self.failed))
         if self.writer.pending_bytes and not self.failed:
             self._flush()
+
+    def retain(self, max_bytes: int, max_age: float, applied_before: str | None) -> list[str]:
+        """Delete the oldest closed segments beyond max_bytes or older than max_age, but never
+        one the view builder has not finished (applied_before: the segment it is reading; None
+        when there are no views). Returns the deleted paths."""
+        segs = segments(self.directory)[:-1]  # the newest one is being written
+        total = sum(os.path.getsize(p) for p in segments(self.directory))
+        deleted, now = [], time.time()
+        for path in segs:
+            too_big = max_bytes and total > max_bytes
+            too_old = max_age and now - os.path.getmtime(path) > max_age
+            if not (too_big or too_old):
+                break
+            if applied_before is not None and os.path.basename(path) >= applied_before:
+                break  # the views still need it
+            total -= os.path.getsize(path)
+            os.unlink(path)
+            deleted.append(path)
+        return deleted
 
     def probe(self) -> bool:
         """While failed: try an empty block's worth of write + fsync; resume when it works."""

@@ -117,6 +117,15 @@ class ViewReader:
             raw = txn.get(row_key(view, key))
         return read(self.views[view], orjson.loads(raw) if raw else None)
 
+    def applied_segment(self, partition: str) -> str:
+        """The segment the view builder is at in partition ("" when it has not started)."""
+        env = self._open()
+        if env is None:
+            return ""
+        with env.begin() as txn:
+            raw = txn.get(b"offset\0" + partition.encode())
+        return orjson.loads(raw)[0] if raw else ""
+
     def vector(self, key: str, features: list[str]) -> np.ndarray:
         """The key's numeric views in the declared feature order, as float32 (NaN when missing):
         the shape a model's feature hydration wants."""

@@ -180,6 +180,8 @@ class IngressWorker:
         self._spawn_periodic(self.http.tick, 1.0)
         self._spawn_periodic(self.sessions.store.expire, 60.0)
         self._spawn_periodic(self.ratelimit.table.reclaim, 60.0)
+        if self.events:
+            self._spawn_periodic(self.events.retain, 5.0)
         self.booted = True
         log.info("worker ready", slot=self.slot, gen=self.spec["gen"])
 
