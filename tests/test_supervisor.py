@@ -274,7 +274,7 @@ def test_readyz_reflects_workers(daemon_factory):
     d = daemon_factory(workers=2, server={"respawn_backoff_max": 5.0})
     r = request(d.port, path="/readyz")
     assert r.status == 200 and r.json() == {"ready": True, "state": "running", "workers_ready": 2,
-                                            "workers_expected": 2}
+                                            "workers_expected": 2, "view_lag_seconds": 0}
     # crash slot 0 in a loop: respawn backoff grows, and meanwhile the daemon is not ready
     for _ in range(4):
         old = worker_pids(d)[0]
