@@ -4,7 +4,7 @@
     python bench/log_bench.py http   [--seconds 10] [--clients 16]
     python bench/log_bench.py all
 
-writer: 200-byte JSON events, one write + fsync per batch of `batch` records, in the same run:
+writer: ~200-byte JSON events, one write + fsync per batch of `batch` records, in the same run:
 the Cython writer (CRC32C, LZ4 blocks), a plain-Python writer with the same framing (zlib's
 crc32, no compression), SQLite in WAL mode (synchronous=FULL, executemany + commit per batch),
 and the disk's own sequential write figure (1 MiB writes + one fsync) measured the same way.
@@ -36,10 +36,11 @@ from tidegate.ext.logwriter import LogWriter  # noqa: E402
 def events(n: int) -> list[bytes]:
     out = []
     for i in range(n):
-        e = {"key": f"user-{i % 5000}", "type": "click", "ts": 1795000000.0 + i,
-             "payload": {"page": f"/products/{i % 997}", "ref": "search", "session": f"s{i % 777:06d}"},
-             "ingest": 1795000000.5 + i}
-        out.append(json.dumps(e).encode().ljust(200))
+        e = {"key": f"user-{(i * 7919) % 50000}", "type": ("click", "view", "buy")[i % 3], "ts": 1795000000.0 + i * 0.37,
+             "payload": {"page": f"/products/{(i * 104729) % 99991}", "ref": ("search", "ad", "mail")[i % 3],
+                         "session": f"{(i * 2654435761) % 2**32:08x}", "price": round((i * 37) % 10000 / 7, 2)},
+             "ingest": 1795000000.5 + i * 0.37}
+        out.append(json.dumps(e).encode())
     return out
 
 
@@ -109,13 +110,33 @@ def writer(n: int, batch: int, rounds: int = 3) -> None:
         d = tempfile.mkdtemp(prefix="tidegate-logbench-", dir=os.environ.get("BENCH_DIR"))
         res["disk"].append(disk_sequential(d, 256 << 20) / (256 / mb))  # scaled to the same bytes
     med = {k: statistics.median(v) for k, v in res.items()}
-    print(f"{n} events of 200 bytes ({mb:.0f} MiB), fsync per {batch}; medians of {rounds}:")
+    print(f"{n} events of ~{mb * 2**20 / n:.0f} bytes ({mb:.0f} MiB), fsync per {batch}; medians of {rounds}:")
     for k in ("cython", "python", "sqlite"):
         print(f"  {k:7} {n / med[k]:10.0f} events/s  {mb / med[k]:7.1f} MB/s")
     print(f"  disk sequential write (1 MiB writes + fsync): {mb / med['disk']:.1f} MB/s")
     print(f"  cython vs sqlite: {med['sqlite'] / med['cython']:.1f}x;  vs plain python: "
           f"{med['python'] / med['cython']:.1f}x;  vs the disk's MB/s: {med['disk'] / med['cython']:.2f}x "
           f"(logical bytes; LZ4 writes fewer)")
+
+
+def codecs() -> None:
+    """Why LZ4: compress speed vs ratio on a block of realistic events (zstandard: bench extra)."""
+    import lz4.block
+    import zstandard
+    block = b"".join(events(5000))
+    cands = [("lz4", lambda b: lz4.block.compress(b, store_size=False))]
+    for level in (1, 3):
+        z = zstandard.ZstdCompressor(level=level)
+        cands.append((f"zstd-{level}", z.compress))
+    print(f"block compression, {len(block) // 1024} KiB of events (write path: one block per fsync):")
+    for name, fn in cands:
+        runs = []
+        for _ in range(5):
+            t0 = time.perf_counter()
+            out = fn(block)
+            runs.append(time.perf_counter() - t0)
+        mbs = len(block) / statistics.median(runs) / 2**20
+        print(f"  {name:7} {mbs:8.0f} MB/s  ratio {len(block) / len(out):5.2f}")
 
 
 def http_load(seconds: float, clients: int) -> None:
@@ -176,6 +197,7 @@ def main() -> None:
     ap.add_argument("--clients", type=int, default=16)
     args = ap.parse_args()
     if args.what in ("writer", "all"):
+        codecs()
         writer(args.records, args.batch)
     if args.what in ("http", "all"):
         http_load(args.seconds, args.clients)

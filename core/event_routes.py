@@ -45,6 +45,11 @@ class EventService:
     def handlers(self) -> dict:
         return {APPEND: self._append_local}
 
+    def probe(self) -> None:
+        """Periodic: a partition stopped by a disk error resumes once a write + fsync works."""
+        if self.partition is not None:
+            self.partition.probe()
+
     def retain(self) -> None:
         """Periodic: apply the retention limits to this worker's partition."""
         c = self.cfg

@@ -22,7 +22,9 @@ import time
 from concurrent.futures import ThreadPoolExecutor
 
 import lz4.block
+import orjson
 
+from tidegate.core.jsonlog import log
 from tidegate.ext.logwriter import CODEC_LZ4, HEADER, MAGIC, LogWriter, crc32c
 
 _REC = struct.Struct("<II")
@@ -168,6 +170,7 @@ class Partition:
         else:
             self.stats["log_write_errors"] += 1
             self.failed = f"event log write failed: {err}"
+            log.error("event log partition stopped acknowledging", partition=self.directory, error=str(err))
             self.writer.seal()  # what was appended meanwhile is refused too: never retry-then-ack
             waiters, self.waiting = waiters + self.waiting, []
             for w, _ in waiters:
@@ -204,6 +207,7 @@ class Partition:
         except OSError:
             return False
         self.failed = None
+        log.warning("event log partition acknowledging again", partition=self.directory)
         return True
 
     def close(self) -> None:
@@ -222,7 +226,6 @@ def admin_log(cfg: dict, action: str, key: str | None = None, n: int = 10) -> tu
     """`tidegate admin log stats | tail | repair`: (exit code 0/1, rows)."""
     import glob
 
-    import orjson
     root = os.path.join(cfg["server"]["data_dir"], "events")
     parts = sorted(glob.glob(os.path.join(root, "p-*")))
     rows, code = [], 0
@@ -243,7 +246,7 @@ def admin_log(cfg: dict, action: str, key: str | None = None, n: int = 10) -> tu
             segs = segments(part)
             rows.append({"partition": name, "segments": len(segs), "bytes": sum(os.path.getsize(p) for p in segs),
                          "events": len(records), "next_seq": records[-1][0] + 1 if records else 0,
-                         "problem": problem or None})
+                         "views_behind_bytes": _views_behind(cfg, name, segs), "problem": problem or None})
         else:  # tail
             for seq, payload in records:
                 ev = orjson.loads(payload)
@@ -252,3 +255,23 @@ def admin_log(cfg: dict, action: str, key: str | None = None, n: int = 10) -> tu
     if action == "tail":
         rows = sorted(rows, key=lambda r: r["ingest"])[-n:]
     return code, rows
+
+
+def _views_behind(cfg: dict, partition: str, segs: list[str]):
+    """Bytes of the log the view builder has not applied yet (None without views)."""
+    if not cfg["events"]["views"]:
+        return None
+    from tidegate.core.views import ViewReader
+    reader = ViewReader(cfg["server"]["data_dir"], cfg["events"]["views"])
+    env = reader._open()
+    if env is None:
+        return sum(os.path.getsize(p) for p in segs)
+    with env.begin() as txn:
+        raw = txn.get(b"offset\0" + partition.encode())
+    seg, pos = orjson.loads(raw) if raw else ("", 0)
+    behind = 0
+    for p in segs:
+        base = os.path.basename(p)
+        behind += os.path.getsize(p) - pos if base == seg else (os.path.getsize(p) if base > seg else 0)
+    env.close()
+    return behind

@@ -182,6 +182,7 @@ class IngressWorker:
         self._spawn_periodic(self.ratelimit.table.reclaim, 60.0)
         if self.events:
             self._spawn_periodic(self.events.retain, 5.0)
+            self._spawn_periodic(self.events.probe, 1.0)
         self.booted = True
         log.info("worker ready", slot=self.slot, gen=self.spec["gen"])
 
