@@ -9,9 +9,10 @@ A flush starts when the buffer reaches `batch_bytes` or `window` seconds after t
 unflushed append. On a disk error (EIO, ENOSPC…) the partition stops acknowledging: the requests
 of that block fail (503) and later ones fail at once, until a probe write + fsync succeeds.
 
-Recovery at start reads every block: a torn or unchecksummable *last* block of the *last*
-segment is a partial write and is cut off; a bad block anywhere else refuses to open the
-partition (CorruptLog names the file and offset) until `tidegate admin log repair` cuts it.
+Recovery at start reads the tail segment (earlier ones were checked when they were the tail, so
+start-up does not grow with the log): a bad block with nothing valid after it is a partial
+write and is cut off; a bad block followed by good ones refuses to open the partition
+(CorruptLog names the file and offset) until `tidegate admin log repair` cuts it.
 """
 from __future__ import annotations
 
@@ -77,24 +78,40 @@ def read_blocks(path: str, start: int = 0):
 
 
 def recover(directory: str, repair: bool = False) -> int:
-    """Check every block; cut a torn tail; return the next sequence number. With repair, a bad
-    block anywhere cuts its segment there and drops the later segments."""
-    next_seq = 0
+    """Check the tail segment (the only one a crash can have left half-written; earlier ones
+    were checked when they were the tail, so start-up does not grow with the log); cut a torn
+    last block; return the next sequence number. A bad block before the end raises CorruptLog,
+    unless repair, which cuts the segment there."""
     segs = segments(directory)
-    for i, path in enumerate(segs):
-        try:
-            for _, _, first_seq, records in read_blocks(path):
-                next_seq = first_seq + len(records)
-        except CorruptLog as e:
-            if i == len(segs) - 1 or repair:  # the tail of the log: an interrupted write
-                with open(path, "r+b") as f:
-                    f.truncate(e.offset)
-                    os.fsync(f.fileno())
-                for later in segs[i + 1:]:
-                    os.unlink(later)
-                break
-            raise
+    if not segs:
+        return 0
+    path = segs[len(segs) - 1]
+    next_seq = int(os.path.basename(path)[:-4])  # a segment is named by its first sequence number
+    try:
+        for _, _, first_seq, records in read_blocks(path):
+            next_seq = first_seq + len(records)
+    except CorruptLog as e:
+        if not repair and _good_block_after(path, e.offset):
+            raise  # damage in the middle: not a torn write
+        with open(path, "r+b") as f:
+            f.truncate(e.offset)
+            os.fsync(f.fileno())
     return next_seq
+
+
+def _good_block_after(path: str, offset: int) -> bool:
+    """Is there a valid block header after offset? (Then the damage is not just a torn tail.)"""
+    with open(path, "rb") as f:
+        f.seek(offset + 1)
+        data = f.read()
+    i = data.find(MAGIC)
+    while i >= 0:
+        try:
+            next(read_blocks(path, offset + 1 + i))
+            return True
+        except (CorruptLog, StopIteration, struct.error):
+            i = data.find(MAGIC, i + 1)
+    return False
 
 
 def read_all(directory: str):
@@ -233,7 +250,7 @@ def admin_log(cfg: dict, action: str, key: str | None = None, n: int = 10) -> tu
         name = os.path.basename(part)
         if action == "repair":
             before = sum(os.path.getsize(p) for p in segments(part))
-            next_seq = recover(part, repair=True)
+            next_seq = _repair(part)
             after = sum(os.path.getsize(p) for p in segments(part))
             rows.append({"partition": name, "next_seq": next_seq, "bytes_cut": before - after})
             continue
@@ -275,3 +292,20 @@ def _views_behind(cfg: dict, partition: str, segs: list[str]):
         behind += os.path.getsize(p) - pos if base == seg else (os.path.getsize(p) if base > seg else 0)
     env.close()
     return behind
+
+
+def _repair(directory: str) -> int:
+    """Cut every segment at its first bad block and drop the segments after a damaged one."""
+    segs = segments(directory)
+    for i, path in enumerate(segs):
+        try:
+            for _ in read_blocks(path):
+                pass
+        except CorruptLog as e:
+            with open(path, "r+b") as f:
+                f.truncate(e.offset)
+                os.fsync(f.fileno())
+            for later in segs[i + 1:]:
+                os.unlink(later)
+            break
+    return recover(directory)

@@ -48,20 +48,25 @@ def test_torn_tail_is_cut_and_middle_corruption_refuses_to_open(tmp_path):
     with open(seg, "ab") as f:
         f.write(b"TGB1\x10\x00")  # a write cut short by a crash
     assert recover(str(tmp_path)) == 10 and os.path.getsize(seg) == size
-    with open(seg, "r+b") as f:  # now damage the first block
+    with open(seg, "r+b") as f:  # now damage the first of the two blocks: a good one follows it
         f.seek(40)
         f.write(b"\xff\xff\xff")
-    write_more = tmp_path / "other"
     with pytest.raises(CorruptLog) as e:
-        # a second segment makes the damaged block a middle one
-        os.rename(seg, os.path.join(str(tmp_path), "0" * 19 + "0.log"))
-        with open(os.path.join(str(tmp_path), "9" * 20 + ".log"), "wb") as f:
-            f.write(b"")
         recover(str(tmp_path))
-    assert e.value.offset == 0 and "offset 0" in str(e.value)
+    assert e.value.offset == 0 and "offset 0" in str(e.value) and seg in str(e.value)
+    assert os.path.getsize(seg) == size  # refused, not cut
     assert recover(str(tmp_path), repair=True) == 0  # repair cuts at the bad block
     assert list(read_all(str(tmp_path))) == []
-    assert not write_more.exists()
+
+
+def test_recovery_reads_only_the_tail_segment(tmp_path):
+    for _ in range(5):
+        write(tmp_path, [50], segment_bytes=2000, compress=False)
+    segs = segments(str(tmp_path))
+    with open(segs[0], "r+b") as f:  # damage in a closed segment is not start-up's business
+        f.seek(40)
+        f.write(b"\xff\xff")
+    assert recover(str(tmp_path)) == 250
 
 
 def test_disk_error_stops_acknowledging(tmp_path):
