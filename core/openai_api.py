@@ -4,7 +4,7 @@
     POST /v1/completions        POST /v1/embeddings
 
 The ingress worker validates the request (every bad parameter is a 400 naming it), then hands
-it to the inference worker of the model over its InferClient; the inference worker renders the
+it to the inference worker of the model over its WorkerClient; the inference worker renders the
 chat template, tokenizes, checks the context length and generates. Non-streamed answers are one
 JSON body; streamed ones are SSE `data:` chunks in OpenAI's shapes ending with `data: [DONE]`.
 A streamed request waits for its first event before answering, so errors found by the
@@ -24,7 +24,7 @@ import orjson
 
 from tidegate.core.exact_cache import cache_key, reproducible
 from tidegate.core.http11 import HttpError, Stream, json_response
-from tidegate.core.infer_client import Unavailable
+from tidegate.core.worker_client import Unavailable
 from tidegate.core.jsonbody import parse_json
 
 ROLES = ("system", "developer", "user", "assistant", "tool")

@@ -23,7 +23,7 @@ from tidegate.core.auth import ApiKeys
 from tidegate.core.http11 import HttpError, HttpServer, Response, json_response
 from tidegate.core.event_routes import EventService
 from tidegate.core.exact_cache import ExactCache
-from tidegate.core.infer_client import InferClient
+from tidegate.core.worker_client import WorkerClient
 from tidegate.core.jsonbody import parse_json
 from tidegate.core.jsonlog import log
 from tidegate.core.link import SupervisorLink
@@ -69,7 +69,7 @@ class IngressWorker:
         self.stopped = asyncio.Event()
         self.supervisor_pid = spec["supervisor_pid"]
         self.booted = False
-        self.infer: dict = {}  # model name -> InferClient
+        self.infer: dict = {}  # model name -> WorkerClient
         self.embedder = self.semantic = None  # the semantic cache's embedder process, when on
         self.events = None  # EventService: this worker's event-log partition
 
@@ -90,11 +90,11 @@ class IngressWorker:
             r.add("GET", "/v1/views/{view}/{key}", lambda req, **_: view(req))
         models = config.models(self.cfg)
         if models:
-            self.infer = {m["name"]: InferClient(self.zmq, config.inference_endpoint(self.cfg, m["name"], self.spec["gen"]),
+            self.infer = {m["name"]: WorkerClient(self.zmq, config.inference_endpoint(self.cfg, m["name"], self.spec["gen"]),
                                                  self.loop,
                                                  self.cfg["control"]["max_message_bytes"]) for m in models}
             if config.semantic_enabled(self.cfg):
-                self.embedder = InferClient(self.zmq, config.embedder_endpoint(self.cfg, self.spec["gen"]), self.loop,
+                self.embedder = WorkerClient(self.zmq, config.embedder_endpoint(self.cfg, self.spec["gen"]), self.loop,
                                             self.cfg["control"]["max_message_bytes"])
                 self.semantic = SemanticCache(self.cfg, self.embedder)
             OpenAIRoutes(self.cfg, models, self.infer, self.ratelimit, self.exact, self.semantic).add_to(r, api)

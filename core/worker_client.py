@@ -22,7 +22,7 @@ class Unavailable(Exception):
     pass
 
 
-class InferClient:
+class WorkerClient:
     def __init__(self, ctx: zmq.Context, endpoint: str, loop, max_message_bytes: int):
         self.loop = loop
         self.sock = ctx.socket(zmq.DEALER)
