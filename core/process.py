@@ -8,10 +8,13 @@ from __future__ import annotations
 
 import os
 import signal
+import sys
 
 import orjson
+import zmq
 from setproctitle import setproctitle
 
+from tidegate.core import protocol
 from tidegate.core.jsonlog import log
 
 SPEC_ENV = "TIDEGATE_WORKER_SPEC"
@@ -34,9 +37,7 @@ class WorkerSockets:
     heartbeats."""
 
     def __init__(self, spec: dict, endpoint: str):
-        import zmq
-        from tidegate.core import protocol
-        self.zmq, self.protocol, self.spec = zmq, protocol, spec
+        self.spec = spec
         self.ctx = zmq.Context(1)
         self.router = self.ctx.socket(zmq.ROUTER)
         self.router.setsockopt(zmq.MAXMSGSIZE, spec["config"]["control"]["max_message_bytes"])
@@ -52,12 +53,11 @@ class WorkerSockets:
 
     def take(self, limit: int = 10000) -> list:
         """Every (peer, [op, rid, body]) waiting now; a frame carries a list of messages."""
-        import orjson
         out = []
         for _ in range(limit):
             try:
-                peer, frame = self.router.recv_multipart(self.zmq.NOBLOCK)
-            except self.zmq.Again:
+                peer, frame = self.router.recv_multipart(zmq.NOBLOCK)
+            except zmq.Again:
                 break
             except ValueError:  # not [peer, frame]
                 continue
@@ -69,15 +69,14 @@ class WorkerSockets:
 
     def send(self, events: dict) -> None:
         """{peer: [event, ...]}: one frame per peer."""
-        import orjson
         for peer, evs in events.items():
             try:
-                self.router.send_multipart([peer, orjson.dumps(evs)], self.zmq.NOBLOCK)
-            except self.zmq.ZMQError:
+                self.router.send_multipart([peer, orjson.dumps(evs)], zmq.NOBLOCK)
+            except zmq.ZMQError:
                 log.warning("client not reading; events dropped", events=len(evs))
 
     def ready(self) -> None:
-        self.link.send(self.protocol.encode({"op": self.protocol.READY, "pid": os.getpid()}))
+        self.link.send(protocol.encode({"op": protocol.READY, "pid": os.getpid()}))
 
     def heartbeat(self, extra: dict) -> bool:
         """Send counters to the supervisor; False when the supervisor is gone (then exit)."""
@@ -85,9 +84,9 @@ class WorkerSockets:
             log.error("supervisor is gone; exiting")
             return False
         try:
-            self.link.send(self.protocol.encode({"op": self.protocol.HEARTBEAT, "snap": {"extra": extra}}),
-                           self.zmq.NOBLOCK)
-        except self.zmq.Again:
+            self.link.send(protocol.encode({"op": protocol.HEARTBEAT, "snap": {"extra": extra}}),
+                           zmq.NOBLOCK)
+        except zmq.Again:
             pass
         return True
 
@@ -99,7 +98,6 @@ class WorkerSockets:
 
 def run_blocking_worker(name_of, make) -> None:
     """main() of a blocking worker: make(spec) must have boot() and run(); exit codes as above."""
-    import sys
     worker = make(start_worker(name_of))
     try:
         worker.boot()
