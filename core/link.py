@@ -36,6 +36,8 @@ class SupervisorLink:
         self.loop.add_reader(self.sock.getsockopt(zmq.FD), self._on_readable)
 
     def _on_readable(self) -> None:
+        if self.sock.closed:  # a callback queued before close()
+            return
         for frame in waiting(self.sock):
             try:
                 msg = protocol.decode(frame)

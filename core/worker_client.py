@@ -66,6 +66,8 @@ class WorkerClient:
 
     def _flush(self) -> None:
         msgs, self._outbox = self._outbox, []
+        if self.sock.closed:
+            return
         try:
             self.sock.send(orjson.dumps(msgs), zmq.NOBLOCK)
         except zmq.ZMQError:
@@ -73,6 +75,8 @@ class WorkerClient:
         self.loop.call_soon(self._on_readable)  # a send can eat the fd's edge
 
     def _on_readable(self) -> None:
+        if self.sock.closed:  # a callback queued before close()
+            return
         for frame in waiting(self.sock):
             try:
                 events = orjson.loads(frame)
@@ -87,7 +91,7 @@ class WorkerClient:
                 handler(kind, payload)
 
     def _on_monitor(self) -> None:
-        while True:
+        while not self.monitor.closed:
             try:
                 event = recv_monitor_message(self.monitor, zmq.NOBLOCK)
             except zmq.Again:

@@ -381,8 +381,11 @@ def test_logs_are_json_and_never_contain_secrets(daemon_factory):
     text = d.logs()
     assert secret not in text
     for line in text.splitlines():
-        rec = json.loads(line)
-        assert {"time", "level", "process", "event"} <= rec.keys()
+        try:
+            rec = json.loads(line)
+        except ValueError:
+            raise AssertionError(f"not a JSON log line: {line!r}") from None
+        assert {"time", "level", "process", "event"} <= rec.keys(), line
     assert any(e["event"] == "access" for e in d.events())
 
 

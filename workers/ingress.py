@@ -69,6 +69,7 @@ class IngressWorker:
         self.stopped = asyncio.Event()
         self.supervisor_pid = spec["supervisor_pid"]
         self.booted = False
+        self.periodic: list[asyncio.Task] = []  # cancelled before the sockets close
         self.infer: dict = {}  # model name -> WorkerClient
         self.embedder = self.semantic = None  # the semantic cache's embedder process, when on
         self.events = None  # EventService: this worker's event-log partition
@@ -190,8 +191,9 @@ class IngressWorker:
         async def run():
             while not self.stopped.is_set():
                 await asyncio.sleep(interval)
-                fn()
-        asyncio.ensure_future(run())
+                if not self.stopped.is_set():  # woken after the stop: the sockets may be closed
+                    fn()
+        self.periodic.append(asyncio.ensure_future(run()))
 
     def _heartbeat(self) -> None:
         if os.getppid() != self.supervisor_pid:
@@ -247,6 +249,8 @@ class IngressWorker:
     async def run(self) -> None:
         await self.boot()
         await self.stopped.wait()
+        for task in self.periodic:
+            task.cancel()
         for conn in list(self.http.conns):
             conn.abort("worker stopping")
         if self.mesh:
