@@ -55,7 +55,7 @@ class EventService:
         c = self.cfg
         if self.partition is None or not (c["retention_bytes"] or c["retention_age"]):
             return
-        applied = self.views.applied_segment(f"p-{self.slot}") if c["views"] else None
+        applied = self.views.offset(f"p-{self.slot}")[0] if c["views"] else None
         for path in self.partition.retain(c["retention_bytes"], c["retention_age"], applied):
             log.info("event log segment retired", file=path)
 
@@ -76,15 +76,18 @@ class EventService:
         body = req.body
         if not body or not body.strip():
             raise HttpError(400, "request body is empty; expected JSON events", "invalid_json")
-        ctype = req.headers.get(b"content-type", b"")
         text = body.strip()
         try:
-            if b"ndjson" in ctype or (text[:1] == b"{" and b"\n" in text and text[-1:] == b"}"
-                                      and not _one_object(text)):
-                items = [orjson.loads(line) for line in text.split(b"\n") if line.strip()]
+            if b"ndjson" in req.headers.get(b"content-type", b""):
+                items = _ndjson(text)
             else:
-                doc = orjson.loads(text)
-                items = doc if isinstance(doc, list) else [doc]
+                try:
+                    doc = orjson.loads(text)
+                    items = doc if isinstance(doc, list) else [doc]
+                except orjson.JSONDecodeError:
+                    if b"\n" not in text:
+                        raise
+                    items = _ndjson(text)  # NDJSON sent as application/json
         except orjson.JSONDecodeError as e:
             raise HttpError(400, f"invalid JSON: {e}", "invalid_json") from None
         if len(items) > self.cfg["max_events"]:
@@ -160,11 +163,8 @@ class EventService:
         return json_response({"view": name, "key": key, "kind": self.views.views[name]["kind"], "value": value})
 
 
-def _one_object(text: bytes) -> bool:
-    try:
-        return isinstance(orjson.loads(text), dict)
-    except orjson.JSONDecodeError:
-        return False
+def _ndjson(text: bytes) -> list:
+    return [orjson.loads(line) for line in text.split(b"\n") if line.strip()]
 
 
 def _unavailable(res) -> Exception:

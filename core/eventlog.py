@@ -243,9 +243,11 @@ def admin_log(cfg: dict, action: str, key: str | None = None, n: int = 10) -> tu
     """`tidegate admin log stats | tail | repair`: (exit code 0/1, rows)."""
     import glob
 
+    from tidegate.core.views import ViewReader
     root = os.path.join(cfg["server"]["data_dir"], "events")
     parts = sorted(glob.glob(os.path.join(root, "p-*")))
     rows, code = [], 0
+    views = ViewReader(cfg["server"]["data_dir"], cfg["events"]["views"]) if cfg["events"]["views"] else None
     for part in parts:
         name = os.path.basename(part)
         if action == "repair":
@@ -263,7 +265,7 @@ def admin_log(cfg: dict, action: str, key: str | None = None, n: int = 10) -> tu
             segs = segments(part)
             rows.append({"partition": name, "segments": len(segs), "bytes": sum(os.path.getsize(p) for p in segs),
                          "events": len(records), "next_seq": records[-1][0] + 1 if records else 0,
-                         "views_behind_bytes": _views_behind(cfg, name, segs), "problem": problem or None})
+                         "views_behind_bytes": _views_behind(views, name, segs), "problem": problem or None})
         else:  # tail
             for seq, payload in records:
                 ev = orjson.loads(payload)
@@ -274,23 +276,15 @@ def admin_log(cfg: dict, action: str, key: str | None = None, n: int = 10) -> tu
     return code, rows
 
 
-def _views_behind(cfg: dict, partition: str, segs: list[str]):
+def _views_behind(reader, partition: str, segs: list[str]):
     """Bytes of the log the view builder has not applied yet (None without views)."""
-    if not cfg["events"]["views"]:
+    if reader is None:
         return None
-    from tidegate.core.views import ViewReader
-    reader = ViewReader(cfg["server"]["data_dir"], cfg["events"]["views"])
-    env = reader._open()
-    if env is None:
-        return sum(os.path.getsize(p) for p in segs)
-    with env.begin() as txn:
-        raw = txn.get(b"offset\0" + partition.encode())
-    seg, pos = orjson.loads(raw) if raw else ("", 0)
+    seg, pos = reader.offset(partition)
     behind = 0
     for p in segs:
         base = os.path.basename(p)
         behind += os.path.getsize(p) - pos if base == seg else (os.path.getsize(p) if base > seg else 0)
-    env.close()
     return behind
 
 

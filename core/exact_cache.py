@@ -17,7 +17,7 @@ import orjson
 
 from tidegate.core.ring import HashRing
 
-GET, PUT, PURGE, STATS = "xc.get", "xc.put", "xc.purge", "xc.stats"
+GET, PUT = "xc.get", "xc.put"
 # request fields that change what the model answers; everything else (stream, user...) does not
 OUTPUT_FIELDS = ("messages", "prompt", "tools", "tool_choice", "response_format", "max_tokens",
                  "max_completion_tokens", "temperature", "top_p", "top_k", "min_p", "seed", "stop", "logit_bias",
@@ -43,7 +43,7 @@ class ExactStore:
         self.stats = {"hits": 0, "misses": 0, "inserts": 0, "evictions": 0, "expired": 0}
 
     def handlers(self) -> dict:
-        return {GET: self.get, PUT: self.put, PURGE: self.purge, STATS: self.info}
+        return {GET: self.get, PUT: self.put}
 
     def get(self, key: str):
         item = self.entries.get(key)
@@ -79,9 +79,6 @@ class ExactStore:
         for k in keys:
             self._drop(k)
         return len(keys)
-
-    def info(self, _=None) -> dict:
-        return dict(self.stats, entries=len(self.entries), bytes=self.bytes)
 
     def _drop(self, key: str) -> None:
         item = self.entries.pop(key)

@@ -113,10 +113,6 @@ class Engine:
     def sample(self, sampler, index: int) -> int:
         return L.llama_sampler_sample(sampler, self.ctx, index)
 
-    def logits(self, index: int) -> np.ndarray:
-        p = L.llama_get_logits_ith(self.ctx, index)
-        return np.ctypeslib.as_array(p, shape=(self.n_vocab,)).copy()
-
     # ---- sequences ---------------------------------------------------------------------------
     def seq_keep(self, seq: int, n: int) -> None:
         """Drop everything of seq from position n on."""

@@ -41,6 +41,10 @@ def view_problem(v) -> str | None:
     return None
 
 
+def offset_key(partition: str) -> bytes:
+    return b"offset\0" + partition.encode()
+
+
 def row_key(view: str, key: str) -> bytes:
     return view.encode() + b"\0" + key.encode()
 
@@ -117,14 +121,14 @@ class ViewReader:
             raw = txn.get(row_key(view, key))
         return read(self.views[view], orjson.loads(raw) if raw else None)
 
-    def applied_segment(self, partition: str) -> str:
-        """The segment the view builder is at in partition ("" when it has not started)."""
+    def offset(self, partition: str) -> tuple[str, int]:
+        """(segment, byte) the view builder has applied partition up to (("", 0) before it starts)."""
         env = self._open()
         if env is None:
-            return ""
+            return "", 0
         with env.begin() as txn:
-            raw = txn.get(b"offset\0" + partition.encode())
-        return orjson.loads(raw)[0] if raw else ""
+            raw = txn.get(offset_key(partition))
+        return tuple(orjson.loads(raw)) if raw else ("", 0)
 
     def vector(self, key: str, features: list[str]) -> np.ndarray:
         """The key's numeric views in the declared feature order, as float32 (NaN when missing):

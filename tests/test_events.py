@@ -124,6 +124,7 @@ def test_views_are_materialized_and_read(daemon_factory):
     assert view("clicks", "nobody").status == 404 and view("nope", "u1").status == 404
     ready = request(d.port, path="/readyz").json()
     assert ready["ready"] and ready["view_lag_seconds"] < 5
+    assert sum(r["views_behind_bytes"] for r in d.admin_json("log", "stats")) == 0  # all applied
     # the feature API: a row as a vector in declared order
     from tidegate.core.views import ViewReader
     vec = ViewReader(d.sections["server"]["data_dir"], VIEWS).vector("u1", ["spend", "clicks", "last_page"])

@@ -10,7 +10,8 @@ workers: 0 clean, 3 failed to boot.
     ingress -> ["lookup", rid, {ns, text, threshold, min_overlap}]  -> ["hit", rid, {entry, score}]
                                                                     | ["miss", rid, {why}]
     ingress -> ["insert", 0, {ns, tenant, text, entry, ttl, max_entries}]   (no answer)
-    ingress -> ["purge", rid, {tenant}] / ["stats", rid, {}]                 -> ["done", rid, {...}]
+
+Counters go to the supervisor with each heartbeat; purges come from it (`tidegate admin cache`).
 """
 from __future__ import annotations
 
@@ -107,10 +108,6 @@ class EmbedderWorker:
                                       body["max_entries"])
                     i += 1
                     continue
-                elif op == "purge":
-                    event = ["done", rid, {"purged": self.store.purge(body.get("tenant"))}]
-                elif op == "stats":
-                    event = ["done", rid, self.info()]
                 else:
                     event = ["err", rid, [400, f"unknown op {op!r}", "bad_op", None]]
             except Exception as e:  # a bad message must not take the cache down
@@ -119,9 +116,6 @@ class EmbedderWorker:
             out.setdefault(peer, []).append(event)
         self.socks.send(out)
         return out
-
-    def info(self) -> dict:
-        return {**self.store.info(), **self.stats}
 
     def _heartbeat(self) -> None:
         extra = dict(self.store.stats, **self.stats, semantic_entries=len(self.store.meta))

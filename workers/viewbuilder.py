@@ -19,7 +19,7 @@ import orjson
 from tidegate.core.eventlog import CorruptLog, read_blocks, segments
 from tidegate.core.jsonlog import log
 from tidegate.core.process import WorkerSockets, run_blocking_worker
-from tidegate.core.views import apply, row_key
+from tidegate.core.views import apply, offset_key, row_key
 
 PASS_S = 0.05
 
@@ -71,7 +71,7 @@ class ViewBuilder:
     def _partition(self, part: str) -> int:
         name = os.path.basename(part)
         with self.env.begin() as txn:
-            raw = txn.get(b"offset\0" + name.encode())
+            raw = txn.get(offset_key(name))
         seg, pos = orjson.loads(raw) if raw else ("", 0)
         n = 0
         for path in segments(part):
@@ -104,7 +104,7 @@ class ViewBuilder:
                 for k, row in rows.items():
                     if row is not None:
                         txn.put(k, orjson.dumps(row))
-                txn.put(b"offset\0" + name.encode(), orjson.dumps([base, blocks[-1][0]]))  # same transaction
+                txn.put(offset_key(name), orjson.dumps([base, blocks[-1][0]]))  # same transaction
             seg, pos = base, blocks[-1][0]
         self.stats["views_events_applied"] += n
         return n
