@@ -4,7 +4,7 @@ Installed code lives under tidegate.core, tidegate.workers and tidegate.ext, so 
 generic top-level names like `core` in site-packages.
 """
 from Cython.Build import cythonize
-from setuptools import Extension, setup
+from setuptools import Extension, find_packages, setup
 
 EXTENSIONS = [
     Extension("tidegate.ext.jsonguard", ["ext/jsonguard.pyx"], extra_compile_args=["-O3"]),
@@ -14,7 +14,8 @@ EXTENSIONS = [
 ]
 
 setup(
-    packages=["tidegate.core", "tidegate.workers", "tidegate.ext"],
+    packages=[f"tidegate.{top}" + (f".{sub}" if sub else "") for top in ("core", "workers", "ext")
+              for sub in ["", *find_packages(top)]],
     package_dir={
         "tidegate.core": "core",
         "tidegate.workers": "workers",

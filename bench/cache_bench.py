@@ -31,7 +31,7 @@ import psutil
 sys.path.insert(0, os.path.dirname(os.path.abspath(__file__)))
 import servers as S  # noqa: E402
 
-from tidegate.core.demo_model import make_demo  # noqa: E402
+from tidegate.core.llm.demo_model import make_demo  # noqa: E402
 
 QUESTIONS = ["How do I reset my password?", "How do I cancel my subscription?", "Where is my parcel right now?",
              "What are the side effects of ibuprofen?", "How do I convert Celsius to Fahrenheit?"]
@@ -112,7 +112,7 @@ def gateway(n: int) -> None:
 
 
 def embed_throughput() -> None:
-    from tidegate.core.embedders import WordLlamaEmbedder
+    from tidegate.core.cache.embedders import WordLlamaEmbedder
     emb = WordLlamaEmbedder()
     texts = [f"{q} (variant {i})" for i in range(256) for q in QUESTIONS][:1024]
     for size in (1, 16, 64):
@@ -134,8 +134,8 @@ def anon_rss() -> int:
 
 
 def memory(entries: int) -> None:
-    from tidegate.core.exact_cache import ExactStore
-    from tidegate.core.semantic_cache import SemanticStore
+    from tidegate.core.cache.exact import ExactStore
+    from tidegate.core.cache.semantic_store import SemanticStore
     rng = np.random.default_rng(0)
     tmp = tempfile.mkdtemp(prefix="tidegate-mem-")
     gc.collect()

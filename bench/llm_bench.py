@@ -33,7 +33,7 @@ import time
 sys.path.insert(0, os.path.dirname(os.path.abspath(__file__)))
 import servers as S  # noqa: E402
 
-from tidegate.core.demo_model import make_demo  # noqa: E402
+from tidegate.core.llm.demo_model import make_demo  # noqa: E402
 
 WORDS = ("parcel delivery customs window return label invoice courier depot route weight tracking "
          "address signature postage insurance warehouse pallet freight manifest").split()

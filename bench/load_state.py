@@ -20,7 +20,7 @@ sys.path.insert(0, os.path.dirname(os.path.abspath(__file__)))
 import load_http as L  # noqa: E402
 import servers as S  # noqa: E402
 
-from tidegate.core.auth import hash_key  # noqa: E402
+from tidegate.core.state.auth import hash_key  # noqa: E402
 
 KEY = "sk-bench-0123456789abcdef"
 STATE = f"""[auth]

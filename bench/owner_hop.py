@@ -22,7 +22,7 @@ import time
 def owner(run_dir: str, ready, stop) -> None:
     import uvloop
 
-    from tidegate.core.mesh import Mesh
+    from tidegate.core.messaging.mesh import Mesh
     if os.cpu_count() > 1:
         os.sched_setaffinity(0, {1})
     counters: dict = {}
@@ -44,7 +44,7 @@ def owner(run_dir: str, ready, stop) -> None:
 def asker(run_dir: str, seconds: float, concurrency: list[int]) -> list[tuple]:
     import uvloop
 
-    from tidegate.core.mesh import Mesh
+    from tidegate.core.messaging.mesh import Mesh
     if os.cpu_count() > 1:
         os.sched_setaffinity(0, {0})
     rows = []

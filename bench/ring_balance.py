@@ -6,7 +6,7 @@ import argparse
 import collections
 import time
 
-from tidegate.core.ring import HashRing
+from tidegate.core.state.ring import HashRing
 
 
 def main() -> None:

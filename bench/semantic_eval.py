@@ -20,8 +20,8 @@ import numpy as np
 HERE = os.path.dirname(os.path.abspath(__file__))
 sys.path.insert(0, HERE)
 
-from tidegate.core.embedders import WordLlamaEmbedder  # noqa: E402
-from tidegate.core.verifier import verify  # noqa: E402
+from tidegate.core.cache.embedders import WordLlamaEmbedder  # noqa: E402
+from tidegate.core.cache.verifier import verify  # noqa: E402
 
 PAWS = os.path.join(HERE, "..", "..", "shared", "data", "paraphrase", "paws_wiki_dev.tsv")
 OURS = os.path.join(HERE, "data", "gateway_pairs.tsv")

@@ -92,7 +92,7 @@ def tidegate(tmp: str, workers: int = 1, extra: str = "", inference: bool = Fals
         f.write(f'[server]\nbind = "127.0.0.1:{port}"\nworkers = {workers}\nrun_dir = "{tmp}/run"\n'
                 f'data_dir = "{tmp}/data"\nmax_connections = 20000\n[limits]\nkeepalive_timeout = 600.0\n'
                 f'[log]\nlevel = "warning"\n{extra}')
-    return Server("tidegate", [sys.executable, "-m", "tidegate.core.cli", "serve", "--config", conf], port, tmp,
+    return Server("tidegate", [sys.executable, "-m", "tidegate.workers.cli", "serve", "--config", conf], port, tmp,
                   worker_match="tidegate: ingress 0")
 
 

@@ -11,11 +11,12 @@ import httptools
 import orjson
 import pytest
 
-from tidegate.core import config
-from tidegate.core.http11 import HttpServer, Response, json_response
-from tidegate.core.jsonbody import parse_json
-from tidegate.core.metrics import WorkerMetrics
-from tidegate.core.router import Router
+from tidegate.core.base import config
+from tidegate.core.http.http11 import HttpServer, Response, json_response
+from tidegate.core.http.jsonbody import parse_json
+from tidegate.core.base.jsonlog import log
+from tidegate.core.base.metrics import WorkerMetrics
+from tidegate.core.http.router import Router
 from tidegate.ext import jsonguard
 from tidegate.ext.httpconn import HttpConnection
 
@@ -39,7 +40,7 @@ def tidegate_conn():
     r = Router()
     r.add("GET", "/healthz", lambda req: HEALTHZ)
     r.add("POST", "/v1/echo", lambda req: json_response({"object": "echo", "data": parse_json(req, LIMITS)}))
-    conn = HttpConnection(HttpServer(LIMITS, r.dispatch, WorkerMetrics(), routes=r.exact))
+    conn = HttpConnection(HttpServer(LIMITS, r.dispatch, WorkerMetrics(), log, routes=r.exact))
     conn.connection_made(NullTransport())
     return conn
 

@@ -10,7 +10,7 @@ import time
 
 import pytest
 
-from tidegate.core.ring import HashRing, hash64
+from tidegate.core.state.ring import HashRing, hash64
 from tidegate.ext.tokenbucket import BucketTable
 
 N_IDS = 10000

@@ -23,8 +23,8 @@ from collections import deque
 import httptools
 import orjson
 
-from tidegate.core.jsonlog import log
-from tidegate.core.metrics import LATENCY_BUCKETS
+# a leaf: nothing from tidegate.core is imported here; the logger and the metrics object (with its
+# latency buckets) are handed to HttpServer by the worker
 
 REASONS = {s.value: s.phrase for s in http.HTTPStatus}
 STATUS_LINES = {code: f"HTTP/1.1 {code} {phrase}\r\n".encode() for code, phrase in REASONS.items()}
@@ -219,8 +219,6 @@ cdef dict _CANON = {n.encode(): n.lower().encode() for n in (
     "user-agent", "Accept", "accept", "Connection", "connection", "Authorization", "authorization",
     "Accept-Encoding", "accept-encoding", "X-Request-Id", "x-request-id", "Transfer-Encoding",
     "transfer-encoding", "Expect", "expect")}
-cdef tuple _BUCKETS = LATENCY_BUCKETS
-cdef Py_ssize_t _NBUCKETS = len(LATENCY_BUCKETS)
 # request ids: a random per-process prefix and a counter, unique across workers and restarts
 cdef bytes _RID_PREFIX = os.urandom(6).hex().encode() + b"-"
 cdef unsigned long long _rid_counter = 0
@@ -439,7 +437,7 @@ cdef class HttpConnection:
             except HttpError as e:
                 resp = e.response()
             except Exception as e:  # a handler bug must not take the worker down
-                log.error("handler failed", route=req.route, error=repr(e))
+                self.srv.log.error("handler failed", route=req.route, error=repr(e))
                 resp = HttpError(500, "internal error", "internal").response()
             if type(resp) is Stream:
                 self._start_stream(req, resp)
@@ -466,7 +464,7 @@ cdef class HttpConnection:
         except HttpError as e:
             resp = e.response()
         except BaseException as e:
-            log.error("handler failed", route=req.route, error=repr(e))
+            self.srv.log.error("handler failed", route=req.route, error=repr(e))
             resp = HttpError(500, "internal error", "internal").response()
         self.busy = False
         if self.closing:
@@ -515,7 +513,7 @@ cdef class HttpConnection:
         srv.bytes_out += len(data)
         observe(self.metrics, req.route, resp.status, _perf() - req.started)
         if srv.access_log:
-            log.info("access", method=req.method, path=req.path, status=resp.status, request_id=req.request_id,
+            srv.log.info("access", method=req.method, path=req.path, status=resp.status, request_id=req.request_id,
                      ms=round((_perf() - req.started) * 1000, 3))
         if not keep:
             self.close()
@@ -551,7 +549,7 @@ cdef class HttpConnection:
             self.transport.close()
 
     def abort(self, why):
-        log.info("connection aborted", reason=why)
+        self.srv.log.info("connection aborted", reason=why)
         self.closing = True
         self.transport.abort()
 
@@ -563,18 +561,19 @@ cdef class HttpServer:
     plain route costs no Python-level dispatch; everything else goes through `dispatch`.
     """
     cdef public dict limits, routes
-    cdef public object dispatch, metrics, on_count_change
+    cdef public object dispatch, metrics, on_count_change, log
     cdef public set conns
     cdef public bint draining, access_log
     cdef public double now
     cdef public bytes date_line
     cdef public unsigned long long bytes_in, bytes_out, connections_accepted
 
-    def __init__(self, dict limits, dispatch, metrics, bint access_log=False, dict routes=None):
+    def __init__(self, dict limits, dispatch, metrics, log, bint access_log=False, dict routes=None):
         self.limits = limits
+        self.log = log                      # .info / .error(message, **fields): the worker's JSON logger
         self.dispatch = dispatch            # Request -> Response | awaitable[Response]; sets req.route
         self.routes = routes if routes is not None else {}
-        self.metrics = metrics              # WorkerMetrics: requests by route/status, latency
+        self.metrics = metrics              # .requests, .latency and .buckets: see observe()
         self.access_log = access_log
         self.conns = set()                  # HttpConnection objects
         self.draining = False
@@ -642,16 +641,19 @@ cpdef bytes next_request_id():
     return _RID_PREFIX + buf[n:16]
 
 
-cdef observe(metrics, str route, int status, double seconds):
-    """WorkerMetrics.observe, inlined for the hot path (same data layout)."""
+cpdef observe(metrics, str route, int status, double seconds):
+    """Count one answer: metrics.requests[(route, status)] += 1 and the latency histogram
+    metrics.latency[route] = [count per bucket of metrics.buckets..., +Inf count, sum of seconds]."""
     cdef dict requests = metrics.requests, latency = metrics.latency
+    cdef tuple buckets = metrics.buckets
+    cdef Py_ssize_t nb = len(buckets)
     key = (route, status)
     requests[key] = requests.get(key, 0) + 1
     h = latency.get(route)
     if h is None:
-        h = latency[route] = [0] * (_NBUCKETS + 1) + [0.0]
+        h = latency[route] = [0] * (nb + 1) + [0.0]
     cdef Py_ssize_t i = 0
-    while i < _NBUCKETS and seconds > <double>_BUCKETS[i]:
+    while i < nb and seconds > <double>buckets[i]:
         i += 1
     h[i] += 1
-    h[_NBUCKETS + 1] += seconds
+    h[nb + 1] += seconds

@@ -1,390 +1,80 @@
 """Inference worker process: one model, continuous batching, a three-tier prefix cache.
 
 Started by the supervisor (one per configured model) with its spec in $TIDEGATE_WORKER_SPEC. It
-binds a ROUTER at ipc://RUN_DIR/infer-NAME.gGEN.sock; each ingress worker's DEALER sends requests
-and receives token deltas for the connections it owns. The loop (a plain blocking loop: the work
-is llama_decode, which releases nothing to wait for):
+binds a ROUTER (core/messaging/endpoints.py: infer-NAME.gGEN.sock); each ingress worker's DEALER
+sends requests and receives token deltas for the connections it owns. The batching itself is
+core/llm/batcher.py; this module is the process around it, on the blocking-worker loop
+(core/runtime/loop.py):
 
-    poll ZeroMQ (no wait while sequences run) -> take messages -> admit queued requests into free
-    sequence slots (traffic classes, deadlines) -> restore cached prefixes -> one llama_decode over
-    every running sequence (decode tokens first, then prompt chunks in what is left of n_batch)
-    -> sample per sequence -> send the step's deltas, one frame per ingress worker.
+    poll (no wait while sequences run) -> take messages -> admit queued requests -> one
+    llama_decode over every running sequence -> send the step's deltas, one frame per ingress
+    worker -> save the prefixes that just went in.
 
-Requests join between steps and leave when they finish; a cancelled one (the client went away)
-leaves at the next step. Exit codes as for ingress workers: 0 clean, 3 failed to boot.
+On SIGTERM it keeps serving the old generation's ingress workers (draining too) until idle.
 """
 from __future__ import annotations
 
-import os
-import signal
-import time
+from tidegate.core.base.jsonlog import log
+from tidegate.core.llm.batcher import Batcher
+from tidegate.core.llm.demo_model import ensure_demo
+from tidegate.core.messaging import endpoints, protocol
+from tidegate.core.runtime.loop import BlockingWorker, run_blocking_worker
 
 
-from tidegate.core import config
-from tidegate.core.chat_template import render_chat
-from tidegate.core.demo_model import ensure_demo
-from tidegate.core.jsonlog import log
-from tidegate.core.llama_engine import Engine, LlamaError, free_sampler, make_sampler
-from tidegate.core.process import WorkerSockets, run_blocking_worker
-from tidegate.core.prefix_cache import DiskTier, RamTier, block_names, common_blocks
-from tidegate.core.scheduler import QueueFull, Scheduler
-
-
-
-class Seq:
-    """One generation request, from queue to finish."""
-    __slots__ = ("peer", "rid", "cls", "deadline", "stream", "tenant", "prompt", "names", "params", "stop",
-                 "max_tokens", "sampler", "slot", "pending", "n_past", "generated", "buf", "text", "sent",
-                 "n_cached", "cancelled", "logit_index", "started", "first_token_at", "last")
-
-    def __init__(self, peer, rid, body, prompt, max_tokens, deadline):
-        self.peer, self.rid = peer, rid
-        self.cls, self.stream, self.tenant = body["cls"], body["stream"], body["tenant"]
-        self.params, self.stop = body["params"], body["params"].get("stop") or []
-        self.prompt, self.max_tokens, self.deadline = prompt, max_tokens, deadline
-        self.names, self.sampler, self.slot, self.pending = [], None, -1, []
-        self.n_past, self.generated, self.buf, self.text, self.sent = 0, [], b"", "", 0
-        self.n_cached, self.cancelled, self.logit_index = 0, False, -1
-        self.started, self.first_token_at, self.last = time.monotonic(), 0.0, -1
-
-
-class Slot:
-    """A sequence id in the llama context. `names` are the prompt blocks its KV holds, kept
-    after its sequence finishes so a later prompt can reuse or copy them (tier 1)."""
-    __slots__ = ("idx", "seq", "names", "used_at")
-
-    def __init__(self, idx: int):
-        self.idx, self.seq, self.names, self.used_at = idx, None, [], 0.0
-
-
-class InferenceWorker:
+class InferenceWorker(BlockingWorker):
     def __init__(self, spec: dict):
-        self.spec, self.cfg, self.model = spec, spec["config"], spec["model"]
-        inf = self.cfg["inference"]
-        self.inf, self.name = inf, self.model["name"]
-        self.block = inf["prefix_block"]
-        self.events: dict[bytes, list] = {}  # peer -> events to send after this step
-        self.stats = {k: 0 for k in ("llm_requests", "llm_prompt_tokens", "llm_cached_tokens",
-                                     "llm_completion_tokens", "llm_expired", "llm_cancelled", "prefix_hits_live",
-                                     "prefix_hits_ram", "prefix_hits_disk", "prefix_misses")}
-        self.draining = False
-        self.running = True
-        self.to_save: list = []  # (seq, slot) whose prompt just went in: saved after the step's events leave
+        super().__init__(spec)
+        self.model, self.inf = spec["model"], self.cfg["inference"]
+        self.name = self.model["name"]
+        self.grace_end = self.idle_since = None
 
-    # ---- boot ---------------------------------------------------------------------------------
-    def boot(self) -> None:
-        srv = self.cfg["server"]
-        path = self.model["path"] or ensure_demo(srv["data_dir"])
-        self.demo = not self.model["path"]
-        self.engine = Engine(path, self.model["n_ctx"], self.model["max_seqs"], self.inf["n_batch"],
-                             self.model["threads"], self.model["n_gpu_layers"], self.model["embeddings"])
-        self.template = self.model["chat_template"] or self.engine.chat_template()
-        self.slots = [Slot(i) for i in range(self.model["max_seqs"])]
-        self.sched = Scheduler(len(self.slots), self.inf["reserved"], self.inf["queue_max"])
-        self.ram = RamTier(self.inf["prefix_ram_bytes"])
-        self.disk = None
-        if self.inf["prefix_disk_bytes"]:
-            root = os.path.join(srv["data_dir"], "prefix-cache", self.name)
-            self.disk = DiskTier(root, self.inf["prefix_disk_bytes"], self.engine.fingerprint, self.block, log)
-        self.shared = [self.engine.tokenize(p) for p in self.inf["shared_prefixes"]]
-        self.socks = WorkerSockets(self.spec, config.inference_endpoint(self.cfg, self.name, self.spec["gen"]))
-        self.poller = self.socks.poller
-        self.socks.ready()
-        self.next_hb = time.monotonic()
-        log.info("inference worker ready", model=self.name, path=path, demo=self.demo,
+    def open(self) -> str:
+        path = self.model["path"] or ensure_demo(self.cfg["server"]["data_dir"])
+        demo = not self.model["path"]
+        self.batcher = b = Batcher.open(path, self.model, self.inf, self.cfg["server"]["data_dir"], self.send)
+        log.info("inference worker ready", model=self.name, path=path, demo=demo,
                  n_ctx=self.model["n_ctx"], max_seqs=self.model["max_seqs"],
-                 note="demo model: random weights, gibberish output" if self.demo else None,
-                 disk_prefixes=len(self.disk.files) if self.disk else 0)
+                 note="demo model: random weights, gibberish output" if demo else None,
+                 disk_prefixes=len(b.disk.files) if b.disk else 0)
+        return endpoints.worker(self.cfg, "inference", self.name, self.spec["gen"])
 
-    # ---- loop ---------------------------------------------------------------------------------
-    def run(self) -> None:
-        signal.signal(signal.SIGTERM, lambda *_: setattr(self, "draining", True))
-        signal.signal(signal.SIGQUIT, lambda *_: setattr(self, "running", False))
-        grace_end = idle_since = None
-        while self.running:
-            busy = any(s.seq for s in self.slots)
-            if self.poller.poll(0 if busy else 50):
-                self._take_messages()
-            self._admit()
-            if any(s.seq for s in self.slots):
-                self._step()
-            self._flush()
-            self._save_prefixes()
-            now = time.monotonic()
-            if now >= self.next_hb:
-                self._heartbeat(now)
-            if self.draining:  # SIGTERM: the old generation's ingress workers are draining too; serve them
-                grace_end = grace_end or now + self.cfg["server"]["graceful_timeout"]
-                idle = not any(s.seq for s in self.slots) and not any(self.sched.queued().values())
-                idle_since = (idle_since or now) if idle else None
-                if idle_since and now - idle_since > 0.5 or now > grace_end:
-                    break
-        self._heartbeat(time.monotonic())
-        if self.disk:
-            self.disk.flush(2.0)
-        self.socks.close()
-
-    def _heartbeat(self, now: float) -> None:
-        self.next_hb = now + self.cfg["server"]["heartbeat_interval"]
-        extra = dict(self.stats, llm_active_sequences=sum(1 for s in self.slots if s.seq),
-                     llm_queued=sum(self.sched.queued().values()), prefix_ram_bytes=self.ram.bytes,
-                     prefix_disk_bytes=self.disk.bytes if self.disk else 0)
-        self.running = self.socks.heartbeat(extra) and self.running
-
-    def _take_messages(self) -> None:
-        for peer, (op, rid, body) in self.socks.take():
-            try:
-                if op == "gen":
-                    self._submit(peer, rid, body)
-                elif op == "cancel":
-                    self._cancel(rid, peer)
-                elif op == "embed":
-                    self._embed(peer, rid, body)
-            except RequestError as e:
-                self._send(peer, ["err", rid, e.args])
-            except Exception as e:  # a bad request must not take the worker down
-                log.error("request failed", op=op, error=repr(e))
-                self._send(peer, ["err", rid, [500, "inference worker error", "internal", None]])
-
-    def _send(self, peer: bytes, event: list) -> None:
-        self.events.setdefault(peer, []).append(event)
-
-    def _flush(self) -> None:
-        self.socks.send(self.events)
-        self.events.clear()
-
-    # ---- requests -----------------------------------------------------------------------------
-    def _submit(self, peer: bytes, rid, body: dict) -> None:
-        if "messages" in body:
-            text = render_chat(self.template, body["messages"])
+    def handle(self, peer: bytes, op: str, rid, body) -> None:
+        b = self.batcher
+        if op == protocol.GEN:
+            b.submit(peer, rid, body)
+        elif op == protocol.CANCEL:
+            b.cancel(peer, rid)
+        elif op == protocol.EMBED:
+            b.embed(peer, rid, body)
         else:
-            text = body["prompt"]
-        if len(text.encode("utf-8")) > self.inf["max_prompt_bytes"]:
-            raise RequestError(400, f"prompt is larger than {self.inf['max_prompt_bytes']} bytes", "prompt_too_large",
-                               "messages" if "messages" in body else "prompt")
-        prompt = self.engine.tokenize(text, add_bos=True)
-        n_ctx = self.model["n_ctx"]
-        max_tokens = body["params"].get("max_tokens") or self.inf["default_max_tokens"]
-        if len(prompt) + max_tokens > n_ctx:
-            if body["params"].get("max_tokens") or len(prompt) >= n_ctx:
-                raise RequestError(400, f"This model's maximum context length is {n_ctx} tokens. However, you "
-                                   f"requested {len(prompt) + max_tokens} tokens ({len(prompt)} in the prompt, "
-                                   f"{max_tokens} for the completion). Please reduce the prompt or max_tokens.",
-                                   "context_length_exceeded", "messages" if "messages" in body else "prompt")
-            max_tokens = n_ctx - len(prompt)  # the default only: shorten it to what fits
-        deadline = time.monotonic() + min(body.get("timeout") or 1e9, self.inf["request_timeout"])
-        seq = Seq(peer, rid, body, prompt, max_tokens, deadline)
-        try:
-            self.sched.submit(seq, seq.cls)
-        except QueueFull:
-            raise RequestError(503, f"too many {seq.cls} requests are waiting for the model; retry shortly",
-                               "queue_full", None) from None
+            super().handle(peer, op, rid, body)
 
-    def _cancel(self, rid, peer: bytes) -> None:
-        for s in self.slots:
-            if s.seq and s.seq.rid == rid and s.seq.peer == peer:
-                s.seq.cancelled = True
-        for seq in self.sched.remove(lambda q: q.rid == rid and q.peer == peer):
-            self.stats["llm_cancelled"] += 1
+    def busy(self) -> bool:
+        return self.batcher.active > 0
 
-    def _embed(self, peer: bytes, rid, body: dict) -> None:
-        if self.engine.embed_ctx is None:
-            raise RequestError(400, f"model {self.name!r} is not configured for embeddings", "model_not_supported",
-                               "model")
-        vectors, n_tokens = [], 0
-        for text in body["input"]:
-            toks = self.engine.tokenize(text, add_bos=True)
-            if len(toks) > self.model["n_ctx"]:
-                raise RequestError(400, f"input of {len(toks)} tokens exceeds the model's context of "
-                                   f"{self.model['n_ctx']}", "context_length_exceeded", "input")
-            n_tokens += len(toks)
-            vectors.append(self.engine.embed(toks))
-        self._send(peer, ["emb", rid, {"data": vectors, "tokens": n_tokens}])
+    def work(self) -> None:
+        self.batcher.admit()
+        if self.batcher.active:
+            self.batcher.step()
 
-    # ---- admission and the prefix cache -------------------------------------------------------
-    def _admit(self) -> None:
-        admitted, expired = self.sched.admit(time.monotonic())
-        for seq in expired:
-            self.stats["llm_expired"] += 1
-            self._send(seq.peer, ["err", seq.rid, [504, "request deadline passed while it waited for the model",
-                                                   "deadline_exceeded", None]])
-        for seq in admitted:
-            try:
-                self._start(seq)
-            except LlamaError as e:
-                log.error("could not start sequence", error=str(e))
-                self.sched.finished(seq.cls)
-                self._send(seq.peer, ["err", seq.rid, [500, "inference failed", "internal", None]])
+    def before_sleep(self) -> None:
+        self.batcher.save_prefixes()  # after the step's first tokens left: never delays one
 
-    def _shared_tokens(self, prompt: list[int]) -> int:
-        best = 0
-        for sp in self.shared:
-            n = 0
-            for a, b in zip(sp, prompt):
-                if a != b:
-                    break
-                n += 1
-            best = max(best, n)
-        return best
+    def counters(self) -> dict:
+        b = self.batcher
+        return dict(b.stats, llm_active_sequences=b.active, llm_queued=b.queued, prefix_ram_bytes=b.ram.bytes,
+                    prefix_disk_bytes=b.disk.bytes if b.disk else 0)
 
-    def _start(self, seq: Seq) -> None:
-        """Give seq a slot and as much of its prompt from the cache as there is."""
-        B = self.block
-        seq.names = block_names(seq.prompt, B, seq.tenant, self._shared_tokens(seq.prompt))
-        limit = (len(seq.prompt) - 1) // B  # leave at least one token to compute logits from
-        want = seq.names[:limit]
-        free = [s for s in self.slots if s.seq is None]
-        # tier 1: the free slot that already holds the longest prefix, else the least recently used
-        own = max(free, key=lambda s: (common_blocks(s.names, want), -s.used_at))
-        slot = own if common_blocks(own.names, want) else min(free, key=lambda s: s.used_at)
-        got, how = common_blocks(slot.names, want), "live"
-        donor = max((s for s in self.slots if s is not slot), key=lambda s: common_blocks(s.names, want),
-                    default=None)
-        d = common_blocks(donor.names, want) if donor else 0
-        ram_n, ram_key = self.ram.longest(want)
-        disk_n, disk_key = self.disk.longest(want) if self.disk else (0, None)
-        eng = self.engine
-        if d > got and d >= ram_n and d >= disk_n:
-            eng.seq_copy(donor.idx, slot.idx, d * B)
-            got = d
-        elif ram_n > got and ram_n >= disk_n:
-            got, how = (ram_n, "ram") if eng.state_set(slot.idx, self.ram.get(ram_key)) else (0, "")
-        elif disk_n > got:
-            data = self.disk.get(disk_key)
-            if data is not None and eng.state_set(slot.idx, data):
-                got, how = disk_n, "disk"
-                self.ram.put(self.disk.files.get(disk_key, (want[:disk_n], 0))[0], data)
-            else:
-                got = 0
-        if got:
-            eng.seq_keep(slot.idx, got * B)
-            self.stats[f"prefix_hits_{how}"] += 1
-        else:
-            eng.seq_clear(slot.idx)
-            self.stats["prefix_misses"] += 1
-        slot.names = want[:got]
-        slot.seq, slot.used_at = seq, time.monotonic()
-        seq.slot, seq.n_cached, seq.n_past = slot.idx, got * B, got * B
-        seq.pending = seq.prompt[got * B:]
-        p = seq.params
-        seq.sampler = make_sampler(eng.n_vocab, p.get("temperature", 1.0), p.get("top_p", 1.0), p.get("top_k", 0),
-                                   p.get("min_p", 0.0), p.get("seed") if p.get("seed") is not None else
-                                   int.from_bytes(os.urandom(4), "little"),
-                                   {int(k): v for k, v in (p.get("logit_bias") or {}).items()})
+    def drained(self, now: float) -> bool:
+        """The old generation's ingress workers are draining too: serve them until idle."""
+        self.grace_end = self.grace_end or now + self.cfg["server"]["graceful_timeout"]
+        idle = not self.batcher.active and not self.batcher.queued
+        self.idle_since = (self.idle_since or now) if idle else None
+        return bool(self.idle_since and now - self.idle_since > 0.5) or now > self.grace_end
 
-    def _save_prefixes(self) -> None:
-        """Keep prompts that just went into the KV in RAM (and on disk) when that adds enough new
-        tokens. Runs after the step's first tokens were sent, before the next step changes the KV,
-        so copying the state never delays a first token."""
-        for seq, slot in self.to_save:
-            if slot.seq is not None and slot.seq is not seq:
-                continue  # the slot went to another sequence: its KV is not this prompt any more
-            have = max(self.ram.longest(seq.names)[0], self.disk.longest(seq.names)[0] if self.disk else 0)
-            if (len(seq.names) - have) * self.block < self.inf["prefix_min_tokens"] or not self.ram.max_bytes:
-                continue
-            data = self.engine.state_get(slot.idx)
-            # the KV holds the prompt only (the sampled token is decoded next step)
-            self.ram.put(seq.names, data)
-            if self.disk:
-                self.disk.put(seq.names, data)
-        self.to_save.clear()
-
-    # ---- one decode step ----------------------------------------------------------------------
-    def _step(self) -> None:
-        for slot in self.slots:
-            seq = slot.seq
-            if seq and seq.cancelled:
-                self.stats["llm_cancelled"] += 1
-                self._release(slot)
-        running = [s.seq for s in self.slots if s.seq]
-        if not running:
-            return
-        items, budget = [], self.inf["n_batch"]
-        for seq in running:  # decoding sequences first: streams keep flowing during long prefills
-            seq.logit_index = -1
-            if not seq.pending:
-                seq.logit_index = len(items)
-                items.append((seq.last, seq.n_past, seq.slot, True))
-                seq.n_past += 1
-        budget -= len(items)
-        for seq in running:
-            if seq.pending and budget > 0:
-                chunk, seq.pending = seq.pending[:budget], seq.pending[budget:]
-                for tok in chunk:
-                    items.append((tok, seq.n_past, seq.slot, False))
-                    seq.n_past += 1
-                budget -= len(chunk)
-                if not seq.pending:  # the prompt is in: sample its first token
-                    seq.logit_index = len(items) - 1
-                    items[-1] = (items[-1][0], items[-1][1], items[-1][2], True)
-        self.engine.decode(items)
-        now = time.monotonic()
-        for seq in running:
-            if seq.logit_index < 0:
-                continue
-            slot = self.slots[seq.slot]
-            if not seq.generated and not seq.first_token_at:
-                seq.first_token_at = now
-                slot.names = seq.names
-                self.to_save.append((seq, slot))
-            tok = self.engine.sample(seq.sampler, seq.logit_index)
-            self._accept(seq, slot, tok)
-
-    def _accept(self, seq: Seq, slot: Slot, tok: int) -> None:
-        eng = self.engine
-        if eng.is_eog(tok):
-            return self._finish(seq, slot, "stop")
-        seq.generated.append(tok)
-        seq.last = tok
-        seq.buf += eng.piece(tok)
-        try:  # hold back an incomplete UTF-8 sequence until its last byte arrives
-            seq.text += seq.buf.decode("utf-8")
-            seq.buf = b""
-        except UnicodeDecodeError as e:
-            if e.start < len(seq.buf) - 3:
-                seq.text += seq.buf.decode("utf-8", "replace")
-                seq.buf = b""
-        if seq.stop:
-            look = max(0, seq.sent - max(len(s) for s in seq.stop))
-            cut = min((i for i in (seq.text.find(s, look) for s in seq.stop) if i >= 0), default=-1)
-            if cut >= 0:
-                seq.text = seq.text[:cut]
-                return self._finish(seq, slot, "stop")
-        if len(seq.generated) >= seq.max_tokens or seq.n_past + 1 >= self.model["n_ctx"]:
-            return self._finish(seq, slot, "length")
-        if seq.stream:
-            # a stop string may be forming at the end: hold back what could be its start
-            hold = max((len(s) - 1 for s in seq.stop), default=0)
-            upto = len(seq.text) - hold
-            if upto > seq.sent:
-                self._send(seq.peer, ["d", seq.rid, seq.text[seq.sent:upto]])
-                seq.sent = upto
-
-    def _finish(self, seq: Seq, slot: Slot, reason: str) -> None:
-        if seq.buf:
-            seq.text += seq.buf.decode("utf-8", "replace")
-        usage = {"prompt_tokens": len(seq.prompt), "completion_tokens": len(seq.generated),
-                 "total_tokens": len(seq.prompt) + len(seq.generated), "cached_tokens": seq.n_cached}
-        self._send(seq.peer, ["end", seq.rid, {"text": seq.text[seq.sent:], "finish_reason": reason, "usage": usage,
-                                               "ttft_ms": round((seq.first_token_at - seq.started) * 1000, 3)}])
-        st = self.stats
-        st["llm_requests"] += 1
-        st["llm_prompt_tokens"] += len(seq.prompt)
-        st["llm_cached_tokens"] += seq.n_cached
-        st["llm_completion_tokens"] += len(seq.generated)
-        self._release(slot)
-
-    def _release(self, slot: Slot) -> None:
-        seq, slot.seq = slot.seq, None
-        free_sampler(seq.sampler)
-        self.sched.finished(seq.cls)
-        if len(slot.names) * self.block > seq.n_past:  # cut short before its prompt was in
-            slot.names = slot.names[: seq.n_past // self.block]
-        slot.used_at = time.monotonic()
-
-
-class RequestError(Exception):
-    """(status, message, code, param): answered to the ingress worker as an error event."""
+    def shutdown(self) -> None:
+        if self.batcher.disk:
+            self.batcher.disk.flush(2.0)
 
 
 def main() -> None:

@@ -28,13 +28,15 @@ import psutil
 import zmq
 from setproctitle import setproctitle
 
-from tidegate.core import __version__, config, control, protocol
-from tidegate.core.jsonlog import log
-from tidegate.core.metrics import Aggregator
-from tidegate.core.sdnotify import Notifier
-from tidegate.core.process import EXIT_BOOT_ERROR, SPEC_ENV
-
-EXIT_OK, EXIT_CONFIG, EXIT_BOOT, EXIT_BIND = 0, 1, 3, 4
+from tidegate.core import __version__
+from tidegate.core.base import config
+from tidegate.core.base.jsonlog import log
+from tidegate.core.base.metrics import Aggregator
+from tidegate.core.base.sdnotify import Notifier
+from tidegate.core.messaging import control, endpoints, protocol
+from tidegate.core.runtime.process import (EXIT_BIND, EXIT_BOOT, EXIT_CONFIG, EXIT_OK, SPEC_ENV,
+                                           WORKER_BOOT_ERROR)
+from tidegate.workers import EMBEDDER, INFERENCE, INGRESS, Slot, load_config, slots
 SIGNALS = (signal.SIGHUP, signal.SIGTERM, signal.SIGINT, signal.SIGQUIT, signal.SIGCHLD)
 
 
@@ -45,7 +47,7 @@ class BindError(OSError):
 @dataclass
 class Worker:
     id: str
-    slot: int
+    slot: Slot
     gen: int
     proc: subprocess.Popen
     spawned: float
@@ -152,11 +154,11 @@ class Supervisor:
         self.internal = self.ctx.socket(zmq.ROUTER)
         self.internal.setsockopt(zmq.MAXMSGSIZE, self.cfg["control"]["max_message_bytes"])
         self.internal.setsockopt(zmq.LINGER, 0)
-        ipath = config.internal_endpoint(self.cfg)
-        if os.path.exists(ipath[6:]):
-            os.unlink(ipath[6:])
-        self.internal.bind(ipath)
-        os.chmod(ipath[6:], 0o600)
+        ipath = endpoints.ipc_path(endpoints.internal(self.cfg))
+        if os.path.exists(ipath):
+            os.unlink(ipath)
+        self.internal.bind(endpoints.internal(self.cfg))
+        os.chmod(ipath, 0o600)
         self.control, self.auth = control.bind_server(self.ctx, self.cfg)
         self.wake_r, self.wake_w = os.pipe2(os.O_NONBLOCK | os.O_CLOEXEC)
         signal.set_wakeup_fd(self.wake_w, warn_on_full_buffer=False)
@@ -181,7 +183,7 @@ class Supervisor:
             return EXIT_BIND
         log.info("starting", version=__version__, bind=self.listeners.bound(),
                  workers=config.resolve_workers(self.cfg), config=self.cfg_path or "(built-in defaults)",
-                 control=config.control_endpoint(self.cfg))
+                 control=endpoints.control(self.cfg))
         self.notifier.status("starting workers")
         for slot in slots(self.cfg):
             self._spawn(slot, self.gen, self.cfg)
@@ -244,7 +246,7 @@ class Supervisor:
             self._answer_reload([waiter], ok=False, message=f"cannot reload while {self.state}")
             return
         try:
-            new = config.load(self.cfg_path, self.overrides)
+            new = load_config(self.cfg_path, self.overrides)
             self.listeners.ensure(config.binds(new), config.resolve_workers(new))
         except (config.ConfigError, BindError) as e:
             msg = str(e) if isinstance(e, config.ConfigError) else e.strerror
@@ -308,26 +310,24 @@ class Supervisor:
             self._kill(w, signal.SIGQUIT)
 
     # ---- workers ------------------------------------------------------------------------------
-    def _spawn(self, slot, gen: int, cfg: dict) -> None:
-        """Start the worker for slot: an int is an ingress slot, "model:NAME" an inference worker."""
+    def _spawn(self, slot: Slot, gen: int, cfg: dict) -> None:
+        """Start the process for slot: its kind's module (workers/__init__.py), its spec in the env."""
         self._ids += 1
-        spec = {"slot": slot, "gen": gen, "config": cfg, "internal": config.internal_endpoint(cfg),
-                "supervisor_pid": os.getpid()}
+        spec = {"kind": slot.kind, "slot": slot.index, "gen": gen, "config": cfg,
+                "internal": endpoints.internal(cfg), "supervisor_pid": os.getpid()}
         fds: list[int] = []
-        if slot in ("embedder", "views"):
-            spec["id"] = f"{slot}.g{gen}.{self._ids}"
-            module = {"embedder": "tidegate.workers.embedder", "views": "tidegate.workers.viewbuilder"}[slot]
-        elif isinstance(slot, str):
-            name = slot.split(":", 1)[1]
-            spec.update(id=f"inference-{name}.g{gen}.{self._ids}",
-                        model=next(m for m in config.models(cfg) if m["name"] == name))
-            module = "tidegate.workers.inference"
+        if slot.kind == INGRESS:
+            fds = self.listeners.fds(config.binds(cfg), slot.index)
+            spec.update(fds=fds, n_slots=config.resolve_workers(cfg))
+            label = f"ingress-{slot.index}"
+        elif slot.kind == INFERENCE:
+            spec["model"] = next(m for m in config.models(cfg) if m["name"] == slot.name)
+            label = f"inference-{slot.name}"
         else:
-            fds = self.listeners.fds(config.binds(cfg), slot)
-            spec.update(id=f"ingress-{slot}.g{gen}.{self._ids}", fds=fds, n_slots=config.resolve_workers(cfg))
-            module = "tidegate.workers.ingress"
+            label = slot.kind
+        spec["id"] = f"{label}.g{gen}.{self._ids}"
         env = dict(os.environ, **{SPEC_ENV: orjson.dumps(spec).decode()})
-        proc = subprocess.Popen([sys.executable, "-m", module], pass_fds=fds, env=env, stdin=subprocess.DEVNULL)
+        proc = subprocess.Popen([sys.executable, "-m", slot.module], pass_fds=fds, env=env, stdin=subprocess.DEVNULL)
         self.workers[spec["id"]] = Worker(spec["id"], slot, gen, proc, time.monotonic())
         log.info("spawned worker", worker=spec["id"], worker_pid=proc.pid)
 
@@ -359,7 +359,7 @@ class Supervisor:
             return
         if w.state == "booting":
             why = f"worker {w.id} exited with {how} before it was ready" + (
-                " (boot error: see its log line above)" if code == EXIT_BOOT_ERROR else "")
+                " (boot error: see its log line above)" if code == WORKER_BOOT_ERROR else "")
             if self.pending and w.gen == self.pending["gen"]:
                 self._finish_reload(False, why)
             else:
@@ -516,7 +516,7 @@ class Supervisor:
             tenant = msg.get("tenant")
             told = 0
             for w in self.workers.values():
-                if w.state == "ready" and (isinstance(w.slot, int) or w.slot == "embedder"):
+                if w.state == "ready" and w.slot.kind in (INGRESS, EMBEDDER):
                     self.internal.send_multipart([w.id.encode(), protocol.encode({"op": protocol.PURGE,
                                                                                   "tenant": tenant})])
                     told += 1
@@ -529,17 +529,17 @@ class Supervisor:
                 "uptime_s": round(time.monotonic() - self.started, 1), "generation": self.gen,
                 "workers_ready": self._ready_count(self.gen), "workers_expected": self._expected(),
                 "bind": self.listeners.bound(), "config": self.cfg_path or "(built-in defaults)",
-                "control": config.control_endpoint(self.cfg), "respawns": self.respawns}
+                "control": endpoints.control(self.cfg), "respawns": self.respawns}
 
     def worker_table(self) -> list[dict]:
         now, rows = time.monotonic(), []
-        for w in sorted(self.workers.values(), key=lambda w: (isinstance(w.slot, str), str(w.slot), w.gen)):
+        for w in sorted(self.workers.values(), key=lambda w: (w.slot.kind != INGRESS, str(w.slot), w.gen)):
             try:
                 rss = psutil.Process(w.proc.pid).memory_info().rss
             except psutil.Error:
                 rss = 0
             reqs = sum(n for _, _, n in w.snap.get("requests", ()))
-            rows.append({"id": w.id, "slot": w.slot, "gen": w.gen, "pid": w.proc.pid, "state": w.state,
+            rows.append({"id": w.id, "slot": w.slot.index if w.slot.kind == INGRESS else str(w.slot), "gen": w.gen, "pid": w.proc.pid, "state": w.state,
                          "uptime_s": round(now - w.spawned, 1),
                          "heartbeat_age_s": round(now - w.last_hb, 1) if w.last_hb else None,
                          "rss_bytes": rss, "requests": reqs,
@@ -558,19 +558,14 @@ class Supervisor:
         if self.auth:
             self.auth.stop()
         self.ctx.term()
-        for path in (self.pidfile, config.internal_endpoint(self.cfg)[6:], config.control_endpoint(self.cfg)[6:]):
+        for path in (self.pidfile, endpoints.ipc_path(endpoints.internal(self.cfg)),
+                     endpoints.ipc_path(endpoints.control(self.cfg))):
+            if path is None:
+                continue
             try:
                 os.unlink(path)
             except OSError:
                 pass
-
-
-def slots(cfg: dict) -> list:
-    """What the supervisor keeps running: ingress slots 0..N-1, "model:NAME" per model, and the
-    "embedder" when the semantic cache is on, "views" when views are declared."""
-    return (list(range(config.resolve_workers(cfg))) + [f"model:{m['name']}" for m in config.models(cfg)]
-            + (["embedder"] if config.semantic_enabled(cfg) else [])
-            + (["views"] if cfg["events"]["enabled"] and cfg["events"]["views"] else []))
 
 
 def _running_pid(pidfile: str) -> int | None:
@@ -589,7 +584,7 @@ def _running_pid(pidfile: str) -> int | None:
 
 def serve(cfg_path: str | None, overrides: dict) -> int:
     try:
-        cfg = config.load(cfg_path, overrides)
+        cfg = load_config(cfg_path, overrides)
     except config.ConfigError as e:
         log.error("invalid config", error=str(e))
         print(f"tidegate: invalid config: {e}", file=sys.stderr)

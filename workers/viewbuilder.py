@@ -4,62 +4,57 @@ Each pass reads the complete blocks added since its offsets and applies them in 
 transaction that also stores the new offsets (segment, byte), so a crash between passes applies
 nothing twice and skips nothing. A torn block at a tail is simply not complete yet: it is read
 again on the next pass. Lag (seconds since the builder was last caught up) is reported with
-each heartbeat; /readyz fails while it exceeds `events.view_lag_max`.
+each heartbeat; /readyz fails while it exceeds `events.view_lag_max`. It has no clients: it
+runs the blocking-worker loop (core/runtime/loop.py) with one pass as its work, every PASS_S.
 """
 from __future__ import annotations
 
 import glob
 import os
-import signal
 import time
 
 import lmdb
 import orjson
 
-from tidegate.core.eventlog import CorruptLog, read_blocks, segments
-from tidegate.core.jsonlog import log
-from tidegate.core.process import WorkerSockets, run_blocking_worker
-from tidegate.core.views import apply, offset_key, row_key
+from tidegate.core.events.eventlog import CorruptLog, read_blocks, segments
+from tidegate.core.base.jsonlog import log
+from tidegate.core.messaging import endpoints
+from tidegate.core.runtime.loop import BlockingWorker, run_blocking_worker
+from tidegate.core.events.views import apply, offset_key, row_key
 
 PASS_S = 0.05
 
 
-class ViewBuilder:
+class ViewBuilder(BlockingWorker):
+    idle_poll_ms = int(PASS_S * 1000)  # the poll is the pause between passes
+
     def __init__(self, spec: dict):
-        self.spec, self.cfg = spec, spec["config"]
+        super().__init__(spec)
         self.views = self.cfg["events"]["views"]
-        self.running = True
         self.stats = {"views_events_applied": 0, "view_lag_seconds": 0.0}
         self.caught_up_at = time.monotonic()
 
-    def boot(self) -> None:
+    def open(self) -> str:
         data = self.cfg["server"]["data_dir"]
         self.root = os.path.join(data, "events")
         os.makedirs(self.root, mode=0o700, exist_ok=True)
         self.env = lmdb.open(os.path.join(data, "views"), map_size=self.cfg["events"]["views_map_bytes"],
                              subdir=True, max_dbs=0)
-        # no clients: the ROUTER is bound only so the worker shape is the same as the others
-        self.socks = WorkerSockets(self.spec, f"ipc://{os.path.abspath(self.cfg['server']['run_dir'])}/"
-                                   f"views.g{self.spec['gen']}.sock")
-        self.socks.ready()
         log.info("view builder ready", views=[v["name"] for v in self.views])
+        return endpoints.worker(self.cfg, "views", "", self.spec["gen"])  # no clients: the shape of the others
 
-    def run(self) -> None:
-        signal.signal(signal.SIGTERM, lambda *_: setattr(self, "running", False))
-        signal.signal(signal.SIGQUIT, lambda *_: setattr(self, "running", False))
-        next_hb = 0.0
-        while self.running:
-            behind = self.one_pass()
-            now = time.monotonic()
-            if not behind:
-                self.caught_up_at = now
-            self.stats["view_lag_seconds"] = round(now - self.caught_up_at, 3)
-            if now >= next_hb:
-                next_hb = now + self.cfg["server"]["heartbeat_interval"]
-                self.running = self.socks.heartbeat(dict(self.stats)) and self.running
-            time.sleep(PASS_S)
+    def work(self) -> None:
+        behind = self.one_pass()
+        now = time.monotonic()
+        if not behind:
+            self.caught_up_at = now
+        self.stats["view_lag_seconds"] = round(now - self.caught_up_at, 3)
+
+    def counters(self) -> dict:
+        return dict(self.stats)
+
+    def shutdown(self) -> None:
         self.env.close()
-        self.socks.close()
 
     def one_pass(self) -> bool:
         """Apply what is new in every partition; True if there was anything (still behind)."""

@@ -1,0 +1,441 @@
+"""Configuration: one TOML file, validated up front against a declared schema.
+
+Every key has a type, a default and (where it matters) a check; an unknown key, a wrong type or an
+impossible value raises ConfigError naming the dotted key, so a bad file stops a start (or a
+SIGHUP reload) before any worker sees it. The result is a plain nested dict: it is what the
+supervisor hands to workers as JSON.
+"""
+from __future__ import annotations
+
+import copy
+import os
+import tomllib
+from dataclasses import dataclass
+from typing import Any, Callable
+
+
+class ConfigError(ValueError):
+    """A config problem; the message names the key."""
+
+
+@dataclass(frozen=True)
+class Key:
+    type: type | tuple
+    default: Any
+    help: str
+    check: Callable[[Any], str | None] | None = None  # returns an error text or None
+    secret: bool = False
+
+
+def positive(v):
+    return None if v > 0 else "must be > 0"
+
+
+def non_negative(v):
+    return None if v >= 0 else "must be >= 0"
+
+
+def _workers(v):
+    if v == "auto" or (isinstance(v, int) and not isinstance(v, bool) and 1 <= v <= 1024):
+        return None
+    return 'must be "auto" or an integer from 1 to 1024'
+
+
+def _bind(v):
+    items = [v] if isinstance(v, str) else v
+    if not items:
+        return "needs at least one address"
+    for item in items:
+        if not isinstance(item, str):
+            return "addresses must be strings"
+        try:
+            parse_bind(item)
+        except ValueError as e:
+            return str(e)
+    return None
+
+
+def _log_level(v):
+    return None if v in ("debug", "info", "warning", "error") else "must be one of debug, info, warning, error"
+
+
+def _endpoint(v):
+    if v == "" or v.startswith(("ipc://", "tcp://")):
+        return None
+    return 'must be "" (ipc:// in run_dir), ipc://PATH or tcp://HOST:PORT'
+
+
+def _z85_key(v):
+    return None if v == "" or len(v) == 40 else "must be a 40-character Z85 CURVE key"
+
+
+def _z85_keys(v):
+    return next((f"item {i} must be a 40-character Z85 CURVE key" for i, k in enumerate(v)
+                 if not isinstance(k, str) or len(k) != 40), None)
+
+
+def _api_keys(v):
+    for i, item in enumerate(v):
+        if not isinstance(item, dict):
+            return f"item {i} must be a table {{key_sha256, tenant, name, class}}"
+        unknown = set(item) - {"key_sha256", "tenant", "name", "class"}
+        if unknown:
+            return f"item {i}: unknown field(s) {', '.join(sorted(unknown))}"
+        h = item.get("key_sha256", "")
+        if not (isinstance(h, str) and len(h) == 64 and all(c in "0123456789abcdef" for c in h)):
+            return f"item {i}: key_sha256 must be 64 lower-case hex digits (`tidegate admin hash-key`)"
+        if not isinstance(item.get("tenant"), str) or not item["tenant"]:
+            return f"item {i}: tenant must be a non-empty string"
+        if item.get("class", "standard") not in ("critical", "standard", "background"):
+            return f"item {i}: class must be critical, standard or background"
+    return None
+
+
+MODEL_FIELDS = {"name": str, "path": str, "n_ctx": int, "max_seqs": int, "threads": int, "n_gpu_layers": int,
+                "chat_template": str, "embeddings": bool}
+
+
+def _models(v):
+    names = set()
+    for i, item in enumerate(v):
+        if not isinstance(item, dict):
+            return f"item {i} must be a table {{{', '.join(MODEL_FIELDS)}}}"
+        unknown = set(item) - set(MODEL_FIELDS)
+        if unknown:
+            return f"item {i}: unknown field(s) {', '.join(sorted(unknown))}"
+        for k, t in MODEL_FIELDS.items():
+            if k in item and (not isinstance(item[k], t) or (t is int and isinstance(item[k], bool))):
+                return f"item {i}: {k} must be {t.__name__}"
+        if not item.get("name") or not all(c.isalnum() or c in "-_.:" for c in item["name"]):
+            return f"item {i}: name must be a non-empty string of letters, digits and -_.:"
+        if item["name"] in names:
+            return f"item {i}: model {item['name']!r} is listed twice"
+        names.add(item["name"])
+        for k in ("n_ctx", "max_seqs"):
+            if k in item and item[k] < 1:
+                return f"item {i}: {k} must be >= 1"
+    return None
+
+
+def _class_counts(v):
+    for k, n in v.items():
+        if k not in ("critical", "standard", "background"):
+            return f"unknown traffic class {k!r} (critical, standard, background)"
+        if not isinstance(n, int) or isinstance(n, bool) or n < 0:
+            return f"{k}: must be an integer >= 0"
+    return None
+
+
+def _overrides(v):
+    allowed = {"tenant": str, "enabled": bool, "threshold": float, "ttl": float, "max_entries": int}
+    for i, item in enumerate(v):
+        if not isinstance(item, dict) or not isinstance(item.get("tenant"), str):
+            return f"item {i} must be a table with a tenant"
+        for k, val in item.items():
+            t = allowed.get(k)
+            if t is None:
+                return f"item {i}: unknown field {k}"
+            if t is float and isinstance(val, int) and not isinstance(val, bool):
+                item[k] = float(val)
+            elif not isinstance(val, t) or (t is int and isinstance(val, bool)):
+                return f"item {i}: {k} must be {t.__name__}"
+    return None
+
+
+def _tables(v):
+    if not all(isinstance(item, dict) for item in v):
+        return "must be an array of tables"
+    return None
+
+
+KiB, MiB = 1024, 1024 * 1024
+
+SCHEMA: dict[str, dict[str, Key]] = {
+    "server": {
+        "bind": Key((str, list), "127.0.0.1:8080", "listen address(es), HOST:PORT or [V6]:PORT", _bind),
+        "workers": Key((str, int), "auto", 'ingress workers: "auto" = one per core', _workers),
+        "backlog": Key(int, 2048, "listen backlog per socket", positive),
+        "max_connections": Key(int, 10000, "open connections per worker; above it the worker stops accepting", positive),
+        "run_dir": Key(str, "./var/run", "sockets and pid file (created mode 0700)"),
+        "data_dir": Key(str, "./var/data", "durable state"),
+        "heartbeat_interval": Key(float, 1.0, "seconds between worker heartbeats", positive),
+        "worker_timeout": Key(float, 30.0, "a worker silent this long is killed and respawned", positive),
+        "boot_timeout": Key(float, 30.0, "a worker not ready this long after spawn failed to boot", positive),
+        "graceful_timeout": Key(float, 30.0, "SIGTERM: how long in-flight requests may take to finish", non_negative),
+        "respawn_backoff_max": Key(float, 10.0, "ceiling of the respawn delay for a crash-looping slot", positive),
+    },
+    "limits": {
+        "max_request_line": Key(int, 8 * KiB, "request-target bytes (414 above)", positive),
+        "max_header_bytes": Key(int, 32 * KiB, "header section bytes (431 above)", positive),
+        "max_headers": Key(int, 100, "header fields per request (431 above)", positive),
+        "max_body_bytes": Key(int, 1 * MiB, "request body bytes (413 above)", positive),
+        "max_json_depth": Key(int, 64, "JSON nesting depth (400 above)", positive),
+        "max_json_number_chars": Key(int, 64, "characters in one JSON number literal (400 above)", positive),
+        "max_pipelined": Key(int, 32, "parsed-but-unanswered requests per connection before reading pauses", positive),
+        "header_timeout": Key(float, 10.0, "seconds to receive a request's header section (408)", positive),
+        "body_timeout": Key(float, 60.0, "seconds between two reads of a request body (408)", positive),
+        "keepalive_timeout": Key(float, 75.0, "idle keep-alive connection lifetime", positive),
+        "send_timeout": Key(float, 60.0, "seconds a client may leave its write buffer full before it is cut", positive),
+        "write_buffer_bytes": Key(int, 256 * KiB, "per-connection write buffer before reading pauses", positive),
+    },
+    "control": {
+        "endpoint": Key(str, "", 'admin socket; "" = ipc://RUN_DIR/control.sock', _endpoint),
+        "max_message_bytes": Key(int, 1 * MiB, "ZMQ_MAXMSGSIZE on control and internal sockets", positive),
+        "curve_public_key": Key(str, "", "server CURVE public key (Z85), required for tcp://", _z85_key),
+        "curve_secret_key": Key(str, "", "server CURVE secret key (Z85), required for tcp://", _z85_key, secret=True),
+        "curve_client_keys": Key(list, [], "client public keys allowed on tcp://", _z85_keys),
+        "client_public_key": Key(str, "", "admin client CURVE public key (tcp:// only)", _z85_key),
+        "client_secret_key": Key(str, "", "admin client CURVE secret key (tcp:// only)", _z85_key, secret=True),
+    },
+    "auth": {
+        "keys": Key(list, [], "API keys: [{key_sha256, tenant, name, class}]; none = API routes open", _api_keys),
+        "keys_file": Key(str, "", "a TOML file with more `keys = [...]` (read at start and on reload)"),
+    },
+    "sessions": {
+        "ttl": Key(float, 3600.0, "seconds a session lives after its last use (sliding)", positive),
+        "max_per_worker": Key(int, 1000000, "sessions one owner holds; creating more answers 503", positive),
+        "max_attributes_bytes": Key(int, 4096, "JSON size of a session's attributes (400 above)", positive),
+        "owner_timeout": Key(float, 0.5, "seconds to wait for a session's owner (then 503: fails closed)", positive),
+    },
+    "ratelimit": {
+        "key_rps": Key(float, 0.0, "requests/s per API key (0 = no limit)", non_negative),
+        "key_burst": Key(float, 0.0, "bucket size per API key (0 = max(1, key_rps))", non_negative),
+        "tenant_rps": Key(float, 0.0, "requests/s per tenant (0 = no limit)", non_negative),
+        "tenant_burst": Key(float, 0.0, "bucket size per tenant (0 = max(1, tenant_rps))", non_negative),
+        "user_rps": Key(float, 0.0, "requests/s per session user (0 = no limit)", non_negative),
+        "user_burst": Key(float, 0.0, "bucket size per session user (0 = max(1, user_rps))", non_negative),
+        "key_tpm": Key(float, 0.0, "LLM tokens/minute per API key, reserved up front (0 = no limit)", non_negative),
+        "tenant_tpm": Key(float, 0.0, "LLM tokens/minute per tenant (0 = no limit)", non_negative),
+        "user_tpm": Key(float, 0.0, "LLM tokens/minute per session user (0 = no limit)", non_negative),
+        "table_capacity": Key(int, 65536, "buckets per worker; new identities are refused when full", positive),
+        "idle_ttl": Key(float, 60.0, "seconds before a full, idle bucket may be reclaimed", positive),
+        "owner_timeout": Key(float, 0.25, "seconds to wait for the bucket owner", positive),
+        "fail_open": Key(bool, True, "admit when the bucket owner does not answer (see ARCHITECTURE.md)"),
+        "lease_max": Key(int, 256, "most requests/s tokens a worker may hold from another worker's buckets "
+                         "(0 = ask the owner for every request)", non_negative),
+        "lease_ttl": Key(float, 0.05, "seconds a worker may hold leased tokens before giving them back", positive),
+    },
+    "inference": {
+        "enabled": Key(bool, True, "start the inference worker(s) and serve the /v1 model routes"),
+        "models": Key(list, [], "models, one inference worker each: [{name, path, n_ctx, max_seqs, threads, "
+                      "n_gpu_layers, chat_template, embeddings}]; empty = the built-in demo model", _models),
+        "n_ctx": Key(int, 4096, "context length per sequence (prompt + completion)", positive),
+        "max_seqs": Key(int, 8, "sequences decoded together (continuous batching slots)", positive),
+        "n_batch": Key(int, 512, "tokens per llama_decode step (long prompts are prefilled in chunks)", positive),
+        "threads": Key(int, 0, "llama.cpp threads (0 = all cores)", non_negative),
+        "n_gpu_layers": Key(int, 0, "layers offloaded to a GPU when llama.cpp was built with one", non_negative),
+        "embeddings": Key(bool, True, "serve /v1/embeddings from the model (mean pooling)"),
+        "default_max_tokens": Key(int, 256, "max_tokens when a request gives none", positive),
+        "max_stop": Key(int, 4, "stop strings per request", positive),
+        "max_prompt_bytes": Key(int, 1 * MiB, "UTF-8 bytes of the rendered prompt (then 400)", positive),
+        "request_timeout": Key(float, 300.0, "seconds a request may wait and run before it is dropped (504)", positive),
+        "reserved": Key(dict, {"critical": 1}, "sequence slots only a class (or one above it) may take", _class_counts),
+        "queue_max": Key(dict, {"critical": 256, "standard": 256, "background": 256},
+                         "requests queued per class before 503", _class_counts),
+        "prefix_block": Key(int, 16, "tokens per prefix-cache block (hash chain granularity)", positive),
+        "prefix_min_tokens": Key(int, 64, "new prompt tokens a prefix must add to be saved to RAM/disk", positive),
+        "prefix_ram_bytes": Key(int, 1024 * MiB, "RAM tier: KV bytes kept (LRU)", non_negative),
+        "prefix_disk_bytes": Key(int, 4096 * MiB, "disk tier under data_dir: KV bytes kept (LRU); 0 = off",
+                                 non_negative),
+        "shared_prefixes": Key(list, [], "prompt prefixes (rendered text) every tenant may share in the cache, "
+                               "e.g. a common system prompt; all others are salted by tenant"),
+    },
+    "cache": {
+        "exact_enabled": Key(bool, True, "answer identical reproducible requests from the exact cache"),
+        "exact_any": Key(bool, False, "also cache non-reproducible requests (temperature > 0 without a seed)"),
+        "exact_ttl": Key(float, 3600.0, "seconds an exact-cache entry lives", positive),
+        "exact_max_bytes": Key(int, 256 * MiB, "exact-cache bytes per owner worker (LRU)", positive),
+        "owner_timeout": Key(float, 0.1, "seconds to wait for a cache owner (then: a miss)", positive),
+        "semantic_enabled": Key(bool, True, "answer paraphrases from the semantic cache (embedder process)"),
+        "semantic_threshold": Key(float, 0.90, "cosine a neighbour needs before the verifier sees it",
+                                  lambda v: None if 0 < v <= 1 else "must be in (0, 1]"),
+        "semantic_min_overlap": Key(float, 0.8, "verifier: share of the longer text the aligned words must cover",
+                                    lambda v: None if 0 < v <= 1 else "must be in (0, 1]"),
+        "semantic_ttl": Key(float, 86400.0, "seconds a semantic entry lives", positive),
+        "semantic_max_entries": Key(int, 10000, "entries per namespace (oldest evicted)", positive),
+        "semantic_timeout": Key(float, 0.05, "seconds a semantic lookup may take (then: a miss)", positive),
+        "semantic_tenants": Key(list, [], "per-tenant overrides: [{tenant, enabled, threshold, ttl, max_entries}]",
+                                lambda v: _overrides(v)),
+        "embedder": Key(str, "wordllama", "wordllama (256-d, ships its weights) | gguf (embedder_model)",
+                        lambda v: None if v in ("wordllama", "gguf") else "must be wordllama or gguf"),
+        "embedder_model": Key(str, "", "GGUF path for embedder = gguf"),
+    },
+    "events": {
+        "enabled": Key(bool, True, "serve POST /v1/events into the append-only log (one partition per worker)"),
+        "batch_bytes": Key(int, 1 * MiB, "group commit: flush when this many bytes wait", positive),
+        "window": Key(float, 0.002, "group commit: flush this long after the first waiting event (s)", positive),
+        "segment_bytes": Key(int, 64 * MiB, "segment files roll at this size", positive),
+        "compress": Key(bool, True, "LZ4-compress blocks when that saves space"),
+        "max_events": Key(int, 10000, "events per request (413 above)", positive),
+        "max_event_bytes": Key(int, 64 * KiB, "JSON bytes per event (400 above)", positive),
+        "owner_timeout": Key(float, 2.0, "seconds to wait for the partition owner's fsync (then 503)", positive),
+        "retention_bytes": Key(int, 0, "per partition: delete the oldest segments beyond this size (0 = keep all)",
+                               non_negative),
+        "retention_age": Key(float, 0.0, "per partition: delete segments older than this many seconds (0 = keep)",
+                             non_negative),
+        "views": Key(list, [], "materialized views: [{name, kind = count|sum|avg|last|last_n, event_type, field, "
+                     "window, n}] (see core/views.py)", _tables),  # the events package checks the rest (rules)
+        "views_map_bytes": Key(int, 1024 * MiB, "LMDB map size of the views", positive),
+        "view_lag_max": Key(float, 5.0, "/readyz fails while the view builder is further behind (s)", positive),
+    },
+    "log": {
+        "level": Key(str, "info", "debug | info | warning | error", _log_level),
+        "access": Key(bool, False, "one log line per request (off: metrics cover traffic)"),
+    },
+}
+
+
+def parse_bind(addr: str) -> tuple[str, int]:
+    """'HOST:PORT' or '[V6]:PORT' -> (host, port)."""
+    host, sep, port = addr.rpartition(":")
+    if not sep or not host or not port.isdigit() or not 0 <= int(port) <= 65535:
+        raise ValueError(f"{addr!r} is not HOST:PORT")
+    if host.startswith("["):
+        if not host.endswith("]"):
+            raise ValueError(f"{addr!r} is not [V6]:PORT")
+        host = host[1:-1]
+    return host, int(port)
+
+
+def defaults() -> dict:
+    return {sec: {k: copy.deepcopy(key.default) for k, key in keys.items()} for sec, keys in SCHEMA.items()}
+
+
+def _check_type(name: str, key: Key, value: Any) -> Any:
+    types = key.type if isinstance(key.type, tuple) else (key.type,)
+    if float in types and isinstance(value, int) and not isinstance(value, bool):
+        value = float(value)  # TOML "30" for a float key is fine
+    if isinstance(value, bool) and bool not in types:
+        raise ConfigError(f"{name}: expected {'/'.join(t.__name__ for t in types)}, got bool")
+    if not isinstance(value, types):
+        raise ConfigError(f"{name}: expected {'/'.join(t.__name__ for t in types)}, got {type(value).__name__}")
+    if key.check:
+        problem = key.check(value)
+        if problem:
+            raise ConfigError(f"{name}: {problem} (got {value!r})")
+    return value
+
+
+def validate(raw: dict, rules: dict | None = None) -> dict:
+    """Merge raw over the defaults, checking every key; returns a new dict. `rules` maps
+    "section.key" to a check(value) -> problem or None that a domain package owns (the events
+    package checks view declarations): config stays at the ground and imports none of them."""
+    cfg = defaults()
+    for sec, body in raw.items():
+        if sec not in SCHEMA:
+            raise ConfigError(f"{sec}: unknown section (known: {', '.join(SCHEMA)})")
+        if not isinstance(body, dict):
+            raise ConfigError(f"{sec}: must be a table")
+        for k, v in body.items():
+            name = f"{sec}.{k}"
+            if k not in SCHEMA[sec]:
+                raise ConfigError(f"{name}: unknown key")
+            cfg[sec][k] = _check_type(name, SCHEMA[sec][k], v)
+    _cross_checks(cfg)
+    for dotted, check in (rules or {}).items():
+        sec, k = dotted.split(".")
+        problem = check(cfg[sec][k])
+        if problem:
+            raise ConfigError(f"{dotted}: {problem}")
+    return cfg
+
+
+def _cross_checks(cfg: dict) -> None:
+    auth = cfg["auth"]
+    if auth["keys_file"]:
+        try:
+            with open(auth["keys_file"], "rb") as f:
+                extra = tomllib.load(f)
+        except (OSError, tomllib.TOMLDecodeError) as e:
+            raise ConfigError(f"auth.keys_file: {e}") from None
+        unknown = set(extra) - {"keys"}
+        if unknown:
+            raise ConfigError(f"auth.keys_file: unknown key(s) {', '.join(sorted(unknown))}")
+        keys = extra.get("keys", [])
+        problem = _api_keys(keys) if isinstance(keys, list) else "keys must be an array of tables"
+        if problem:
+            raise ConfigError(f"auth.keys_file {auth['keys_file']}: {problem}")
+        auth["keys"] = auth["keys"] + keys
+    hashes = [k["key_sha256"] for k in auth["keys"]]
+    if len(hashes) != len(set(hashes)):
+        raise ConfigError("auth.keys: the same key is listed twice")
+    ctl = cfg["control"]
+    if ctl["endpoint"].startswith("tcp://"):
+        if not (ctl["curve_public_key"] and ctl["curve_secret_key"]):
+            raise ConfigError("control.endpoint: a tcp:// control socket needs control.curve_public_key and "
+                              "control.curve_secret_key (generate them with `tidegate admin keygen`)")
+        if not ctl["curve_client_keys"]:
+            raise ConfigError("control.curve_client_keys: a tcp:// control socket needs at least one allowed client key")
+    lim = cfg["limits"]
+    if lim["max_request_line"] > lim["max_header_bytes"]:
+        raise ConfigError("limits.max_request_line: cannot exceed limits.max_header_bytes")
+
+
+def load(path: str | None, overrides: dict | None = None, rules: dict | None = None) -> dict:
+    """Read and validate a TOML file (None: built-in defaults), then apply CLI overrides."""
+    raw: dict = {}
+    if path:
+        try:
+            with open(path, "rb") as f:
+                raw = tomllib.load(f)
+        except FileNotFoundError:
+            raise ConfigError(f"config file {path} does not exist") from None
+        except tomllib.TOMLDecodeError as e:
+            raise ConfigError(f"config file {path}: {e}") from None
+    for dotted, value in (overrides or {}).items():
+        sec, key = dotted.split(".")
+        raw.setdefault(sec, {})[key] = value
+    return validate(raw, rules)
+
+
+def load_for_admin(path: str | None, overrides: dict | None = None) -> dict:
+    """What `tidegate admin` needs (run_dir and [control]) even from a file that fails validation
+    elsewhere, so an operator can still reach the daemon to see why a reload was rejected."""
+    try:
+        return load(path, overrides)
+    except ConfigError:
+        with open(path, "rb") as f:  # load() succeeded in reading it, or raised on that first
+            raw = tomllib.load(f)
+        subset = {"server": {k: v for k, v in raw.get("server", {}).items() if k == "run_dir"},
+                  "control": raw.get("control", {})}
+        for dotted, value in (overrides or {}).items():
+            sec, key = dotted.split(".")
+            subset.setdefault(sec, {})[key] = value
+        return validate(subset)
+
+
+def resolve_workers(cfg: dict) -> int:
+    w = cfg["server"]["workers"]
+    if w == "auto":
+        return max(1, len(os.sched_getaffinity(0)))
+    return w
+
+
+def binds(cfg: dict) -> list[str]:
+    b = cfg["server"]["bind"]
+    return [b] if isinstance(b, str) else list(b)
+
+
+def redacted(cfg: dict) -> dict:
+    """The config with secret values masked, for admin output and logs."""
+    out = copy.deepcopy(cfg)
+    for sec, keys in SCHEMA.items():
+        for k, key in keys.items():
+            if key.secret and out[sec][k]:
+                out[sec][k] = "***"
+    return out
+
+
+def models(cfg: dict) -> list[dict]:
+    """The configured models with every field filled in from [inference] (the demo model when none)."""
+    inf = cfg["inference"]
+    if not inf["enabled"]:
+        return []
+    base = {"path": "", "n_ctx": inf["n_ctx"], "max_seqs": inf["max_seqs"], "threads": inf["threads"],
+            "n_gpu_layers": inf["n_gpu_layers"], "chat_template": "", "embeddings": inf["embeddings"]}
+    listed = inf["models"] or [{"name": "tidegate-demo"}]
+    return [{**base, **m} for m in listed]
+
+
+def semantic_enabled(cfg: dict) -> bool:
+    return bool(models(cfg)) and cfg["cache"]["semantic_enabled"]

@@ -1,0 +1,181 @@
+"""Request metrics: cheap counters in each worker, summed by the supervisor, rendered once.
+
+A worker only bumps integers in dicts on the request path. It ships a snapshot with every
+heartbeat (and a fresh one with each /metrics request); the supervisor keeps the latest snapshot
+per live worker and folds the counters of exited workers into a retired total, so counters never
+go backwards when a worker is respawned. Rendering uses prometheus_client's exposition code.
+"""
+from __future__ import annotations
+
+import copy
+
+from prometheus_client import CollectorRegistry, generate_latest
+from prometheus_client.core import CounterMetricFamily, GaugeMetricFamily, HistogramMetricFamily
+
+LATENCY_BUCKETS = (0.0005, 0.001, 0.0025, 0.005, 0.01, 0.025, 0.05, 0.1, 0.25, 0.5, 1.0, 2.5, 5.0, 10.0)
+COUNTERS = ("bytes_in", "bytes_out", "connections_accepted")
+# named counters and gauges that other parts of a worker report (help texts for /metrics)
+EXTRA_HELP = {
+    "ratelimit_admitted": ("counter", "Requests admitted by the rate limiter"),
+    "ratelimit_limited": ("counter", "Requests refused with 429 by the rate limiter"),
+    "ratelimit_leased": ("counter", "Requests admitted from tokens leased by the bucket owner (no hop)"),
+    "owner_unavailable": ("counter", "Owner calls that timed out (rate limits or sessions)"),
+    "mesh_frames_sent": ("counter", "Frames sent to peer workers over the mesh"),
+    "mesh_messages_sent": ("counter", "Messages sent to peer workers (several per frame)"),
+    "mesh_expired": ("counter", "Requests an owner skipped because their deadline had passed"),
+    "llm_requests": ("counter", "Generation requests finished by the inference worker(s)"),
+    "llm_prompt_tokens": ("counter", "Prompt tokens of finished generations"),
+    "llm_cached_tokens": ("counter", "Prompt tokens served from the prefix cache instead of computed"),
+    "llm_completion_tokens": ("counter", "Tokens generated"),
+    "llm_expired": ("counter", "Requests dropped because their deadline passed while queued"),
+    "llm_cancelled": ("counter", "Sequences cancelled because the client went away"),
+    "prefix_hits_live": ("counter", "Prefix-cache hits copied from live KV (tier 1)"),
+    "prefix_hits_ram": ("counter", "Prefix-cache hits restored from RAM (tier 2)"),
+    "prefix_hits_disk": ("counter", "Prefix-cache hits restored from disk (tier 3)"),
+    "prefix_misses": ("counter", "Prompts with no cached prefix"),
+    "exact_hits": ("counter", "Exact-cache lookups answered from the cache"),
+    "exact_misses": ("counter", "Exact-cache lookups that found nothing (or an expired entry)"),
+    "exact_inserts": ("counter", "Answers stored in the exact cache"),
+    "exact_evictions": ("counter", "Exact-cache entries evicted for space"),
+    "semantic_lookups": ("counter", "Semantic-cache lookups"),
+    "semantic_hits": ("counter", "Semantic-cache hits (nearest neighbour passed threshold and verifier)"),
+    "semantic_verifier_rejections": ("counter", "Neighbours above the threshold that the verifier rejected"),
+    "semantic_inserts": ("counter", "Answers stored in the semantic cache"),
+    "semantic_evictions": ("counter", "Semantic entries evicted because a namespace was full"),
+    "semantic_expired": ("counter", "Semantic entries dropped at their TTL"),
+    "semantic_index_rebuilds": ("counter", "Semantic indexes rebuilt from the payload store at start"),
+    "semantic_timeouts": ("counter", "Semantic lookups that took longer than semantic_timeout (a miss)"),
+    "embed_batches": ("counter", "Embedding batches (one per embedder loop turn with work)"),
+    "embed_texts": ("counter", "Texts embedded (embed_texts / embed_batches = mean batch size)"),
+    "embed_seconds": ("counter", "Seconds spent embedding"),
+    "semantic_entries": ("gauge", "Entries in the semantic cache"),
+    "exact_bytes": ("gauge", "Bytes held by the exact cache, all owners"),
+    "events_appended": ("counter", "Events appended to the log by their partition owners"),
+    "log_blocks": ("counter", "Event-log blocks written (one write + fsync each)"),
+    "log_bytes": ("counter", "Event-log bytes written"),
+    "log_write_errors": ("counter", "Event-log writes that failed (the partition stops acknowledging)"),
+    "views_events_applied": ("counter", "Events applied to the views by the view builder"),
+    "view_lag_seconds": ("gauge", "Seconds since the view builder was last caught up with the log"),
+    "llm_active_sequences": ("gauge", "Sequences decoding now"),
+    "llm_queued": ("gauge", "Generation requests waiting for a sequence slot"),
+    "prefix_ram_bytes": ("gauge", "KV bytes held by the RAM prefix tier"),
+    "prefix_disk_bytes": ("gauge", "KV bytes held by the disk prefix tier"),
+    "ratelimit_buckets": ("gauge", "Token buckets held, all workers"),
+    "sessions_live": ("gauge", "Sessions held, all workers"),
+}
+
+
+class WorkerMetrics:
+    """Owned by one ingress worker's event loop; no locking needed. Answers are counted by
+    `tidegate.ext.httpconn.observe` on the hot path (the one writer of requests and latency)."""
+    buckets = LATENCY_BUCKETS
+
+    __slots__ = ("requests", "latency", "bytes_in", "bytes_out", "connections_accepted", "open_connections",
+                 "extra")
+
+    def __init__(self):
+        self.requests: dict[tuple[str, int], int] = {}
+        self.latency: dict[str, list] = {}  # route -> [bucket counts..., +Inf count, sum]
+        self.bytes_in = 0
+        self.bytes_out = 0
+        self.connections_accepted = 0
+        self.open_connections = 0
+        self.extra: dict[str, float] = {}  # names from EXTRA_HELP, set by the worker before a snapshot
+
+    def snapshot(self) -> dict:
+        return {
+            "requests": [[r, s, n] for (r, s), n in self.requests.items()],
+            "latency": self.latency,
+            "bytes_in": self.bytes_in,
+            "bytes_out": self.bytes_out,
+            "connections_accepted": self.connections_accepted,
+            "open_connections": self.open_connections,
+            "extra": self.extra,
+        }
+
+
+def _empty() -> dict:
+    return {"requests": {}, "latency": {}, "extra": {}, **{c: 0 for c in COUNTERS}}
+
+
+def _fold(total: dict, snap: dict) -> None:
+    for route, status, n in snap.get("requests", ()):
+        key = (route, int(status))
+        total["requests"][key] = total["requests"].get(key, 0) + n
+    for route, h in snap.get("latency", {}).items():
+        acc = total["latency"].setdefault(route, [0] * (len(LATENCY_BUCKETS) + 1) + [0.0])
+        for i, v in enumerate(h):
+            acc[i] += v
+    for c in COUNTERS:
+        total[c] += snap.get(c, 0)
+    for name, v in snap.get("extra", {}).items():
+        if EXTRA_HELP.get(name, ("gauge",))[0] == "counter":
+            total["extra"][name] = total["extra"].get(name, 0) + v
+
+
+class Aggregator:
+    """Owned by the supervisor: latest snapshot per live worker + retired totals."""
+
+    def __init__(self):
+        self.live: dict[str, dict] = {}
+        self.retired = _empty()
+
+    def update(self, worker: str, snap: dict) -> None:
+        self.live[worker] = snap
+
+    def retire(self, worker: str) -> None:
+        snap = self.live.pop(worker, None)
+        if snap:
+            _fold(self.retired, snap)
+
+    def totals(self) -> dict:
+        total = copy.deepcopy(self.retired)
+        for snap in self.live.values():
+            _fold(total, snap)
+        total["open_connections"] = sum(s.get("open_connections", 0) for s in self.live.values())
+        for snap in self.live.values():  # gauges: live workers only
+            for name, v in snap.get("extra", {}).items():
+                if EXTRA_HELP.get(name, ("gauge",))[0] == "gauge":
+                    total["extra"][name] = total["extra"].get(name, 0) + v
+        return total
+
+    def render(self, extra: list[tuple[str, str, str, float]] = ()) -> bytes:
+        """Prometheus text format. extra: (kind "gauge"|"counter", name, help, value) from the supervisor."""
+        registry = CollectorRegistry(auto_describe=False)
+        registry.register(_Collector(self.totals(), extra))
+        return generate_latest(registry)
+
+
+class _Collector:
+    def __init__(self, totals: dict, extra):
+        self.t, self.extra = totals, extra
+
+    def collect(self):
+        t = self.t
+        req = CounterMetricFamily("tidegate_http_requests", "HTTP requests answered, by route and status",
+                                  labels=["route", "status"])
+        for (route, status), n in sorted(t["requests"].items()):
+            req.add_metric([route, str(status)], n)
+        yield req
+        lat = HistogramMetricFamily("tidegate_http_request_duration_seconds",
+                                    "Time from first request byte to response written", labels=["route"])
+        for route, h in sorted(t["latency"].items()):
+            cum, buckets = 0, []
+            for bound, n in zip(LATENCY_BUCKETS + (float("inf"),), h[:-1]):
+                cum += n
+                buckets.append(("+Inf" if bound == float("inf") else repr(bound), cum))
+            lat.add_metric([route], buckets, sum_value=h[-1])
+        yield lat
+        yield CounterMetricFamily("tidegate_http_received_bytes", "Bytes read from clients", value=t["bytes_in"])
+        yield CounterMetricFamily("tidegate_http_sent_bytes", "Bytes written to clients", value=t["bytes_out"])
+        yield CounterMetricFamily("tidegate_connections_accepted", "Client connections accepted",
+                                  value=t["connections_accepted"])
+        yield GaugeMetricFamily("tidegate_connections_open", "Client connections open now, all workers",
+                                value=t["open_connections"])
+        for name, (kind, help_) in EXTRA_HELP.items():
+            if name in t["extra"]:
+                family = CounterMetricFamily if kind == "counter" else GaugeMetricFamily
+                yield family(f"tidegate_{name}", help_, value=t["extra"][name])
+        for kind, name, help_, value in self.extra:
+            family = CounterMetricFamily if kind == "counter" else GaugeMetricFamily
+            yield family(name, help_, value=value)

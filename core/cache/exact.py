@@ -1,0 +1,107 @@
+"""The exact response cache: identical reproducible requests are answered without the model.
+
+Key: SHA-256 over the tenant, the model, the route and the canonical JSON of everything that
+changes the output (messages or prompt, tools, response format, every sampling parameter). Only
+reproducible requests are cached (temperature 0, or a fixed seed) unless `cache.exact_any`
+says otherwise. An entry lives at the ring owner of its key, like every other piece of state:
+a lookup is a direct call there or one mesh hop, and never a message to the inference worker.
+Each owner keeps its entries in an LRU bounded by bytes, with a TTL.
+"""
+from __future__ import annotations
+
+import asyncio
+import hashlib
+import time
+from collections import OrderedDict
+
+import orjson
+
+from tidegate.core.messaging.protocol import XC_GET, XC_PUT
+# request fields that change what the model answers; everything else (stream, user...) does not
+OUTPUT_FIELDS = ("messages", "prompt", "tools", "tool_choice", "response_format", "max_tokens",
+                 "max_completion_tokens", "temperature", "top_p", "top_k", "min_p", "seed", "stop", "logit_bias",
+                 "presence_penalty", "frequency_penalty")
+
+
+def cache_key(tenant: str, model: str, route: str, body: dict) -> str:
+    material = [tenant, model, route, {k: body[k] for k in OUTPUT_FIELDS if k in body}]
+    return hashlib.sha256(orjson.dumps(material, option=orjson.OPT_SORT_KEYS)).hexdigest()
+
+
+def reproducible(params: dict) -> bool:
+    return params.get("temperature") == 0.0 or params.get("seed") is not None
+
+
+class ExactStore:
+    """Owner side: entries this worker owns. {key: (expires, tenant, entry, size)}."""
+
+    def __init__(self, max_bytes: int, ttl: float):
+        self.max_bytes, self.ttl = max_bytes, ttl
+        self.entries: OrderedDict[str, tuple] = OrderedDict()
+        self.bytes = 0
+        self.stats = {"hits": 0, "misses": 0, "inserts": 0, "evictions": 0, "expired": 0}
+
+    def get(self, key: str):
+        item = self.entries.get(key)
+        if item is None:
+            self.stats["misses"] += 1
+            return None
+        if item[0] < time.time():
+            self._drop(key)
+            self.stats["expired"] += 1
+            self.stats["misses"] += 1
+            return None
+        self.entries.move_to_end(key)
+        self.stats["hits"] += 1
+        return item[2]
+
+    def put(self, msg: list) -> bool:
+        key, tenant, entry = msg
+        size = len(key) + len(orjson.dumps(entry))
+        if size > self.max_bytes:
+            return False
+        if key in self.entries:
+            self._drop(key)
+        self.entries[key] = (time.time() + self.ttl, tenant, entry, size)
+        self.bytes += size
+        self.stats["inserts"] += 1
+        while self.bytes > self.max_bytes:
+            self._drop(next(iter(self.entries)))
+            self.stats["evictions"] += 1
+        return True
+
+    def purge(self, tenant: str | None) -> int:
+        keys = [k for k, item in self.entries.items() if tenant is None or item[1] == tenant]
+        for k in keys:
+            self._drop(k)
+        return len(keys)
+
+    def _drop(self, key: str) -> None:
+        item = self.entries.pop(key)
+        self.bytes -= item[3]
+
+
+class ExactCache:
+    """Asker side: each key's entry lives at its ring owner (core/state/owners.py)."""
+
+    def __init__(self, cfg: dict, owners):
+        c = cfg["cache"]
+        self.enabled, self.any = c["exact_enabled"], c["exact_any"]
+        self.timeout = c["owner_timeout"]
+        self.owners = owners
+        self.store = ExactStore(c["exact_max_bytes"], c["exact_ttl"])
+        owners.register({XC_GET: self.store.get, XC_PUT: self.store.put})
+
+    async def get(self, key: str):
+        """The entry, or None: a miss also when the owner does not answer in time."""
+        found = self.owners.call(self.owners.owner_of(key.encode()), XC_GET, key, self.timeout)
+        if not asyncio.isfuture(found):
+            return found
+        try:
+            return await found
+        except Exception:
+            return None
+
+    def put(self, key: str, tenant: str, entry: dict) -> None:
+        """A lost insert only costs a later miss."""
+        self.owners.send(self.owners.owner_of(key.encode()), XC_PUT, [key, tenant, entry], self.timeout)

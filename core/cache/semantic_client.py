@@ -1,0 +1,75 @@
+"""The ingress side of the semantic cache: which namespace and text a request maps to, the
+per-tenant policy, and lookups and inserts sent to the embedder process.
+
+Namespace = tenant × model × route × system prompt × conversation so far (every message but the
+last user message) × the parameters that shape the answer (max_tokens, stop, sampling), hashed: a hit never crosses tenants, and a multi-turn answer is only reused
+in the same conversation context. The text embedded is the last user message (the prompt, for
+/v1/completions). A lookup that takes longer than `semantic_timeout` counts as a miss: the cache
+must never be slower than it is worth.
+"""
+from __future__ import annotations
+
+import asyncio
+import hashlib
+
+import orjson
+
+from tidegate.core.cache.exact import OUTPUT_FIELDS
+from tidegate.core.messaging.protocol import HIT, INSERT, LOOKUP
+
+
+class SemanticClient:
+    def __init__(self, cfg: dict, client):
+        c = cfg["cache"]
+        self.client = client
+        self.default = {"enabled": True, "threshold": c["semantic_threshold"], "ttl": c["semantic_ttl"],
+                        "max_entries": c["semantic_max_entries"]}
+        self.tenants = {o["tenant"]: {**self.default, **o} for o in c["semantic_tenants"]}
+        self.min_overlap, self.timeout = c["semantic_min_overlap"], c["semantic_timeout"]
+        self.stats = {"semantic_timeouts": 0}
+
+    def policy(self, tenant: str) -> dict:
+        return self.tenants.get(tenant, self.default)
+
+    @staticmethod
+    def key(tenant: str, model: str, what: dict, body: dict) -> tuple[str, str] | None:
+        """(namespace, text to embed), or None when the request has no last user message."""
+        if "prompt" in what:
+            context, text = [], what["prompt"]
+        else:
+            msgs = what["messages"]
+            if msgs[-1]["role"] != "user":
+                return None
+            context, text = msgs[:-1], msgs[-1]["content"]
+        system = [m["content"] for m in context if m["role"] in ("system", "developer")]
+        turns = [[m["role"], m["content"]] for m in context if m["role"] not in ("system", "developer")]
+        shape = {k: body[k] for k in OUTPUT_FIELDS if k in body and k not in ("messages", "prompt")}
+        h = hashlib.sha256(orjson.dumps([tenant, model, "prompt" in what, system, turns, shape],
+                                        option=orjson.OPT_SORT_KEYS)).hexdigest()[:32]
+        return h, text
+
+    async def lookup(self, ns: str, text: str, threshold: float):
+        """The cached entry, or None (a miss, an unavailable embedder or a slow one)."""
+        loop = asyncio.get_running_loop()
+        fut = loop.create_future()
+
+        def on_event(kind, payload):
+            if not fut.done():
+                fut.set_result(payload["entry"] if kind == HIT else None)
+        try:
+            rid = self.client.submit(LOOKUP, {"ns": ns, "text": text, "threshold": threshold,
+                                                "min_overlap": self.min_overlap}, on_event)
+        except Exception:
+            return None
+        timer = loop.call_later(self.timeout, lambda: fut.done() or fut.set_result(None))
+        entry = await fut
+        timer.cancel()
+        if entry is None and rid in self.client.handlers:
+            self.client.handlers.pop(rid, None)
+            self.stats["semantic_timeouts"] += 1
+        return entry
+
+    def insert(self, ns: str, tenant: str, text: str, entry: dict) -> None:
+        p = self.policy(tenant)
+        self.client.send(INSERT, {"ns": ns, "tenant": tenant, "text": text, "entry": entry, "ttl": p["ttl"],
+                                    "max_entries": p["max_entries"]})

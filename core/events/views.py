@@ -1,0 +1,144 @@
+"""Read-optimized views of the event log, materialized into LMDB by the view-builder process.
+
+A view is declared in the config:
+
+    [events]
+    views = [{name = "clicks_1h", kind = "count", event_type = "click", window = 3600},
+             {name = "spend", kind = "sum", field = "amount"},
+             {name = "avg_price", kind = "avg", field = "price", window = 86400},
+             {name = "last_page", kind = "last", field = "page"},
+             {name = "recent", kind = "last_n", n = 10}]
+
+kinds: count, sum, avg (of a numeric payload field; all time, or over `window` seconds kept as
+per-minute buckets and summed when read), last (the last value of a field), last_n (the last n
+payloads). Rows are keyed "view\\0key"; the builder writes them together with its log offsets in
+one LMDB transaction, so after a crash nothing is applied twice or skipped. Readers (the
+ingress workers) use read-only transactions: they never wait on the writer.
+"""
+from __future__ import annotations
+
+import os
+import time
+
+import lmdb
+import numpy as np
+import orjson
+
+KINDS = ("count", "sum", "avg", "last", "last_n")
+
+
+def view_problem(v) -> str | None:
+    for i, item in enumerate(v):
+        if not isinstance(item, dict) or not isinstance(item.get("name"), str) or not item["name"]:
+            return f"item {i} must be a table with a name"
+        if item.get("kind") not in KINDS:
+            return f"item {i}: kind must be one of {', '.join(KINDS)}"
+        if item["kind"] in ("sum", "avg", "last") and not isinstance(item.get("field"), str):
+            return f"item {i}: kind {item['kind']} needs a field"
+        unknown = set(item) - {"name", "kind", "event_type", "field", "window", "n"}
+        if unknown:
+            return f"item {i}: unknown field(s) {', '.join(sorted(unknown))}"
+    return None
+
+
+CONFIG_RULES = {"events.views": view_problem}  # checked by config.validate (core/base/config.py)
+
+
+def offset_key(partition: str) -> bytes:
+    return b"offset\0" + partition.encode()
+
+
+def row_key(view: str, key: str) -> bytes:
+    return view.encode() + b"\0" + key.encode()
+
+
+def apply(view: dict, row: dict | None, event: dict) -> dict | None:
+    """The row after event (None: the event does not concern this view)."""
+    if view.get("event_type") and event["type"] != view["event_type"]:
+        return None
+    kind, payload = view["kind"], event.get("payload") or {}
+    row = row or {}
+    if kind in ("count", "sum", "avg"):
+        if kind == "count":
+            value = 1.0
+        else:
+            value = payload.get(view["field"]) if isinstance(payload, dict) else None
+            if isinstance(value, bool) or not isinstance(value, (int, float)):
+                return None
+        if view.get("window"):
+            minute = str(int(event["ingest"] // 60))
+            b = row.setdefault("buckets", {}).setdefault(minute, [0, 0.0])
+            b[0] += 1
+            b[1] += value
+            horizon = int((event["ingest"] - view["window"]) // 60)
+            row["buckets"] = {m: c for m, c in row["buckets"].items() if int(m) >= horizon}
+        else:
+            row["count"] = row.get("count", 0) + 1
+            row["sum"] = row.get("sum", 0.0) + value
+    elif kind == "last":
+        if not isinstance(payload, dict) or view["field"] not in payload:
+            return None
+        row = {"value": payload[view["field"]], "at": event["ingest"]}
+    else:  # last_n
+        items = row.get("items", []) + [payload]
+        row = {"items": items[-view.get("n", 10):]}
+    return row
+
+
+def read(view: dict, row: dict | None, now: float | None = None):
+    """The view's value for a row (None when the key has none)."""
+    if row is None:
+        return None
+    kind = view["kind"]
+    if kind in ("count", "sum", "avg"):
+        if view.get("window"):
+            horizon = ((now or time.time()) - view["window"]) // 60
+            live = [c for m, c in row.get("buckets", {}).items() if int(m) >= horizon]
+            count, total = sum(c[0] for c in live), sum(c[1] for c in live)
+        else:
+            count, total = row.get("count", 0), row.get("sum", 0.0)
+        return {"count": count, "sum": total, "avg": total / count if count else None}[kind]
+    if kind == "last":
+        return row["value"]
+    return row["items"]
+
+
+class ViewReader:
+    """Read-only access for ingress workers (and feature hydration): opened lazily after fork."""
+
+    def __init__(self, data_dir: str, views: list[dict]):
+        self.path = os.path.join(data_dir, "views")
+        self.views = {v["name"]: v for v in views}
+        self.env = None
+
+    def _open(self):
+        if self.env is None and os.path.exists(os.path.join(self.path, "data.mdb")):
+            self.env = lmdb.open(self.path, readonly=True, lock=True, max_dbs=0, subdir=True)
+        return self.env
+
+    def get(self, view: str, key: str):
+        env = self._open()
+        if env is None:
+            return None
+        with env.begin() as txn:  # a snapshot: never waits on the builder
+            raw = txn.get(row_key(view, key))
+        return read(self.views[view], orjson.loads(raw) if raw else None)
+
+    def offset(self, partition: str) -> tuple[str, int]:
+        """(segment, byte) the view builder has applied partition up to (("", 0) before it starts)."""
+        env = self._open()
+        if env is None:
+            return "", 0
+        with env.begin() as txn:
+            raw = txn.get(offset_key(partition))
+        return tuple(orjson.loads(raw)) if raw else ("", 0)
+
+    def vector(self, key: str, features: list[str]) -> np.ndarray:
+        """The key's numeric views in the declared feature order, as float32 (NaN when missing):
+        the shape a model's feature hydration wants."""
+        out = np.full(len(features), np.nan, dtype=np.float32)
+        for i, name in enumerate(features):
+            value = self.get(name, key)
+            if isinstance(value, (int, float)) and not isinstance(value, bool):
+                out[i] = value
+        return out

@@ -1,0 +1,321 @@
+"""Continuous batching over one llama.cpp context: sequences join between steps and leave when done.
+
+The Batcher owns the sequence slots, the scheduler's queues and the prefix-cache tiers of one
+model. Its public API is the whole of what the inference worker (workers/inference.py) does
+with it, and what the tests drive:
+
+    submit(peer, rid, body)   render, tokenize, check the context, queue (RequestError to refuse)
+    cancel(peer, rid)         the client left: leaves at the next step
+    embed(peer, rid, body)    embeddings, answered at once
+    admit()                   queued requests into free slots (classes, deadlines), cached prefixes restored
+    step()                    one llama_decode over every running sequence, then sample each
+    save_prefixes()           keep prompts that just went in (RAM, disk), after their first tokens left
+
+Events for the ingress workers go through `send(peer, event)` (protocol DELTA / END / ERR / EMB).
+One step decodes the decoding sequences first (one token each), then prompt chunks in what is
+left of n_batch, so streams keep flowing during long prefills. Prefix tiers: 1 live KV (reuse a
+slot in place or copy from another), 2 RAM (state bytes, LRU), 3 disk; see prefix_cache.py.
+"""
+from __future__ import annotations
+
+import os
+import time
+
+from tidegate.core.base.jsonlog import log
+from tidegate.core.llm.chat_template import render_chat
+from tidegate.core.llm.engine import Engine, LlamaError, free_sampler, make_sampler
+from tidegate.core.llm.prefix_cache import DiskTier, RamTier, block_names, common_blocks
+from tidegate.core.llm.scheduler import QueueFull, Scheduler
+from tidegate.core.messaging.protocol import DELTA, EMB, END, error_event
+from tidegate.core.runtime.loop import RequestError
+
+STATS = ("llm_requests", "llm_prompt_tokens", "llm_cached_tokens", "llm_completion_tokens", "llm_expired",
+         "llm_cancelled", "prefix_hits_live", "prefix_hits_ram", "prefix_hits_disk", "prefix_misses")
+
+
+class Seq:
+    """One generation request, from queue to finish."""
+    __slots__ = ("peer", "rid", "cls", "deadline", "stream", "tenant", "prompt", "names", "params", "stop",
+                 "max_tokens", "sampler", "slot", "pending", "n_past", "generated", "buf", "text", "sent",
+                 "n_cached", "cancelled", "logit_index", "started", "first_token_at", "last")
+
+    def __init__(self, peer, rid, body, prompt, max_tokens, deadline):
+        self.peer, self.rid = peer, rid
+        self.cls, self.stream, self.tenant = body["cls"], body["stream"], body["tenant"]
+        self.params, self.stop = body["params"], body["params"].get("stop") or []
+        self.prompt, self.max_tokens, self.deadline = prompt, max_tokens, deadline
+        self.names, self.sampler, self.slot, self.pending = [], None, -1, []
+        self.n_past, self.generated, self.buf, self.text, self.sent = 0, [], b"", "", 0
+        self.n_cached, self.cancelled, self.logit_index = 0, False, -1
+        self.started, self.first_token_at, self.last = time.monotonic(), 0.0, -1
+
+
+class Slot:
+    """A sequence id in the llama context. `names` are the prompt blocks its KV holds, kept
+    after its sequence finishes so a later prompt can reuse or copy them (tier 1)."""
+    __slots__ = ("idx", "seq", "names", "used_at")
+
+    def __init__(self, idx: int):
+        self.idx, self.seq, self.names, self.used_at = idx, None, [], 0.0
+
+
+class Batcher:
+    def __init__(self, engine, model: dict, inf: dict, template: str, ram, disk, send):
+        self.engine, self.model, self.inf, self.template = engine, model, inf, template
+        self.ram, self.disk, self.send = ram, disk, send
+        self.block = inf["prefix_block"]
+        self.slots = [Slot(i) for i in range(model["max_seqs"])]
+        self.sched = Scheduler(len(self.slots), inf["reserved"], inf["queue_max"])
+        self.shared = [engine.tokenize(p) for p in inf["shared_prefixes"]]
+        self.stats = {k: 0 for k in STATS}
+        self.to_save: list = []  # (seq, slot) whose prompt just went in: saved after the step's events leave
+
+    @classmethod
+    def open(cls, path: str, model: dict, inf: dict, data_dir: str, send) -> "Batcher":
+        """Load the model at path and set up its prefix tiers under data_dir."""
+        engine = Engine(path, model["n_ctx"], model["max_seqs"], inf["n_batch"], model["threads"],
+                        model["n_gpu_layers"], model["embeddings"])
+        disk = None
+        if inf["prefix_disk_bytes"]:
+            disk = DiskTier(os.path.join(data_dir, "prefix-cache", model["name"]), inf["prefix_disk_bytes"],
+                            engine.fingerprint, inf["prefix_block"], log)
+        template = model["chat_template"] or engine.chat_template()
+        return cls(engine, model, inf, template, RamTier(inf["prefix_ram_bytes"]), disk, send)
+
+    @property
+    def active(self) -> int:
+        """Sequences decoding now."""
+        return sum(1 for s in self.slots if s.seq)
+
+    @property
+    def queued(self) -> int:
+        return sum(self.sched.queued().values())
+
+    # ---- requests -----------------------------------------------------------------------------
+    def submit(self, peer: bytes, rid, body: dict) -> None:
+        if "messages" in body:
+            text = render_chat(self.template, body["messages"])
+        else:
+            text = body["prompt"]
+        if len(text.encode("utf-8")) > self.inf["max_prompt_bytes"]:
+            raise RequestError(400, f"prompt is larger than {self.inf['max_prompt_bytes']} bytes", "prompt_too_large",
+                               "messages" if "messages" in body else "prompt")
+        prompt = self.engine.tokenize(text, add_bos=True)
+        n_ctx = self.model["n_ctx"]
+        max_tokens = body["params"].get("max_tokens") or self.inf["default_max_tokens"]
+        if len(prompt) + max_tokens > n_ctx:
+            if body["params"].get("max_tokens") or len(prompt) >= n_ctx:
+                raise RequestError(400, f"This model's maximum context length is {n_ctx} tokens. However, you "
+                                   f"requested {len(prompt) + max_tokens} tokens ({len(prompt)} in the prompt, "
+                                   f"{max_tokens} for the completion). Please reduce the prompt or max_tokens.",
+                                   "context_length_exceeded", "messages" if "messages" in body else "prompt")
+            max_tokens = n_ctx - len(prompt)  # the default only: shorten it to what fits
+        deadline = time.monotonic() + min(body.get("timeout") or 1e9, self.inf["request_timeout"])
+        seq = Seq(peer, rid, body, prompt, max_tokens, deadline)
+        try:
+            self.sched.submit(seq, seq.cls)
+        except QueueFull:
+            raise RequestError(503, f"too many {seq.cls} requests are waiting for the model; retry shortly",
+                               "queue_full", None) from None
+
+    def cancel(self, peer: bytes, rid) -> None:
+        for s in self.slots:
+            if s.seq and s.seq.rid == rid and s.seq.peer == peer:
+                s.seq.cancelled = True
+        for seq in self.sched.remove(lambda q: q.rid == rid and q.peer == peer):
+            self.stats["llm_cancelled"] += 1
+
+    def embed(self, peer: bytes, rid, body: dict) -> None:
+        if self.engine.embed_ctx is None:
+            raise RequestError(400, f"model {self.model['name']!r} is not configured for embeddings", "model_not_supported",
+                               "model")
+        vectors, n_tokens = [], 0
+        for text in body["input"]:
+            toks = self.engine.tokenize(text, add_bos=True)
+            if len(toks) > self.model["n_ctx"]:
+                raise RequestError(400, f"input of {len(toks)} tokens exceeds the model's context of "
+                                   f"{self.model['n_ctx']}", "context_length_exceeded", "input")
+            n_tokens += len(toks)
+            vectors.append(self.engine.embed(toks))
+        self.send(peer, [EMB, rid, {"data": vectors, "tokens": n_tokens}])
+
+    # ---- admission and the prefix cache -------------------------------------------------------
+    def admit(self) -> None:
+        admitted, expired = self.sched.admit(time.monotonic())
+        for seq in expired:
+            self.stats["llm_expired"] += 1
+            self.send(seq.peer, error_event(seq.rid, 504, "request deadline passed while it waited for the model",
+                                            "deadline_exceeded"))
+        for seq in admitted:
+            try:
+                self._start(seq)
+            except LlamaError as e:
+                log.error("could not start sequence", error=str(e))
+                self.sched.finished(seq.cls)
+                self.send(seq.peer, error_event(seq.rid, 500, "inference failed", "internal"))
+
+    def _shared_tokens(self, prompt: list[int]) -> int:
+        best = 0
+        for sp in self.shared:
+            n = 0
+            for a, b in zip(sp, prompt):
+                if a != b:
+                    break
+                n += 1
+            best = max(best, n)
+        return best
+
+    def _start(self, seq: Seq) -> None:
+        """Give seq a slot and as much of its prompt from the cache as there is."""
+        B = self.block
+        seq.names = block_names(seq.prompt, B, seq.tenant, self._shared_tokens(seq.prompt))
+        limit = (len(seq.prompt) - 1) // B  # leave at least one token to compute logits from
+        want = seq.names[:limit]
+        free = [s for s in self.slots if s.seq is None]
+        # tier 1: the free slot that already holds the longest prefix, else the least recently used
+        own = max(free, key=lambda s: (common_blocks(s.names, want), -s.used_at))
+        slot = own if common_blocks(own.names, want) else min(free, key=lambda s: s.used_at)
+        got, how = common_blocks(slot.names, want), "live"
+        donor = max((s for s in self.slots if s is not slot), key=lambda s: common_blocks(s.names, want),
+                    default=None)
+        d = common_blocks(donor.names, want) if donor else 0
+        ram_n, ram_key = self.ram.longest(want)
+        disk_n, disk_key = self.disk.longest(want) if self.disk else (0, None)
+        eng = self.engine
+        if d > got and d >= ram_n and d >= disk_n:
+            eng.seq_copy(donor.idx, slot.idx, d * B)
+            got = d
+        elif ram_n > got and ram_n >= disk_n:
+            got, how = (ram_n, "ram") if eng.state_set(slot.idx, self.ram.get(ram_key)) else (0, "")
+        elif disk_n > got:
+            data = self.disk.get(disk_key)
+            if data is not None and eng.state_set(slot.idx, data):
+                got, how = disk_n, "disk"
+                self.ram.put(self.disk.files.get(disk_key, (want[:disk_n], 0))[0], data)
+            else:
+                got = 0
+        if got:
+            eng.seq_keep(slot.idx, got * B)
+            self.stats[f"prefix_hits_{how}"] += 1
+        else:
+            eng.seq_clear(slot.idx)
+            self.stats["prefix_misses"] += 1
+        slot.names = want[:got]
+        slot.seq, slot.used_at = seq, time.monotonic()
+        seq.slot, seq.n_cached, seq.n_past = slot.idx, got * B, got * B
+        seq.pending = seq.prompt[got * B:]
+        p = seq.params
+        seq.sampler = make_sampler(eng.n_vocab, p.get("temperature", 1.0), p.get("top_p", 1.0), p.get("top_k", 0),
+                                   p.get("min_p", 0.0), p.get("seed") if p.get("seed") is not None else
+                                   int.from_bytes(os.urandom(4), "little"),
+                                   {int(k): v for k, v in (p.get("logit_bias") or {}).items()})
+
+    def save_prefixes(self) -> None:
+        """Keep prompts that just went into the KV in RAM (and on disk) when that adds enough new
+        tokens. Runs after the step's first tokens were sent, before the next step changes the KV,
+        so copying the state never delays a first token."""
+        for seq, slot in self.to_save:
+            if slot.seq is not None and slot.seq is not seq:
+                continue  # the slot went to another sequence: its KV is not this prompt any more
+            have = max(self.ram.longest(seq.names)[0], self.disk.longest(seq.names)[0] if self.disk else 0)
+            if (len(seq.names) - have) * self.block < self.inf["prefix_min_tokens"] or not self.ram.max_bytes:
+                continue
+            data = self.engine.state_get(slot.idx)
+            # the KV holds the prompt only (the sampled token is decoded next step)
+            self.ram.put(seq.names, data)
+            if self.disk:
+                self.disk.put(seq.names, data)
+        self.to_save.clear()
+
+    # ---- one decode step ----------------------------------------------------------------------
+    def step(self) -> None:
+        for slot in self.slots:
+            seq = slot.seq
+            if seq and seq.cancelled:
+                self.stats["llm_cancelled"] += 1
+                self._release(slot)
+        running = [s.seq for s in self.slots if s.seq]
+        if not running:
+            return
+        items, budget = [], self.inf["n_batch"]
+        for seq in running:  # decoding sequences first: streams keep flowing during long prefills
+            seq.logit_index = -1
+            if not seq.pending:
+                seq.logit_index = len(items)
+                items.append((seq.last, seq.n_past, seq.slot, True))
+                seq.n_past += 1
+        budget -= len(items)
+        for seq in running:
+            if seq.pending and budget > 0:
+                chunk, seq.pending = seq.pending[:budget], seq.pending[budget:]
+                for tok in chunk:
+                    items.append((tok, seq.n_past, seq.slot, False))
+                    seq.n_past += 1
+                budget -= len(chunk)
+                if not seq.pending:  # the prompt is in: sample its first token
+                    seq.logit_index = len(items) - 1
+                    items[-1] = (items[-1][0], items[-1][1], items[-1][2], True)
+        self.engine.decode(items)
+        now = time.monotonic()
+        for seq in running:
+            if seq.logit_index < 0:
+                continue
+            slot = self.slots[seq.slot]
+            if not seq.generated and not seq.first_token_at:
+                seq.first_token_at = now
+                slot.names = seq.names
+                self.to_save.append((seq, slot))
+            tok = self.engine.sample(seq.sampler, seq.logit_index)
+            self._accept(seq, slot, tok)
+
+    def _accept(self, seq: Seq, slot: Slot, tok: int) -> None:
+        eng = self.engine
+        if eng.is_eog(tok):
+            return self._finish(seq, slot, "stop")
+        seq.generated.append(tok)
+        seq.last = tok
+        seq.buf += eng.piece(tok)
+        try:  # hold back an incomplete UTF-8 sequence until its last byte arrives
+            seq.text += seq.buf.decode("utf-8")
+            seq.buf = b""
+        except UnicodeDecodeError as e:
+            if e.start < len(seq.buf) - 3:
+                seq.text += seq.buf.decode("utf-8", "replace")
+                seq.buf = b""
+        if seq.stop:
+            look = max(0, seq.sent - max(len(s) for s in seq.stop))
+            cut = min((i for i in (seq.text.find(s, look) for s in seq.stop) if i >= 0), default=-1)
+            if cut >= 0:
+                seq.text = seq.text[:cut]
+                return self._finish(seq, slot, "stop")
+        if len(seq.generated) >= seq.max_tokens or seq.n_past + 1 >= self.model["n_ctx"]:
+            return self._finish(seq, slot, "length")
+        if seq.stream:
+            # a stop string may be forming at the end: hold back what could be its start
+            hold = max((len(s) - 1 for s in seq.stop), default=0)
+            upto = len(seq.text) - hold
+            if upto > seq.sent:
+                self.send(seq.peer, [DELTA, seq.rid, seq.text[seq.sent:upto]])
+                seq.sent = upto
+
+    def _finish(self, seq: Seq, slot: Slot, reason: str) -> None:
+        if seq.buf:
+            seq.text += seq.buf.decode("utf-8", "replace")
+        usage = {"prompt_tokens": len(seq.prompt), "completion_tokens": len(seq.generated),
+                 "total_tokens": len(seq.prompt) + len(seq.generated), "cached_tokens": seq.n_cached}
+        self.send(seq.peer, [END, seq.rid, {"text": seq.text[seq.sent:], "finish_reason": reason, "usage": usage,
+                                               "ttft_ms": round((seq.first_token_at - seq.started) * 1000, 3)}])
+        st = self.stats
+        st["llm_requests"] += 1
+        st["llm_prompt_tokens"] += len(seq.prompt)
+        st["llm_cached_tokens"] += seq.n_cached
+        st["llm_completion_tokens"] += len(seq.generated)
+        self._release(slot)
+
+    def _release(self, slot: Slot) -> None:
+        seq, slot.seq = slot.seq, None
+        free_sampler(seq.sampler)
+        self.sched.finished(seq.cls)
+        if len(slot.names) * self.block > seq.n_past:  # cut short before its prompt was in
+            slot.names = slot.names[: seq.n_past // self.block]
+        slot.used_at = time.monotonic()

@@ -1,0 +1,79 @@
+"""Every message between tidegate processes, named once.
+
+Four sockets carry messages, each with its own shape:
+
+* supervisor link (worker DEALER <-> supervisor ROUTER) and the admin control socket: one frame,
+  an orjson object with an "op"; a request carries an "id" and its REPLY the same "id".
+* mesh (ingress <-> ingress, core/messaging/mesh.py): frames of [[id, op, deadline, payload], ...]
+  answered by [[id, ok, result], ...]; the ops are the owner-side handlers below.
+* blocking-worker requests (ingress DEALER -> inference/embedder ROUTER): frames of
+  [[op, rid, body], ...]; events come back as [[kind, rid, payload], ...].
+
+Sizes are capped on the sockets themselves (ZMQ_MAXMSGSIZE), so decode only has to reject what
+is not a JSON object. An error event's payload is [status, message, code, param]: `error_event`
+makes one and `http_error` turns one into the HTTP answer, the only two places that know it.
+"""
+from __future__ import annotations
+
+import orjson
+
+from tidegate.core.http.http11 import HttpError, service_unavailable
+
+# ---- worker -> supervisor ----------------------------------------------------------------------
+READY = "ready"          # the worker listens and serves
+HEARTBEAT = "hb"         # liveness + metrics snapshot
+METRICS = "metrics"      # request: render the aggregated /metrics text (carries a fresh snapshot)
+READINESS = "readiness"  # request: are all workers and downstream processes up?
+REPLY = "reply"          # supervisor -> worker answer to a request
+
+# ---- supervisor -> worker, unsolicited ---------------------------------------------------------
+PURGE = "purge"          # drop cached answers (all, or one tenant's)
+
+# ---- admin -> supervisor (control socket) ------------------------------------------------------
+CONTROL_OPS = ("status", "workers", "config", "reload", "drain", "stop", "metrics", "cache")
+
+# ---- mesh: ops handled at a key's ring owner ---------------------------------------------------
+RL_TAKE, RL_LEASE, RL_REFUND = "rl.take", "rl.lease", "rl.refund"        # rate-limit buckets
+SESS_CREATE, SESS_GET, SESS_PATCH, SESS_DELETE = "sess.create", "sess.get", "sess.patch", "sess.delete"
+XC_GET, XC_PUT = "xc.get", "xc.put"                                      # exact cache
+EV_APPEND = "ev.append"                                                  # event-log partition
+
+# ---- ingress -> blocking worker: [op, rid, body] -----------------------------------------------
+GEN = "gen"              # inference: generate            -> DELTA*, END | ERR
+CANCEL = "cancel"        # inference: the client left      (no answer)
+EMBED = "embed"          # inference: embeddings           -> EMB | ERR
+LOOKUP = "lookup"        # embedder: semantic lookup       -> HIT | MISS | ERR
+INSERT = "insert"        # embedder: store an answer       (no answer; rid 0)
+
+# ---- blocking worker -> ingress: [kind, rid, payload] ------------------------------------------
+DELTA, END, ERR, EMB, HIT, MISS = "d", "end", "err", "emb", "hit", "miss"
+
+
+class ProtocolError(ValueError):
+    pass
+
+
+def encode(msg: dict) -> bytes:
+    return orjson.dumps(msg)
+
+
+def decode(frame: bytes) -> dict:
+    try:
+        msg = orjson.loads(frame)
+    except orjson.JSONDecodeError as e:
+        raise ProtocolError(f"not JSON: {e}") from None
+    if not isinstance(msg, dict) or not isinstance(msg.get("op"), str):
+        raise ProtocolError("message must be an object with an 'op' string")
+    return msg
+
+
+def error_event(rid, status: int, message: str, code: str, param: str | None = None) -> list:
+    return [ERR, rid, [status, message, code, param]]
+
+
+def http_error(payload: list) -> HttpError:
+    """The HTTP answer to an ERR event's payload; a 503 tells the client when to retry."""
+    status, message, code, param = payload
+    if status == 503:
+        return service_unavailable(message, code, param=param)
+    return HttpError(status, message, code, param=param)

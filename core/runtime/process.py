@@ -1,0 +1,38 @@
+"""What every worker process does first (read its spec, name itself, set up logging), and the
+exit codes every process speaks, named once.
+
+The supervisor starts workers with fork+exec and hands each its spec (slot, generation, config,
+inherited fds…) as JSON in $TIDEGATE_WORKER_SPEC. A worker's exit code tells the supervisor
+what happened; the daemon's tells systemd (and the operator) why it stopped.
+"""
+from __future__ import annotations
+
+import os
+import signal
+
+import orjson
+from setproctitle import setproctitle
+
+from tidegate.core.base.jsonlog import log
+
+SPEC_ENV = "TIDEGATE_WORKER_SPEC"
+
+# worker exit codes (any other: crashed, respawned with backoff)
+WORKER_OK = 0         # clean exit
+WORKER_BOOT_ERROR = 3  # failed before READY: at start the supervisor halts the daemon
+
+# daemon (`tidegate serve`) exit codes
+EXIT_OK = 0           # stopped or drained
+EXIT_CONFIG = 1       # invalid config (the message names the key)
+EXIT_BOOT = 3         # a worker failed to boot at start
+EXIT_BIND = 4         # a listen address (or the run dir) could not be taken
+
+
+def start_worker(name_of) -> dict:
+    """The spec of this worker process; name_of(spec) gives its name ("ingress 0")."""
+    spec = orjson.loads(os.environ.pop(SPEC_ENV))
+    signal.signal(signal.SIGINT, signal.SIG_IGN)  # the supervisor decides when workers stop
+    name = name_of(spec)
+    setproctitle(f"tidegate: {name}")
+    log.configure(process=name.replace(" ", "-"), level=spec["config"]["log"]["level"])
+    return spec

@@ -1,0 +1,140 @@
+"""Sessions, held by the ring owner of their token and written through to LMDB.
+
+A session token is `tgs-` + 32 random bytes (base64url, 256 bits). Only its SHA-256 is ever
+stored or sent between processes, so neither the disk nor the mesh holds a usable token. The
+owner keeps every live session in memory and writes each change (create, attributes, delete)
+through to its own LMDB environment (`DATA_DIR/sessions-SLOT`) before it answers, so an
+acknowledged change survives a SIGKILL: a respawned owner reloads the environment on start.
+
+Expiry slides: each authenticated use pushes `expires_at` to now + ttl. Those touches are
+persisted at most every ttl/10 per session (a crash can shorten a session by that much at
+worst), which keeps disk writes off the hot path.
+"""
+from __future__ import annotations
+
+import base64
+import hashlib
+import os
+import time
+
+import lmdb
+import orjson
+
+from tidegate.core.messaging.protocol import SESS_CREATE, SESS_DELETE, SESS_GET, SESS_PATCH
+
+PREFIX = b"tgs-"
+
+
+def new_token() -> bytes:
+    return PREFIX + base64.urlsafe_b64encode(os.urandom(32)).rstrip(b"=")
+
+
+def token_id(token: bytes) -> str:
+    """What identifies a session everywhere but in the client's hands."""
+    return hashlib.sha256(token).hexdigest()
+
+
+class SessionStore:
+    def __init__(self, path: str, ttl: float, max_sessions: int, map_size: int = 1 << 30):
+        os.makedirs(path, mode=0o700, exist_ok=True)
+        self.ttl, self.max_sessions = ttl, max_sessions
+        self.env = lmdb.open(path, map_size=map_size, subdir=True, max_dbs=1, lock=True)
+        self.live: dict[str, dict] = {}
+        self._persisted_expiry: dict[str, float] = {}
+        self._load()
+
+    def handlers(self) -> dict:
+        """The owner-side ops (core/state/owners.py): one JSON-able payload each."""
+        return {SESS_CREATE: self._create_op, SESS_GET: self.get, SESS_PATCH: self._patch_op, SESS_DELETE: self.delete}
+
+    def _create_op(self, p: dict):
+        try:
+            return self.create(p["sid"], p["tenant"], p["user"], p["key_id"], p["class"], p["attributes"])
+        except OverflowError:
+            return None  # full: the asker answers 503
+
+    def _patch_op(self, p: dict):
+        return self.patch(p["sid"], p["attributes"])
+
+    def _load(self) -> None:
+        now, dead = time.time(), []
+        with self.env.begin() as txn:
+            for key, value in txn.cursor():
+                rec = orjson.loads(value)
+                if rec["expires_at"] <= now:
+                    dead.append(key)
+                else:
+                    self.live[key.decode()] = rec
+                    self._persisted_expiry[key.decode()] = rec["expires_at"]
+        if dead:
+            with self.env.begin(write=True) as txn:
+                for key in dead:
+                    txn.delete(key)
+
+    def _write(self, sid: str, rec: dict | None) -> None:
+        with self.env.begin(write=True) as txn:
+            if rec is None:
+                txn.delete(sid.encode())
+            else:
+                txn.put(sid.encode(), orjson.dumps(rec))
+        self.env.sync(True)
+
+    # ---- operations (called by the owner only) ------------------------------------------------
+    def create(self, sid: str, tenant: str, user: str, key_id: str, klass: str, attributes: dict) -> dict:
+        if len(self.live) >= self.max_sessions:
+            self.expire()
+            if len(self.live) >= self.max_sessions:
+                raise OverflowError(f"this worker holds the maximum of {self.max_sessions} sessions")
+        now = time.time()
+        rec = {"tenant": tenant, "user": user, "key_id": key_id, "class": klass, "created_at": now,
+               "last_seen": now, "expires_at": now + self.ttl, "attributes": attributes}
+        self._write(sid, rec)
+        self.live[sid] = rec
+        self._persisted_expiry[sid] = rec["expires_at"]
+        return rec
+
+    def get(self, sid: str, touch: bool = True) -> dict | None:
+        rec = self.live.get(sid)
+        now = time.time()
+        if rec is None or rec["expires_at"] <= now:
+            # an expired session is removed by the periodic expire() sweep, not here: answering
+            # an expired token must cost what answering an unknown one costs (no disk write)
+            return None
+        if touch:
+            rec["last_seen"], rec["expires_at"] = now, now + self.ttl
+            if rec["expires_at"] - self._persisted_expiry.get(sid, 0) > self.ttl / 10:
+                self._write(sid, rec)
+                self._persisted_expiry[sid] = rec["expires_at"]
+        return rec
+
+    def patch(self, sid: str, attributes: dict) -> dict | None:
+        rec = self.get(sid)
+        if rec is None:
+            return None
+        merged = dict(rec["attributes"])
+        for k, v in attributes.items():
+            if v is None:
+                merged.pop(k, None)
+            else:
+                merged[k] = v
+        rec = dict(rec, attributes=merged)
+        self._write(sid, rec)
+        self.live[sid] = rec
+        return rec
+
+    def delete(self, sid: str) -> bool:
+        existed = self.live.pop(sid, None) is not None
+        self._persisted_expiry.pop(sid, None)
+        self._write(sid, None)
+        return existed
+
+    def expire(self) -> int:
+        """Remove expired sessions (the worker runs this every minute)."""
+        now = time.time()
+        dead = [sid for sid, rec in self.live.items() if rec["expires_at"] <= now]
+        for sid in dead:
+            self.delete(sid)
+        return len(dead)
+
+    def close(self) -> None:
+        self.env.close()

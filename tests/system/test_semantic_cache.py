@@ -1,0 +1,84 @@
+"""The semantic cache through the daemon: a paraphrase is answered from the cache, a question
+whose meaning changed is not, namespaces keep tenants and conversations apart."""
+import json
+import time
+
+from helpers.http import request
+from helpers.llm import metric
+
+from tidegate.core.state.auth import hash_key
+
+KEYS = {"acme": "sk-acme-0123456789", "globex": "sk-globex-0123456789"}
+
+
+def ask(d, text, tenant="acme", system="You are helpful.", history=(), max_tokens=6):
+    msgs = [{"role": "system", "content": system}, *history, {"role": "user", "content": text}]
+    body = {"model": "demo", "messages": msgs, "max_tokens": max_tokens, "temperature": 0}
+    return request(d.port, "POST", "/v1/chat/completions", json.dumps(body).encode(),
+                   headers={"Authorization": f"Bearer {KEYS[tenant]}"}, timeout=30)
+
+
+def wait_inserts(d, n):
+    deadline = time.time() + 5
+    while time.time() < deadline and metric(d, "tidegate_semantic_inserts_total") < n:
+        time.sleep(0.1)
+
+
+def test_paraphrases_hit_and_changed_meanings_miss(daemon_factory, demo_model):
+    keys = [{"key_sha256": hash_key(k), "tenant": t, "name": t} for t, k in KEYS.items()]
+    d = daemon_factory(workers=2, auth={"keys": keys}, cache={"semantic_timeout": 1.0},
+                       inference={"enabled": True, "models": [{"name": "demo", "path": demo_model, "n_ctx": 512}]})
+    first = ask(d, "How do I reset my password?")
+    assert first.headers["x-tidegate-cache"] == "miss"
+    ask(d, "Book a flight from New York to Florida.")
+    wait_inserts(d, 2)
+    hit = ask(d, "How can I reset my password?")
+    assert hit.headers["x-tidegate-cache"] == "semantic"
+    assert hit.json()["choices"][0]["message"]["content"] == first.json()["choices"][0]["message"]["content"]
+    assert ask(d, "Book a flight from Florida to New York.").headers["x-tidegate-cache"] == "miss"
+    assert ask(d, "How can I reset my password?", tenant="globex").headers["x-tidegate-cache"] == "miss"
+    assert ask(d, "How can I reset my password?", system="You are terse.").headers["x-tidegate-cache"] == "miss"
+    history = [{"role": "user", "content": "I use the mobile app."}, {"role": "assistant", "content": "OK."}]
+    assert ask(d, "How can I reset my password?", history=history).headers["x-tidegate-cache"] == "miss"
+    deadline = time.time() + 5
+    while time.time() < deadline and metric(d, "tidegate_semantic_verifier_rejections_total") < 1:
+        time.sleep(0.1)
+    assert metric(d, "tidegate_semantic_hits_total") >= 1
+    assert metric(d, "tidegate_semantic_verifier_rejections_total") >= 1
+    assert metric(d, "tidegate_embed_texts_total") >= 5
+
+
+def test_semantic_entries_survive_a_restart(daemon_factory, demo_model):
+    keys = [{"key_sha256": hash_key(k), "tenant": t, "name": t} for t, k in KEYS.items()]
+    conf = dict(auth={"keys": keys}, cache={"semantic_timeout": 1.0},
+                inference={"enabled": True, "models": [{"name": "demo", "path": demo_model, "n_ctx": 512}]})
+    d = daemon_factory(**conf)
+    first = ask(d, "How do I cancel my subscription?")
+    wait_inserts(d, 1)
+    d.stop()  # SIGTERM: the embedder saves its index
+    d = daemon_factory(server={"data_dir": d.sections["server"]["data_dir"]}, **conf)
+    hit = ask(d, "How do I cancel my subscription please?")
+    assert hit.headers["x-tidegate-cache"] == "semantic"
+    assert hit.json()["choices"][0]["message"]["content"] == first.json()["choices"][0]["message"]["content"]
+
+
+def test_admin_cache_stats_and_purge(daemon_factory, demo_model):
+    keys = [{"key_sha256": hash_key(k), "tenant": t, "name": t} for t, k in KEYS.items()]
+    d = daemon_factory(workers=2, auth={"keys": keys}, cache={"semantic_timeout": 1.0},
+                       inference={"enabled": True, "models": [{"name": "demo", "path": demo_model, "n_ctx": 512}]})
+    ask(d, "How do I reset my password?")
+    ask(d, "How do I reset my password?", tenant="globex")
+    wait_inserts(d, 2)
+    assert ask(d, "How do I reset my password?").headers["x-tidegate-cache"] == "exact"
+    deadline = time.time() + 5
+    while time.time() < deadline:
+        stats = d.admin_json("cache", "stats")["body"]
+        if stats["exact_hits"] >= 1 and stats["semantic_entries"] >= 2:
+            break
+        time.sleep(0.2)
+    assert stats["exact_hits"] >= 1 and stats["exact_inserts"] >= 2 and stats["semantic_entries"] == 2
+    assert d.admin_json("cache", "purge", "--tenant", "acme")["ok"]
+    time.sleep(0.5)
+    assert ask(d, "How do I reset my password?").headers["x-tidegate-cache"] == "miss"  # acme: gone everywhere
+    assert ask(d, "How do I reset my password?", tenant="globex").headers["x-tidegate-cache"] == "exact"
+    assert ask(d, "How can I reset my password?", tenant="globex").headers["x-tidegate-cache"] == "semantic"

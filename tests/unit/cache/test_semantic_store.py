@@ -1,0 +1,94 @@
+"""The semantic store: verified nearest-neighbour hits per namespace, TTL, capacity, and an index
+that survives restarts and is rebuilt when its file is damaged."""
+import os
+import time
+
+import pytest
+
+from tidegate.core.cache.embedders import WordLlamaEmbedder
+from tidegate.core.cache.semantic_store import SemanticStore
+
+
+@pytest.fixture(scope="module")
+def emb():
+    return WordLlamaEmbedder()
+
+
+def put(store, emb, ns, text, answer, ttl=60.0, max_entries=100, tenant="acme"):
+    store.insert(ns, tenant, emb.embed([text])[0], text, {"text": answer}, ttl, max_entries)
+
+
+def ask(store, emb, ns, text, threshold=0.9):
+    return store.lookup(ns, emb.embed([text])[0], text, threshold)
+
+
+def test_paraphrase_hits_and_changed_meaning_does_not(tmp_path, emb):
+    s = SemanticStore(str(tmp_path), emb.dim)
+    put(s, emb, "ns1", "How do I reset my password?", "Use the reset link.")
+    put(s, emb, "ns1", "Book a flight from New York to Florida.", "Booked NY->FL.")
+    entry, score = ask(s, emb, "ns1", "How can I reset my password?")
+    assert entry == {"text": "Use the reset link."} and score > 0.9
+    assert ask(s, emb, "ns1", "Book a flight from Florida to New York.") == (None, "verifier:entities")
+    assert s.stats["semantic_verifier_rejections"] == 1
+    assert ask(s, emb, "other-namespace", "How can I reset my password?") == (None, "empty")
+
+
+def test_ttl_and_capacity(tmp_path, emb):
+    s = SemanticStore(str(tmp_path), emb.dim)
+    put(s, emb, "ns", "What is the capital of France?", "Paris", ttl=0.1)
+    time.sleep(0.15)
+    assert ask(s, emb, "ns", "What is the capital of France?")[0] is None and s.stats["semantic_expired"] == 1
+    for i, q in enumerate(["Explain how a hash map works.", "Write a haiku about the ocean.",
+                           "Translate good morning into Spanish."]):
+        put(s, emb, "ns", q, f"a{i}", max_entries=2)
+    assert s.stats["semantic_evictions"] == 1 and ask(s, emb, "ns", "Explain how a hash map works.")[0] is None
+    assert ask(s, emb, "ns", "Write a haiku about the ocean.")[0] == {"text": "a1"}
+    assert s.purge("acme") == 2 and s.info()["entries"] == 0
+
+
+def test_restart_keeps_entries_and_a_corrupt_index_is_rebuilt(tmp_path, emb):
+    s = SemanticStore(str(tmp_path), emb.dim)
+    put(s, emb, "ns", "How do I cancel my subscription?", "Settings > Billing.")
+    s.close()
+    s2 = SemanticStore(str(tmp_path), emb.dim)
+    assert s2.stats["semantic_index_rebuilds"] == 0
+    assert ask(s2, emb, "ns", "How do I cancel my subscription please?")[0] == {"text": "Settings > Billing."}
+    s2.close()
+    with open(os.path.join(str(tmp_path), "index-ns.bin"), "r+b") as f:
+        f.seek(200)  # inside the graph, where hnswlib would follow bad offsets
+        f.write(b"\xff" * 64)
+    s3 = SemanticStore(str(tmp_path), emb.dim)
+    assert s3.stats["semantic_index_rebuilds"] == 1
+    assert ask(s3, emb, "ns", "How do I cancel my subscription?")[0] == {"text": "Settings > Billing."}
+
+
+def test_gguf_embedder_is_the_second_plug(demo_model):
+    import numpy as np
+    from tidegate.core.cache.embedders import make_embedder
+    e = make_embedder("gguf", demo_model)
+    v = e.embed(["a cat sat", "a cat sat", "stock markets fell"])
+    assert v.shape == (3, e.dim) and np.allclose(np.linalg.norm(v, axis=1), 1.0, atol=1e-4)
+    assert float(v[0] @ v[1]) > 0.999
+
+
+def test_namespaces_split_tenants_conversations_and_answer_shapes():
+    from tidegate.core.cache.semantic_client import SemanticClient
+    msgs = [{"role": "system", "content": "S"}, {"role": "user", "content": "Q"}]
+    base = SemanticClient.key("acme", "m", {"messages": msgs}, {"max_tokens": 5})
+    assert base[1] == "Q"
+    assert base != SemanticClient.key("globex", "m", {"messages": msgs}, {"max_tokens": 5})
+    assert base != SemanticClient.key("acme", "m", {"messages": msgs}, {"max_tokens": 6})
+    longer = [msgs[0], {"role": "user", "content": "earlier"}, {"role": "assistant", "content": "A"}, msgs[1]]
+    assert base[0] != SemanticClient.key("acme", "m", {"messages": longer}, {"max_tokens": 5})[0]
+    assert SemanticClient.key("acme", "m", {"messages": msgs + [{"role": "assistant", "content": "x"}]}, {}) is None
+
+
+def test_per_tenant_policy_overrides_the_defaults():
+    from tidegate.core.base import config
+    from tidegate.core.cache.semantic_client import SemanticClient
+    cfg = config.validate({"cache": {"semantic_tenants": [{"tenant": "acme", "enabled": False},
+                                                          {"tenant": "globex", "threshold": 0.97, "ttl": 60}]}})
+    sc = SemanticClient(cfg, client=None)
+    assert sc.policy("acme")["enabled"] is False
+    assert sc.policy("globex")["threshold"] == 0.97 and sc.policy("globex")["ttl"] == 60.0
+    assert sc.policy("other")["threshold"] == 0.9

@@ -1,0 +1,115 @@
+"""The prefix cache is only worth having if it is invisible: greedy tokens after a hit in any tier
+equal those of a cold computation. Drives the Batcher through its public API (no sockets) on
+the demo model; a request under a fresh tenant is always cold, because blocks are tenant-salted."""
+import os
+
+import pytest
+
+from helpers.llm import batcher as worker, generate
+from tidegate.core.llm.prefix_cache import RamTier, block_names
+
+SYSTEM = ("You are a careful assistant for a shipping company. Answer questions about parcels, "
+          "delivery windows, customs forms and returns. Keep answers short and polite. ") * 4
+_n = iter(range(1, 1 << 30))
+
+
+def cold(w, prompt: str) -> str:
+    out = generate(w, prompt, tenant=f"cold-{next(_n)}")
+    assert out["usage"]["cached_tokens"] == 0
+    return out["text"]
+
+
+def test_every_tier_gives_the_tokens_of_a_cold_computation(tmp_path, demo_model):
+    w = worker(tmp_path, demo_model)
+    first = generate(w, SYSTEM + "Where is my parcel?", "acme")
+    assert first["usage"]["cached_tokens"] == 0 and w.stats["prefix_misses"] == 1
+
+    # tier 1: the system prompt is still in a slot's KV
+    q = SYSTEM + "How long does customs take?"
+    hit = generate(w, q, "acme")
+    assert w.stats["prefix_hits_live"] == 1 and hit["usage"]["cached_tokens"] >= 64
+    assert hit["text"] == cold(w, q)
+
+    # tier 2: forget what the slots hold; the RAM copy answers
+    for s in w.slots:
+        s.names = []
+    q = SYSTEM + "Can I return a parcel?"
+    hit = generate(w, q, "acme")
+    assert w.stats["prefix_hits_ram"] == 1 and hit["usage"]["cached_tokens"] >= 64
+    assert hit["text"] == cold(w, q)
+    w.disk.flush()
+
+    # tier 3: a restarted worker finds the prefix on disk
+    w2 = worker(tmp_path, demo_model)
+    assert len(w2.disk.files) >= 1
+    q = SYSTEM + "Do you deliver on Sundays?"
+    hit = generate(w2, q, "acme")
+    assert w2.stats["prefix_hits_disk"] == 1 and hit["usage"]["cached_tokens"] >= 64
+    assert hit["text"] == cold(w2, q)
+
+
+def test_tenants_do_not_share_prefixes_unless_declared(tmp_path, demo_model):
+    w = worker(tmp_path, demo_model)
+    generate(w, SYSTEM + "Where is my parcel?", "acme")
+    other = generate(w, SYSTEM + "Where is my parcel?", "globex")
+    assert other["usage"]["cached_tokens"] == 0  # same words, other tenant: no hit, no timing signal
+
+    shared = worker(tmp_path / "s", demo_model, shared_prefixes=[SYSTEM])
+    generate(shared, SYSTEM + "Where is my parcel?", "acme")
+    q = SYSTEM + "Where is my parcel now?"
+    hit = generate(shared, q, "globex")
+    assert hit["usage"]["cached_tokens"] >= 64  # the declared system prompt is shared
+    assert hit["text"] == cold(w, q)  # (w does not share it: cold there)
+    # but what follows the shared part stays salted: acme's question is not visible to globex
+    same = block_names(shared.engine.tokenize(SYSTEM + "Where is my parcel?"), 16, "acme", 0)
+    assert same != block_names(shared.engine.tokenize(SYSTEM + "Where is my parcel?"), 16, "globex", 0)
+
+
+def test_damaged_or_foreign_cache_files_are_removed_not_fatal(tmp_path, demo_model):
+    w = worker(tmp_path, demo_model)
+    generate(w, SYSTEM + "Where is my parcel?", "acme")
+    w.disk.flush()
+    root = w.disk.root
+    (f,) = [os.path.join(root, n) for n in os.listdir(root)]
+    with open(f, "r+b") as fh:  # flip bytes in the payload: the checksum no longer matches
+        fh.seek(-100, os.SEEK_END)
+        fh.write(b"\xff" * 50)
+    with open(os.path.join(root, "0" * 32 + ".kv"), "wb") as fh:
+        fh.write(b"not a cache file")
+    w2 = worker(tmp_path, demo_model)
+    assert w2.disk.removed_bad == 1  # the foreign file, at start
+    q = SYSTEM + "Where is my parcel today?"
+    out = generate(w2, q, "acme")  # the corrupt one is found on use: a miss, and gone
+    assert out["usage"]["cached_tokens"] == 0 and w2.disk.removed_bad == 2
+    assert out["text"] == cold(w2, q)
+
+    # a file from another model (fingerprint) or format version is skipped at start
+    w2.disk.flush()
+    w3 = worker(tmp_path, demo_model)
+    n = len(w3.disk.files)
+    assert n >= 1 and w3.disk.removed_bad == 0  # the prompt was saved again, intact
+    w3.disk.fingerprint = b"x" * 32
+    w3.disk.files.clear()
+    w3.disk._scan()
+    assert len(w3.disk.files) == 0 and w3.disk.removed_bad == n
+
+
+def test_ram_tier_is_bounded_by_bytes_and_lru():
+    ram = RamTier(max_bytes=250)
+    a, b, c = [b"a1", b"a2"], [b"b1"], [b"c1", b"c2", b"c3"]
+    ram.put(a, b"x" * 100)
+    ram.put(b, b"y" * 100)
+    assert ram.longest([b"a1", b"a2", b"zz"]) == (2, b"a2")
+    ram.get(b"a2")  # a is now more recent than b
+    ram.put(c, b"z" * 100)  # over 250: the least recently used (b) goes
+    assert ram.bytes == 200 and ram.longest([b"b1"]) == (0, None) and ram.longest([b"a1"]) == (1, b"a2")
+    assert not ram.put([b"big"], b"q" * 300)  # larger than the whole tier: not kept
+
+
+@pytest.mark.parametrize("tokens", [list(range(40)), list(range(15))])
+def test_block_names_are_chained_and_cover_full_blocks_only(tokens):
+    names = block_names(tokens, 16, "t")
+    assert len(names) == len(tokens) // 16
+    if len(names) == 2:
+        other = block_names([99] + tokens[1:], 16, "t")
+        assert other[0] != names[0] and other[1] != names[1]  # a change early renames everything after

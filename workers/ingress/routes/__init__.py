@@ -1,0 +1,1 @@
+"""Route handlers of the ingress worker, one module per API; each exposes add_to(router, guard)."""

@@ -1,0 +1,273 @@
+"""The OpenAI-compatible routes of an ingress worker.
+
+    GET  /v1/models             POST /v1/chat/completions
+    POST /v1/completions        POST /v1/embeddings
+
+The ingress worker validates the request (every bad parameter is a 400 naming it), then hands
+it to the inference worker of the model over its WorkerClient; the inference worker renders the
+chat template, tokenizes, checks the context length and generates. Non-streamed answers are one
+JSON body; streamed ones are SSE `data:` chunks in OpenAI's shapes ending with `data: [DONE]`.
+A streamed request waits for its first event before answering, so errors found by the
+inference worker (context overflow, full queue) still get their own status code. A client that
+disconnects cancels its sequence.
+"""
+from __future__ import annotations
+
+import asyncio
+import base64
+import math
+import time
+
+import numpy as np
+
+from tidegate.core.cache.exact import cache_key, reproducible
+from tidegate.core.http.http11 import HttpError, json_response, service_unavailable
+from tidegate.core.http.jsonbody import parse_json
+from tidegate.core.messaging import protocol
+from tidegate.core.messaging.worker_client import Unavailable
+from tidegate.core.state.ratelimit import Refusal
+from tidegate.workers.ingress.guard import refusal_error
+from tidegate.workers.ingress.routes.replies import Generation
+
+ROLES = ("system", "developer", "user", "assistant", "tool")
+DEMO_NOTE = "demo model: tiny, random weights, real Llama-2 tokenizer; its text is gibberish"
+
+
+def _bad(message: str, param: str | None, code: str = "invalid_parameter") -> HttpError:
+    return HttpError(400, message, code, param=param)
+
+
+def _number(body: dict, name: str, lo: float, hi: float, default):
+    v = body.get(name)
+    if v is None:
+        return default
+    if isinstance(v, bool) or not isinstance(v, (int, float)) or not math.isfinite(v) or not lo <= v <= hi:
+        raise _bad(f"'{name}' must be a number from {lo:g} to {hi:g}", name)
+    return float(v)
+
+
+def _int(body: dict, name: str, lo: int, hi: int, default):
+    v = body.get(name)
+    if v is None:
+        return default
+    if isinstance(v, bool) or not isinstance(v, int) or not lo <= v <= hi:
+        raise _bad(f"'{name}' must be an integer from {lo} to {hi}", name)
+    return v
+
+
+class OpenAIRoutes:
+    def __init__(self, cfg: dict, models: list[dict], clients: dict, limiter, exact=None, semantic=None):
+        self.cfg, self.limits, self.inf = cfg, cfg["limits"], cfg["inference"]
+        self.models = {m["name"]: m for m in models}
+        self.clients, self.limiter, self.exact, self.semantic = clients, limiter, exact, semantic
+        self.created = int(time.time())
+
+    def add_to(self, router, guard) -> None:
+        router.add("GET", "/v1/models", guard(self.list_models))
+        router.add("POST", "/v1/chat/completions", guard(self.chat))
+        router.add("POST", "/v1/completions", guard(self.completions))
+        router.add("POST", "/v1/embeddings", guard(self.embeddings))
+
+    # ---- /v1/models ---------------------------------------------------------------------------
+    def list_models(self, req):
+        data = []
+        for name, m in self.models.items():
+            item = {"id": name, "object": "model", "created": self.created,
+                    "owned_by": "tidegate" if m["path"] else "tidegate-demo"}
+            if not m["path"]:
+                item["description"] = DEMO_NOTE
+            data.append(item)
+        return json_response({"object": "list", "data": data})
+
+    # ---- validation ---------------------------------------------------------------------------
+    def _model(self, body: dict) -> str:
+        name = body.get("model")
+        if not isinstance(name, str) or not name:
+            raise _bad("'model' is required: one of " + ", ".join(self.models), "model", "missing_model")
+        if name not in self.models:
+            raise HttpError(404, f"The model '{name}' does not exist (available: {', '.join(self.models)})",
+                            "model_not_found", param="model")
+        return name
+
+    def _params(self, body: dict) -> dict:
+        n_ctx = self.models[body["model"]]["n_ctx"]
+        mt = body.get("max_completion_tokens", body.get("max_tokens"))
+        p = {"max_tokens": _int({"max_tokens": mt}, "max_tokens", 1, n_ctx, None),
+             "temperature": _number(body, "temperature", 0.0, 2.0, 1.0),
+             "top_p": _number(body, "top_p", 0.0, 1.0, 1.0),
+             "top_k": _int(body, "top_k", 0, 1 << 20, 0),
+             "min_p": _number(body, "min_p", 0.0, 1.0, 0.0),
+             "seed": _int(body, "seed", -(1 << 63), (1 << 64) - 1, None)}
+        if p["top_p"] == 0.0:
+            raise _bad("'top_p' must be greater than 0", "top_p")
+        for name in ("presence_penalty", "frequency_penalty"):
+            if _number(body, name, -2.0, 2.0, 0.0) != 0.0:
+                raise _bad(f"'{name}' is not supported by this server (only 0)", name, "unsupported_parameter")
+        if _int(body, "n", 1, 128, 1) != 1:
+            raise _bad("'n' must be 1: one choice per request", "n", "unsupported_parameter")
+        stop = body.get("stop")
+        if isinstance(stop, str):
+            stop = [stop]
+        if stop is not None:
+            if (not isinstance(stop, list) or len(stop) > self.inf["max_stop"]
+                    or not all(isinstance(s, str) and 0 < len(s) <= 256 for s in stop)):
+                raise _bad(f"'stop' must be a string or a list of up to {self.inf['max_stop']} non-empty strings",
+                           "stop")
+            p["stop"] = stop
+        bias = body.get("logit_bias")
+        if bias is not None:
+            if not isinstance(bias, dict) or len(bias) > 1024:
+                raise _bad("'logit_bias' must be an object of token id -> bias (at most 1024)", "logit_bias")
+            for k, v in bias.items():
+                if not k.isdigit() or isinstance(v, bool) or not isinstance(v, (int, float)) or not -100 <= v <= 100:
+                    raise _bad("'logit_bias' maps token ids (strings of digits) to numbers from -100 to 100",
+                               "logit_bias")
+            p["logit_bias"] = {k: float(v) for k, v in bias.items()}
+        if p["seed"] is not None:
+            p["seed"] &= 0xFFFFFFFF
+        return p
+
+    def _messages(self, body: dict) -> list[dict]:
+        msgs = body.get("messages")
+        if not isinstance(msgs, list) or not msgs:
+            raise _bad("'messages' must be a non-empty array", "messages")
+        out = []
+        for i, m in enumerate(msgs):
+            if not isinstance(m, dict) or m.get("role") not in ROLES:
+                raise _bad(f"messages[{i}].role must be one of {', '.join(ROLES)}", f"messages[{i}].role")
+            content = m.get("content")
+            if isinstance(content, list):  # content parts: text only
+                parts = []
+                for part in content:
+                    if not isinstance(part, dict) or part.get("type") != "text" or not isinstance(part.get("text"), str):
+                        raise _bad(f"messages[{i}].content: only text parts are supported", f"messages[{i}].content")
+                    parts.append(part["text"])
+                content = "".join(parts)
+            elif content is None and m["role"] == "assistant":
+                content = ""
+            elif not isinstance(content, str):
+                raise _bad(f"messages[{i}].content must be a string or an array of text parts",
+                           f"messages[{i}].content")
+            out.append({"role": m["role"], "content": content})
+        return out
+
+    def _stream_flags(self, body: dict) -> tuple[bool, bool]:
+        stream = body.get("stream", False)
+        if not isinstance(stream, bool):
+            raise _bad("'stream' must be true or false", "stream")
+        opts = body.get("stream_options") or {}
+        if not isinstance(opts, dict):
+            raise _bad("'stream_options' must be an object", "stream_options")
+        return stream, bool(opts.get("include_usage"))
+
+    # ---- generation ---------------------------------------------------------------------------
+    async def chat(self, req):
+        body = self._body(req)
+        model = self._model(body)
+        msgs = self._messages(body)
+        return await self._generate(req, body, model, {"messages": msgs}, chat=True)
+
+    async def completions(self, req):
+        body = self._body(req)
+        model = self._model(body)
+        prompt = body.get("prompt")
+        if isinstance(prompt, list) and len(prompt) == 1:
+            prompt = prompt[0]
+        if not isinstance(prompt, str):
+            raise _bad("'prompt' must be a string (one prompt per request)", "prompt")
+        return await self._generate(req, body, model, {"prompt": prompt}, chat=False)
+
+    async def _cached(self, req, call, body: dict, params: dict, model: str, tenant: str, what: dict, chat: bool):
+        """Answer from the exact, then the semantic cache (when the request may be cached and
+        Cache-Control allows a lookup); else note in call where to store the answer."""
+        if not (reproducible(params) or self.cfg["cache"]["exact_any"]):
+            return None
+        cc = req.headers.get(b"cache-control", b"").lower()
+        lookup, store = b"no-cache" not in cc, b"no-store" not in cc
+        if self.exact is not None and self.exact.enabled:
+            key = cache_key(tenant, model, "chat" if chat else "completions", dict(body, **what))
+            if lookup:
+                entry = await self.exact.get(key)
+                if entry is not None:
+                    return await call.replay(entry, b"exact")
+            if store:
+                call.store = (key, tenant)
+        sem = self.semantic
+        where = sem.key(tenant, model, what, body) if sem is not None else None
+        if where is not None and sem.policy(tenant)["enabled"]:
+            ns, text = where
+            if lookup:
+                entry = await sem.lookup(ns, text, sem.policy(tenant)["threshold"])
+                if entry is not None:
+                    return await call.replay(entry, b"semantic")
+            if store:
+                call.semantic_store = (ns, tenant, text)
+        return None
+
+    async def embeddings(self, req):
+        body = self._body(req)
+        model = self._model(body)
+        inp = body.get("input")
+        if isinstance(inp, str):
+            inp = [inp]
+        if (not isinstance(inp, list) or not 0 < len(inp) <= 256
+                or not all(isinstance(s, str) and s for s in inp)):
+            raise _bad("'input' must be a non-empty string or an array of 1 to 256 non-empty strings", "input")
+        fmt = body.get("encoding_format", "float")
+        if fmt not in ("float", "base64"):
+            raise _bad("'encoding_format' must be float or base64", "encoding_format")
+        fut = asyncio.get_running_loop().create_future()
+
+        def on_event(kind, payload):
+            if fut.done():
+                return
+            if kind == protocol.ERR:
+                fut.set_exception(protocol.http_error(payload))
+            else:
+                fut.set_result(payload)
+        try:
+            self.clients[model].submit(protocol.EMBED, {"input": inp}, on_event)
+        except Unavailable as e:
+            raise service_unavailable(str(e), "worker_unavailable") from None
+        res = await fut
+        data = []
+        for i, v in enumerate(res["data"]):
+            emb = base64.b64encode(np.asarray(v, dtype="<f4").tobytes()).decode() if fmt == "base64" else v
+            data.append({"object": "embedding", "index": i, "embedding": emb})
+        n = res["tokens"]
+        return json_response({"object": "list", "data": data, "model": model,
+                              "usage": {"prompt_tokens": n, "total_tokens": n}})
+
+    def _body(self, req) -> dict:
+        body = parse_json(req, self.limits)
+        if not isinstance(body, dict):
+            raise _bad("the request body must be a JSON object", None, "invalid_request")
+        return body
+
+    async def _generate(self, req, body: dict, model: str, what: dict, chat: bool):
+        params = self._params(body)
+        stream, include_usage = self._stream_flags(body)
+        ident = req.identity
+        tenant = ident.tenant if ident is not None else "anonymous"
+        cls = ident.klass if ident is not None else "standard"
+        call = Generation(self, model, chat, stream, include_usage)
+        hit = await self._cached(req, call, body, params, model, tenant, what, chat)
+        if hit is not None:
+            return hit
+        reservation = None
+        if self.limiter.token_limits and ident is not None:  # tokens/minute: reserve, settle on the answer
+            est = sum(len(m["content"]) for m in what["messages"]) // 3 if chat else len(what["prompt"]) // 3
+            reservation = self.limiter.reserve(ident, est + (params["max_tokens"] or self.inf["default_max_tokens"]))
+            if asyncio.isfuture(reservation):
+                reservation = await reservation
+            if reservation.__class__ is Refusal:
+                raise refusal_error(reservation)
+        msg = dict(what, params=params, tenant=tenant, cls=cls, stream=stream, timeout=self.inf["request_timeout"])
+        call.reservation = reservation
+        req.on_close = call.client_left
+        try:
+            call.rid = self.clients[model].submit(protocol.GEN, msg, call.on_event)
+        except Unavailable as e:
+            call.settle(0)
+            raise service_unavailable(str(e), "worker_unavailable") from None
+        return await call.first

@@ -1,0 +1,41 @@
+"""Operational routes: /healthz (this process is alive), /readyz and /metrics (answered by the
+supervisor, which sees every worker), and POST /v1/echo (a JSON round trip through the guard)."""
+from __future__ import annotations
+
+import asyncio
+
+from tidegate.core.http.http11 import Response, json_response, service_unavailable
+from tidegate.core.http.jsonbody import parse_json
+from tidegate.core.messaging import protocol
+
+_HEALTHZ = Response(200, b'{"status":"ok"}')
+_PROM_TYPE = b"text/plain; version=0.0.4; charset=utf-8"
+
+
+class OpsRoutes:
+    def __init__(self, cfg: dict, link, snapshot):
+        self.limits, self.link, self.snapshot = cfg["limits"], link, snapshot
+
+    def add_to(self, router, guard) -> None:
+        router.add("GET", "/healthz", lambda req: _HEALTHZ)
+        router.add("GET", "/readyz", self.readyz)
+        router.add("GET", "/metrics", self.metrics)
+        router.add("POST", "/v1/echo", guard(self.echo))
+
+    def echo(self, req) -> Response:
+        """Parse a JSON body under the configured limits and send it back: a connectivity probe."""
+        return json_response({"object": "echo", "data": parse_json(req, self.limits)})
+
+    async def readyz(self, req) -> Response:
+        ans = await self._ask(protocol.READINESS)
+        return json_response(ans["body"], 200 if ans["body"]["ready"] else 503)
+
+    async def metrics(self, req) -> Response:
+        ans = await self._ask(protocol.METRICS, snap=self.snapshot())
+        return Response(200, ans["body"].encode(), _PROM_TYPE)
+
+    async def _ask(self, op: str, **fields) -> dict:
+        try:
+            return await self.link.request(op, timeout=2.0, **fields)
+        except asyncio.TimeoutError:
+            raise service_unavailable("supervisor did not answer in time", "supervisor_timeout") from None

@@ -1,0 +1,131 @@
+"""Replies of the OpenAI routes: one generation's inference events -> the HTTP answer.
+
+The inference worker sends DELTA events (text), then END (finish reason, usage) or ERR. A
+non-streamed request answers one JSON body at END; a streamed one answers SSE `data:` chunks in
+OpenAI's shapes, ending with `data: [DONE]`. The first event decides the status, so an error found
+by the inference worker (context overflow, full queue) still gets its own status code. A cached
+entry is replayed through the same path, so a hit looks exactly like a generation.
+"""
+from __future__ import annotations
+
+import asyncio
+import os
+import time
+
+import orjson
+
+from tidegate.core.http.http11 import Stream, json_response
+from tidegate.core.messaging.protocol import DELTA, END, ERR, http_error
+
+
+class Generation:
+    """One generation in flight: turns inference events into the HTTP answer."""
+
+    def __init__(self, api, model: str, chat: bool, stream: bool, include_usage: bool):
+        self.api, self.model, self.chat, self.stream, self.include_usage = api, model, chat, stream, include_usage
+        self.reservation = None
+        self.store = None  # (key, tenant): put the answer in the exact cache when it ends well
+        self.semantic_store = None  # (namespace, tenant, text): and in the semantic cache
+        self.cache_header = [(b"x-tidegate-cache", b"miss")]
+        self.first = asyncio.get_running_loop().create_future()
+        self.id = ("chatcmpl-" if chat else "cmpl-") + os.urandom(12).hex()
+        self.created = int(time.time())
+        self.sse: Stream | None = None
+        self.rid = 0
+        self._full_text = ""  # streamed deltas so far, for the exact cache
+
+    async def replay(self, entry: dict, kind: bytes):
+        """Answer from a cached entry, streamed or not, exactly as a generation would."""
+        self.cache_header = [(b"x-tidegate-cache", kind)]
+        self.store = self.semantic_store = None  # a replayed answer is not stored again
+        usage = dict(entry["usage"], cached_tokens=entry["usage"]["prompt_tokens"])
+        if self.stream:
+            self.on_event(DELTA, entry["text"])
+            self.on_event(END, dict(entry, text="", usage=usage))
+        else:
+            self.on_event(END, dict(entry, usage=usage))
+        return await self.first
+
+    def settle(self, used: int) -> None:
+        if self.reservation is not None:
+            self.api.limiter.settle(self.reservation, used)
+            self.reservation = None
+
+    def on_event(self, kind: str, payload) -> None:
+        if kind == ERR:
+            self.settle(0)
+            err = http_error(payload)
+            if not self.first.done():
+                self.first.set_exception(err)
+            elif self.sse is not None:  # mid-stream: an error event, then the end
+                self.sse.write(b"data: " + orjson.dumps(err.body()) + b"\n\n")
+                self.sse.end()
+            return
+        if kind == END and payload["finish_reason"] in ("stop", "length") and (self.store or self.semantic_store):
+            entry = {"text": self._full_text + payload["text"], "finish_reason": payload["finish_reason"],
+                     "usage": payload["usage"]}
+            if self.store is not None:
+                self.api.exact.put(self.store[0], self.store[1], entry)
+            if self.semantic_store is not None:
+                ns, tenant, text = self.semantic_store
+                self.api.semantic.insert(ns, tenant, text, entry)
+        if not self.stream:
+            if kind == END:
+                self.settle(payload["usage"]["total_tokens"])
+                if not self.first.done():
+                    self.first.set_result(json_response(self._whole(payload), headers=self.cache_header))
+            return
+        if kind == DELTA and (self.store or self.semantic_store):
+            self._full_text += payload
+        if self.sse is None:
+            self.sse = Stream(on_close=self.client_left, headers=self.cache_header)
+            if not self.first.done():
+                self.first.set_result(self.sse)
+            if self.chat:  # the first chat chunk announces the role
+                self._chunk({"role": "assistant", "content": ""}, None)
+        if kind == DELTA:
+            self._chunk(payload, None)
+        elif kind == END:
+            self.settle(payload["usage"]["total_tokens"])
+            if payload["text"]:
+                self._chunk(payload["text"], None)
+            self._chunk(None, payload["finish_reason"])
+            if self.include_usage:
+                self.sse.write(b"data: " + orjson.dumps(self._envelope([], _usage(payload["usage"]))) + b"\n\n")
+            self.sse.write(b"data: [DONE]\n\n")
+            self.sse.end()
+
+    def client_left(self) -> None:
+        """The client went away: stop its sequence at the next step. What was reserved stays
+        spent (part of it was generated, and a refund must never exceed what was unused)."""
+        self.api.clients[self.model].cancel(self.rid)
+        self.reservation = None
+
+    def _envelope(self, choices: list, usage=None) -> dict:
+        out = {"id": self.id, "object": "chat.completion.chunk" if self.chat else "text_completion",
+               "created": self.created, "model": self.model, "choices": choices}
+        if usage is not None:
+            out["usage"] = usage
+        return out
+
+    def _chunk(self, delta, finish) -> None:
+        if self.chat:
+            d = delta if isinstance(delta, dict) else ({"content": delta} if delta is not None else {})
+            choice = {"index": 0, "delta": d, "logprobs": None, "finish_reason": finish}
+        else:
+            choice = {"index": 0, "text": delta or "", "logprobs": None, "finish_reason": finish}
+        self.sse.write(b"data: " + orjson.dumps(self._envelope([choice])) + b"\n\n")
+
+    def _whole(self, end: dict) -> dict:
+        if self.chat:
+            choice = {"index": 0, "message": {"role": "assistant", "content": end["text"]}, "logprobs": None,
+                      "finish_reason": end["finish_reason"]}
+        else:
+            choice = {"index": 0, "text": end["text"], "logprobs": None, "finish_reason": end["finish_reason"]}
+        return {"id": self.id, "object": "chat.completion" if self.chat else "text_completion",
+                "created": self.created, "model": self.model, "choices": [choice], "usage": _usage(end["usage"])}
+
+
+def _usage(u: dict) -> dict:
+    return {"prompt_tokens": u["prompt_tokens"], "completion_tokens": u["completion_tokens"],
+            "total_tokens": u["total_tokens"], "prompt_tokens_details": {"cached_tokens": u["cached_tokens"]}}

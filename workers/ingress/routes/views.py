@@ -1,0 +1,27 @@
+"""GET /v1/views/{view}/{key}: one row of a materialized view, read in a read-only LMDB snapshot
+(the view builder is the one writer; see core/events/views.py)."""
+from __future__ import annotations
+
+from urllib.parse import unquote
+
+from tidegate.core.http.http11 import HttpError, json_response
+
+
+class ViewRoutes:
+    def __init__(self, reader):
+        self.views = reader
+
+    def add_to(self, router, guard) -> None:
+        view = guard(self.view)
+        router.add("GET", "/v1/views/{view}/{key}", lambda req, **_: view(req))
+
+    def view(self, req):
+        parts = req.path.split("/", 4)
+        name, key = unquote(parts[3]), unquote(parts[4]) if len(parts) > 4 else ""
+        if name not in self.views.views:
+            raise HttpError(404, f"no view named {name!r} (declared: {', '.join(self.views.views) or 'none'})",
+                            "view_not_found", param="view")
+        value = self.views.get(name, key)
+        if value is None:
+            raise HttpError(404, f"view {name!r} has nothing for key {key!r}", "key_not_found", param="key")
+        return json_response({"view": name, "key": key, "kind": self.views.views[name]["kind"], "value": value})

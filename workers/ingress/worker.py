@@ -1,0 +1,263 @@
+"""Ingress worker process: one single-threaded uvloop (epoll) event loop serving HTTP.
+
+Started by the supervisor with its listening sockets inherited (one SO_REUSEPORT socket per
+slot and address, kept open by the supervisor so a replaced worker's queue is never dropped)
+and its spec in $TIDEGATE_WORKER_SPEC. It reports READY once it accepts, heartbeats with a
+metrics snapshot, drains on SIGTERM, exits at once on SIGQUIT and ignores SIGINT (the
+supervisor decides). Exit codes: 0 clean, 3 failed to boot (the supervisor then halts).
+"""
+from __future__ import annotations
+
+import asyncio
+import os
+import signal
+import socket
+import sys
+import time
+
+import uvloop
+import zmq
+
+from tidegate.core.base import config
+from tidegate.core.base.jsonlog import log
+from tidegate.core.base.metrics import WorkerMetrics
+from tidegate.core.cache.exact import ExactCache
+from tidegate.core.cache.semantic_client import SemanticClient
+from tidegate.core.events.owner import PartitionOwner
+from tidegate.core.events.views import ViewReader
+from tidegate.core.http.http11 import HttpServer
+from tidegate.core.http.router import Router
+from tidegate.core.messaging import endpoints, protocol
+from tidegate.core.messaging.link import SupervisorLink
+from tidegate.core.messaging.mesh import Mesh
+from tidegate.core.messaging.worker_client import WorkerClient
+from tidegate.core.runtime.process import WORKER_BOOT_ERROR, start_worker
+from tidegate.core.state.auth import ApiKeys
+from tidegate.core.state.owners import Owners
+from tidegate.core.state.ratelimit import RateLimiter
+from tidegate.core.state.ring import HashRing
+from tidegate.core.state.sessions import SessionStore
+from tidegate.ext.httpconn import HttpConnection
+from tidegate.workers.ingress.guard import Guard
+from tidegate.workers.ingress.routes.events import EventRoutes
+from tidegate.workers.ingress.routes.openai import OpenAIRoutes
+from tidegate.workers.ingress.routes.ops import OpsRoutes
+from tidegate.workers.ingress.routes.sessions import SessionRoutes
+from tidegate.workers.ingress.routes.views import ViewRoutes
+
+FAILPOINTS = frozenset(os.environ.get("TIDEGATE_FAILPOINTS", "").split(","))  # fault injection for tests
+
+
+class IngressWorker:
+    def __init__(self, spec: dict):
+        self.spec = spec
+        self.cfg = spec["config"]
+        self.slot = spec["slot"]
+        self.loop = asyncio.get_running_loop()
+        self.metrics = WorkerMetrics()
+        self.n_slots = spec["n_slots"]
+        # every piece of per-key state registers its owner-side ops with the one seam
+        self.owners = Owners(self.slot, HashRing(range(self.n_slots)))
+        self.keys = ApiKeys(self.cfg["auth"]["keys"])
+        self.ratelimit = RateLimiter(self.cfg, self.owners)
+        self.exact = ExactCache(self.cfg, self.owners)
+        self.guard = Guard(self.cfg, self.keys, self.owners, self.ratelimit)
+        self.sessions: SessionStore | None = None  # opened in boot(): LMDB after fork
+        self.events: PartitionOwner | None = None  # this worker's event-log partition, opened in boot()
+        self.mesh: Mesh | None = None
+        self.router = Router()
+        self.http = HttpServer(self.cfg["limits"], self.router.dispatch, self.metrics, log, self.cfg["log"]["access"],
+                               routes=self.router.exact)
+        self.http.on_count_change = self._on_count_change
+        self.servers: list = []
+        self.accepting = False
+        self.link: SupervisorLink | None = None
+        self.stopped = asyncio.Event()
+        self.supervisor_pid = spec["supervisor_pid"]
+        self.booted = False
+        self.periodic: list[asyncio.Task] = []  # cancelled before the sockets close
+        self.infer: dict = {}  # model name -> WorkerClient
+        self.embedder = self.semantic = None  # the semantic cache's embedder process, when on
+
+    # ---- routes -------------------------------------------------------------------------------
+    def _routes(self) -> None:
+        cfg, r, guard = self.cfg, self.router, self.guard
+        routes = [OpsRoutes(cfg, self.link, self.snapshot), SessionRoutes(cfg, guard)]
+        if self.events:
+            routes += [EventRoutes(cfg, self.owners), ViewRoutes(self.events.views)]
+        models = config.models(cfg)
+        if models:
+            limit = cfg["control"]["max_message_bytes"]
+            self.infer = {m["name"]: WorkerClient(self.zmq, endpoints.worker(cfg, "inference", m["name"], self.spec["gen"]),
+                                                 self.loop, limit) for m in models}
+            if config.semantic_enabled(cfg):
+                self.embedder = WorkerClient(self.zmq, endpoints.worker(cfg, "embedder", "", self.spec["gen"]),
+                                             self.loop, limit)
+                self.semantic = SemanticClient(cfg, self.embedder)
+            routes.append(OpenAIRoutes(cfg, models, self.infer, self.ratelimit, self.exact, self.semantic))
+        for group in routes:
+            group.add_to(r, guard)
+
+    # ---- lifecycle ----------------------------------------------------------------------------
+    def snapshot(self) -> dict:
+        m, h = self.metrics, self.http  # byte and connection counters are kept in C by the server
+        m.open_connections, m.bytes_in, m.bytes_out, m.connections_accepted = (
+            len(h.conns), h.bytes_in, h.bytes_out, h.connections_accepted)
+        rl = self.ratelimit.stats
+        m.extra = {"ratelimit_admitted": rl["admitted"], "ratelimit_limited": rl["limited"],
+                   "owner_unavailable": self.owners.stats["owner_unavailable"], "ratelimit_leased": rl["leased"],
+                   "ratelimit_buckets": len(self.ratelimit.table),
+                   "sessions_live": len(self.sessions.live) if self.sessions else 0}
+        if self.events:
+            m.extra.update(self.events.stats)
+        xs = self.exact.store
+        m.extra.update(exact_hits=xs.stats["hits"], exact_misses=xs.stats["misses"], exact_inserts=xs.stats["inserts"],
+                       exact_evictions=xs.stats["evictions"], exact_bytes=xs.bytes)
+        if self.semantic:
+            m.extra.update(self.semantic.stats)
+        if self.mesh:
+            ms = self.mesh.stats
+            m.extra.update(mesh_frames_sent=ms["frames_out"], mesh_messages_sent=ms["messages_out"],
+                           mesh_expired=ms["expired"])
+        return self.metrics.snapshot()
+
+    def _on_command(self, msg: dict) -> None:
+        if msg["op"] == protocol.PURGE:
+            n = self.exact.store.purge(msg.get("tenant"))
+            log.info("exact cache purged", tenant=msg.get("tenant") or "(all)", entries=n)
+
+    async def boot(self) -> None:
+        if "ingress.boot" in FAILPOINTS:
+            raise RuntimeError("failpoint ingress.boot")
+        srv = self.cfg["server"]
+        self.zmq = zmq.Context()  # one per worker, shared by the supervisor link and the mesh
+        self.link = SupervisorLink(self.zmq, self.spec["internal"], self.spec["id"],
+                                   self.cfg["control"]["max_message_bytes"])
+        self.link.start()
+        self.link.on_command = self._on_command
+        self.sessions = SessionStore(os.path.join(srv["data_dir"], f"sessions-{self.slot}"),
+                                     self.cfg["sessions"]["ttl"], self.cfg["sessions"]["max_per_worker"])
+        self.owners.register(self.sessions.handlers())
+        if self.cfg["events"]["enabled"]:  # the partition: opened after fork
+            self.events = PartitionOwner(self.cfg, self.slot, ViewReader(srv["data_dir"], self.cfg["events"]["views"]))
+            self.owners.register(self.events.handlers())
+        self._routes()
+        if self.n_slots > 1:
+            self.mesh = Mesh(self.slot, self.n_slots, srv["run_dir"], self.owners.handlers,
+                             self.cfg["control"]["max_message_bytes"], ctx=self.zmq)
+            self.mesh.start()
+            self.owners.attach(self.mesh)
+            self._spawn_periodic(self.ratelimit.sweep_leases, self.cfg["ratelimit"]["lease_ttl"])
+        self.listen_socks = [socket.socket(fileno=fd) for fd in self.spec["fds"]]
+        await self._start_accepting()
+        self.loop.add_signal_handler(signal.SIGTERM, self.drain)
+        self.loop.add_signal_handler(signal.SIGQUIT, self.stopped.set)
+        self.link.send(protocol.READY, pid=os.getpid())
+        self._spawn_periodic(self._heartbeat, srv["heartbeat_interval"])
+        self._spawn_periodic(self.http.tick, 1.0)
+        self._spawn_periodic(self.sessions.expire, 60.0)
+        self._spawn_periodic(self.ratelimit.table.reclaim, 60.0)
+        if self.events:
+            self._spawn_periodic(self.events.retain, 5.0)
+            self._spawn_periodic(self.events.probe, 1.0)
+        self.booted = True
+        log.info("worker ready", slot=self.slot, gen=self.spec["gen"])
+
+    def _spawn_periodic(self, fn, interval: float) -> None:
+        async def run():
+            while not self.stopped.is_set():
+                await asyncio.sleep(interval)
+                if not self.stopped.is_set():  # woken after the stop: the sockets may be closed
+                    fn()
+        self.periodic.append(asyncio.ensure_future(run()))
+
+    def _heartbeat(self) -> None:
+        if os.getppid() != self.supervisor_pid:
+            log.error("supervisor is gone; exiting")
+            self.stopped.set()
+            return
+        self.link.send(protocol.HEARTBEAT, snap=self.snapshot())
+
+    async def _start_accepting(self) -> None:
+        # Each server gets a dup of the inherited socket so closing it (to pause) leaves ours open.
+        self.accepting = True
+        for s in self.listen_socks:
+            dup = socket.socket(fileno=os.dup(s.fileno()))
+            self.servers.append(await self.loop.create_server(
+                lambda: HttpConnection(self.http), sock=dup, backlog=self.cfg["server"]["backlog"]))
+
+    def _stop_accepting(self) -> None:
+        self.accepting = False
+        for server in self.servers:
+            server.close()
+        self.servers = []
+
+    def _on_count_change(self, n: int) -> None:
+        limit = self.cfg["server"]["max_connections"]
+        if self.accepting and n >= limit:
+            log.warning("max_connections reached; not accepting", open=n)
+            self._stop_accepting()
+        elif not self.accepting and not self.http.draining and n <= limit * 9 // 10:
+            log.info("accepting again", open=n)
+            asyncio.ensure_future(self._start_accepting())
+            self.accepting = True
+
+    def drain(self) -> None:
+        if self.http.draining:
+            return
+        log.info("draining", open=len(self.http.conns))
+        self._stop_accepting()
+        for s in self.listen_socks:  # the last copies: the port now refuses instead of queueing
+            s.close()
+        self.http.drain()
+        asyncio.ensure_future(self._finish_drain())
+
+    async def _finish_drain(self) -> None:
+        deadline = time.monotonic() + self.cfg["server"]["graceful_timeout"]
+        while self.http.conns and time.monotonic() < deadline:
+            await asyncio.sleep(0.05)
+        if self.http.conns:
+            log.warning("graceful timeout: closing connections", open=len(self.http.conns))
+        self.link.send(protocol.HEARTBEAT, snap=self.snapshot())  # final counters
+        await asyncio.sleep(0.05)
+        self.stopped.set()
+
+    async def run(self) -> None:
+        await self.boot()
+        await self.stopped.wait()
+        for task in self.periodic:
+            task.cancel()
+        for conn in list(self.http.conns):
+            conn.abort("worker stopping")
+        if self.mesh:
+            self.mesh.close()
+        for client in [*self.infer.values(), *([self.embedder] if self.embedder else [])]:
+            client.close()
+        self.sessions.close()
+        if self.events:
+            self.events.close()
+        self.link.close()
+        self.zmq.term()
+
+
+def main() -> None:
+    spec = start_worker(lambda spec: f"ingress {spec['slot']}")
+    worker = None
+
+    async def start():
+        nonlocal worker
+        worker = IngressWorker(spec)
+        await worker.run()
+
+    try:
+        uvloop.run(start())
+    except Exception as e:
+        if worker is None or not worker.booted:
+            log.error("worker failed to boot", error=repr(e))
+            sys.exit(WORKER_BOOT_ERROR)
+        log.error("worker crashed", error=repr(e))
+        sys.exit(1)
+
+
+if __name__ == "__main__":
+    main()
