@@ -171,7 +171,7 @@ cdef class Request:
     cdef public dict headers
     cdef public bint keep_alive
     cdef public double started
-    cdef public object identity  # set by authentication (core/auth.py)
+    cdef public object identity  # set by the guard (workers/ingress/guard.py)
     cdef public object on_close  # set by a handler that must hear if the client leaves before the answer
 
 

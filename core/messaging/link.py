@@ -1,7 +1,7 @@
 """A worker's ZeroMQ link to the supervisor: fire-and-forget sends and request/reply by id.
 
 One DEALER socket per worker, driven straight from the event loop with add_reader on the ZMQ
-file descriptor (core/zmqfd.py; zmq.asyncio costs measurable throughput on the HTTP path: ~10%
+file descriptor (core/messaging/zmqfd.py; zmq.asyncio costs measurable throughput on the HTTP path: ~10%
 here).
 Replies resolve the future waiting on their "id"; no answer by the deadline raises
 TimeoutError, so a slow supervisor becomes a 503 for the client rather than a hung request.

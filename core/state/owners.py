@@ -45,7 +45,7 @@ class Owners:
 
     def call(self, owner: int, op: str, payload, timeout: float):
         """handlers[op](payload) at owner: its value when local, else a Future of it."""
-        if owner == self.slot or self.mesh is None:
+        if self.is_local(owner):
             return self.handlers[op](payload)
         fut = self.mesh.loop.create_future()
         self.mesh.request_cb(owner, op, payload, timeout, lambda ok, result: self._settle(fut, ok, result))
@@ -53,7 +53,7 @@ class Owners:
 
     def send(self, owner: int, op: str, payload, timeout: float) -> None:
         """A call whose answer nobody waits for (refunds, cache inserts): a loss costs little."""
-        if owner == self.slot or self.mesh is None:
+        if self.is_local(owner):
             self.handlers[op](payload)
         else:
             self.mesh.request_cb(owner, op, payload, timeout, _ignore)

@@ -14,8 +14,8 @@ from helpers.llm import client, metric, post, sse
 
 @pytest.fixture
 def llm(daemon_factory, demo_model):
-    # caches off: these tests are about generation (tests/test_exact_cache.py and
-    # tests/test_semantic_cache.py cover the caches)
+    # caches off: these tests are about generation (tests/system/test_exact_cache.py and
+    # tests/system/test_semantic_cache.py cover the caches)
     return daemon_factory(workers=2, cache={"exact_enabled": False, "semantic_enabled": False},
                           inference={"enabled": True, "models": [{"name": "demo", "path": demo_model,
                                                                   "n_ctx": 512, "max_seqs": 4}]})
