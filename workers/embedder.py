@@ -36,7 +36,9 @@ class EmbedderWorker(BlockingWorker):
 
     def open(self) -> str:
         self.embedder = make_embedder(self.c["embedder"], self.c["embedder_model"])
-        self.store = SemanticStore(os.path.join(self.cfg["server"]["data_dir"], "semantic"), self.embedder.dim, log)
+        self.store = SemanticStore(os.path.join(self.cfg["server"]["data_dir"], "semantic"), self.embedder.dim, log,
+                                   max_namespaces=self.c["semantic_max_namespaces"],
+                                   max_namespaces_per_tenant=self.c["semantic_max_namespaces_per_tenant"])
         self.every(SWEEP_S, self.store.sweep)
         self.every(SAVE_S, self.store.save)
         log.info("embedder ready", embedder=self.embedder.name, dim=self.embedder.dim,

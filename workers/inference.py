@@ -31,7 +31,8 @@ class InferenceWorker(BlockingWorker):
     def open(self) -> str:
         path = self.model["path"] or ensure_demo(self.cfg["server"]["data_dir"])
         demo = not self.model["path"]
-        self.batcher = b = Batcher.open(path, self.model, self.inf, self.cfg["server"]["data_dir"], self.send)
+        self.batcher = b = Batcher.open(path, self.model, self.inf, self.cfg["server"]["data_dir"], self.send,
+                                             self.beat_if_due)
         log.info("inference worker ready", model=self.name, path=path, demo=demo,
                  n_ctx=self.model["n_ctx"], max_seqs=self.model["max_seqs"],
                  note="demo model: random weights, gibberish output" if demo else None,

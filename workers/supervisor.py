@@ -131,6 +131,7 @@ class Supervisor:
         self.respawn_at: dict[int, float] = {}
         self.crashes: collections.Counter = collections.Counter()  # slot -> quick crashes in a row
         self.respawns = 0
+        self.degraded: dict[str, str] = {}  # slot -> why it is not serving now (cleared at its READY)
         self.sigqueue: collections.deque = collections.deque()
         self.deadline = 0.0
         self._ids = 0
@@ -270,6 +271,7 @@ class Supervisor:
                     self._retire(w)
             self.cfg, self.gen = p["cfg"], p["gen"]
             self.respawn_at.clear()
+            self.degraded.clear()  # every process of the new generation is READY
             log.info("reloaded", gen=self.gen)
         else:
             for w in self.workers.values():
@@ -362,16 +364,22 @@ class Supervisor:
                 " (boot error: see its log line above)" if code == WORKER_BOOT_ERROR else "")
             if self.pending and w.gen == self.pending["gen"]:
                 self._finish_reload(False, why)
-            else:
+                return
+            if self.state == "starting":  # only a boot failure at start halts the daemon
                 log.error("worker failed to boot; stopping the daemon", worker=w.id, how=how)
                 self.stop(EXIT_BOOT)
-            return
-        lived = time.monotonic() - w.ready_at
+                return
+            # after start a process that cannot boot is retried with backoff; the rest serves
+            self.degraded[str(w.slot)] = why
+            lived = 0.0
+        else:
+            lived = time.monotonic() - w.ready_at
         self.crashes[w.slot] = self.crashes[w.slot] + 1 if lived < 10.0 else 0
         delay = 0.0 if self.crashes[w.slot] <= 1 else min(
             0.1 * 2 ** (self.crashes[w.slot] - 1), self.cfg["server"]["respawn_backoff_max"])
         log.warning("worker died; respawning", worker=w.id, worker_pid=w.proc.pid, how=how, delay_s=delay)
         self.respawn_at[w.slot] = time.monotonic() + delay
+        self.degraded.setdefault(str(w.slot), f"worker {w.id} exited with {how}; respawning")
 
     def _check_timers(self) -> None:
         now = time.monotonic()
@@ -428,6 +436,8 @@ class Supervisor:
         if op == protocol.READY:
             if w.state == "booting":
                 w.state, w.ready_at = "ready", now
+                if w.gen == self.gen:
+                    self.degraded.pop(str(w.slot), None)
                 log.info("worker ready", worker=w.id, worker_pid=w.proc.pid)
                 self._on_ready(w)
         elif op == protocol.METRICS:
@@ -438,7 +448,8 @@ class Supervisor:
             lag = self.aggregator.totals()["extra"].get("view_lag_seconds", 0.0)
             lagging = lag > self.cfg["events"]["view_lag_max"]
             self._reply_worker(ident, msg, {"ready": ok and not lagging, "state": self.state, "workers_ready": ready,
-                                            "workers_expected": expected, "view_lag_seconds": lag})
+                                            "workers_expected": expected, "view_lag_seconds": lag,
+                                            "degraded": self.degraded})
 
     def _on_ready(self, w: Worker) -> None:
         if self.pending and w.gen == self.pending["gen"]:
@@ -458,6 +469,8 @@ class Supervisor:
             ("gauge", "tidegate_workers_ready", "Ingress workers ready", self._ready_count(self.gen)),
             ("gauge", "tidegate_workers_expected", "Ingress workers configured", self._expected()),
             ("counter", "tidegate_worker_respawns", "Workers respawned after dying or hanging", self.respawns),
+            ("gauge", "tidegate_workers_degraded", "Processes configured but not serving now (see /readyz)",
+             len(self.degraded)),
         ])
 
     # ---- admin control socket -----------------------------------------------------------------
@@ -529,7 +542,7 @@ class Supervisor:
                 "uptime_s": round(time.monotonic() - self.started, 1), "generation": self.gen,
                 "workers_ready": self._ready_count(self.gen), "workers_expected": self._expected(),
                 "bind": self.listeners.bound(), "config": self.cfg_path or "(built-in defaults)",
-                "control": endpoints.control(self.cfg), "respawns": self.respawns}
+                "control": endpoints.control(self.cfg), "respawns": self.respawns, "degraded": self.degraded}
 
     def worker_table(self) -> list[dict]:
         now, rows = time.monotonic(), []

@@ -20,7 +20,7 @@ from tidegate.core.events.eventlog import CorruptLog, read_blocks, segments
 from tidegate.core.base.jsonlog import log
 from tidegate.core.messaging import endpoints
 from tidegate.core.runtime.loop import BlockingWorker, run_blocking_worker
-from tidegate.core.events.views import apply, offset_key, row_key
+from tidegate.core.events.views import MAX_KEY_BYTES, apply, offset_key, row_key
 
 PASS_S = 0.05
 
@@ -31,7 +31,7 @@ class ViewBuilder(BlockingWorker):
     def __init__(self, spec: dict):
         super().__init__(spec)
         self.views = self.cfg["events"]["views"]
-        self.stats = {"views_events_applied": 0, "view_lag_seconds": 0.0}
+        self.stats = {"views_events_applied": 0, "views_quarantined": 0, "view_lag_seconds": 0.0}
         self.caught_up_at = time.monotonic()
 
     def open(self) -> str:
@@ -76,33 +76,47 @@ class ViewBuilder(BlockingWorker):
             start = pos if base == seg else 0
             blocks = []
             try:
-                for _, end, _, records in read_blocks(path, start):
-                    blocks.append((end, records))
+                for begin, end, _, records in read_blocks(path, start):
+                    blocks.append((begin, end, records))
             except CorruptLog:
                 pass  # an incomplete tail: read it again next pass
             if not blocks:
                 continue
             with self.env.begin(write=True) as txn:
                 rows: dict[bytes, dict | None] = {}
-                for _, records in blocks:
-                    for rec in records:
-                        ev = orjson.loads(rec)
-                        for view in self.views:
-                            k = row_key(view["name"], ev["key"])
-                            if k not in rows:
-                                old = txn.get(k)
-                                rows[k] = orjson.loads(old) if old else None
-                            new = apply(view, rows[k], ev)
-                            if new is not None:
-                                rows[k] = new
+                for begin, _, records in blocks:
+                    for i, rec in enumerate(records):
+                        try:
+                            rows.update(self._apply(txn, rows, rec))
+                        except Exception as e:  # quarantined: counted, logged where it is, skipped
+                            self.stats["views_quarantined"] += 1
+                            log.error("event quarantined: the view builder cannot apply it", partition=name,
+                                      segment=base, block_offset=begin, record=i, error=repr(e))
                         n += 1
                 for k, row in rows.items():
                     if row is not None:
                         txn.put(k, orjson.dumps(row))
-                txn.put(offset_key(name), orjson.dumps([base, blocks[-1][0]]))  # same transaction
-            seg, pos = base, blocks[-1][0]
+                txn.put(offset_key(name), orjson.dumps([base, blocks[-1][1]]))  # same transaction
+            seg, pos = base, blocks[-1][1]
         self.stats["views_events_applied"] += n
         return n
+
+
+    def _apply(self, txn, rows: dict, rec: bytes) -> dict:
+        """The rows one event changes, staged: nothing of it lands unless all of it applies."""
+        ev = orjson.loads(rec)
+        tenant, key, staged = ev.get("tenant", ""), ev["key"], {}
+        for view in self.views:
+            k = row_key(view["name"], tenant, key)
+            if len(k) > MAX_KEY_BYTES:
+                raise ValueError(f"row key of {len(k)} bytes exceeds LMDB's {MAX_KEY_BYTES}")
+            row = staged.get(k, rows.get(k))
+            if row is None and k not in rows:
+                old = txn.get(k)
+                row = orjson.loads(old) if old else None
+            new = apply(view, row, ev)
+            staged[k] = new if new is not None else row
+        return staged
 
 
 def main() -> None:

@@ -106,8 +106,9 @@ def _models(v):
         for k, t in MODEL_FIELDS.items():
             if k in item and (not isinstance(item[k], t) or (t is int and isinstance(item[k], bool))):
                 return f"item {i}: {k} must be {t.__name__}"
-        if not item.get("name") or not all(c.isalnum() or c in "-_.:" for c in item["name"]):
-            return f"item {i}: name must be a non-empty string of letters, digits and -_.:"
+        name = item.get("name")
+        if not name or len(name) > 64 or name.startswith(".") or not all(c.isalnum() or c in "-_.:" for c in name):
+            return f"item {i}: name must be 1 to 64 letters, digits and -_.: not starting with a dot"
         if item["name"] in names:
             return f"item {i}: model {item['name']!r} is listed twice"
         names.add(item["name"])
@@ -139,6 +140,12 @@ def _overrides(v):
                 item[k] = float(val)
             elif not isinstance(val, t) or (t is int and isinstance(val, bool)):
                 return f"item {i}: {k} must be {t.__name__}"
+    return None
+
+
+def _strings(v):
+    if not all(isinstance(item, str) and item for item in v):
+        return "must be an array of non-empty strings"
     return None
 
 
@@ -194,7 +201,10 @@ SCHEMA: dict[str, dict[str, Key]] = {
     "sessions": {
         "ttl": Key(float, 3600.0, "seconds a session lives after its last use (sliding)", positive),
         "max_per_worker": Key(int, 1000000, "sessions one owner holds; creating more answers 503", positive),
-        "max_attributes_bytes": Key(int, 4096, "JSON size of a session's attributes (400 above)", positive),
+        "max_attributes_bytes": Key(int, 4096, "JSON size of a session's attributes, after a PATCH merges too "
+                                    "(400 above)", positive),
+        "map_bytes": Key(int, 4096 * MiB, "most disk one owner's sessions LMDB may grow to (it starts at 64 MiB "
+                         "and doubles when full); beyond it creating or patching answers 503", positive),
         "owner_timeout": Key(float, 0.5, "seconds to wait for a session's owner (then 503: fails closed)", positive),
     },
     "ratelimit": {
@@ -238,7 +248,7 @@ SCHEMA: dict[str, dict[str, Key]] = {
         "prefix_disk_bytes": Key(int, 4096 * MiB, "disk tier under data_dir: KV bytes kept (LRU); 0 = off",
                                  non_negative),
         "shared_prefixes": Key(list, [], "prompt prefixes (rendered text) every tenant may share in the cache, "
-                               "e.g. a common system prompt; all others are salted by tenant"),
+                               "e.g. a common system prompt; all others are salted by tenant", _strings),
     },
     "cache": {
         "exact_enabled": Key(bool, True, "answer identical reproducible requests from the exact cache"),
@@ -253,6 +263,10 @@ SCHEMA: dict[str, dict[str, Key]] = {
                                     lambda v: None if 0 < v <= 1 else "must be in (0, 1]"),
         "semantic_ttl": Key(float, 86400.0, "seconds a semantic entry lives", positive),
         "semantic_max_entries": Key(int, 10000, "entries per namespace (oldest evicted)", positive),
+        "semantic_max_namespaces": Key(int, 10000, "namespaces (one index each) in all; at the cap a new one "
+                                       "drops the least recently used", positive),
+        "semantic_max_namespaces_per_tenant": Key(int, 1000, "namespaces one tenant may hold; at the cap a new "
+                                                  "one drops that tenant's least recently used", positive),
         "semantic_timeout": Key(float, 0.05, "seconds a semantic lookup may take (then: a miss)", positive),
         "semantic_tenants": Key(list, [], "per-tenant overrides: [{tenant, enabled, threshold, ttl, max_entries}]",
                                 lambda v: _overrides(v)),
@@ -366,6 +380,16 @@ def _cross_checks(cfg: dict) -> None:
                               "control.curve_secret_key (generate them with `tidegate admin keygen`)")
         if not ctl["curve_client_keys"]:
             raise ConfigError("control.curve_client_keys: a tcp:// control socket needs at least one allowed client key")
+    inf = cfg["inference"]
+    reserved = sum(inf["reserved"].values())
+    for m in inf["models"] or [{"name": "the demo model"}]:
+        seqs = m.get("max_seqs", inf["max_seqs"])
+        if seqs > inf["n_batch"]:  # one decode step carries a token of every running sequence
+            raise ConfigError(f"inference.max_seqs: {m['name']} has {seqs} sequences but inference.n_batch is "
+                              f"{inf['n_batch']}; max_seqs must not exceed n_batch")
+        if reserved >= seqs:
+            raise ConfigError(f"inference.reserved: {reserved} reserved slots leave none of {m['name']}'s "
+                              f"{seqs} for other classes")
     lim = cfg["limits"]
     if lim["max_request_line"] > lim["max_header_bytes"]:
         raise ConfigError("limits.max_request_line: cannot exceed limits.max_header_bytes")

@@ -64,9 +64,13 @@ class Namespace:
 
 
 class SemanticStore:
-    def __init__(self, root: str, dim: int, log=None, max_bytes: int = 1 << 30):
+    def __init__(self, root: str, dim: int, log=None, max_bytes: int = 1 << 30, max_namespaces: int = 10000,
+                 max_namespaces_per_tenant: int = 1000):
         os.makedirs(root, mode=0o700, exist_ok=True)
         self.root, self.dim, self.log = root, dim, log
+        # every namespace costs an index: bounded in all and per tenant, least recently used dropped first
+        self.max_namespaces, self.max_per_tenant = max_namespaces, max_namespaces_per_tenant
+        self.used: OrderedDict[str, str] = OrderedDict()  # namespace -> its tenant, least recently used first
         self.env = lmdb.open(os.path.join(root, "payloads"), map_size=max_bytes, subdir=True, max_dbs=1)
         self.spaces: dict[str, Namespace] = {}
         # id -> (ns, tenant, text, expires); the answer itself stays in LMDB (read on a hit)
@@ -74,7 +78,7 @@ class SemanticStore:
         self.next_id = 1
         self.stats = {k: 0 for k in ("semantic_lookups", "semantic_hits", "semantic_verifier_rejections",
                                      "semantic_inserts", "semantic_evictions", "semantic_expired",
-                                     "semantic_index_rebuilds")}
+                                     "semantic_index_rebuilds", "semantic_namespaces_evicted")}
         self._load()
 
     # ---- start-up -----------------------------------------------------------------------------
@@ -87,6 +91,7 @@ class SemanticStore:
                 ns, tenant, text, entry, expires = orjson.loads(v[self.dim * 4:])
                 self.meta[eid] = (ns, tenant, text, expires)
                 vectors.setdefault(ns, []).append((eid, vec))
+                self.used[ns] = tenant
                 self.next_id = max(self.next_id, eid + 1)
         for ns, items in vectors.items():
             items.sort()
@@ -168,7 +173,10 @@ class SemanticStore:
                max_entries: int) -> None:
         space = self.spaces.get(ns)
         if space is None:
+            self._make_room(tenant)
             space = self.spaces[ns] = Namespace(ns, self.dim)
+        self.used[ns] = tenant
+        self.used.move_to_end(ns)
         while len(space.ids) >= max_entries:
             self._delete(next(iter(space.ids)))
             self.stats["semantic_evictions"] += 1
@@ -180,6 +188,30 @@ class SemanticStore:
         self.meta[eid] = (ns, tenant, text, expires)
         space.add(vec, eid)
         self.stats["semantic_inserts"] += 1
+
+    def _make_room(self, tenant: str) -> None:
+        """Before a new namespace: drop the tenant's least recently used one at its cap, else the
+        least recently used of all at the total cap."""
+        mine = [ns for ns, t in self.used.items() if t == tenant]
+        if len(mine) >= self.max_per_tenant:
+            self.drop_namespace(mine[0])
+        elif len(self.used) >= self.max_namespaces:
+            self.drop_namespace(next(iter(self.used)))
+
+    def drop_namespace(self, ns: str) -> None:
+        for eid in [eid for eid, m in self.meta.items() if m[0] == ns]:
+            self._delete(eid)
+        self.spaces.pop(ns, None)
+        self.used.pop(ns, None)
+        self._unlink_index(ns)
+        self.stats["semantic_namespaces_evicted"] += 1
+
+    def _unlink_index(self, ns: str) -> None:
+        for suffix in ("", ".crc"):
+            try:
+                os.unlink(self._index_path(ns) + suffix)
+            except OSError:
+                pass
 
     def _answer(self, eid: int) -> dict:
         with self.env.begin() as txn:
@@ -209,11 +241,8 @@ class SemanticStore:
                 self.stats["semantic_index_rebuilds"] -= 1  # a compaction, not a repair
             if not self.spaces[ns].ids:
                 del self.spaces[ns]
-                for suffix in ("", ".crc"):
-                    try:
-                        os.unlink(self._index_path(ns) + suffix)
-                    except OSError:
-                        pass
+                self.used.pop(ns, None)
+                self._unlink_index(ns)
 
     def save(self) -> None:
         for ns, space in self.spaces.items():

@@ -29,12 +29,21 @@ KINDS = ("count", "sum", "avg", "last", "last_n")
 
 def view_problem(v) -> str | None:
     for i, item in enumerate(v):
-        if not isinstance(item, dict) or not isinstance(item.get("name"), str) or not item["name"]:
-            return f"item {i} must be a table with a name"
+        if (not isinstance(item, dict) or not isinstance(item.get("name"), str) or not 0 < len(item["name"]) <= 64
+                or "\0" in item["name"]):
+            return f"item {i} must be a table with a name of 1 to 64 characters"
         if item.get("kind") not in KINDS:
             return f"item {i}: kind must be one of {', '.join(KINDS)}"
         if item["kind"] in ("sum", "avg", "last") and not isinstance(item.get("field"), str):
             return f"item {i}: kind {item['kind']} needs a field"
+        for k, ok, what in (("event_type", lambda v: isinstance(v, str), "a string"),
+                            ("field", lambda v: isinstance(v, str), "a string"),
+                            ("window", lambda v: isinstance(v, (int, float)) and not isinstance(v, bool) and v > 0,
+                             "a number of seconds > 0"),
+                            ("n", lambda v: isinstance(v, int) and not isinstance(v, bool) and 0 < v <= 10000,
+                             "an integer from 1 to 10000")):
+            if k in item and not ok(item[k]):
+                return f"item {i}: {k} must be {what}"
         unknown = set(item) - {"name", "kind", "event_type", "field", "window", "n"}
         if unknown:
             return f"item {i}: unknown field(s) {', '.join(sorted(unknown))}"
@@ -48,8 +57,12 @@ def offset_key(partition: str) -> bytes:
     return b"offset\0" + partition.encode()
 
 
-def row_key(view: str, key: str) -> bytes:
-    return view.encode() + b"\0" + key.encode()
+MAX_KEY_BYTES = 511  # LMDB's limit on a key
+
+
+def row_key(view: str, tenant: str, key: str) -> bytes:
+    """Rows are namespaced by tenant: a key of tenant A is invisible to tenant B."""
+    return b"\0".join((view.encode(), tenant.encode(), key.encode()))
 
 
 def apply(view: dict, row: dict | None, event: dict) -> dict | None:
@@ -116,12 +129,13 @@ class ViewReader:
             self.env = lmdb.open(self.path, readonly=True, lock=True, max_dbs=0, subdir=True)
         return self.env
 
-    def get(self, view: str, key: str):
+    def get(self, view: str, tenant: str, key: str):
         env = self._open()
-        if env is None:
+        k = row_key(view, tenant, key)
+        if env is None or len(k) > MAX_KEY_BYTES:
             return None
         with env.begin() as txn:  # a snapshot: never waits on the builder
-            raw = txn.get(row_key(view, key))
+            raw = txn.get(k)
         return read(self.views[view], orjson.loads(raw) if raw else None)
 
     def offset(self, partition: str) -> tuple[str, int]:
@@ -133,12 +147,12 @@ class ViewReader:
             raw = txn.get(offset_key(partition))
         return tuple(orjson.loads(raw)) if raw else ("", 0)
 
-    def vector(self, key: str, features: list[str]) -> np.ndarray:
+    def vector(self, tenant: str, key: str, features: list[str]) -> np.ndarray:
         """The key's numeric views in the declared feature order, as float32 (NaN when missing):
         the shape a model's feature hydration wants."""
         out = np.full(len(features), np.nan, dtype=np.float32)
         for i, name in enumerate(features):
-            value = self.get(name, key)
+            value = self.get(name, tenant, key)
             if isinstance(value, (int, float)) and not isinstance(value, bool):
                 out[i] = value
         return out

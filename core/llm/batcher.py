@@ -60,9 +60,10 @@ class Slot:
 
 
 class Batcher:
-    def __init__(self, engine, model: dict, inf: dict, template: str, ram, disk, send):
+    def __init__(self, engine, model: dict, inf: dict, template: str, ram, disk, send, tick=None):
         self.engine, self.model, self.inf, self.template = engine, model, inf, template
         self.ram, self.disk, self.send = ram, disk, send
+        self.tick = tick or (lambda: None)  # called between the inputs of a long embeddings request
         self.block = inf["prefix_block"]
         self.slots = [Slot(i) for i in range(model["max_seqs"])]
         self.sched = Scheduler(len(self.slots), inf["reserved"], inf["queue_max"])
@@ -71,7 +72,7 @@ class Batcher:
         self.to_save: list = []  # (seq, slot) whose prompt just went in: saved after the step's events leave
 
     @classmethod
-    def open(cls, path: str, model: dict, inf: dict, data_dir: str, send) -> "Batcher":
+    def open(cls, path: str, model: dict, inf: dict, data_dir: str, send, tick=None) -> "Batcher":
         """Load the model at path and set up its prefix tiers under data_dir."""
         engine = Engine(path, model["n_ctx"], model["max_seqs"], inf["n_batch"], model["threads"],
                         model["n_gpu_layers"], model["embeddings"])
@@ -80,7 +81,7 @@ class Batcher:
             disk = DiskTier(os.path.join(data_dir, "prefix-cache", model["name"]), inf["prefix_disk_bytes"],
                             engine.fingerprint, inf["prefix_block"], log)
         template = model["chat_template"] or engine.chat_template()
-        return cls(engine, model, inf, template, RamTier(inf["prefix_ram_bytes"]), disk, send)
+        return cls(engine, model, inf, template, RamTier(inf["prefix_ram_bytes"]), disk, send, tick)
 
     @property
     def active(self) -> int:
@@ -110,6 +111,10 @@ class Batcher:
                                    f"{max_tokens} for the completion). Please reduce the prompt or max_tokens.",
                                    "context_length_exceeded", "messages" if "messages" in body else "prompt")
             max_tokens = n_ctx - len(prompt)  # the default only: shorten it to what fits
+        bias = body["params"].get("logit_bias") or {}
+        if any(not k.isascii() or not k.isdigit() or int(k) >= self.engine.n_vocab for k in bias):
+            raise RequestError(400, f"'logit_bias' names a token id outside the vocabulary (0 to "
+                               f"{self.engine.n_vocab - 1})", "invalid_parameter", "logit_bias")
         deadline = time.monotonic() + min(body.get("timeout") or 1e9, self.inf["request_timeout"])
         seq = Seq(peer, rid, body, prompt, max_tokens, deadline)
         try:
@@ -137,6 +142,7 @@ class Batcher:
                                    f"{self.model['n_ctx']}", "context_length_exceeded", "input")
             n_tokens += len(toks)
             vectors.append(self.engine.embed(toks))
+            self.tick()
         self.send(peer, [EMB, rid, {"data": vectors, "tokens": n_tokens}])
 
     # ---- admission and the prefix cache -------------------------------------------------------

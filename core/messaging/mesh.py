@@ -77,6 +77,7 @@ class Mesh:
         self._flush_scheduled = False
         self._inflight: dict[int, object] = {}  # peer -> hold timer while a frame awaits its reply
         self.loop = None
+        self._heard: dict[int, float] = {}  # peer -> when a reply frame last came from it
         self.stats = {"frames_out": 0, "messages_out": 0, "frames_in": 0, "expired": 0}
 
     def start(self) -> None:
@@ -104,6 +105,11 @@ class Mesh:
         if not self._flush_scheduled:
             self._flush_scheduled = True
             self.loop.call_soon(self._flush)
+
+    def silent_for(self, peer: int) -> float:
+        """Seconds since peer last answered (inf when it never has)."""
+        heard = self._heard.get(peer)
+        return time.monotonic() - heard if heard is not None else float("inf")
 
     def _sweep(self) -> None:
         """Fail the calls whose deadline has passed: one timer for all of them (a timer per call
@@ -161,6 +167,7 @@ class Mesh:
                 if entry is not None:
                     entry[0](ok, result if ok else RemoteError(result))
         if got:
+            self._heard[peer] = time.monotonic()
             self._release(peer)  # the frame in flight is answered: send what waited
 
     # ---- owning -------------------------------------------------------------------------------

@@ -125,6 +125,7 @@ class BlockingWorker:
         self.running, self.draining = True, False
         self.out: dict[bytes, list] = {}  # peer -> events queued this turn
         self._timers: list[list] = []     # [due, interval, fn]
+        self._heartbeat_timer = None
 
     # ---- hooks ----------------------------------------------------------------------------------
     def open(self) -> str:
@@ -171,6 +172,14 @@ class BlockingWorker:
     def every(self, seconds: float, fn) -> None:
         self._timers.append([time.monotonic() + seconds, seconds, fn])
 
+    def beat_if_due(self) -> None:
+        """Heartbeat from inside a long piece of work, so the supervisor does not take it for hung."""
+        hb = self._heartbeat_timer
+        now = time.monotonic()
+        if hb is not None and now >= hb[0]:
+            hb[0] = now + hb[1]
+            self._heartbeat()
+
     # ---- the loop -------------------------------------------------------------------------------
     def boot(self) -> None:
         self.socks = WorkerSockets(self.spec, self.open())
@@ -179,7 +188,8 @@ class BlockingWorker:
     def run(self) -> None:
         signal.signal(signal.SIGTERM, lambda *_: setattr(self, "draining", True))
         signal.signal(signal.SIGQUIT, lambda *_: setattr(self, "running", False))
-        self._timers.insert(0, [0.0, self.cfg["server"]["heartbeat_interval"], self._heartbeat])
+        self._heartbeat_timer = [0.0, self.cfg["server"]["heartbeat_interval"], self._heartbeat]
+        self._timers.insert(0, self._heartbeat_timer)
         socks = self.socks
         while self.running:
             if socks.poller.poll(0 if self.busy() else self.idle_poll_ms):

@@ -45,6 +45,7 @@ class ApiKeys:
         self._known: dict[bytes, Identity] = {}  # presented key -> identity, for keys that matched
         self.by_hash = {e["key_sha256"]: Identity(e["key_sha256"][:12], e.get("name", e["key_sha256"][:12]),
                                                   e["tenant"], e.get("class", "standard")) for e in entries}
+        self.key_ids = {i.key_id for i in self.by_hash.values()}  # sessions opened by a removed key stop working
 
     @property
     def enabled(self) -> bool:

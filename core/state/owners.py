@@ -40,6 +40,10 @@ class Owners:
         """Where key lives; pass it to call/send (callers on hot paths keep it with their plan)."""
         return self.ring.owner(key)
 
+    def is_down(self, owner: int) -> bool:
+        """Nothing heard from owner for longer than a second: dead or respawning, not just slow."""
+        return not self.is_local(owner) and self.mesh.silent_for(owner) > 1.0
+
     def is_local(self, owner: int) -> bool:
         return owner == self.slot or self.mesh is None
 

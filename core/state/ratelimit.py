@@ -16,10 +16,10 @@ bucket holds, so leases dry up as a bucket empties and the last tokens are decid
 one by one; tokens not used within `lease_ttl` go back. Every admission still spends a token
 the owner took, so N workers together never admit more than the limit.
 
-When an owner does not answer in `owner_timeout` (it died and is being respawned), the check
-fails open by default: the limit is protection, and refusing all traffic of a tenant for the
-second a worker takes to come back hurts more than a short overshoot. `fail_open = false`
-answers 503 instead.
+When an owner does not answer in `owner_timeout` and has not been heard from for longer than that
+(it died and is being respawned), the check fails open by default: the limit is protection, and refusing all traffic of a tenant for the
+second a worker takes to come back hurts more than a short overshoot. An owner that is alive but
+slow is not down: its time-outs answer 503, as does every time-out with `fail_open = false`.
 
 The limiter only decides: `admit` and `reserve` return None (admitted) or a Refusal, or a
 Future of one when the owner is a hop away. Turning a Refusal into a 429 or 503 is the ingress
@@ -193,8 +193,8 @@ class RateLimiter:
         if not ok:
             if not isinstance(results, OwnerUnavailable):
                 raise results
-            if not self.cfg["fail_open"]:
-                return UNAVAILABLE
+            if not self.cfg["fail_open"] or not self.owners.is_down(owner):
+                return UNAVAILABLE  # fail open only while the owner is down, never because it is slow
             results = [0.0] * len(checks)  # fail open: admit
         return self._decide(owner, checks, results)
 
@@ -216,10 +216,11 @@ class RateLimiter:
         return _then(reply, lambda ok, result: self._on_reply(ok, result, owner, checks) or reservation)
 
     def settle(self, reservation: "Reservation", used: float) -> None:
-        """Give back what was reserved but not used."""
-        unused = [[c[0], c[1] - used] for c in reservation.checks if c[1] > used]
-        if unused:
-            self.owners.send(reservation.owner, RL_REFUND, unused, self.cfg["owner_timeout"])
+        """Give back what was reserved but not used, and charge what was used beyond it (the
+        bucket may go below zero: the next requests wait for the debt to refill)."""
+        delta = [[c[0], c[1] - used] for c in reservation.checks if c[1] != used]
+        if delta:
+            self.owners.send(reservation.owner, RL_REFUND, delta, self.cfg["owner_timeout"])
 
     def _decide(self, owner: int, checks: list, results: list):
         """None (admitted) or the Refusal, given the owner's answers to checks."""

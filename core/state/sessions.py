@@ -23,6 +23,7 @@ import orjson
 from tidegate.core.messaging.protocol import SESS_CREATE, SESS_DELETE, SESS_GET, SESS_PATCH
 
 PREFIX = b"tgs-"
+TOO_LARGE, FULL = "too_large", "full"  # what a patch answers instead of the record
 
 
 def new_token() -> bytes:
@@ -34,11 +35,19 @@ def token_id(token: bytes) -> str:
     return hashlib.sha256(token).hexdigest()
 
 
+class SessionsFull(Exception):
+    """The store reached sessions.map_bytes: creating or patching answers 503."""
+
+
 class SessionStore:
-    def __init__(self, path: str, ttl: float, max_sessions: int, map_size: int = 1 << 30):
+    def __init__(self, path: str, ttl: float, max_sessions: int, max_map_bytes: int = 4 << 30,
+                 max_attributes_bytes: int = 4096):
         os.makedirs(path, mode=0o700, exist_ok=True)
-        self.ttl, self.max_sessions = ttl, max_sessions
-        self.env = lmdb.open(path, map_size=map_size, subdir=True, max_dbs=1, lock=True)
+        self.ttl, self.max_sessions, self.max_attributes = ttl, max_sessions, max_attributes_bytes
+        self.max_map = max_map_bytes
+        size = max(os.path.getsize(os.path.join(path, "data.mdb")) if os.path.exists(os.path.join(path, "data.mdb"))
+                   else 0, min(64 << 20, max_map_bytes))
+        self.env = lmdb.open(path, map_size=size, subdir=True, max_dbs=1, lock=True)
         self.live: dict[str, dict] = {}
         self._persisted_expiry: dict[str, float] = {}
         self._load()
@@ -50,11 +59,16 @@ class SessionStore:
     def _create_op(self, p: dict):
         try:
             return self.create(p["sid"], p["tenant"], p["user"], p["key_id"], p["class"], p["attributes"])
-        except OverflowError:
+        except (OverflowError, SessionsFull):
             return None  # full: the asker answers 503
 
     def _patch_op(self, p: dict):
-        return self.patch(p["sid"], p["attributes"])
+        try:
+            return self.patch(p["sid"], p["attributes"])
+        except ValueError:
+            return TOO_LARGE
+        except SessionsFull:
+            return FULL
 
     def _load(self) -> None:
         now, dead = time.time(), []
@@ -72,11 +86,20 @@ class SessionStore:
                     txn.delete(key)
 
     def _write(self, sid: str, rec: dict | None) -> None:
-        with self.env.begin(write=True) as txn:
-            if rec is None:
-                txn.delete(sid.encode())
-            else:
-                txn.put(sid.encode(), orjson.dumps(rec))
+        """Write through and sync; a full map doubles up to max_map_bytes, then SessionsFull."""
+        while True:
+            try:
+                with self.env.begin(write=True) as txn:
+                    if rec is None:
+                        txn.delete(sid.encode())
+                    else:
+                        txn.put(sid.encode(), orjson.dumps(rec))
+                break
+            except lmdb.MapFullError:
+                size = self.env.info()["map_size"]
+                if size >= self.max_map:
+                    raise SessionsFull(f"sessions store reached {self.max_map} bytes") from None
+                self.env.set_mapsize(min(self.max_map, size * 2))
         self.env.sync(True)
 
     # ---- operations (called by the owner only) ------------------------------------------------
@@ -103,8 +126,11 @@ class SessionStore:
         if touch:
             rec["last_seen"], rec["expires_at"] = now, now + self.ttl
             if rec["expires_at"] - self._persisted_expiry.get(sid, 0) > self.ttl / 10:
-                self._write(sid, rec)
-                self._persisted_expiry[sid] = rec["expires_at"]
+                try:
+                    self._write(sid, rec)
+                    self._persisted_expiry[sid] = rec["expires_at"]
+                except SessionsFull:
+                    pass  # a touch is best effort: the session still works, its expiry persists later
         return rec
 
     def patch(self, sid: str, attributes: dict) -> dict | None:
@@ -117,6 +143,8 @@ class SessionStore:
                 merged.pop(k, None)
             else:
                 merged[k] = v
+        if len(orjson.dumps(merged)) > self.max_attributes:
+            raise ValueError(f"attributes would exceed {self.max_attributes} bytes")
         rec = dict(rec, attributes=merged)
         self._write(sid, rec)
         self.live[sid] = rec

@@ -127,7 +127,7 @@ def test_views_are_materialized_and_read(daemon_factory):
     assert sum(r["views_behind_bytes"] for r in d.admin_json("log", "stats")) == 0  # all applied
     # the feature API: a row as a vector in declared order
     from tidegate.core.events.views import ViewReader
-    vec = ViewReader(d.sections["server"]["data_dir"], VIEWS).vector("u1", ["spend", "clicks", "last_page"])
+    vec = ViewReader(d.sections["server"]["data_dir"], VIEWS).vector("anonymous", "u1", ["spend", "clicks", "last_page"])
     assert vec.dtype.name == "float32" and vec[0] == 30.5 and vec[1] == 4 and vec[2] != vec[2]  # NaN: not numeric
 
 

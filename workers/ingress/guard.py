@@ -70,8 +70,8 @@ class Guard:
     async def _with_session(self, token: bytes, handler, req):
         sid = token_id(token)
         rec = await self.session_call(sid, SESS_GET, sid)
-        if rec is None:
-            raise UNAUTHORIZED
+        if rec is None or self.keys.enabled and rec["key_id"] not in self.keys.key_ids:
+            raise UNAUTHORIZED  # unknown, expired, or opened with an API key that has since been removed
         req.identity = Identity(rec["key_id"], rec["user"], rec["tenant"], rec["class"], rec["user"], sid, rec)
         resp = handler(req)
         return resp if resp.__class__ is Response else await resp

@@ -135,8 +135,9 @@ class IngressWorker:
                                    self.cfg["control"]["max_message_bytes"])
         self.link.start()
         self.link.on_command = self._on_command
-        self.sessions = SessionStore(os.path.join(srv["data_dir"], f"sessions-{self.slot}"),
-                                     self.cfg["sessions"]["ttl"], self.cfg["sessions"]["max_per_worker"])
+        sc = self.cfg["sessions"]
+        self.sessions = SessionStore(os.path.join(srv["data_dir"], f"sessions-{self.slot}"), sc["ttl"],
+                                     sc["max_per_worker"], sc["map_bytes"], sc["max_attributes_bytes"])
         self.owners.register(self.sessions.handlers())
         if self.cfg["events"]["enabled"]:  # the partition: opened after fork
             self.events = PartitionOwner(self.cfg, self.slot, ViewReader(srv["data_dir"], self.cfg["events"]["views"]))
@@ -168,7 +169,10 @@ class IngressWorker:
             while not self.stopped.is_set():
                 await asyncio.sleep(interval)
                 if not self.stopped.is_set():  # woken after the stop: the sockets may be closed
-                    fn()
+                    try:
+                        fn()
+                    except Exception as e:  # one bad run must not end the task for good
+                        log.error("periodic task failed", task=getattr(fn, "__qualname__", repr(fn)), error=repr(e))
         self.periodic.append(asyncio.ensure_future(run()))
 
     def _heartbeat(self) -> None:

@@ -149,3 +149,25 @@ def test_example_config_is_valid_and_lists_every_key():
     missing = [f"{sec}.{k}" for sec, keys in config.SCHEMA.items() for k in keys
                if k not in raw.get(sec, {}) and f"# {k} =" not in text]
     assert not missing, missing
+
+
+@pytest.mark.parametrize("raw, needle", [
+    ({"inference": {"max_seqs": 600}}, "max_seqs must not exceed n_batch"),
+    ({"inference": {"max_seqs": 2, "reserved": {"critical": 2}}}, "inference.reserved"),
+    ({"inference": {"models": [{"name": ".."}]}}, "not starting with a dot"),
+    ({"inference": {"shared_prefixes": [3]}}, "inference.shared_prefixes"),
+])
+def test_config_that_would_break_later_is_refused_now(raw, needle):
+    with pytest.raises(config.ConfigError, match=needle):
+        config.validate(raw)
+
+
+@pytest.mark.parametrize("view, needle", [
+    ({"name": "v", "kind": "count", "window": "1h"}, "window must be a number"),
+    ({"name": "v", "kind": "last_n", "n": -1}, "n must be an integer"),
+    ({"name": "x" * 65, "kind": "count"}, "1 to 64 characters"),
+])
+def test_view_declarations_are_checked_by_the_events_rule(view, needle):
+    from tidegate.workers import CONFIG_RULES
+    with pytest.raises(config.ConfigError, match=needle):
+        config.validate({"events": {"views": [view]}}, CONFIG_RULES)

@@ -92,3 +92,15 @@ def test_per_tenant_policy_overrides_the_defaults():
     assert sc.policy("acme")["enabled"] is False
     assert sc.policy("globex")["threshold"] == 0.97 and sc.policy("globex")["ttl"] == 60.0
     assert sc.policy("other")["threshold"] == 0.9
+
+
+def test_namespaces_are_bounded_per_tenant_and_in_all(tmp_path, emb):
+    s = SemanticStore(str(tmp_path), emb.dim, max_namespaces=4, max_namespaces_per_tenant=2)
+    for i in range(3):  # a tenant minting a namespace per request keeps only its last two
+        put(s, emb, f"a{i}", "How do I reset my password?", "a", tenant="acme")
+    assert set(s.spaces) == {"a1", "a2"} and s.stats["semantic_namespaces_evicted"] == 1
+    put(s, emb, "b0", "How do I reset my password?", "b", tenant="globex")
+    put(s, emb, "c0", "How do I reset my password?", "c", tenant="initech")
+    put(s, emb, "d0", "How do I reset my password?", "d", tenant="umbrella")  # total cap: the oldest goes
+    assert set(s.spaces) == {"a2", "b0", "c0", "d0"} and len(s.meta) == 4
+    assert ask(s, emb, "a1", "How do I reset my password?") == (None, "empty")

@@ -47,3 +47,27 @@ def test_bounded(tmp_path):
     s.create("b" * 64, "t", "u", "k", "standard", {})
     with pytest.raises(OverflowError):
         s.create("c" * 64, "t", "u", "k", "standard", {})
+
+
+def test_patch_cannot_grow_a_record_past_the_limit(tmp_path):
+    s = SessionStore(str(tmp_path / "s"), ttl=60, max_sessions=10, max_attributes_bytes=100)
+    sid = token_id(new_token())
+    s.create(sid, "acme", "u1", "k1", "standard", {})
+    for i in range(3):
+        s.patch(sid, {f"k{i}": "x" * 20})
+    with pytest.raises(ValueError):
+        s.patch(sid, {"k9": "x" * 20})  # each patch is small; the merged record would not be
+    assert len(s.get(sid)["attributes"]) == 3
+
+
+def test_a_full_map_grows_then_refuses_and_touches_never_fail(tmp_path):
+    from tidegate.core.state.sessions import SessionsFull
+    s = SessionStore(str(tmp_path / "s"), ttl=60, max_sessions=10 ** 6, max_map_bytes=1 << 20,
+                     max_attributes_bytes=1 << 16)
+    first = token_id(new_token())
+    s.create(first, "acme", "u", "k", "standard", {})
+    with pytest.raises(SessionsFull):
+        for _ in range(10 ** 5):
+            s.create(token_id(new_token()), "acme", "u", "k", "standard", {"pad": "x" * 4000})
+    s._persisted_expiry[first] = 0  # force the next touch to write
+    assert s.get(first) is not None  # a touch on a full store still answers

@@ -2,7 +2,7 @@
 202 after the fsync that covers them.
 
 Body: one JSON event, a JSON array of events, or NDJSON (one event per line). An event is
-{"key": entity id, "type": name, "ts": optional client timestamp (number), "payload": any JSON};
+{"key": entity id (of the caller's tenant), "type": name, "ts": optional client timestamp (number), "payload": any JSON};
 the server adds "ingest" (its time) and the partition assigns the sequence number. Every event
 is checked before anything is written: one bad event is a 400 naming its index, and none of
 the request is written. Events are partitioned by key on the ring ("ev:" + key), so each key's
@@ -18,6 +18,7 @@ import orjson
 
 from tidegate.core.events.eventlog import LogUnavailable
 from tidegate.core.http.http11 import HttpError, json_response, service_unavailable
+from tidegate.core.http.jsonbody import checked_body
 from tidegate.core.messaging.protocol import EV_APPEND
 
 
@@ -29,8 +30,8 @@ class EventRoutes:
         router.add("POST", "/v1/events", guard(self.ingest))
 
     def _parse(self, req) -> list:
-        body = req.body
-        if not body or not body.strip():
+        body = checked_body(req, self.limits)  # content type, nesting depth, number sizes
+        if not body.strip():
             raise HttpError(400, "request body is empty; expected JSON events", "invalid_json")
         text = body.strip()
         try:
@@ -50,14 +51,15 @@ class EventRoutes:
             raise HttpError(413, f"more than {self.cfg['max_events']} events in one request", "too_many_events")
         return items
 
-    def _validate(self, items: list) -> list[tuple[str, str]]:
+    def _validate(self, items: list, tenant: str) -> list[tuple[str, str]]:
         out, errors, now = [], [], time.time()
         for i, ev in enumerate(items):
             why = None
             if not isinstance(ev, dict):
                 why = "an event must be a JSON object"
-            elif not isinstance(ev.get("key"), str) or not 0 < len(ev["key"]) <= 256:
-                why = "'key' must be a string of 1 to 256 characters"
+            elif (not isinstance(ev.get("key"), str) or not 0 < len(ev["key"].encode("utf-8", "replace")) <= 256
+                  or "\0" in ev["key"]):
+                why = "'key' must be a string of 1 to 256 bytes (UTF-8) without NUL"
             elif not isinstance(ev.get("type"), str) or not 0 < len(ev["type"]) <= 64:
                 why = "'type' must be a string of 1 to 64 characters"
             elif "ts" in ev and (isinstance(ev["ts"], bool) or not isinstance(ev["ts"], (int, float))):
@@ -65,7 +67,7 @@ class EventRoutes:
             elif set(ev) - {"key", "type", "ts", "payload"}:
                 why = f"unknown field(s): {', '.join(sorted(set(ev) - {'key', 'type', 'ts', 'payload'}))}"
             if why is None:
-                rec = orjson.dumps({"key": ev["key"], "type": ev["type"], "ts": ev.get("ts"),
+                rec = orjson.dumps({"tenant": tenant, "key": ev["key"], "type": ev["type"], "ts": ev.get("ts"),
                                     "payload": ev.get("payload"), "ingest": now}).decode()
                 if len(rec) > self.cfg["max_event_bytes"]:
                     why = f"event larger than {self.cfg['max_event_bytes']} bytes"
@@ -79,11 +81,12 @@ class EventRoutes:
         return out
 
     async def ingest(self, req):
-        events = self._validate(self._parse(req))
+        tenant = req.identity.tenant if req.identity is not None else "anonymous"
+        events = self._validate(self._parse(req), tenant)
         buffered = b"ack=buffered" in (req.query or b"")
-        owners, by_owner = self.owners, {}
-        for key, rec in events:
-            by_owner.setdefault(owners.owner_of(b"ev:" + key.encode()), []).append(rec)
+        owners, by_owner, prefix = self.owners, {}, b"ev:" + tenant.encode() + b"\0"
+        for key, rec in events:  # a tenant's key keeps its order at one owner
+            by_owner.setdefault(owners.owner_of(prefix + key.encode()), []).append(rec)
         waits = []
         for owner, recs in by_owner.items():
             try:

@@ -119,7 +119,7 @@ class OpenAIRoutes:
             if not isinstance(bias, dict) or len(bias) > 1024:
                 raise _bad("'logit_bias' must be an object of token id -> bias (at most 1024)", "logit_bias")
             for k, v in bias.items():
-                if not k.isdigit() or isinstance(v, bool) or not isinstance(v, (int, float)) or not -100 <= v <= 100:
+                if not (k.isascii() and k.isdigit() and len(k) <= 9) or isinstance(v, bool) or not isinstance(v, (int, float)) or not -100 <= v <= 100:
                     raise _bad("'logit_bias' maps token ids (strings of digits) to numbers from -100 to 100",
                                "logit_bias")
             p["logit_bias"] = {k: float(v) for k, v in bias.items()}
@@ -216,6 +216,7 @@ class OpenAIRoutes:
         fmt = body.get("encoding_format", "float")
         if fmt not in ("float", "base64"):
             raise _bad("'encoding_format' must be float or base64", "encoding_format")
+        reservation = await self._reserve(req.identity, sum(len(s) for s in inp) // 3)
         fut = asyncio.get_running_loop().create_future()
 
         def on_event(kind, payload):
@@ -227,9 +228,14 @@ class OpenAIRoutes:
                 fut.set_result(payload)
         try:
             self.clients[model].submit(protocol.EMBED, {"input": inp}, on_event)
+            res = await fut
         except Unavailable as e:
+            self._settle(reservation, 0)
             raise service_unavailable(str(e), "worker_unavailable") from None
-        res = await fut
+        except HttpError:
+            self._settle(reservation, 0)
+            raise
+        self._settle(reservation, res["tokens"])  # embedding tokens count against tokens/minute too
         data = []
         for i, v in enumerate(res["data"]):
             emb = base64.b64encode(np.asarray(v, dtype="<f4").tobytes()).decode() if fmt == "base64" else v
@@ -237,6 +243,22 @@ class OpenAIRoutes:
         n = res["tokens"]
         return json_response({"object": "list", "data": data, "model": model,
                               "usage": {"prompt_tokens": n, "total_tokens": n}})
+
+    async def _reserve(self, ident, tokens: int):
+        """Tokens/minute: reserve up front (429 when the buckets cannot cover it), settled on the
+        real usage; None when no tokens/minute limit applies."""
+        if not self.limiter.token_limits or ident is None:
+            return None
+        reservation = self.limiter.reserve(ident, tokens)
+        if asyncio.isfuture(reservation):
+            reservation = await reservation
+        if reservation.__class__ is Refusal:
+            raise refusal_error(reservation)
+        return reservation
+
+    def _settle(self, reservation, used: int) -> None:
+        if reservation is not None:
+            self.limiter.settle(reservation, used)
 
     def _body(self, req) -> dict:
         body = parse_json(req, self.limits)
@@ -254,14 +276,8 @@ class OpenAIRoutes:
         hit = await self._cached(req, call, body, params, model, tenant, what, chat)
         if hit is not None:
             return hit
-        reservation = None
-        if self.limiter.token_limits and ident is not None:  # tokens/minute: reserve, settle on the answer
-            est = sum(len(m["content"]) for m in what["messages"]) // 3 if chat else len(what["prompt"]) // 3
-            reservation = self.limiter.reserve(ident, est + (params["max_tokens"] or self.inf["default_max_tokens"]))
-            if asyncio.isfuture(reservation):
-                reservation = await reservation
-            if reservation.__class__ is Refusal:
-                raise refusal_error(reservation)
+        est = sum(len(m["content"]) for m in what["messages"]) // 3 if chat else len(what["prompt"]) // 3
+        reservation = await self._reserve(ident, est + (params["max_tokens"] or self.inf["default_max_tokens"]))
         msg = dict(what, params=params, tenant=tenant, cls=cls, stream=stream, timeout=self.inf["request_timeout"])
         call.reservation = reservation
         req.on_close = call.client_left

@@ -16,7 +16,8 @@ import orjson
 from tidegate.core.http.http11 import HttpError, json_response, service_unavailable
 from tidegate.core.http.jsonbody import parse_json
 from tidegate.core.messaging.protocol import SESS_CREATE, SESS_DELETE, SESS_PATCH
-from tidegate.core.state.sessions import new_token, token_id
+from tidegate.core.state.auth import ANONYMOUS
+from tidegate.core.state.sessions import FULL, TOO_LARGE, new_token, token_id
 from tidegate.workers.ingress.guard import UNAUTHORIZED
 
 
@@ -47,7 +48,7 @@ class SessionRoutes:
         if not isinstance(user, str) or not 0 < len(user) <= 128:
             raise HttpError(400, "'user' must be a string of 1 to 128 characters", "invalid_user")
         attrs = self._attributes(body)
-        ident = req.identity
+        ident = req.identity or ANONYMOUS  # an open gateway (no API keys): the anonymous tenant
         token = new_token()
         sid = token_id(token)
         rec = await self.guard.session_call(sid, SESS_CREATE, {"sid": sid, "tenant": ident.tenant, "user": user,
@@ -69,6 +70,11 @@ class SessionRoutes:
         rec = await self.guard.session_call(sid, SESS_PATCH, {"sid": sid, "attributes": attrs})
         if rec is None:
             raise UNAUTHORIZED
+        if rec == TOO_LARGE:
+            raise HttpError(400, f"attributes would be larger than {self.cfg['max_attributes_bytes']} bytes once "
+                            "merged", "attributes_too_large", param="attributes")
+        if rec == FULL:
+            raise service_unavailable("session storage is full; retry later", "session_capacity", retry_after=5)
         return json_response(_public(rec))
 
     async def delete(self, req):
