@@ -262,7 +262,7 @@ cdef class HttpConnection:
         srv.conns.add(self)
         srv.connections_accepted += 1
         if srv.on_count_change is not None:
-            srv.on_count_change(len(srv.conns))
+            srv.on_count_change(len(srv.conns), self)
 
     def connection_lost(self, exc):
         self.closing = True
@@ -276,7 +276,7 @@ cdef class HttpConnection:
         srv.conns.discard(self)
         self.pending.clear()
         if srv.on_count_change is not None:
-            srv.on_count_change(len(srv.conns))
+            srv.on_count_change(len(srv.conns), None)
 
     def eof_received(self):
         return False  # close our side too
@@ -366,7 +366,10 @@ cdef class HttpConnection:
         if expect is not None:
             if expect.lower() != b"100-continue":
                 raise HttpError(417, "only 'Expect: 100-continue' is supported", "bad_expect")
-            self.transport.write(b"HTTP/1.1 100 Continue\r\n\r\n")
+            if not self.pending and not self.busy:
+                # with earlier requests unanswered a 100 would overtake their answers; the
+                # client then sends the body after its own wait (RFC 9110 10.1.1)
+                self.transport.write(b"HTTP/1.1 100 Continue\r\n\r\n")
 
     def on_body(self, bytes body):
         self.since = self.srv.now
@@ -410,6 +413,11 @@ cdef class HttpConnection:
         req.started = self._started
         req.route = "unmatched"
         self._headers = self._url = self._body = None  # an idle connection keeps nothing of its last request
+        if len(self.pending) >= self.max_pipelined:
+            # one read can carry more requests than the limit: the excess is refused, after the
+            # answers to those before it, and the connection closes
+            raise HttpError(400, f"more than {self.max_pipelined} pipelined requests without reading the answers",
+                            "too_many_pipelined")
         self.pending.append(req)
         if len(self.pending) >= self.max_pipelined:
             self._stop_reading()
@@ -541,7 +549,8 @@ cdef class HttpConnection:
             self.transport.pause_reading()
 
     def is_idle(self):
-        return not self.pending and not self.busy and self.phase in (_IDLE_NEW, _IDLE_KEEPALIVE)
+        """Between requests of a keep-alive connection: nothing parsed, nothing being answered."""
+        return not self.pending and not self.busy and self.phase == _IDLE_KEEPALIVE
 
     def close(self):
         if not self.closing:
@@ -562,11 +571,12 @@ cdef class HttpServer:
     """
     cdef public dict limits, routes
     cdef public object dispatch, metrics, on_count_change, log
+    cdef public Py_ssize_t max_connections
     cdef public set conns
     cdef public bint draining, access_log
     cdef public double now
     cdef public bytes date_line
-    cdef public unsigned long long bytes_in, bytes_out, connections_accepted
+    cdef public unsigned long long bytes_in, bytes_out, connections_accepted, evicted
 
     def __init__(self, dict limits, dispatch, metrics, log, bint access_log=False, dict routes=None):
         self.limits = limits
@@ -579,6 +589,7 @@ cdef class HttpServer:
         self.draining = False
         self.date_line = b""                # "date: ...\r\nserver: tidegate\r\n", refreshed each second
         self.on_count_change = None         # callback(n_open) for accept pausing
+        self.max_connections = 0            # > 0: timeouts shorten as the count nears it (overload)
         self.tick()
 
     def tick(self):
@@ -589,6 +600,12 @@ cdef class HttpServer:
         lim = self.limits
         head_t, body_t, ka_t, send_t = (lim["header_timeout"], lim["body_timeout"], lim["keepalive_timeout"],
                                         lim["send_timeout"])
+        if self.max_connections > 0:  # under connection pressure, slow and idle clients go first
+            pressure = len(self.conns) / self.max_connections
+            if pressure >= 0.9:
+                head_t, body_t, ka_t = min(head_t, 1.0), min(body_t, 2.0), 0.0
+            elif pressure >= 0.75:
+                head_t, body_t, ka_t = min(head_t, 2.0), min(body_t, 5.0), min(ka_t, 1.0)
         cdef HttpConnection conn
         for conn in list(self.conns):
             phase, idle = conn.phase, now - conn.since
@@ -604,8 +621,35 @@ cdef class HttpServer:
             elif phase == _IDLE_KEEPALIVE and idle > ka_t:
                 conn.close()
 
+    def evict_one(self, HttpConnection spare=None):
+        """Close the connection that costs the most and gives the least, to make room for a new
+        one: the longest-idle keep-alive, else the client slowest to send its request head (what
+        slowloris does). Busy connections are never picked. True if one was closed."""
+        cdef HttpConnection conn, idle = None, slow = None
+        for conn in self.conns:
+            if conn is spare or conn.closing or conn.busy or conn.pending:
+                continue
+            if conn.phase == _IDLE_KEEPALIVE:
+                if idle is None or conn.since < idle.since:
+                    idle = conn
+            elif conn.phase == _IDLE_NEW or conn.phase == _HEAD:
+                if slow is None or conn.since < slow.since:
+                    slow = conn
+        victim = idle if idle is not None else slow
+        if victim is None:
+            return False
+        self.evicted += 1
+        if victim.phase == _IDLE_KEEPALIVE:
+            victim.close()
+        else:
+            victim.fail_now(HttpError(408, "request header too slow while the server is full", "header_timeout"))
+        return True
+
     def drain(self):
-        """Stop keeping connections alive: idle ones close now, busy ones after their answer."""
+        """Stop keeping connections alive: idle keep-alives close now, the others after their next
+        answer. A connection that has not sent its first request yet is served once, not closed:
+        its request may already be on the wire (closing it would reset a client that did nothing
+        wrong; the header timeout bounds it)."""
         self.draining = True
         for conn in list(self.conns):
             if conn.is_idle():

@@ -49,9 +49,10 @@ def _parser() -> argparse.ArgumentParser:
     for name, help_ in ADMIN_HELP.items():
         asub.add_parser(name, help=help_, description=help_)
     lg = asub.add_parser("log", help="event log: stats | tail [--key K] [-n N] | repair",
-                         description="Read the event-log partitions under data_dir directly (safe while the "
-                                     "daemon runs). repair cuts a partition at its first bad block (the events "
-                                     "from there on are lost); then `tidegate admin reload` reopens it.")
+                         description="Read the event-log partitions under data_dir directly (stats and tail are "
+                                     "safe while the daemon runs). repair cuts a partition at its first bad block "
+                                     "(the events from there on are lost); it touches only partitions no worker "
+                                     "has open (a corrupt one is shut), then `tidegate admin reload` reopens it.")
     lg.add_argument("action", choices=["stats", "tail", "repair"])
     lg.add_argument("--key", help="tail: only this key's events")
     lg.add_argument("-n", type=int, default=10, help="tail: how many events (default 10)")

@@ -33,20 +33,31 @@ class EmbedderWorker(BlockingWorker):
         super().__init__(spec)
         self.c = self.cfg["cache"]
         self.stats = {"embed_batches": 0, "embed_texts": 0, "embed_seconds": 0.0}
+        self._store_stats: dict = {}
 
     def open(self) -> str:
         self.embedder = make_embedder(self.c["embedder"], self.c["embedder_model"])
+        self.store = None
+        self.every(SWEEP_S, lambda: self.store and self.store.sweep())
+        self.every(SAVE_S, lambda: self.store and self.store.save())
+        return endpoints.worker(self.cfg, "embedder", "", self.spec["gen"])
+
+    def open_stores(self) -> None:
         self.store = SemanticStore(os.path.join(self.cfg["server"]["data_dir"], "semantic"), self.embedder.dim, log,
                                    max_namespaces=self.c["semantic_max_namespaces"],
                                    max_namespaces_per_tenant=self.c["semantic_max_namespaces_per_tenant"])
-        self.every(SWEEP_S, self.store.sweep)
-        self.every(SAVE_S, self.store.save)
         log.info("embedder ready", embedder=self.embedder.name, dim=self.embedder.dim,
                  entries=len(self.store.meta), rebuilt=self.store.stats["semantic_index_rebuilds"])
-        return endpoints.worker(self.cfg, "embedder", "", self.spec["gen"])
+
+    def close_stores(self) -> None:
+        """After a RELEASE lookups are misses and inserts are dropped until the process exits."""
+        if self.store is not None:
+            store, self.store = self.store, None
+            self._store_stats = dict(store.stats, semantic_entries=len(store.meta))
+            store.close()
 
     def on_command(self, msg: dict) -> None:
-        if msg["op"] == protocol.PURGE:
+        if msg["op"] == protocol.PURGE and self.store is not None:
             n = self.store.purge(msg.get("tenant"))
             log.info("semantic cache purged", tenant=msg.get("tenant") or "(all)", entries=n)
 
@@ -63,6 +74,11 @@ class EmbedderWorker(BlockingWorker):
         i = 0
         for peer, (op, rid, body) in msgs:
             try:
+                if self.store is None:  # released to the next generation: a miss, nothing stored
+                    if op == protocol.LOOKUP:
+                        self.send(peer, [protocol.MISS, rid, {"why": "released"}])
+                    i += op in (protocol.LOOKUP, protocol.INSERT)
+                    continue
                 if op == protocol.LOOKUP:
                     entry, score = self.store.lookup(body["ns"], vecs[i], body["text"], body["threshold"],
                                                      body["min_overlap"])
@@ -80,10 +96,9 @@ class EmbedderWorker(BlockingWorker):
                 self.send(peer, protocol.error_event(rid, 500, "semantic cache error", "internal"))
 
     def counters(self) -> dict:
+        if self.store is None:
+            return dict(self._store_stats, **self.stats)
         return dict(self.store.stats, **self.stats, semantic_entries=len(self.store.meta))
-
-    def shutdown(self) -> None:
-        self.store.close()
 
 
 def main() -> None:

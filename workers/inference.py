@@ -31,13 +31,20 @@ class InferenceWorker(BlockingWorker):
     def open(self) -> str:
         path = self.model["path"] or ensure_demo(self.cfg["server"]["data_dir"])
         demo = not self.model["path"]
-        self.batcher = b = Batcher.open(path, self.model, self.inf, self.cfg["server"]["data_dir"], self.send,
-                                             self.beat_if_due)
-        log.info("inference worker ready", model=self.name, path=path, demo=demo,
-                 n_ctx=self.model["n_ctx"], max_seqs=self.model["max_seqs"],
-                 note="demo model: random weights, gibberish output" if demo else None,
-                 disk_prefixes=len(b.disk.files) if b.disk else 0)
+        self.batcher = Batcher.open(path, self.model, self.inf, self.cfg["server"]["data_dir"], self.send,
+                                    self.beat_if_due, disk=False)
+        self.loaded = dict(model=self.name, path=path, demo=demo, n_ctx=self.model["n_ctx"],
+                           max_seqs=self.model["max_seqs"],
+                           note="demo model: random weights, gibberish output" if demo else None)
         return endpoints.worker(self.cfg, "inference", self.name, self.spec["gen"])
+
+    def open_stores(self) -> None:
+        self.batcher.open_disk(self.cfg["server"]["data_dir"])  # the prefix disk tier: one writer
+        b = self.batcher
+        log.info("inference worker ready", **self.loaded, disk_prefixes=len(b.disk.files) if b.disk else 0)
+
+    def close_stores(self) -> None:
+        self.batcher.close_disk()  # after a RELEASE it serves on with the live and RAM tiers
 
     def handle(self, peer: bytes, op: str, rid, body) -> None:
         b = self.batcher
@@ -73,9 +80,6 @@ class InferenceWorker(BlockingWorker):
         self.idle_since = (self.idle_since or now) if idle else None
         return bool(self.idle_since and now - self.idle_since > 0.5) or now > self.grace_end
 
-    def shutdown(self) -> None:
-        if self.batcher.disk:
-            self.batcher.disk.flush(2.0)
 
 
 def main() -> None:

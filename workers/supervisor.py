@@ -23,7 +23,6 @@ import sys
 import time
 from dataclasses import dataclass, field
 
-import orjson
 import psutil
 import zmq
 from setproctitle import setproctitle
@@ -35,7 +34,7 @@ from tidegate.core.base.metrics import Aggregator
 from tidegate.core.base.sdnotify import Notifier
 from tidegate.core.messaging import control, endpoints, protocol
 from tidegate.core.runtime.process import (EXIT_BIND, EXIT_BOOT, EXIT_CONFIG, EXIT_OK, SPEC_ENV,
-                                           WORKER_BOOT_ERROR)
+                                           WORKER_BOOT_ERROR, spec_fd)
 from tidegate.workers import EMBEDDER, INFERENCE, INGRESS, Slot, load_config, slots
 SIGNALS = (signal.SIGHUP, signal.SIGTERM, signal.SIGINT, signal.SIGQUIT, signal.SIGCHLD)
 
@@ -263,6 +262,25 @@ class Supervisor:
             self._spawn(slot, gen, new)
         log.info("reloading", gen=gen, workers=config.resolve_workers(new))
 
+    def _maybe_release(self) -> None:
+        """Reload hand-off: once every process of the new generation is up to its stores
+        (standby) or ready, the old generation lets go of them (RELEASE: flush, fsync, close,
+        unlock) and the new one opens them: never two writers of one store."""
+        p = self.pending
+        if p is None or p.get("released"):
+            return
+        new = [w for w in self.workers.values() if w.gen == p["gen"]]
+        if len(new) < len(slots(p["cfg"])) or any(w.state not in ("standby", "ready") for w in new):
+            return
+        p["released"] = True
+        for w in self.workers.values():
+            if w.gen != p["gen"] and w.state == "ready":
+                self._send(w, {"op": protocol.RELEASE, "gen": p["gen"]})
+        log.info("old generation releasing its stores", gen=p["gen"] - 1)
+
+    def _send(self, w: "Worker", msg: dict) -> None:
+        self.internal.send_multipart([w.id.encode(), protocol.encode(msg)])
+
     def _finish_reload(self, ok: bool, why: str = "") -> None:
         p, self.pending = self.pending, None
         if ok:
@@ -278,6 +296,8 @@ class Supervisor:
                 if w.gen == p["gen"]:
                     self._kill(w, signal.SIGKILL)
                     w.state = "retiring"
+                elif p.get("released") and w.state == "ready":
+                    self._send(w, {"op": protocol.RESUME})  # take the stores back once the new ones are gone
             log.configure(level=self.cfg["log"]["level"])
             log.error("reload failed; still serving with the previous config", error=why)
         self._trim_listeners()
@@ -315,7 +335,7 @@ class Supervisor:
     def _spawn(self, slot: Slot, gen: int, cfg: dict) -> None:
         """Start the process for slot: its kind's module (workers/__init__.py), its spec in the env."""
         self._ids += 1
-        spec = {"kind": slot.kind, "slot": slot.index, "gen": gen, "config": cfg,
+        spec = {"kind": slot.kind, "slot": slot.index, "gen": gen, "config": config.redacted(cfg),
                 "internal": endpoints.internal(cfg), "supervisor_pid": os.getpid()}
         fds: list[int] = []
         if slot.kind == INGRESS:
@@ -328,8 +348,12 @@ class Supervisor:
         else:
             label = slot.kind
         spec["id"] = f"{label}.g{gen}.{self._ids}"
-        env = dict(os.environ, **{SPEC_ENV: orjson.dumps(spec).decode()})
-        proc = subprocess.Popen([sys.executable, "-m", slot.module], pass_fds=fds, env=env, stdin=subprocess.DEVNULL)
+        sfd = spec_fd(spec)
+        try:
+            proc = subprocess.Popen([sys.executable, "-m", slot.module], pass_fds=[*fds, sfd],
+                                    env=dict(os.environ, **{SPEC_ENV: str(sfd)}), stdin=subprocess.DEVNULL)
+        finally:
+            os.close(sfd)
         self.workers[spec["id"]] = Worker(spec["id"], slot, gen, proc, time.monotonic())
         log.info("spawned worker", worker=spec["id"], worker_pid=proc.pid)
 
@@ -359,7 +383,7 @@ class Supervisor:
             log.info("worker exited", worker=w.id, worker_pid=w.proc.pid, how=how)
             self._trim_listeners()
             return
-        if w.state == "booting":
+        if w.state in ("booting", "standby"):
             why = f"worker {w.id} exited with {how} before it was ready" + (
                 " (boot error: see its log line above)" if code == WORKER_BOOT_ERROR else "")
             if self.pending and w.gen == self.pending["gen"]:
@@ -385,7 +409,7 @@ class Supervisor:
         now = time.monotonic()
         srv = self.cfg["server"]
         for w in self.workers.values():
-            if w.state == "booting" and now - w.spawned > srv["boot_timeout"]:
+            if w.state in ("booting", "standby") and now - w.spawned > srv["boot_timeout"]:
                 log.error("worker not ready within boot_timeout; killing it", worker=w.id)
                 self._kill(w, signal.SIGKILL)
             elif w.state == "ready" and now - w.last_hb > srv["worker_timeout"]:
@@ -433,8 +457,14 @@ class Supervisor:
         if "snap" in msg:
             w.snap = msg["snap"]
             self.aggregator.update(w.id, w.snap)
-        if op == protocol.READY:
+        if op == protocol.STANDBY:
             if w.state == "booting":
+                w.state = "standby"
+                self._maybe_release()
+        elif op == protocol.RELEASED:
+            log.info("worker released its stores", worker=w.id)
+        elif op == protocol.READY:
+            if w.state in ("booting", "standby"):
                 w.state, w.ready_at = "ready", now
                 if w.gen == self.gen:
                     self.degraded.pop(str(w.slot), None)
@@ -453,6 +483,7 @@ class Supervisor:
 
     def _on_ready(self, w: Worker) -> None:
         if self.pending and w.gen == self.pending["gen"]:
+            self._maybe_release()
             if self._ready_count(w.gen) >= len(slots(self.pending["cfg"])):
                 self._finish_reload(True)
         elif self.state == "starting" and self._ready_count(self.gen) >= self._expected():
@@ -530,8 +561,7 @@ class Supervisor:
             told = 0
             for w in self.workers.values():
                 if w.state == "ready" and w.slot.kind in (INGRESS, EMBEDDER):
-                    self.internal.send_multipart([w.id.encode(), protocol.encode({"op": protocol.PURGE,
-                                                                                  "tenant": tenant})])
+                    self._send(w, {"op": protocol.PURGE, "tenant": tenant})
                     told += 1
             log.info("cache purge", tenant=tenant or "(all)", workers=told)
             return {"message": f"purge of {tenant or 'all tenants'} sent to {told} workers"}

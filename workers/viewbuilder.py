@@ -17,6 +17,7 @@ import lmdb
 import orjson
 
 from tidegate.core.events.eventlog import CorruptLog, read_blocks, segments
+from tidegate.core.base.filelock import StoreLock
 from tidegate.core.base.jsonlog import log
 from tidegate.core.messaging import endpoints
 from tidegate.core.runtime.loop import BlockingWorker, run_blocking_worker
@@ -38,12 +39,24 @@ class ViewBuilder(BlockingWorker):
         data = self.cfg["server"]["data_dir"]
         self.root = os.path.join(data, "events")
         os.makedirs(self.root, mode=0o700, exist_ok=True)
-        self.env = lmdb.open(os.path.join(data, "views"), map_size=self.cfg["events"]["views_map_bytes"],
-                             subdir=True, max_dbs=0)
-        log.info("view builder ready", views=[v["name"] for v in self.views])
+        self.env = None
         return endpoints.worker(self.cfg, "views", "", self.spec["gen"])  # no clients: the shape of the others
 
+    def open_stores(self) -> None:
+        path = os.path.join(self.cfg["server"]["data_dir"], "views")
+        self.lock = StoreLock(path).acquire()  # one writer; the ingress workers only read
+        self.env = lmdb.open(path, map_size=self.cfg["events"]["views_map_bytes"], subdir=True, max_dbs=0)
+        log.info("view builder ready", views=[v["name"] for v in self.views])
+
+    def close_stores(self) -> None:
+        if self.env is not None:
+            self.env.close()
+            self.env = None
+            self.lock.release()
+
     def work(self) -> None:
+        if self.env is None:  # released to the next generation
+            return
         behind = self.one_pass()
         now = time.monotonic()
         if not behind:
@@ -52,9 +65,6 @@ class ViewBuilder(BlockingWorker):
 
     def counters(self) -> dict:
         return dict(self.stats)
-
-    def shutdown(self) -> None:
-        self.env.close()
 
     def one_pass(self) -> bool:
         """Apply what is new in every partition; True if there was anything (still behind)."""

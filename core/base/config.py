@@ -239,6 +239,8 @@ SCHEMA: dict[str, dict[str, Key]] = {
         "max_stop": Key(int, 4, "stop strings per request", positive),
         "max_prompt_bytes": Key(int, 1 * MiB, "UTF-8 bytes of the rendered prompt (then 400)", positive),
         "request_timeout": Key(float, 300.0, "seconds a request may wait and run before it is dropped (504)", positive),
+        "idle_timeout": Key(float, 60.0, "seconds the ingress worker waits for the next event of a generation "
+                            "before it gives up on it (504, or an error event mid-stream) and cancels it", positive),
         "reserved": Key(dict, {"critical": 1}, "sequence slots only a class (or one above it) may take", _class_counts),
         "queue_max": Key(dict, {"critical": 256, "standard": 256, "background": 256},
                          "requests queued per class before 503", _class_counts),

@@ -16,6 +16,7 @@ LATENCY_BUCKETS = (0.0005, 0.001, 0.0025, 0.005, 0.01, 0.025, 0.05, 0.1, 0.25, 0
 COUNTERS = ("bytes_in", "bytes_out", "connections_accepted")
 # named counters and gauges that other parts of a worker report (help texts for /metrics)
 EXTRA_HELP = {
+    "connections_evicted": ("counter", "Idle or slow connections closed to make room while at max_connections"),
     "ratelimit_admitted": ("counter", "Requests admitted by the rate limiter"),
     "ratelimit_limited": ("counter", "Requests refused with 429 by the rate limiter"),
     "ratelimit_leased": ("counter", "Requests admitted from tokens leased by the bucket owner (no hop)"),

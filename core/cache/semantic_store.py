@@ -29,6 +29,7 @@ import lmdb
 import numpy as np
 import orjson
 
+from tidegate.core.base.filelock import StoreLock
 from tidegate.core.cache.verifier import verify
 
 _ID = struct.Struct(">Q")
@@ -65,8 +66,9 @@ class Namespace:
 
 class SemanticStore:
     def __init__(self, root: str, dim: int, log=None, max_bytes: int = 1 << 30, max_namespaces: int = 10000,
-                 max_namespaces_per_tenant: int = 1000):
+                 max_namespaces_per_tenant: int = 1000, lock: StoreLock | None = None):
         os.makedirs(root, mode=0o700, exist_ok=True)
+        self.lock = lock or StoreLock(root).acquire()  # one writer: a second one fails here
         self.root, self.dim, self.log = root, dim, log
         # every namespace costs an index: bounded in all and per tenant, least recently used dropped first
         self.max_namespaces, self.max_per_tenant = max_namespaces, max_namespaces_per_tenant
@@ -270,3 +272,4 @@ class SemanticStore:
     def close(self) -> None:
         self.save()
         self.env.close()
+        self.lock.release()

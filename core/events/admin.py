@@ -9,6 +9,7 @@ import os
 
 import orjson
 
+from tidegate.core.base.filelock import is_locked
 from tidegate.core.events.eventlog import CorruptLog, read_all, read_blocks, recover, segments
 from tidegate.core.events.views import ViewReader
 
@@ -22,6 +23,9 @@ def admin_log(cfg: dict, action: str, key: str | None = None, n: int = 10) -> tu
     for part in parts:
         name = os.path.basename(part)
         if action == "repair":
+            if is_locked(part):  # a worker has it open (a corrupt partition is shut, so it is not)
+                rows.append({"partition": name, "problem": "open by a running worker: not touched"})
+                continue
             before = sum(os.path.getsize(p) for p in segments(part))
             next_seq = _repair(part)
             after = sum(os.path.getsize(p) for p in segments(part))

@@ -24,6 +24,7 @@ from concurrent.futures import ThreadPoolExecutor
 
 import lz4.block
 
+from tidegate.core.base.filelock import StoreLock
 from tidegate.core.base.jsonlog import log
 from tidegate.ext.logwriter import CODEC_LZ4, HEADER, MAGIC, LogWriter, crc32c
 
@@ -125,10 +126,15 @@ class Partition:
     """The owner side of one partition: group commit with acknowledgement after fsync."""
 
     def __init__(self, directory: str, batch_bytes: int = 1 << 20, window: float = 0.002,
-                 segment_bytes: int = 64 << 20, compress: bool = True):
+                 segment_bytes: int = 64 << 20, compress: bool = True, lock: StoreLock | None = None):
         os.makedirs(directory, mode=0o700, exist_ok=True)
         self.directory, self.batch_bytes, self.window = directory, batch_bytes, window
-        self.writer = LogWriter(directory, recover(directory), segment_bytes, compress)
+        self.lock = lock or StoreLock(directory).acquire()  # one writer: a second one fails here
+        try:
+            self.writer = LogWriter(directory, recover(directory), segment_bytes, compress)
+        except BaseException:
+            self.lock.release()  # a corrupt partition stays shut, but `admin log repair` may open it
+            raise
         self.pool = ThreadPoolExecutor(1, thread_name_prefix="eventlog-writer")
         self.loop = None
         self.waiting: list[asyncio.Future] = []  # resolved when the records appended so far are durable
@@ -227,12 +233,25 @@ class Partition:
         return True
 
     def close(self) -> None:
-        """Finish the write in flight, then write what is still buffered (ack=buffered events)."""
+        """Finish the write in flight, write what is still buffered and answer its waiters, then
+        let go of the partition (a hand-off: the next owner opens it after this returns)."""
         self.pool.shutdown(wait=True)
+        if self.timer is not None:
+            self.timer.cancel()
+            self.timer = None
         sealed = None if self.failed else self.writer.seal()
+        waiters, self.waiting = self.waiting, []
+        err = None
         if sealed is not None:
             try:
                 self.writer.write_block(sealed[0])
-            except OSError:
-                pass
+            except OSError as e:
+                err = e
+        for w, first in waiters:
+            if not w.done():
+                if err is None and not self.failed:
+                    w.set_result(first)
+                else:
+                    w.set_exception(LogUnavailable(f"event log closed: {err or self.failed}"))
         self.writer.close()
+        self.lock.release()

@@ -15,14 +15,14 @@ from tidegate.core.messaging.protocol import EV_APPEND
 
 
 class PartitionOwner:
-    def __init__(self, cfg: dict, slot: int, views):
+    def __init__(self, cfg: dict, slot: int, views, lock=None):
         self.cfg, self.slot, self.views = cfg["events"], slot, views
         self.name = f"p-{slot}"
         self.partition, self.corrupt = None, None
         try:
             self.partition = Partition(os.path.join(cfg["server"]["data_dir"], "events", self.name),
                                        self.cfg["batch_bytes"], self.cfg["window"], self.cfg["segment_bytes"],
-                                       self.cfg["compress"])
+                                       self.cfg["compress"], lock)
         except CorruptLog as e:  # this partition stays shut; the rest of the worker serves
             self.corrupt = f"{e}; run `tidegate admin log repair` (then `tidegate admin reload`)"
             log.error("event log partition refused", partition=self.name, error=self.corrupt)

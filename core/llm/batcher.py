@@ -72,16 +72,27 @@ class Batcher:
         self.to_save: list = []  # (seq, slot) whose prompt just went in: saved after the step's events leave
 
     @classmethod
-    def open(cls, path: str, model: dict, inf: dict, data_dir: str, send, tick=None) -> "Batcher":
-        """Load the model at path and set up its prefix tiers under data_dir."""
+    def open(cls, path: str, model: dict, inf: dict, data_dir: str, send, tick=None, disk: bool = True) -> "Batcher":
+        """Load the model at path and set up its prefix tiers (the disk one under data_dir, unless
+        the caller opens it later with open_disk: it is a store with one writer)."""
         engine = Engine(path, model["n_ctx"], model["max_seqs"], inf["n_batch"], model["threads"],
                         model["n_gpu_layers"], model["embeddings"])
-        disk = None
-        if inf["prefix_disk_bytes"]:
-            disk = DiskTier(os.path.join(data_dir, "prefix-cache", model["name"]), inf["prefix_disk_bytes"],
-                            engine.fingerprint, inf["prefix_block"], log)
         template = model["chat_template"] or engine.chat_template()
-        return cls(engine, model, inf, template, RamTier(inf["prefix_ram_bytes"]), disk, send, tick)
+        b = cls(engine, model, inf, template, RamTier(inf["prefix_ram_bytes"]), None, send, tick)
+        if disk:
+            b.open_disk(data_dir)
+        return b
+
+    def open_disk(self, data_dir: str) -> None:
+        """Tier 3, when configured: DATA_DIR/prefix-cache/MODEL under its lock (StoreLocked if held)."""
+        if self.inf["prefix_disk_bytes"] and self.disk is None:
+            self.disk = DiskTier(os.path.join(data_dir, "prefix-cache", self.model["name"]),
+                                 self.inf["prefix_disk_bytes"], self.engine.fingerprint, self.block, log)
+
+    def close_disk(self) -> None:
+        if self.disk is not None:
+            disk, self.disk = self.disk, None
+            disk.close()
 
     @property
     def active(self) -> int:

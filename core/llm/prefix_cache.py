@@ -29,6 +29,8 @@ import zlib
 from array import array
 from collections import OrderedDict
 
+from tidegate.core.base.filelock import StoreLock
+
 MAGIC, VERSION = b"TGKV", 1
 _HEAD = struct.Struct("<4sI32sIIQI")  # magic, version, fingerprint, block, n_blocks, payload bytes, crc32
 
@@ -110,6 +112,7 @@ class DiskTier:
 
     def __init__(self, root: str, max_bytes: int, fingerprint: str, block: int, log=None):
         self.root, self.max_bytes, self.block, self.log = root, max_bytes, block, log
+        self.store_lock = StoreLock(root).acquire()  # one writer: StoreLocked while another generation has it
         self.fingerprint = bytes.fromhex(fingerprint).ljust(32, b"\0")[:32]
         self.files: OrderedDict[bytes, tuple[list[bytes], int]] = OrderedDict()  # key -> (names, size)
         self.index: dict[bytes, bytes] = {}
@@ -252,6 +255,11 @@ class DiskTier:
                 finally:
                     with self._lock:
                         self._pending -= 1
+
+    def close(self, timeout: float = 2.0) -> None:
+        """Finish queued writes and let go of the directory (the next generation takes it)."""
+        self.flush(timeout)
+        self.store_lock.release()
 
     def flush(self, timeout: float = 5.0) -> None:
         """Wait until queued writes are on disk (tests, shutdown)."""

@@ -22,9 +22,10 @@ def control(cfg: dict) -> str:
     return cfg["control"]["endpoint"] or f"ipc://{_run(cfg)}/control.sock"
 
 
-def peer(run_dir: str, slot: int) -> str:
-    """An ingress worker's mesh ROUTER."""
-    return f"ipc://{os.path.abspath(run_dir)}/peer-{slot}.sock"
+def peer(run_dir: str, slot: int, gen: int) -> str:
+    """An ingress worker's mesh ROUTER; per generation, so each generation's mesh only ever
+    reaches owners of its own generation (the old one hands its stores to the new one)."""
+    return f"ipc://{os.path.abspath(run_dir)}/peer-{slot}.g{gen}.sock"
 
 
 def worker(cfg: dict, kind: str, name: str, gen: int) -> str:

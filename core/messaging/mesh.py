@@ -48,19 +48,23 @@ class Mesh:
     HOLD_S = 0.002  # longest a message waits behind an unanswered frame
     SWEEP_S = 0.01  # deadline check period: a call fails at most this late
     def __init__(self, slot: int, n_slots: int, run_dir: str, handlers: dict, max_message_bytes: int,
-                 hwm: int = 10000, ctx: zmq.Context | None = None):
+                 hwm: int = 10000, ctx: zmq.Context | None = None, gen: int = 1, bind: bool = True):
+        """bind=False (with slot -1): a mesh that only asks, of every slot of generation gen: how a
+        worker that handed its stores to the next generation forwards what still comes its way."""
         self.slot, self.n_slots, self.handlers = slot, n_slots, handlers
+        self.closed = False
         # the worker passes its one context: every extra context is one more ZeroMQ I/O thread
         # competing for the cores, and a send waits whenever its I/O thread is not running
         self._own_ctx = ctx is None
         self.ctx = ctx or zmq.Context()
-        self.router = self.ctx.socket(zmq.ROUTER)
-        for s in (self.router,):
-            s.setsockopt(zmq.LINGER, 0)
-            s.setsockopt(zmq.MAXMSGSIZE, max_message_bytes)
-            s.setsockopt(zmq.SNDHWM, hwm)
-            s.setsockopt(zmq.RCVHWM, hwm)
-        self.router.bind(endpoints.peer(run_dir, slot))
+        self.router = None
+        if bind:
+            self.router = self.ctx.socket(zmq.ROUTER)
+            self.router.setsockopt(zmq.LINGER, 0)
+            self.router.setsockopt(zmq.MAXMSGSIZE, max_message_bytes)
+            self.router.setsockopt(zmq.SNDHWM, hwm)
+            self.router.setsockopt(zmq.RCVHWM, hwm)
+            self.router.bind(endpoints.peer(run_dir, slot, gen))
         self.dealers: dict[int, zmq.Socket] = {}
         for peer in range(n_slots):
             if peer != slot:
@@ -69,7 +73,7 @@ class Mesh:
                 d.setsockopt(zmq.MAXMSGSIZE, max_message_bytes)
                 d.setsockopt(zmq.SNDHWM, hwm)
                 d.setsockopt(zmq.RCVHWM, hwm)
-                d.connect(endpoints.peer(run_dir, peer))
+                d.connect(endpoints.peer(run_dir, peer, gen))
                 self.dealers[peer] = d
         self._ids = itertools.count(1)
         self._waiting: dict[int, asyncio.Future] = {}
@@ -82,7 +86,8 @@ class Mesh:
 
     def start(self) -> None:
         self.loop = asyncio.get_running_loop()
-        self.loop.add_reader(self.router.getsockopt(zmq.FD), self._on_router)
+        if self.router is not None:
+            self.loop.add_reader(self.router.getsockopt(zmq.FD), self._on_router)
         for peer, d in self.dealers.items():
             self.loop.add_reader(d.getsockopt(zmq.FD), self._on_dealer, d, peer)
         self.loop.call_later(self.SWEEP_S, self._sweep)
@@ -119,7 +124,7 @@ class Mesh:
         for rid in expired:
             callback, _, owner, op, timeout = self._waiting.pop(rid)
             callback(False, OwnerUnavailable(f"worker {owner} did not answer {op!r} within {timeout * 1000:.0f} ms"))
-        if not self.router.closed:
+        if not self.closed:
             self.loop.call_later(self.SWEEP_S, self._sweep)
 
     def _flush(self) -> None:
@@ -128,7 +133,7 @@ class Mesh:
         comes back (Nagle's idea for RPC): an idle mesh sends at once, a busy one sends fewer,
         fuller frames, and every send costs a wake-up of ZeroMQ's I/O thread on both sides."""
         self._flush_scheduled = False
-        if self.router.closed:  # closed after this flush was scheduled
+        if self.closed:  # closed after this flush was scheduled
             return
         for peer in [p for p in self._outbox if p not in self._inflight]:
             self._send_frame(peer)
@@ -217,11 +222,12 @@ class Mesh:
             self.loop.call_soon(self._on_router)
 
     def close(self) -> None:
+        self.closed = True
+        socks = list(self.dealers.values()) + ([self.router] if self.router is not None else [])
         if self.loop:
-            self.loop.remove_reader(self.router.getsockopt(zmq.FD))
-            for d in self.dealers.values():
-                self.loop.remove_reader(d.getsockopt(zmq.FD))
-        for s in [self.router, *self.dealers.values()]:
+            for s in socks:
+                self.loop.remove_reader(s.getsockopt(zmq.FD))
+        for s in socks:
             s.close(0)
         if self._own_ctx:
             self.ctx.term()

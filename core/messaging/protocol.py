@@ -26,8 +26,13 @@ METRICS = "metrics"      # request: render the aggregated /metrics text (carries
 READINESS = "readiness"  # request: are all workers and downstream processes up?
 REPLY = "reply"          # supervisor -> worker answer to a request
 
+STANDBY = "standby"      # booted up to its durable stores; waiting for their locks (reload hand-off)
+RELEASED = "released"    # answer to RELEASE: the stores are closed and their locks free
+
 # ---- supervisor -> worker, unsolicited ---------------------------------------------------------
 PURGE = "purge"          # drop cached answers (all, or one tenant's)
+RELEASE = "release"      # reload: the next generation is on standby; flush, close and unlock the stores
+RESUME = "resume"        # the reload failed after RELEASE: take the stores back and serve again
 
 # ---- admin -> supervisor (control socket) ------------------------------------------------------
 CONTROL_OPS = ("status", "workers", "config", "reload", "drain", "stop", "metrics", "cache")

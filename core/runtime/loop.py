@@ -20,6 +20,7 @@ import time
 import orjson
 import zmq
 
+from tidegate.core.base.filelock import StoreLocked
 from tidegate.core.base.jsonlog import log
 from tidegate.core.messaging import protocol
 from tidegate.core.runtime.process import WORKER_BOOT_ERROR, start_worker
@@ -85,7 +86,10 @@ class WorkerSockets:
                 log.warning("client not reading; events dropped", events=len(evs))
 
     def ready(self) -> None:
-        self.link.send(protocol.encode({"op": protocol.READY, "pid": os.getpid()}))
+        self.report(protocol.READY)
+
+    def report(self, op: str) -> None:
+        self.link.send(protocol.encode({"op": op, "pid": os.getpid()}))
 
     def heartbeat(self, extra: dict) -> bool:
         """Send counters to the supervisor; False when the supervisor is gone (then exit)."""
@@ -107,7 +111,9 @@ class WorkerSockets:
 class BlockingWorker:
     """Base of a blocking worker process. Hooks, all optional but open():
 
-    open() -> endpoint      load models / open stores; the ROUTER endpoint to bind
+    open() -> endpoint      load models; the ROUTER endpoint to bind
+    open_stores()           take the durable stores (StoreLocked while another process holds them)
+    close_stores()          flush and let go of them (reload hand-off; also at exit)
     handle(peer, op, rid, body)  one request (raise RequestError to refuse it)
     on_messages(msgs)       all of a turn's messages at once (default: handle() each)
     on_command(msg)         a supervisor command
@@ -130,6 +136,12 @@ class BlockingWorker:
     # ---- hooks ----------------------------------------------------------------------------------
     def open(self) -> str:
         raise NotImplementedError
+
+    def open_stores(self) -> None:
+        pass
+
+    def close_stores(self) -> None:
+        pass
 
     def handle(self, peer: bytes, op: str, rid, body) -> None:
         raise RequestError(400, f"unknown op {op!r}", "bad_op", None)
@@ -183,7 +195,30 @@ class BlockingWorker:
     # ---- the loop -------------------------------------------------------------------------------
     def boot(self) -> None:
         self.socks = WorkerSockets(self.spec, self.open())
+        self.socks.report(protocol.STANDBY)  # on a reload the old generation now lets go of the stores
+        self._take_stores(self.cfg["server"]["boot_timeout"])
         self.socks.ready()
+
+    def _take_stores(self, wait: float) -> None:
+        deadline = time.monotonic() + wait
+        while True:
+            try:
+                return self.open_stores()
+            except StoreLocked:
+                if time.monotonic() > deadline:
+                    raise
+                time.sleep(0.005)
+
+    def _command(self, msg: dict) -> None:
+        if msg["op"] == protocol.RELEASE:
+            log.info("releasing stores to the next generation")
+            self.close_stores()
+            self.socks.report(protocol.RELEASED)
+        elif msg["op"] == protocol.RESUME:
+            log.warning("reload failed: resuming with the stores")
+            self._take_stores(self.cfg["server"]["boot_timeout"])
+        else:
+            self.on_command(msg)
 
     def run(self) -> None:
         signal.signal(signal.SIGTERM, lambda *_: setattr(self, "draining", True))
@@ -194,7 +229,7 @@ class BlockingWorker:
         while self.running:
             if socks.poller.poll(0 if self.busy() else self.idle_poll_ms):
                 for msg in socks.commands():
-                    self.on_command(msg)
+                    self._command(msg)
                 msgs = socks.take()
                 if msgs:
                     self.on_messages(msgs)
@@ -210,6 +245,7 @@ class BlockingWorker:
                 break
         self._heartbeat()
         self.shutdown()
+        self.close_stores()
         socks.close()
 
     def flush(self) -> None:

@@ -2,7 +2,9 @@
 exit codes every process speaks, named once.
 
 The supervisor starts workers with fork+exec and hands each its spec (slot, generation, config,
-inherited fds…) as JSON in $TIDEGATE_WORKER_SPEC. A worker's exit code tells the supervisor
+inherited fds…) as JSON in an anonymous memory file (memfd) whose descriptor number is in
+$TIDEGATE_WORKER_SPEC_FD: unlike the environment, which /proc/PID/environ keeps for the process's
+life, it is read once and closed. The config in it has its secrets masked (workers need none). A worker's exit code tells the supervisor
 what happened; the daemon's tells systemd (and the operator) why it stopped.
 """
 from __future__ import annotations
@@ -15,7 +17,7 @@ from setproctitle import setproctitle
 
 from tidegate.core.base.jsonlog import log
 
-SPEC_ENV = "TIDEGATE_WORKER_SPEC"
+SPEC_ENV = "TIDEGATE_WORKER_SPEC_FD"
 
 # worker exit codes (any other: crashed, respawned with backoff)
 WORKER_OK = 0         # clean exit
@@ -28,9 +30,19 @@ EXIT_BOOT = 3         # a worker failed to boot at start
 EXIT_BIND = 4         # a listen address (or the run dir) could not be taken
 
 
+def spec_fd(spec: dict) -> int:
+    """A memfd holding spec, positioned at its start, for the child to inherit (pass_fds)."""
+    fd = os.memfd_create("tidegate-spec", 0)  # not inheritable until passed explicitly
+    os.write(fd, orjson.dumps(spec))
+    os.lseek(fd, 0, os.SEEK_SET)
+    return fd
+
+
 def start_worker(name_of) -> dict:
     """The spec of this worker process; name_of(spec) gives its name ("ingress 0")."""
-    spec = orjson.loads(os.environ.pop(SPEC_ENV))
+    fd = int(os.environ.pop(SPEC_ENV))
+    with os.fdopen(fd, "rb") as f:
+        spec = orjson.loads(f.read())
     signal.signal(signal.SIGINT, signal.SIG_IGN)  # the supervisor decides when workers stop
     name = name_of(spec)
     setproctitle(f"tidegate: {name}")

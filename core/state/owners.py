@@ -20,14 +20,66 @@ from tidegate.core.state.ring import HashRing
 
 
 class Owners:
+    HOLD_S = 2.0  # longest a call waits for a store being opened or handed over
     def __init__(self, slot: int, ring: HashRing):
         self.slot, self.ring = slot, ring
         self.handlers: dict = {}   # op -> handler(payload): what this worker answers as an owner
         self.mesh = None           # set by attach() once the mesh exists (none with one worker)
         self.stats = {"owner_unavailable": 0}
+        self._held: list = []  # (op, payload, future) of calls waiting for a store (hold/open)
+        self._home = None      # (slot, mesh) while redirected to the next generation
 
     def register(self, handlers: dict) -> None:
         self.handlers.update(handlers)
+
+    def hold(self, ops) -> None:
+        """Until open() brings their handlers, calls of these ops wait (a Future each) instead
+        of failing: the store behind them is being opened, or handed to another generation."""
+        for op in ops:
+            self.handlers[op] = lambda payload, op=op: self._wait_for(op, payload)
+
+    def open(self, handlers: dict) -> None:
+        """The store is open: register its handlers and answer the calls that waited."""
+        self.handlers.update(handlers)
+        held, self._held = self._held, []
+        for op, payload, fut in held:
+            if fut.done():
+                continue
+            try:
+                result = handlers[op](payload)
+            except Exception as e:
+                fut.set_exception(e)
+                continue
+            if asyncio.isfuture(result):
+                result.add_done_callback(lambda r, fut=fut: fut.done() or (
+                    fut.set_exception(r.exception()) if r.exception() else fut.set_result(r.result())))
+            else:
+                fut.set_result(result)
+
+    def redirect(self, mesh, ops) -> None:
+        """This worker handed its stores to the next generation: from now on every call goes to
+        that generation's owners over `mesh` (an asking-only one), and the store ops that still
+        reach this worker from its own generation are forwarded to its successor there."""
+        self._home = (self.slot, self.mesh)
+        home, self.slot, self.mesh = self.slot, -1, mesh
+        for op in ops:
+            self.handlers[op] = lambda payload, op=op: self.call(home, op, payload, self.HOLD_S)
+
+    def restore(self, ops) -> None:
+        """The hand-off was called off (RESUME): own the slot again; its store ops wait for open()."""
+        if self._home is not None:
+            forward, (self.slot, self.mesh) = self.mesh, self._home
+            self._home = None
+            forward.close()
+        self.hold(ops)
+
+    def _wait_for(self, op: str, payload) -> asyncio.Future:
+        loop = asyncio.get_event_loop()
+        fut = loop.create_future()
+        self._held.append((op, payload, fut))
+        loop.call_later(self.HOLD_S, lambda: fut.done() or fut.set_exception(
+            OwnerUnavailable(f"{op!r}: the store did not come back within {self.HOLD_S:g} s")))
+        return fut
 
     def attach(self, mesh) -> None:
         self.mesh = mesh

@@ -20,6 +20,7 @@ import time
 import lmdb
 import orjson
 
+from tidegate.core.base.filelock import StoreLock
 from tidegate.core.messaging.protocol import SESS_CREATE, SESS_DELETE, SESS_GET, SESS_PATCH
 
 PREFIX = b"tgs-"
@@ -41,8 +42,9 @@ class SessionsFull(Exception):
 
 class SessionStore:
     def __init__(self, path: str, ttl: float, max_sessions: int, max_map_bytes: int = 4 << 30,
-                 max_attributes_bytes: int = 4096):
+                 max_attributes_bytes: int = 4096, lock: StoreLock | None = None):
         os.makedirs(path, mode=0o700, exist_ok=True)
+        self.lock = lock or StoreLock(path).acquire()  # one writer: a second one fails here
         self.ttl, self.max_sessions, self.max_attributes = ttl, max_sessions, max_attributes_bytes
         self.max_map = max_map_bytes
         size = max(os.path.getsize(os.path.join(path, "data.mdb")) if os.path.exists(os.path.join(path, "data.mdb"))
@@ -166,3 +168,4 @@ class SessionStore:
 
     def close(self) -> None:
         self.env.close()
+        self.lock.release()

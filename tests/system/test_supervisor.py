@@ -281,7 +281,7 @@ def test_readyz_reflects_workers(daemon_factory):
     d = daemon_factory(workers=2, server={"respawn_backoff_max": 5.0})
     r = request(d.port, path="/readyz")
     assert r.status == 200 and r.json() == {"ready": True, "state": "running", "workers_ready": 2,
-                                            "workers_expected": 2, "view_lag_seconds": 0}
+                                            "workers_expected": 2, "view_lag_seconds": 0, "degraded": {}}
     # crash slot 0 in a loop: respawn backoff grows, and meanwhile the daemon is not ready
     for _ in range(4):
         old = worker_pids(d)[0]
@@ -297,6 +297,7 @@ def test_readyz_reflects_workers(daemon_factory):
         return r if r.status == 503 else None
     r = wait_for(not_ready, timeout=3, what="503 from /readyz")
     assert r.json()["ready"] is False and r.json()["workers_ready"] == 1
+    assert "respawning" in r.json()["degraded"]["0"]  # names the part that is down
     wait_for(lambda: request(d.port, path="/readyz").status == 200, what="ready again")
 
 
@@ -371,6 +372,11 @@ def test_tcp_control_with_curve_keys(daemon_factory):
                                 "client_public_key": cli_pub.decode(), "client_secret_key": cli_sec.decode()})
     assert d.admin_json("status")["body"]["state"] == "running"
     assert srv_sec.decode() not in d.admin("config").stdout
+    # workers get their spec through a memfd read once, with secrets masked: nothing in environ
+    for row in d.admin_json("workers")["body"]:
+        with open(f"/proc/{row['pid']}/environ", "rb") as f:
+            environ = f.read()
+        assert srv_sec not in environ and b"curve" not in environ and b"TIDEGATE_WORKER_SPEC_FD" in environ
     # a client whose key is not on the list gets no answer
     other_pub, other_sec = zmq.curve_keypair()
     d.rewrite_config(control={"client_public_key": other_pub.decode(), "client_secret_key": other_sec.decode()})

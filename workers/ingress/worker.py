@@ -19,6 +19,7 @@ import uvloop
 import zmq
 
 from tidegate.core.base import config
+from tidegate.core.base.filelock import StoreLock, StoreLocked
 from tidegate.core.base.jsonlog import log
 from tidegate.core.base.metrics import WorkerMetrics
 from tidegate.core.cache.exact import ExactCache
@@ -64,17 +65,20 @@ class IngressWorker:
         self.guard = Guard(self.cfg, self.keys, self.owners, self.ratelimit)
         self.sessions: SessionStore | None = None  # opened in boot(): LMDB after fork
         self.events: PartitionOwner | None = None  # this worker's event-log partition, opened in boot()
+        self._event_stats: dict = {}
         self.mesh: Mesh | None = None
         self.router = Router()
         self.http = HttpServer(self.cfg["limits"], self.router.dispatch, self.metrics, log, self.cfg["log"]["access"],
                                routes=self.router.exact)
         self.http.on_count_change = self._on_count_change
+        self.http.max_connections = self.cfg["server"]["max_connections"]
         self.servers: list = []
         self.accepting = False
         self.link: SupervisorLink | None = None
         self.stopped = asyncio.Event()
         self.supervisor_pid = spec["supervisor_pid"]
         self.booted = False
+        self.draining = False  # SIGTERM seen (a RELEASE also ends keep-alives, but is not a drain)
         self.periodic: list[asyncio.Task] = []  # cancelled before the sockets close
         self.infer: dict = {}  # model name -> WorkerClient
         self.embedder = self.semantic = None  # the semantic cache's embedder process, when on
@@ -83,8 +87,8 @@ class IngressWorker:
     def _routes(self) -> None:
         cfg, r, guard = self.cfg, self.router, self.guard
         routes = [OpsRoutes(cfg, self.link, self.snapshot), SessionRoutes(cfg, guard)]
-        if self.events:
-            routes += [EventRoutes(cfg, self.owners), ViewRoutes(self.events.views)]
+        if cfg["events"]["enabled"]:
+            routes += [EventRoutes(cfg, self.owners), ViewRoutes(self.views)]
         models = config.models(cfg)
         if models:
             limit = cfg["control"]["max_message_bytes"]
@@ -104,12 +108,13 @@ class IngressWorker:
         m.open_connections, m.bytes_in, m.bytes_out, m.connections_accepted = (
             len(h.conns), h.bytes_in, h.bytes_out, h.connections_accepted)
         rl = self.ratelimit.stats
-        m.extra = {"ratelimit_admitted": rl["admitted"], "ratelimit_limited": rl["limited"],
+        m.extra = {"connections_evicted": h.evicted, "ratelimit_admitted": rl["admitted"], "ratelimit_limited": rl["limited"],
                    "owner_unavailable": self.owners.stats["owner_unavailable"], "ratelimit_leased": rl["leased"],
                    "ratelimit_buckets": len(self.ratelimit.table),
                    "sessions_live": len(self.sessions.live) if self.sessions else 0}
         if self.events:
-            m.extra.update(self.events.stats)
+            self._event_stats = self.events.stats  # kept while released, so counters never go back
+        m.extra.update(self._event_stats)
         xs = self.exact.store
         m.extra.update(exact_hits=xs.stats["hits"], exact_misses=xs.stats["misses"], exact_inserts=xs.stats["inserts"],
                        exact_evictions=xs.stats["evictions"], exact_bytes=xs.bytes)
@@ -122,9 +127,79 @@ class IngressWorker:
         return self.metrics.snapshot()
 
     def _on_command(self, msg: dict) -> None:
-        if msg["op"] == protocol.PURGE:
+        op = msg["op"]
+        if op == protocol.PURGE:
             n = self.exact.store.purge(msg.get("tenant"))
             log.info("exact cache purged", tenant=msg.get("tenant") or "(all)", entries=n)
+        elif op == protocol.RELEASE:
+            self._release(msg["gen"])
+        elif op == protocol.RESUME:
+            asyncio.ensure_future(self._resume())
+
+    # ---- durable stores: opened under their locks, handed over on reload ------------------------
+    STORE_OPS = (protocol.SESS_CREATE, protocol.SESS_GET, protocol.SESS_PATCH, protocol.SESS_DELETE,
+                 protocol.EV_APPEND)
+
+    def _store_dirs(self) -> dict:
+        data = self.cfg["server"]["data_dir"]
+        dirs = {"sessions": os.path.join(data, f"sessions-{self.slot}")}
+        if self.cfg["events"]["enabled"]:
+            dirs["events"] = os.path.join(data, "events", f"p-{self.slot}")
+        return dirs
+
+    async def _open_stores(self, wait: float) -> None:
+        """Take this slot's stores once the previous holder (the old generation, on a reload) has
+        let go: poll their locks without blocking the loop, then open them. Owner calls for them
+        that arrive meanwhile wait (Owners.hold) instead of failing."""
+        locks = {name: StoreLock(d) for name, d in self._store_dirs().items()}
+        deadline = time.monotonic() + wait
+        while not all(lock.try_acquire() for lock in locks.values()):
+            if time.monotonic() > deadline:
+                for lock in locks.values():
+                    lock.release()
+                raise StoreLocked(f"slot {self.slot}'s stores are still held: "
+                                  + ", ".join(f"{n} by {lk.holder()}" for n, lk in locks.items() if not lk.held))
+            await asyncio.sleep(0.005)
+        sc = self.cfg["sessions"]
+        self.sessions = SessionStore(self._store_dirs()["sessions"], sc["ttl"], sc["max_per_worker"], sc["map_bytes"],
+                                     sc["max_attributes_bytes"], lock=locks["sessions"])
+        handlers = self.sessions.handlers()
+        if "events" in locks:
+            self.events = PartitionOwner(self.cfg, self.slot, self.views, lock=locks["events"])
+            handlers.update(self.events.handlers())
+        self.owners.open(handlers)
+
+    def _close_stores(self) -> None:
+        """Flush, fsync and close the stores, then let go of their locks (idempotent)."""
+        self.owners.hold(self.STORE_OPS)
+        if self.events is not None:
+            self.events.close()
+            self.events = None
+        if self.sessions is not None:
+            self.sessions.close()
+            self.sessions = None
+
+    def _release(self, gen: int) -> None:
+        """Reload hand-off: generation `gen` is up to its stores. Stop accepting (new connections
+        wait in the shared backlog), end idle keep-alives, close the stores, and send every owner
+        call still made here (requests in flight) to generation gen: no error, a short wait."""
+        log.info("releasing stores to the next generation", slot=self.slot, gen=gen)
+        self._stop_accepting()
+        self.http.drain()
+        self._close_stores()
+        forward = Mesh(-1, self.n_slots, self.cfg["server"]["run_dir"], {}, self.cfg["control"]["max_message_bytes"],
+                       ctx=self.zmq, gen=gen, bind=False)
+        forward.start()
+        self.owners.redirect(forward, self.STORE_OPS)
+        self.link.send(protocol.RELEASED)
+
+    async def _resume(self) -> None:
+        """The reload failed after the release: take the stores back and serve again."""
+        log.warning("reload failed: resuming with the stores", slot=self.slot)
+        self.owners.restore(self.STORE_OPS)
+        await self._open_stores(self.cfg["server"]["boot_timeout"])
+        self.http.draining = False
+        await self._start_accepting()
 
     async def boot(self) -> None:
         if "ingress.boot" in FAILPOINTS:
@@ -135,20 +210,18 @@ class IngressWorker:
                                    self.cfg["control"]["max_message_bytes"])
         self.link.start()
         self.link.on_command = self._on_command
-        sc = self.cfg["sessions"]
-        self.sessions = SessionStore(os.path.join(srv["data_dir"], f"sessions-{self.slot}"), sc["ttl"],
-                                     sc["max_per_worker"], sc["map_bytes"], sc["max_attributes_bytes"])
-        self.owners.register(self.sessions.handlers())
-        if self.cfg["events"]["enabled"]:  # the partition: opened after fork
-            self.events = PartitionOwner(self.cfg, self.slot, ViewReader(srv["data_dir"], self.cfg["events"]["views"]))
-            self.owners.register(self.events.handlers())
+        self.views = ViewReader(srv["data_dir"], self.cfg["events"]["views"])  # read-only: no lock
+        self.owners.hold(self.STORE_OPS)  # answered once the stores are open
         self._routes()
+        # a mesh even with one worker: a released predecessor forwards in-flight calls to it
+        self.mesh = Mesh(self.slot, self.n_slots, srv["run_dir"], self.owners.handlers,
+                         self.cfg["control"]["max_message_bytes"], ctx=self.zmq, gen=self.spec["gen"])
+        self.mesh.start()
+        self.owners.attach(self.mesh)
         if self.n_slots > 1:
-            self.mesh = Mesh(self.slot, self.n_slots, srv["run_dir"], self.owners.handlers,
-                             self.cfg["control"]["max_message_bytes"], ctx=self.zmq)
-            self.mesh.start()
-            self.owners.attach(self.mesh)
             self._spawn_periodic(self.ratelimit.sweep_leases, self.cfg["ratelimit"]["lease_ttl"])
+        self.link.send(protocol.STANDBY)  # on a reload the old generation now lets go of the stores
+        await self._open_stores(srv["boot_timeout"])
         self.listen_socks = [socket.socket(fileno=fd) for fd in self.spec["fds"]]
         await self._start_accepting()
         self.loop.add_signal_handler(signal.SIGTERM, self.drain)
@@ -156,11 +229,11 @@ class IngressWorker:
         self.link.send(protocol.READY, pid=os.getpid())
         self._spawn_periodic(self._heartbeat, srv["heartbeat_interval"])
         self._spawn_periodic(self.http.tick, 1.0)
-        self._spawn_periodic(self.sessions.expire, 60.0)
+        self._spawn_periodic(lambda: self.sessions and self.sessions.expire(), 60.0)
         self._spawn_periodic(self.ratelimit.table.reclaim, 60.0)
-        if self.events:
-            self._spawn_periodic(self.events.retain, 5.0)
-            self._spawn_periodic(self.events.probe, 1.0)
+        if self.cfg["events"]["enabled"]:
+            self._spawn_periodic(lambda: self.events and self.events.retain(), 5.0)
+            self._spawn_periodic(lambda: self.events and self.events.probe(), 1.0)
         self.booted = True
         log.info("worker ready", slot=self.slot, gen=self.spec["gen"])
 
@@ -196,8 +269,12 @@ class IngressWorker:
             server.close()
         self.servers = []
 
-    def _on_count_change(self, n: int) -> None:
+    def _on_count_change(self, n: int, new) -> None:
+        """Over max_connections a new connection evicts an idle or slow one (so a normal client
+        still gets in during a slowloris); only when every connection is busy does accepting pause."""
         limit = self.cfg["server"]["max_connections"]
+        if new is not None and n > limit and self.http.evict_one(new):
+            return
         if self.accepting and n >= limit:
             log.warning("max_connections reached; not accepting", open=n)
             self._stop_accepting()
@@ -207,8 +284,9 @@ class IngressWorker:
             self.accepting = True
 
     def drain(self) -> None:
-        if self.http.draining:
+        if self.draining:
             return
+        self.draining = True
         log.info("draining", open=len(self.http.conns))
         self._stop_accepting()
         for s in self.listen_socks:  # the last copies: the port now refuses instead of queueing
@@ -233,13 +311,12 @@ class IngressWorker:
             task.cancel()
         for conn in list(self.http.conns):
             conn.abort("worker stopping")
+        self.owners.restore(())  # closes a forwarding mesh left from a RELEASE
         if self.mesh:
             self.mesh.close()
         for client in [*self.infer.values(), *([self.embedder] if self.embedder else [])]:
             client.close()
-        self.sessions.close()
-        if self.events:
-            self.events.close()
+        self._close_stores()
         self.link.close()
         self.zmq.term()
 

@@ -102,3 +102,16 @@ def test_retention_by_size_and_age_spares_what_views_still_need(tmp_path):
     _os.utime(old, (1, 1))
     assert p.retain(max_bytes=0, max_age=3600, applied_before=None) == [old]  # by age
     p.close()
+
+
+def test_close_writes_what_is_buffered_and_answers_its_waiters(tmp_path):
+    """A hand-off closes the partition with appends still waiting for their group commit: they
+    are written and acknowledged before the lock goes, never left hanging."""
+    async def main():
+        p = Partition(str(tmp_path), window=10.0)  # no flush on its own within the test
+        futs = [p.append([b"x" * 10]) for _ in range(3)]
+        await asyncio.sleep(0)
+        p.close()
+        return [f.result() for f in futs]
+    assert asyncio.new_event_loop().run_until_complete(main()) == [0, 1, 2]
+    assert [s for s, _ in read_all(str(tmp_path))] == [0, 1, 2]

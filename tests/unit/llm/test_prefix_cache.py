@@ -37,7 +37,7 @@ def test_every_tier_gives_the_tokens_of_a_cold_computation(tmp_path, demo_model)
     hit = generate(w, q, "acme")
     assert w.stats["prefix_hits_ram"] == 1 and hit["usage"]["cached_tokens"] >= 64
     assert hit["text"] == cold(w, q)
-    w.disk.flush()
+    w.close_disk()  # one writer per disk tier: the next process opens it after this one let go
 
     # tier 3: a restarted worker finds the prefix on disk
     w2 = worker(tmp_path, demo_model)
@@ -49,7 +49,7 @@ def test_every_tier_gives_the_tokens_of_a_cold_computation(tmp_path, demo_model)
 
 
 def test_tenants_do_not_share_prefixes_unless_declared(tmp_path, demo_model):
-    w = worker(tmp_path, demo_model)
+    w = worker(tmp_path / "w", demo_model)
     generate(w, SYSTEM + "Where is my parcel?", "acme")
     other = generate(w, SYSTEM + "Where is my parcel?", "globex")
     assert other["usage"]["cached_tokens"] == 0  # same words, other tenant: no hit, no timing signal
@@ -68,9 +68,9 @@ def test_tenants_do_not_share_prefixes_unless_declared(tmp_path, demo_model):
 def test_damaged_or_foreign_cache_files_are_removed_not_fatal(tmp_path, demo_model):
     w = worker(tmp_path, demo_model)
     generate(w, SYSTEM + "Where is my parcel?", "acme")
-    w.disk.flush()
     root = w.disk.root
-    (f,) = [os.path.join(root, n) for n in os.listdir(root)]
+    w.close_disk()
+    (f,) = [os.path.join(root, n) for n in os.listdir(root) if n.endswith(".kv")]
     with open(f, "r+b") as fh:  # flip bytes in the payload: the checksum no longer matches
         fh.seek(-100, os.SEEK_END)
         fh.write(b"\xff" * 50)
@@ -84,7 +84,7 @@ def test_damaged_or_foreign_cache_files_are_removed_not_fatal(tmp_path, demo_mod
     assert out["text"] == cold(w2, q)
 
     # a file from another model (fingerprint) or format version is skipped at start
-    w2.disk.flush()
+    w2.close_disk()
     w3 = worker(tmp_path, demo_model)
     n = len(w3.disk.files)
     assert n >= 1 and w3.disk.removed_bad == 0  # the prompt was saved again, intact

@@ -79,3 +79,20 @@ def test_dead_owner_times_out_quickly_and_expired_work_is_skipped(tmp_path):
         a.close(), b.close()
 
     run(main())
+
+
+def test_calls_for_a_store_being_handed_over_wait_then_run(tmp_path):
+    async def main():
+        owners = Owners(0, HashRing([0]))
+        owners.hold(["put"])
+        early = owners.call(0, "put", 1, 0.5)  # the store is not open yet: the call waits
+        await asyncio.sleep(0.05)
+        assert not early.done()
+        owners.open({"put": lambda p: p * 10})
+        assert await early == 10 and owners.call(0, "put", 2, 0.5) == 20
+        owners.hold(["put"])  # released again: calls wait, and fail once the hold times out
+        owners.HOLD_S = 0.05
+        with pytest.raises(OwnerUnavailable):
+            await owners.call(0, "put", 3, 0.5)
+
+    run(main())

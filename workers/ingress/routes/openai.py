@@ -283,6 +283,7 @@ class OpenAIRoutes:
         req.on_close = call.client_left
         try:
             call.rid = self.clients[model].submit(protocol.GEN, msg, call.on_event)
+            call.watch(self.inf["idle_timeout"], self.inf["request_timeout"] + self.inf["idle_timeout"])
         except Unavailable as e:
             call.settle(0)
             raise service_unavailable(str(e), "worker_unavailable") from None

@@ -33,6 +33,30 @@ class Generation:
         self.sse: Stream | None = None
         self.rid = 0
         self._full_text = ""  # streamed deltas so far, for the exact cache
+        self.last_event = 0.0  # loop time of the last inference event (the watchdog reads it)
+        self.done = False
+
+    def watch(self, idle: float, first: float) -> None:
+        """An ingress-side deadline: a generation whose first event does not come within `first`
+        seconds (the queue's own deadline plus `idle`), or whose next one does not come within
+        `idle` (a lost END, a wedged worker), is answered 504, or ends its stream with an error
+        event, and is cancelled. One timer per generation, re-armed only when it fires."""
+        loop = asyncio.get_running_loop()
+        self.last_event = loop.time()
+        started = self.last_event
+
+        def check():
+            if self.done:
+                return
+            limit = idle if self.last_event > started else first
+            late = loop.time() - self.last_event
+            if late < limit:
+                loop.call_later(limit - late, check)
+                return
+            self.client_left()
+            self.on_event(ERR, [504, f"the model sent nothing for {idle:g} s; the generation was cancelled",
+                                "generation_timeout", None])
+        loop.call_later(first, check)
 
     async def replay(self, entry: dict, kind: bytes):
         """Answer from a cached entry, streamed or not, exactly as a generation would."""
@@ -52,6 +76,11 @@ class Generation:
             self.reservation = None
 
     def on_event(self, kind: str, payload) -> None:
+        if self.done:
+            return
+        self.last_event = self.first.get_loop().time()
+        if kind != DELTA:
+            self.done = True
         if kind == ERR:
             self.settle(0)
             err = http_error(payload)

@@ -1,0 +1,154 @@
+"""Hostile requests for every route, as hypothesis strategies, and what every answer must be:
+no 5xx but a 503 with Retry-After, and every error in the OpenAI shape. Shared by
+tests/system/test_fuzz.py (a short budget) and bench/fuzz.py (a long one)."""
+from __future__ import annotations
+
+import json
+import socket
+
+from hypothesis import strategies as st
+
+# JSON values, with the shapes that break parsers and validators: unicode digits and keys,
+# huge and negative numbers, floats at the edges, deep nesting
+ODD_STRINGS = st.sampled_from(["", "²", "١٢٣", "0x10", "1e400", "-0", "\0", "\ud7ff", "😀" * 64, "a" * 5000,
+                               "𝟙𝟚𝟛", " 12", "NaN", "null", "../..", "%00", "\u202e", "k" * 300])
+SCALARS = st.one_of(st.none(), st.booleans(), st.integers(-(1 << 70), 1 << 70),
+                    st.floats(allow_nan=False, allow_infinity=False), st.text(max_size=40), ODD_STRINGS)
+JSON = st.recursive(SCALARS, lambda inner: st.lists(inner, max_size=4) | st.dictionaries(
+    st.one_of(st.text(max_size=10), ODD_STRINGS), inner, max_size=4), max_leaves=20)
+DEEP = st.integers(1, 400).map(lambda n: "[" * n + "1" + "]" * n)
+
+PARAMS = ["model", "messages", "prompt", "max_tokens", "max_completion_tokens", "temperature", "top_p", "top_k",
+          "min_p", "seed", "stop", "logit_bias", "stream", "stream_options", "n", "presence_penalty",
+          "frequency_penalty", "user", "tools", "response_format", "input", "encoding_format", "logprobs"]
+
+
+@st.composite
+def llm_body(draw):
+    body = draw(st.dictionaries(st.sampled_from(PARAMS), JSON, max_size=6))
+    if draw(st.booleans()):
+        body["model"] = "demo"
+    if draw(st.booleans()):
+        body["messages"] = draw(st.lists(st.fixed_dictionaries(
+            {"role": st.sampled_from(["user", "system", "assistant", "tool", "x"]), "content": JSON}), max_size=3))
+    if "max_tokens" not in body or draw(st.booleans()):
+        body["max_tokens"] = draw(st.one_of(st.integers(1, 4), JSON))  # valid ones stay short: no long generations
+    if draw(st.booleans()):
+        body["logit_bias"] = draw(st.dictionaries(st.one_of(ODD_STRINGS, st.integers(0, 40000).map(str)),
+                                                  st.one_of(st.integers(-200, 200), JSON), max_size=3))
+    return body
+
+
+@st.composite
+def event_body(draw):
+    ev = st.fixed_dictionaries({"key": st.one_of(st.text(max_size=300), ODD_STRINGS), "type": st.text(max_size=70)},
+                               optional={"ts": JSON, "payload": JSON, "extra": JSON})
+    return draw(st.one_of(ev, st.lists(ev, max_size=5), JSON))
+
+
+ROUTES = {
+    "chat": ("POST", "/v1/chat/completions", llm_body()),
+    "completions": ("POST", "/v1/completions", llm_body().map(lambda b: {**b, "prompt": b.get("prompt", "hi")})),
+    "embeddings": ("POST", "/v1/embeddings", llm_body().map(lambda b: {**b, "input": b.get("input", "hi")})),
+    "events": ("POST", "/v1/events", event_body()),
+    "sessions": ("POST", "/v1/sessions", st.one_of(st.fixed_dictionaries({"user": JSON, "attributes": JSON}), JSON)),
+    "echo": ("POST", "/v1/echo", JSON),
+}
+
+
+@st.composite
+def case(draw):
+    """(raw request bytes, how many requests it holds): a route, a body (JSON, deeply nested or
+    not JSON at all), odd or duplicated headers, and sometimes several requests pipelined."""
+    name = draw(st.sampled_from(sorted(ROUTES) + ["views", "models", "session-patch"]))
+    if name == "views":
+        method, path, body = "GET", "/v1/views/" + draw(st.sampled_from(["n", "x"])) + "/" + draw(
+            st.text(alphabet=st.characters(blacklist_categories=("Cs",)), max_size=40)).replace("/", "%2F").replace(
+            " ", "%20").replace("?", "%3F").replace("#", "%23"), None
+    elif name == "models":
+        method, path, body = "GET", "/v1/models", None
+    elif name == "session-patch":
+        method, path, body = "PATCH", "/v1/sessions/current", draw(JSON)
+    else:
+        method, path, strategy = ROUTES[name]
+        body = draw(strategy)
+    raw_body = b""
+    if body is not None:
+        kind = draw(st.sampled_from(["json", "json", "deep", "garbage", "ndjson"]))
+        raw_body = {"json": lambda: json.dumps(body).encode(),
+                    "deep": lambda: draw(DEEP).encode(),
+                    "garbage": lambda: draw(st.binary(max_size=200)),
+                    "ndjson": lambda: b"\n".join(json.dumps(x).encode() for x in (body if isinstance(body, list)
+                                                                               else [body]))}[kind]()
+    headers = [("Host", "t")]
+    if raw_body or body is not None:
+        headers.append(("Content-Type", draw(st.sampled_from(["application/json", "application/x-ndjson",
+                                                              "text/plain", "application/xml", "application/json; x=1"]))))
+        headers.append(("Content-Length", str(len(raw_body))))
+    for _ in range(draw(st.integers(0, 3))):
+        headers.append(draw(st.sampled_from([("X-Request-Id", "\u00ff" * 200), ("Authorization", "Bearer tgs-bad"),
+                                             ("Authorization", "Basic x"), ("Cache-Control", "no-cache, no-store"),
+                                             ("Expect", "100-continue"), ("Accept", "*/*"), ("X-Api-Key", ""),
+                                             ("Content-Type", "application/json")])))
+    one = (f"{method} {path} HTTP/1.1\r\n".encode()
+           + b"".join(f"{k}: {v}\r\n".encode("utf-8", "replace") for k, v in headers) + b"\r\n" + raw_body)
+    n = draw(st.integers(1, 3))
+    return one * n + b"GET /healthz HTTP/1.1\r\nHost: t\r\nConnection: close\r\n\r\n", n + 1
+
+
+def exchange(port: int, data: bytes, timeout: float = 30.0) -> list[tuple[int, dict, bytes]]:
+    """Send raw bytes; every (status, headers, body) the server answers until it closes."""
+    with socket.create_connection(("127.0.0.1", port), timeout=timeout) as s:
+        s.sendall(data)
+        buf = b""
+        while True:
+            chunk = s.recv(65536)
+            if not chunk:
+                break
+            buf += chunk
+    return parse_replies(buf)
+
+
+def parse_replies(buf: bytes) -> list[tuple[int, dict, bytes]]:
+    out = []
+    while b"\r\n\r\n" in buf:
+        head, buf = buf.split(b"\r\n\r\n", 1)
+        lines = head.decode("latin-1").split("\r\n")
+        status = int(lines[0].split()[1])
+        headers = {}
+        for line in lines[1:]:
+            k, _, v = line.partition(":")
+            headers[k.strip().lower()] = v.strip()
+        if status == 100:
+            continue
+        if headers.get("transfer-encoding") == "chunked":  # SSE: read the chunks
+            body = b""
+            while True:
+                size_line, _, buf = buf.partition(b"\r\n")
+                size = int(size_line or b"0", 16)
+                if size == 0:
+                    buf = buf[2:]
+                    break
+                body, buf = body + buf[:size], buf[size + 2:]
+        else:
+            n = int(headers.get("content-length", 0))
+            body, buf = buf[:n], buf[n:]
+        out.append((status, headers, body))
+    return out
+
+
+def problems(replies: list) -> list[str]:
+    """What is wrong with these answers (empty: all fine)."""
+    bad = []
+    if not replies:
+        return ["no answer at all"]
+    for status, headers, body in replies:
+        if status >= 500 and not (status == 503 and "retry-after" in headers):
+            bad.append(f"{status} {body[:200]!r}")
+        if status >= 400:
+            try:
+                err = json.loads(body)["error"]
+                assert {"type", "message", "param", "code"} <= err.keys() and isinstance(err["message"], str)
+            except Exception:
+                bad.append(f"{status} error not in the OpenAI shape: {body[:200]!r}")
+    return bad

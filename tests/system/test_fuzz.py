@@ -1,0 +1,62 @@
+"""Fuzzing the real daemon: property-based hostile requests for every route (hypothesis) and
+OpenAI's published API description (schemathesis, `not_a_server_error`). Nothing may answer a
+5xx but a 503 with Retry-After, every error is OpenAI-shaped, no process restarts, and /healthz
+is fine afterwards. A short budget here; bench/fuzz.py runs a long one."""
+import os
+import pathlib
+import shutil
+import subprocess
+
+import pytest
+from hypothesis import HealthCheck, given, settings
+
+from helpers.daemon import Daemon
+from helpers.fuzz import case, exchange, problems
+from helpers.http import request
+
+EXAMPLES = int(os.environ.get("TIDEGATE_FUZZ_EXAMPLES", "150"))
+SPEC = pathlib.Path(__file__).resolve().parents[3] / "shared" / "specs" / "openai-subset.json"
+
+
+@pytest.fixture(scope="module")
+def target(tmp_path_factory, demo_model):
+    d = Daemon(tmp_path_factory.mktemp("fuzz"), workers=2, events={"views": [{"name": "n", "kind": "count"}]},
+               inference={"enabled": True, "models": [{"name": "demo", "path": demo_model, "n_ctx": 256,
+                                                       "max_seqs": 4}]})
+    d.start()
+    pids = {r["id"]: r["pid"] for r in d.admin_json("workers")["body"]}
+    yield d
+    try:
+        status = d.admin_json("status")["body"]
+        assert status["respawns"] == 0, d.logs()[-3000:]
+        assert {r["id"]: r["pid"] for r in d.admin_json("workers")["body"]} == pids  # no process restarted
+        assert request(d.port, path="/healthz").status == 200
+    finally:
+        d.stop()
+
+
+def test_hostile_requests_to_every_route(target):
+    seen = []
+
+    @settings(max_examples=EXAMPLES, deadline=None, derandomize=True, database=None,
+              suppress_health_check=list(HealthCheck))
+    @given(case())
+    def one(c):
+        data, _ = c
+        replies = exchange(target.port, data)
+        seen.append(len(replies))
+        assert not problems(replies), (data[:300], problems(replies))
+
+    one()
+    assert len(seen) == EXAMPLES and sum(seen) >= EXAMPLES
+
+
+@pytest.mark.skipif(not SPEC.exists() or shutil.which("schemathesis") is None,
+                    reason="needs ../shared/specs/openai-subset.json and schemathesis")
+def test_openai_spec_fuzzing_finds_no_server_error(target, tmp_path):
+    r = subprocess.run(["schemathesis", "run", str(SPEC), "--url", f"http://127.0.0.1:{target.port}/v1",
+                        "--checks", "not_a_server_error", "--max-examples", os.environ.get("TIDEGATE_SPEC_EXAMPLES", "8"),
+                        "--phases", "examples,fuzzing", "--seed", "1", "--request-timeout", "30",
+                        "--report-dir", str(tmp_path)],
+                       capture_output=True, text=True, timeout=900, env=dict(os.environ, NO_COLOR="1"))
+    assert r.returncode == 0, r.stdout[-6000:] + r.stderr[-2000:]
