@@ -15,6 +15,7 @@ from cpython.bytes cimport PyBytes_AS_STRING, PyBytes_FromStringAndSize, PyBytes
 from libc.string cimport memcpy
 
 import asyncio
+import heapq
 import http
 import os
 import time
@@ -233,6 +234,7 @@ cdef class HttpConnection:
     cdef public object transport, parser, pending
     cdef public int phase
     cdef public double since, paused_since
+    cdef public unsigned long long serial  # accept order: the lowest still sending its head is the slowest
     cdef public bint busy, closing, read_paused
     cdef object metrics, _url, _headers, _body, _started, _version, _parked, _stream
     cdef bint _in_message
@@ -261,6 +263,7 @@ cdef class HttpConnection:
         transport.set_write_buffer_limits(high=srv.limits["write_buffer_bytes"])
         srv.conns.add(self)
         srv.connections_accepted += 1
+        self.serial = srv.connections_accepted
         if srv.on_count_change is not None:
             srv.on_count_change(len(srv.conns), self)
 
@@ -621,29 +624,30 @@ cdef class HttpServer:
             elif phase == _IDLE_KEEPALIVE and idle > ka_t:
                 conn.close()
 
-    def evict_one(self, HttpConnection spare=None):
-        """Close the connection that costs the most and gives the least, to make room for a new
-        one: the longest-idle keep-alive, else the client slowest to send its request head (what
-        slowloris does). Busy connections are never picked. True if one was closed."""
-        cdef HttpConnection conn, idle = None, slow = None
+    def evict(self, HttpConnection spare=None, Py_ssize_t n=1):
+        """Close up to n connections that cost the most and give the least, to make room for new
+        ones: the longest-idle keep-alives first, then the clients slowest to send their request
+        head (what slowloris does), oldest first. Busy connections are never picked. One pass
+        for n of them, so a flood of new connections does not pay a scan each. How many closed."""
+        cdef HttpConnection conn
+        idle, slow = [], []
         for conn in self.conns:
             if conn is spare or conn.closing or conn.busy or conn.pending:
                 continue
             if conn.phase == _IDLE_KEEPALIVE:
-                if idle is None or conn.since < idle.since:
-                    idle = conn
+                idle.append((conn.since, conn.serial, conn))
             elif conn.phase == _IDLE_NEW or conn.phase == _HEAD:
-                if slow is None or conn.since < slow.since:
-                    slow = conn
-        victim = idle if idle is not None else slow
-        if victim is None:
-            return False
-        self.evicted += 1
-        if victim.phase == _IDLE_KEEPALIVE:
-            victim.close()
-        else:
-            victim.fail_now(HttpError(408, "request header too slow while the server is full", "header_timeout"))
-        return True
+                slow.append((conn.serial, conn))
+        victims = [c for _, _, c in heapq.nsmallest(n, idle, key=_first_two)]
+        if len(victims) < n:
+            victims += [c for _, c in heapq.nsmallest(n - len(victims), slow, key=_first)]
+        for conn in victims:
+            self.evicted += 1
+            if conn.phase == _HEAD:  # it sent part of a request: say why it is cut
+                conn.fail_now(HttpError(408, "request header too slow while the server is full", "header_timeout"))
+            else:
+                conn.close()
+        return len(victims)
 
     def drain(self):
         """Stop keeping connections alive: idle keep-alives close now, the others after their next
@@ -654,6 +658,14 @@ cdef class HttpServer:
         for conn in list(self.conns):
             if conn.is_idle():
                 conn.close()
+
+
+def _first(item):
+    return item[0]
+
+
+def _first_two(item):
+    return item[0], item[1]
 
 
 cdef bytes _concat5(bytes a, bytes b, bytes c, bytes d, bytes e):

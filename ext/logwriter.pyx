@@ -57,6 +57,7 @@ cdef class LogWriter:
     cdef public object directory, path
     cdef public Py_ssize_t segment_bytes, size
     cdef public bint compress
+    cdef public object sync  # fdatasync; tests put a failpoint around it
     cdef int fd
 
     def __init__(self, directory, uint64_t next_seq, Py_ssize_t segment_bytes=64 << 20, bint compress=True):
@@ -65,13 +66,15 @@ cdef class LogWriter:
         self.next_seq = self.first_unsealed = next_seq
         self.n_unsealed = 0
         self.fd = -1
+        self.sync = os.fdatasync
         self._open_segment()
 
-    def _open_segment(self):
-        """Append to the newest segment, or start one named by the next sequence number."""
+    def _open_segment(self, bint fresh=False):
+        """Append to the newest segment, or start one named by the next sequence number (fresh:
+        always a new file, after a disk error made the current one's page cache untrustworthy)."""
         names = sorted(n for n in os.listdir(self.directory) if n.endswith(".log"))
         last = names[len(names) - 1] if names else None  # (no negative indexes: wraparound is off)
-        if last and os.path.getsize(os.path.join(self.directory, last)) < self.segment_bytes:
+        if not fresh and last and os.path.getsize(os.path.join(self.directory, last)) < self.segment_bytes:
             self.path = os.path.join(self.directory, last)
         else:
             self.path = os.path.join(self.directory, "%020d.log" % self.next_seq)
@@ -166,17 +169,26 @@ cdef class LogWriter:
             while view:
                 done = os.write(self.fd, view)
                 view = view[done:]
-            os.fdatasync(self.fd)
+            self.sync(self.fd)
         except OSError:
             try:
                 os.ftruncate(self.fd, start)
                 os.fdatasync(self.fd)
-            except OSError:
-                pass
+            except OSError as cut:  # the refused block may still be in the file: recovery cuts it
+                raise OSError(cut.errno, f"{cut.strerror} (cutting {self.path} back to {start} failed too)")
             raise
         self.size = start + len(block)
         if self.size >= self.segment_bytes:
             self._open_segment()
+
+    def reopen_fresh(self):
+        """After a write error: continue in a new segment file (Linux reports a writeback error
+        once, and after a failed fsync the old file's cached pages prove nothing)."""
+        self._open_segment(True)
+
+    def write_empty_block(self):
+        """A valid block of no records, written and synced: the probe that the disk works again."""
+        self.write_block(HEADER.pack(MAGIC, 0, 0, CODEC_RAW, 0, self.next_seq, 0))
 
     def close(self):
         if self.fd >= 0:

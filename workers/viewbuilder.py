@@ -1,6 +1,8 @@
 """View-builder process: tails every event-log partition and applies the configured views.
 
-Each pass reads the complete blocks added since its offsets and applies them in one LMDB write
+Each pass reads the complete blocks added since its offsets, up to the partition's durable mark
+(what its writer has fsynced: an event never acknowledged is never applied) and applies them in
+one LMDB write
 transaction that also stores the new offsets (segment, byte), so a crash between passes applies
 nothing twice and skips nothing. A torn block at a tail is simply not complete yet: it is read
 again on the next pass. Lag (seconds since the builder was last caught up) is reported with
@@ -16,7 +18,7 @@ import time
 import lmdb
 import orjson
 
-from tidegate.core.events.eventlog import CorruptLog, read_blocks, segments
+from tidegate.core.events.eventlog import CorruptLog, read_blocks, read_durable, segments
 from tidegate.core.base.filelock import StoreLock
 from tidegate.core.base.jsonlog import log
 from tidegate.core.messaging import endpoints
@@ -78,15 +80,19 @@ class ViewBuilder(BlockingWorker):
         with self.env.begin() as txn:
             raw = txn.get(offset_key(name))
         seg, pos = orjson.loads(raw) if raw else ("", 0)
+        mark = read_durable(part)  # never past the fsync: an event not yet durable may still be cut
         n = 0
         for path in segments(part):
             base = os.path.basename(path)
             if base < seg:
                 continue
+            if mark is not None and base > mark[0]:
+                break
             start = pos if base == seg else 0
+            stop = mark[1] if mark is not None and base == mark[0] else None
             blocks = []
             try:
-                for begin, end, _, records in read_blocks(path, start):
+                for begin, end, _, records in read_blocks(path, start, stop):
                     blocks.append((begin, end, records))
             except CorruptLog:
                 pass  # an incomplete tail: read it again next pass

@@ -23,6 +23,7 @@ import time
 from concurrent.futures import ThreadPoolExecutor
 
 import lz4.block
+import orjson
 
 from tidegate.core.base.filelock import StoreLock
 from tidegate.core.base.jsonlog import log
@@ -45,12 +46,12 @@ def segments(directory: str) -> list[str]:
     return [os.path.join(directory, n) for n in sorted(os.listdir(directory)) if n.endswith(".log")]
 
 
-def read_blocks(path: str, start: int = 0):
+def read_blocks(path: str, start: int = 0, end: int | None = None):
     """Yield (offset, end, first_seq, [payload, ...]) for each good block from start; raise
     CorruptLog(path, offset) at the first bad one (the caller decides whether it is a torn tail)."""
     with open(path, "rb") as f:
         f.seek(start)
-        data = f.read()
+        data = f.read() if end is None else f.read(max(0, end - start))
     pos = 0
     while pos < len(data):
         off = start + pos
@@ -77,11 +78,48 @@ def read_blocks(path: str, start: int = 0):
         yield off, start + pos, first_seq, records
 
 
+DURABLE = "durable"  # [segment, offset]: the log is fsynced up to here (what the view builder may read)
+FAILPOINTS = dict(f.partition("=")[::2] for f in os.environ.get("TIDEGATE_FAILPOINTS", "").split(",") if f)
+
+
+def read_durable(directory: str) -> tuple[str, int] | None:
+    """How far the partition is known to be on disk; None when it has never said (read it all)."""
+    try:
+        with open(os.path.join(directory, DURABLE), "rb") as f:
+            seg, off = orjson.loads(f.read())
+        return seg, off
+    except (OSError, ValueError, TypeError):
+        return None
+
+
+def _write_durable(directory: str, segment: str, offset: int) -> None:
+    tmp = os.path.join(directory, DURABLE + ".tmp")
+    with open(tmp, "wb") as f:
+        f.write(orjson.dumps([os.path.basename(segment), offset]))
+    os.replace(tmp, os.path.join(directory, DURABLE))  # readers see the old mark or the new, whole
+
+
+def _apply_cuts(directory: str) -> None:
+    """A block refused after a disk error whose cut-back also failed left SEGMENT.cut naming the
+    good length: cut there now, so an event answered 503 can never surface later."""
+    for name in os.listdir(directory):
+        if name.endswith(".log.cut"):
+            cut, seg = os.path.join(directory, name), os.path.join(directory, name[:-4])
+            with open(cut) as f:
+                good = int(f.read().strip() or 0)
+            if os.path.exists(seg) and os.path.getsize(seg) > good:
+                with open(seg, "r+b") as f:
+                    f.truncate(good)
+                    os.fsync(f.fileno())
+            os.unlink(cut)
+
+
 def recover(directory: str, repair: bool = False) -> int:
     """Check the tail segment (the only one a crash can have left half-written; earlier ones
     were checked when they were the tail, so start-up does not grow with the log); cut a torn
     last block; return the next sequence number. A bad block before the end raises CorruptLog,
     unless repair, which cuts the segment there."""
+    _apply_cuts(directory)
     segs = segments(directory)
     if not segs:
         return 0
@@ -96,6 +134,9 @@ def recover(directory: str, repair: bool = False) -> int:
         with open(path, "r+b") as f:
             f.truncate(e.offset)
             os.fsync(f.fileno())
+    with open(path, "rb+") as f:  # what a crashed process left in the page cache is durable from here on
+        os.fsync(f.fileno())
+    _write_durable(directory, path, os.path.getsize(path))
     return next_seq
 
 
@@ -135,6 +176,9 @@ class Partition:
         except BaseException:
             self.lock.release()  # a corrupt partition stays shut, but `admin log repair` may open it
             raise
+        if "log.fsync_delay" in FAILPOINTS:  # tests: prove that no acknowledgement overtakes the fsync
+            delay = float(FAILPOINTS["log.fsync_delay"])
+            self.writer.sync = lambda fd: (time.sleep(delay), os.fdatasync(fd))
         self.pool = ThreadPoolExecutor(1, thread_name_prefix="eventlog-writer")
         self.loop = None
         self.waiting: list[asyncio.Future] = []  # resolved when the records appended so far are durable
@@ -177,8 +221,34 @@ class Partition:
         block = sealed[0]
         waiters, self.waiting = self.waiting, []
         self.flushing = True
-        fut = self.loop.run_in_executor(self.pool, self.writer.write_block, block)
+        fut = self.loop.run_in_executor(self.pool, self._write, block)
         fut.add_done_callback(lambda f: self._written(f, waiters, len(block)))
+
+    def _write(self, block: bytes) -> None:
+        """Writer thread: one write + fdatasync, then the durable mark moves past the block."""
+        w = self.writer
+        try:
+            w.write_block(block)
+        except OSError:
+            self._record_cut(w.path, w.size)
+            raise
+        self._mark(w.path, w.size)
+
+    def _mark(self, path: str, size: int) -> None:
+        """Move the durable mark; the block is durable already, so failing here (a full disk)
+        only holds the view builder back until a later mark lands: never fail the block for it."""
+        try:
+            _write_durable(self.directory, path, size)
+        except OSError as e:
+            log.warning("event log durable mark not updated", partition=self.directory, error=str(e))
+
+    def _record_cut(self, path: str, good: int) -> None:
+        try:
+            with open(path + ".cut", "w") as f:
+                f.write(str(good))
+                os.fsync(f.fileno())
+        except OSError as e:
+            log.error("event log could not record where to cut a refused block", file=path, error=str(e))
 
     def _written(self, f, waiters, nbytes: int) -> None:
         self.flushing = False
@@ -221,16 +291,29 @@ class Partition:
         return deleted
 
     def probe(self) -> bool:
-        """While failed: try an empty block's worth of write + fsync; resume when it works."""
+        """While failed: write and fsync a real (empty) block into a fresh segment; resume when
+        that works. Zero bytes would prove nothing, and after a failed fsync the old segment's
+        cached pages cannot be trusted (PostgreSQL's "fsyncgate"), so nothing more goes there."""
         if not self.failed:
             return True
         try:
-            self.writer.write_block(b"")
-        except OSError:
+            self.writer.reopen_fresh()
+            self._write_probe()
+        except OSError as e:
+            log.warning("event log partition still failing", partition=self.directory, error=str(e))
             return False
         self.failed = None
         log.warning("event log partition acknowledging again", partition=self.directory)
         return True
+
+    def _write_probe(self) -> None:
+        w = self.writer
+        try:
+            w.write_empty_block()
+        except OSError:
+            self._record_cut(w.path, w.size)
+            raise
+        self._mark(w.path, w.size)
 
     def close(self) -> None:
         """Finish the write in flight, write what is still buffered and answer its waiters, then
@@ -244,7 +327,7 @@ class Partition:
         err = None
         if sealed is not None:
             try:
-                self.writer.write_block(sealed[0])
+                self._write(sealed[0])
             except OSError as e:
                 err = e
         for w, first in waiters:

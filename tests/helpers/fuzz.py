@@ -18,6 +18,7 @@ JSON = st.recursive(SCALARS, lambda inner: st.lists(inner, max_size=4) | st.dict
     st.one_of(st.text(max_size=10), ODD_STRINGS), inner, max_size=4), max_leaves=20)
 DEEP = st.integers(1, 400).map(lambda n: "[" * n + "1" + "]" * n)
 
+MODEL = "gpt-4o"  # the fuzzed daemon serves the demo model under a name OpenAI's examples use
 PARAMS = ["model", "messages", "prompt", "max_tokens", "max_completion_tokens", "temperature", "top_p", "top_k",
           "min_p", "seed", "stop", "logit_bias", "stream", "stream_options", "n", "presence_penalty",
           "frequency_penalty", "user", "tools", "response_format", "input", "encoding_format", "logprobs"]
@@ -27,7 +28,7 @@ PARAMS = ["model", "messages", "prompt", "max_tokens", "max_completion_tokens", 
 def llm_body(draw):
     body = draw(st.dictionaries(st.sampled_from(PARAMS), JSON, max_size=6))
     if draw(st.booleans()):
-        body["model"] = "demo"
+        body["model"] = MODEL
     if draw(st.booleans()):
         body["messages"] = draw(st.lists(st.fixed_dictionaries(
             {"role": st.sampled_from(["user", "system", "assistant", "tool", "x"]), "content": JSON}), max_size=3))

@@ -4,6 +4,7 @@ OpenAI's published API description (schemathesis, `not_a_server_error`). Nothing
 is fine afterwards. A short budget here; bench/fuzz.py runs a long one."""
 import os
 import pathlib
+import re
 import shutil
 import subprocess
 
@@ -11,7 +12,7 @@ import pytest
 from hypothesis import HealthCheck, given, settings
 
 from helpers.daemon import Daemon
-from helpers.fuzz import case, exchange, problems
+from helpers.fuzz import MODEL, case, exchange, problems
 from helpers.http import request
 
 EXAMPLES = int(os.environ.get("TIDEGATE_FUZZ_EXAMPLES", "150"))
@@ -21,8 +22,8 @@ SPEC = pathlib.Path(__file__).resolve().parents[3] / "shared" / "specs" / "opena
 @pytest.fixture(scope="module")
 def target(tmp_path_factory, demo_model):
     d = Daemon(tmp_path_factory.mktemp("fuzz"), workers=2, events={"views": [{"name": "n", "kind": "count"}]},
-               inference={"enabled": True, "models": [{"name": "demo", "path": demo_model, "n_ctx": 256,
-                                                       "max_seqs": 4}]})
+               inference={"enabled": True, "models": [{"name": MODEL, "path": demo_model, "n_ctx": 256,
+                                                       "max_seqs": 4, "embeddings": True}]})
     d.start()
     pids = {r["id"]: r["pid"] for r in d.admin_json("workers")["body"]}
     yield d
@@ -55,8 +56,10 @@ def test_hostile_requests_to_every_route(target):
                     reason="needs ../shared/specs/openai-subset.json and schemathesis")
 def test_openai_spec_fuzzing_finds_no_server_error(target, tmp_path):
     r = subprocess.run(["schemathesis", "run", str(SPEC), "--url", f"http://127.0.0.1:{target.port}/v1",
-                        "--checks", "not_a_server_error", "--max-examples", os.environ.get("TIDEGATE_SPEC_EXAMPLES", "8"),
+                        "--checks", "not_a_server_error", "--max-examples", os.environ.get("TIDEGATE_SPEC_EXAMPLES", "25"),
                         "--phases", "examples,fuzzing", "--seed", "1", "--request-timeout", "30",
                         "--report-dir", str(tmp_path)],
                        capture_output=True, text=True, timeout=900, env=dict(os.environ, NO_COLOR="1"))
+    print(r.stdout[-3000:])
     assert r.returncode == 0, r.stdout[-6000:] + r.stderr[-2000:]
+    assert re.search(r"\b[1-9]\d* generated", r.stdout), r.stdout[-3000:]  # it really sent cases

@@ -278,3 +278,17 @@ def test_max_connections_pauses_accepting(daemon_factory):
     assert Reader(extra).read().status == 200
     for s in socks + [extra]:
         s.close()
+
+
+def test_slowloris_at_four_times_max_connections_does_not_lock_out_a_normal_client(daemon_factory):
+    """Over max_connections a new connection evicts the slowest header-sender or the oldest idle
+    keep-alive, so a normal client is served promptly while the attack churns itself out."""
+    from helpers.slowloris import Slowloris, latencies
+    d = daemon_factory(workers=1, server={"max_connections": 100})
+    with Slowloris(d.port, 400) as attack:
+        time.sleep(1.5)
+        got = latencies(d.port, 30)
+    assert all(t < 5.0 for t in got), got  # none timed out
+    assert attack.reconnects > 0  # the server did push attackers out
+    text = request(d.port, path="/metrics").body.decode()
+    assert "tidegate_connections_evicted_total" in text

@@ -273,15 +273,17 @@ class IngressWorker:
         """Over max_connections a new connection evicts an idle or slow one (so a normal client
         still gets in during a slowloris); only when every connection is busy does accepting pause."""
         limit = self.cfg["server"]["max_connections"]
-        if new is not None and n > limit and self.http.evict_one(new):
+        if new is None or n <= limit:
+            if not self.accepting and not self.http.draining and n <= limit * 9 // 10:
+                log.info("accepting again", open=n)
+                asyncio.ensure_future(self._start_accepting())
+                self.accepting = True
             return
-        if self.accepting and n >= limit:
+        if self.http.evict(new, max(1, limit // 20)):  # a batch: the next ones find room at once
+            return
+        if self.accepting:  # every connection is busy: new ones wait in the kernel backlog
             log.warning("max_connections reached; not accepting", open=n)
             self._stop_accepting()
-        elif not self.accepting and not self.http.draining and n <= limit * 9 // 10:
-            log.info("accepting again", open=n)
-            asyncio.ensure_future(self._start_accepting())
-            self.accepting = True
 
     def drain(self) -> None:
         if self.draining:

@@ -1,6 +1,7 @@
 """The event log on disk: group commit, reading back, recovery from torn tails, refusal (and
 repair) of corruption in the middle."""
 import asyncio
+import errno
 import os
 
 import pytest
@@ -69,22 +70,57 @@ def test_recovery_reads_only_the_tail_segment(tmp_path):
     assert recover(str(tmp_path)) == 250
 
 
-def test_disk_error_stops_acknowledging(tmp_path):
+def test_fsync_error_stops_acknowledging_until_a_fresh_segment_syncs(tmp_path):
+    """EIO from fdatasync: the block's requests and every later one are refused, the refused
+    block is cut, and acknowledging resumes only once a real block was written and synced into
+    a fresh segment (the old file's cached pages prove nothing after a failed fsync)."""
+    broken = {"on": True}
+
+    def sync(fd):
+        if broken["on"]:
+            raise OSError(errno.EIO, "Input/output error")
+        os.fdatasync(fd)
+
     async def main():
         p = Partition(str(tmp_path))
         assert await p.append([b"ok"]) == 0
-        p.writer.close()  # the next write fails (EBADF stands in for EIO/ENOSPC)
+        p.writer.sync = sync
         with pytest.raises(LogUnavailable):
             await p.append([b"lost"])
         with pytest.raises(LogUnavailable):
             p.append([b"refused"])
-        assert not p.probe()  # still broken: still refusing
-        p.writer._open_segment()  # the disk is back
+        assert not p.probe()  # still failing: still refusing
+        broken["on"] = False  # the disk is back
         assert p.probe()
         assert await p.append([b"again"]) >= 1
         p.close()
     asyncio.new_event_loop().run_until_complete(main())
-    assert [p for _, p in read_all(str(tmp_path))] == [b"ok", b"again"]
+    assert [p for _, p in read_all(str(tmp_path))] == [b"ok", b"again"]  # the refused block is not there
+    assert len(segments(str(tmp_path))) == 2  # acknowledging resumed in a fresh segment
+
+
+def test_a_failed_cut_back_is_applied_at_recovery(tmp_path):
+    """If cutting a refused block back fails too, the good length is recorded and recovery cuts
+    there: an event answered 503 never surfaces later."""
+    async def main():
+        p = Partition(str(tmp_path))
+        assert await p.append([b"ok"]) == 0
+        seg, good = p.writer.path, p.writer.size
+        p.close()
+        return seg, good
+    seg, good = asyncio.new_event_loop().run_until_complete(main())
+    with open(seg, "ab") as f:  # a refused block that stayed in the file
+        f.write(b"TGB1" + b"\x00" * 40)
+    with open(seg + ".cut", "w") as f:
+        f.write(str(good))
+    assert recover(str(tmp_path)) == 1 and os.path.getsize(seg) == good and not os.path.exists(seg + ".cut")
+
+
+def test_durable_mark_follows_the_fsync(tmp_path):
+    from tidegate.core.events.eventlog import read_durable
+    write(tmp_path, [3])
+    seg, off = read_durable(str(tmp_path))
+    assert seg == os.path.basename(segments(str(tmp_path))[-1]) and off == os.path.getsize(segments(str(tmp_path))[-1])
 
 
 def test_retention_by_size_and_age_spares_what_views_still_need(tmp_path):
