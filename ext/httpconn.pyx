@@ -624,6 +624,15 @@ cdef class HttpServer:
             elif phase == _IDLE_KEEPALIVE and idle > ka_t:
                 conn.close()
 
+    def evictable(self, HttpConnection spare=None):
+        """Is there a connection evict() could close?"""
+        cdef HttpConnection conn
+        for conn in self.conns:
+            if conn is not spare and not conn.closing and not conn.busy and not conn.pending and (
+                    conn.phase == _IDLE_KEEPALIVE or conn.phase == _IDLE_NEW or conn.phase == _HEAD):
+                return True
+        return False
+
     def evict(self, HttpConnection spare=None, Py_ssize_t n=1):
         """Close up to n connections that cost the most and give the least, to make room for new
         ones: the longest-idle keep-alives first, then the clients slowest to send their request

@@ -152,7 +152,7 @@ class Supervisor:
             f.write(str(os.getpid()))
         self.ctx = zmq.Context()
         self.internal = self.ctx.socket(zmq.ROUTER)
-        self.internal.setsockopt(zmq.MAXMSGSIZE, self.cfg["control"]["max_message_bytes"])
+        self.internal.setsockopt(zmq.MAXMSGSIZE, self.cfg["server"]["max_frame_bytes"])
         self.internal.setsockopt(zmq.LINGER, 0)
         ipath = endpoints.ipc_path(endpoints.internal(self.cfg))
         if os.path.exists(ipath):

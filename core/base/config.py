@@ -166,6 +166,9 @@ SCHEMA: dict[str, dict[str, Key]] = {
         "run_dir": Key(str, "./var/run", "sockets and pid file (created mode 0700)"),
         "data_dir": Key(str, "./var/data", "durable state"),
         "heartbeat_interval": Key(float, 1.0, "seconds between worker heartbeats", positive),
+        "max_frame_bytes": Key(int, 16 * MiB, "largest ZeroMQ frame between processes (ZMQ_MAXMSGSIZE of the "
+                               "internal sockets); what queues in one loop turn is split to fit, and a message "
+                               "that alone is larger is refused; at least 4x limits.max_body_bytes", positive),
         "worker_timeout": Key(float, 30.0, "a worker silent this long is killed and respawned", positive),
         "boot_timeout": Key(float, 30.0, "a worker not ready this long after spawn failed to boot", positive),
         "graceful_timeout": Key(float, 30.0, "SIGTERM: how long in-flight requests may take to finish", non_negative),
@@ -393,6 +396,9 @@ def _cross_checks(cfg: dict) -> None:
             raise ConfigError(f"inference.reserved: {reserved} reserved slots leave none of {m['name']}'s "
                               f"{seqs} for other classes")
     lim = cfg["limits"]
+    if cfg["server"]["max_frame_bytes"] < 4 * lim["max_body_bytes"]:
+        raise ConfigError("server.max_frame_bytes: must be at least 4x limits.max_body_bytes (a request travels "
+                          "JSON-escaped, an event append about 1.5x its body)")
     if lim["max_request_line"] > lim["max_header_bytes"]:
         raise ConfigError("limits.max_request_line: cannot exceed limits.max_header_bytes")
 

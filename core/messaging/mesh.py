@@ -25,6 +25,7 @@ import zmq
 
 from tidegate.core.base.jsonlog import log
 from tidegate.core.messaging import endpoints
+from tidegate.core.messaging.protocol import pack
 from tidegate.core.messaging.zmqfd import waiting
 
 
@@ -52,6 +53,7 @@ class Mesh:
         """bind=False (with slot -1): a mesh that only asks, of every slot of generation gen: how a
         worker that handed its stores to the next generation forwards what still comes its way."""
         self.slot, self.n_slots, self.handlers = slot, n_slots, handlers
+        self.max_frame = max_message_bytes
         self.closed = False
         # the worker passes its one context: every extra context is one more ZeroMQ I/O thread
         # competing for the cores, and a send waits whenever its I/O thread is not running
@@ -142,10 +144,16 @@ class Mesh:
         msgs = self._outbox.pop(peer, None)
         if not msgs:
             return
+        frames, too_big = pack(msgs, self.max_frame)
+        for m in too_big:
+            entry = self._waiting.pop(m[0], None)
+            if entry is not None:
+                entry[0](False, RemoteError(f"{m[1]!r} larger than server.max_frame_bytes ({self.max_frame})"))
         try:
-            self.dealers[peer].send(orjson.dumps(msgs), zmq.NOBLOCK)
-            self.stats["frames_out"] += 1
-            self.stats["messages_out"] += len(msgs)
+            for frame in frames:
+                self.dealers[peer].send(frame, zmq.NOBLOCK)
+                self.stats["frames_out"] += 1
+            self.stats["messages_out"] += len(msgs) - len(too_big)
         except zmq.Again:
             pass  # peer backed up past HWM: the callers time out with OwnerUnavailable
         # hold later messages until the reply, but never longer than HOLD_S (a lost frame)
@@ -203,10 +211,7 @@ class Mesh:
                     log.error("mesh handler failed", op=op, error=repr(e))
                     replies.append([rid, False, repr(e)])
             if replies:
-                try:
-                    sock.send_multipart([ident, orjson.dumps(replies)], zmq.NOBLOCK)
-                except zmq.Again:
-                    pass
+                self._send_replies(ident, replies)
         # ROUTER sends can consume the edge too
         if sock.getsockopt(zmq.EVENTS) & zmq.POLLIN:
             self.loop.call_soon(self._on_router)
@@ -214,12 +219,21 @@ class Mesh:
     def _reply_later(self, ident: bytes, rid, fut) -> None:
         err = fut.exception()
         reply = [rid, False, repr(err)] if err is not None else [rid, True, fut.result()]
-        try:
-            self.router.send_multipart([ident, orjson.dumps([reply])], zmq.NOBLOCK)
-        except (zmq.Again, zmq.ZMQError):
+        if not self._send_replies(ident, [reply]):
             return
         if self.router.getsockopt(zmq.EVENTS) & zmq.POLLIN:  # the send may have eaten the fd's edge
             self.loop.call_soon(self._on_router)
+
+    def _send_replies(self, ident: bytes, replies: list) -> bool:
+        frames, too_big = pack(replies, self.max_frame)
+        frames += pack([[r[0], False, f"answer larger than server.max_frame_bytes ({self.max_frame})"]
+                        for r in too_big], self.max_frame)[0]
+        try:
+            for frame in frames:
+                self.router.send_multipart([ident, frame], zmq.NOBLOCK)
+        except (zmq.Again, zmq.ZMQError):
+            return False
+        return True
 
     def close(self) -> None:
         self.closed = True

@@ -72,6 +72,21 @@ def decode(frame: bytes) -> dict:
     return msg
 
 
+def pack(msgs: list, limit: int) -> tuple[list[bytes], list]:
+    """msgs as orjson frames of at most `limit` bytes each (server.max_frame_bytes, which is also
+    the sockets' ZMQ_MAXMSGSIZE: a bigger frame would drop the whole link), and the messages that
+    alone exceed it, for the caller to fail instead of sending."""
+    whole = orjson.dumps(msgs)
+    if len(whole) <= limit:
+        return [whole], []
+    if len(msgs) == 1:
+        return [], msgs
+    mid = len(msgs) // 2
+    a, too_big_a = pack(msgs[:mid], limit)
+    b, too_big_b = pack(msgs[mid:], limit)
+    return a + b, too_big_a + too_big_b
+
+
 def error_event(rid, status: int, message: str, code: str, param: str | None = None) -> list:
     return [ERR, rid, [status, message, code, param]]
 

@@ -11,11 +11,10 @@ from __future__ import annotations
 
 import itertools
 
-import orjson
 import zmq
 from zmq.utils.monitor import recv_monitor_message
 
-from tidegate.core.messaging.protocol import CANCEL, DELTA, ERR
+from tidegate.core.messaging.protocol import CANCEL, DELTA, ERR, pack
 from tidegate.core.messaging.zmqfd import decoded
 
 
@@ -28,6 +27,7 @@ class WorkerClient:
         self.loop = loop
         self.sock = ctx.socket(zmq.DEALER)
         self.sock.setsockopt(zmq.MAXMSGSIZE, max_message_bytes)
+        self.max_frame = max_message_bytes
         self.sock.setsockopt(zmq.LINGER, 0)
         self.sock.setsockopt(zmq.SNDHWM, 10000)
         self.sock.setsockopt(zmq.RECONNECT_IVL, 50)
@@ -69,8 +69,15 @@ class WorkerClient:
         msgs, self._outbox = self._outbox, []
         if self.sock.closed:
             return
+        frames, too_big = pack(msgs, self.max_frame)
+        for m in too_big:
+            handler = self.handlers.pop(m[1], None)
+            if handler is not None:
+                handler(ERR, [413, f"request larger than server.max_frame_bytes ({self.max_frame})",
+                              "request_too_large", None])
         try:
-            self.sock.send(orjson.dumps(msgs), zmq.NOBLOCK)
+            for frame in frames:
+                self.sock.send(frame, zmq.NOBLOCK)
         except zmq.ZMQError:
             self._fail([m[1] for m in msgs if m[1]], "the worker is not accepting requests")
         self.loop.call_soon(self._on_readable)  # a send can eat the fd's edge

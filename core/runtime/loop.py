@@ -38,7 +38,8 @@ class WorkerSockets:
         self.spec = spec
         self.ctx = zmq.Context(1)
         self.router = self.ctx.socket(zmq.ROUTER)
-        self.router.setsockopt(zmq.MAXMSGSIZE, spec["config"]["control"]["max_message_bytes"])
+        self.max_frame = spec["config"]["server"]["max_frame_bytes"]
+        self.router.setsockopt(zmq.MAXMSGSIZE, self.max_frame)
         self.router.setsockopt(zmq.LINGER, 0)
         self.router.setsockopt(zmq.SNDHWM, 100000)
         self.router.bind(endpoint)
@@ -80,8 +81,14 @@ class WorkerSockets:
     def send(self, events: dict) -> None:
         """{peer: [event, ...]}: one frame per peer."""
         for peer, evs in events.items():
+            frames, too_big = protocol.pack(evs, self.max_frame)
+            if too_big:  # answered with an error instead: one frame too large would drop the link
+                frames += protocol.pack([protocol.error_event(e[1], 413, "answer larger than server.max_frame_bytes; "
+                                                              "ask for less", "response_too_large")
+                                         for e in too_big], self.max_frame)[0]
             try:
-                self.router.send_multipart([peer, orjson.dumps(evs)], zmq.NOBLOCK)
+                for frame in frames:
+                    self.router.send_multipart([peer, frame], zmq.NOBLOCK)
             except zmq.ZMQError:
                 log.warning("client not reading; events dropped", events=len(evs))
 

@@ -262,21 +262,36 @@ def test_slow_reader_is_cut_after_send_timeout(daemon_factory):
     assert request(d.port).status == 200
 
 
-def test_max_connections_pauses_accepting(daemon_factory):
+def test_max_connections_evicts_idle_ones_and_pauses_when_all_are_busy(daemon_factory):
     d = daemon_factory(server={"max_connections": 3})
     socks = [connect(d.port) for _ in range(3)]
     for s in socks:
         s.sendall(get())
         assert Reader(s).read().status == 200
-    extra = connect(d.port, timeout=0.7)  # completes in the kernel backlog, not accepted
+    # three idle keep-alives: a fourth connection evicts the oldest of them and is served at once
+    extra = connect(d.port, timeout=5)
     extra.sendall(get())
-    with pytest.raises(socket.timeout):
-        extra.recv(100)
-    socks.pop().close()
-    socks.pop().close()
-    extra.settimeout(5)
     assert Reader(extra).read().status == 200
-    for s in socks + [extra]:
+    assert Reader(socks[0]).closed()
+    # three uploads in progress: nothing may be evicted, so the next connection waits in the backlog
+    busy = socks[1:] + [extra]
+    for s in busy:
+        s.sendall(b"POST /v1/echo HTTP/1.1\r\nHost: t\r\nContent-Type: application/json\r\n"
+                  b"Content-Length: 10\r\n\r\n[1,")
+    time.sleep(0.2)
+    over = connect(d.port, timeout=5)  # accepted, finds nothing to evict: accepting pauses (one over)
+    over.sendall(get())
+    assert Reader(over).read().status == 200
+    waiting = connect(d.port, timeout=0.7)  # completes in the kernel backlog, not accepted
+    waiting.sendall(get())
+    with pytest.raises(socket.timeout):
+        waiting.recv(100)
+    busy[0].close()
+    busy[1].close()
+    over.close()
+    waiting.settimeout(5)
+    assert Reader(waiting).read().status == 200
+    for s in socks + [extra, waiting]:
         s.close()
 
 

@@ -91,7 +91,7 @@ class IngressWorker:
             routes += [EventRoutes(cfg, self.owners), ViewRoutes(self.views)]
         models = config.models(cfg)
         if models:
-            limit = cfg["control"]["max_message_bytes"]
+            limit = cfg["server"]["max_frame_bytes"]
             self.infer = {m["name"]: WorkerClient(self.zmq, endpoints.worker(cfg, "inference", m["name"], self.spec["gen"]),
                                                  self.loop, limit) for m in models}
             if config.semantic_enabled(cfg):
@@ -187,7 +187,7 @@ class IngressWorker:
         self._stop_accepting()
         self.http.drain()
         self._close_stores()
-        forward = Mesh(-1, self.n_slots, self.cfg["server"]["run_dir"], {}, self.cfg["control"]["max_message_bytes"],
+        forward = Mesh(-1, self.n_slots, self.cfg["server"]["run_dir"], {}, self.cfg["server"]["max_frame_bytes"],
                        ctx=self.zmq, gen=gen, bind=False)
         forward.start()
         self.owners.redirect(forward, self.STORE_OPS)
@@ -207,7 +207,7 @@ class IngressWorker:
         srv = self.cfg["server"]
         self.zmq = zmq.Context()  # one per worker, shared by the supervisor link and the mesh
         self.link = SupervisorLink(self.zmq, self.spec["internal"], self.spec["id"],
-                                   self.cfg["control"]["max_message_bytes"])
+                                   self.cfg["server"]["max_frame_bytes"])
         self.link.start()
         self.link.on_command = self._on_command
         self.views = ViewReader(srv["data_dir"], self.cfg["events"]["views"])  # read-only: no lock
@@ -215,7 +215,7 @@ class IngressWorker:
         self._routes()
         # a mesh even with one worker: a released predecessor forwards in-flight calls to it
         self.mesh = Mesh(self.slot, self.n_slots, srv["run_dir"], self.owners.handlers,
-                         self.cfg["control"]["max_message_bytes"], ctx=self.zmq, gen=self.spec["gen"])
+                         self.cfg["server"]["max_frame_bytes"], ctx=self.zmq, gen=self.spec["gen"])
         self.mesh.start()
         self.owners.attach(self.mesh)
         if self.n_slots > 1:
@@ -273,13 +273,15 @@ class IngressWorker:
         """Over max_connections a new connection evicts an idle or slow one (so a normal client
         still gets in during a slowloris); only when every connection is busy does accepting pause."""
         limit = self.cfg["server"]["max_connections"]
-        if new is None or n <= limit:
+        if new is None or n < limit:
             if not self.accepting and not self.http.draining and n <= limit * 9 // 10:
                 log.info("accepting again", open=n)
                 asyncio.ensure_future(self._start_accepting())
                 self.accepting = True
             return
-        if self.http.evict(new, max(1, limit // 20)):  # a batch: the next ones find room at once
+        if n == limit and self.http.evictable(new):
+            return  # full, but the next connection can take an idle or slow one's place
+        if n > limit and self.http.evict(new, max(1, limit // 20)):  # a batch: the next ones find room at once
             return
         if self.accepting:  # every connection is busy: new ones wait in the kernel backlog
             log.warning("max_connections reached; not accepting", open=n)
