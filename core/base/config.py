@@ -245,6 +245,8 @@ SCHEMA: dict[str, dict[str, Key]] = {
         "idle_timeout": Key(float, 60.0, "seconds the ingress worker waits for the next event of a generation "
                             "before it gives up on it (504, or an error event mid-stream) and cancels it", positive),
         "reserved": Key(dict, {"critical": 1}, "sequence slots only a class (or one above it) may take", _class_counts),
+        "max_inflight": Key(int, 4096, "generations one ingress worker has in flight (each holds a connection "
+                            "and its buffers); above it 503 with Retry-After", positive),
         "queue_max": Key(dict, {"critical": 256, "standard": 256, "background": 256},
                          "requests queued per class before 503", _class_counts),
         "prefix_block": Key(int, 16, "tokens per prefix-cache block (hash chain granularity)", positive),

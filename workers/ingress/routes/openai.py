@@ -61,6 +61,7 @@ class OpenAIRoutes:
         self.models = {m["name"]: m for m in models}
         self.clients, self.limiter, self.exact, self.semantic = clients, limiter, exact, semantic
         self.created = int(time.time())
+        self.inflight = 0  # generations submitted and not yet ended (Generation counts them)
 
     def add_to(self, router, guard) -> None:
         router.add("GET", "/v1/models", guard(self.list_models))
@@ -276,6 +277,9 @@ class OpenAIRoutes:
         hit = await self._cached(req, call, body, params, model, tenant, what, chat)
         if hit is not None:
             return hit
+        if self.inflight >= self.inf["max_inflight"]:
+            raise service_unavailable(f"this worker has {self.inflight} generations in flight "
+                                      f"(inference.max_inflight); retry shortly", "too_many_inflight")
         est = sum(len(m["content"]) for m in what["messages"]) // 3 if chat else len(what["prompt"]) // 3
         reservation = await self._reserve(ident, est + (params["max_tokens"] or self.inf["default_max_tokens"]))
         msg = dict(what, params=params, tenant=tenant, cls=cls, stream=stream, timeout=self.inf["request_timeout"])

@@ -35,6 +35,7 @@ class Generation:
         self._full_text = ""  # streamed deltas so far, for the exact cache
         self.last_event = 0.0  # loop time of the last inference event (the watchdog reads it)
         self.done = False
+        self.counted = False  # in api.inflight while True
 
     def watch(self, idle: float, first: float) -> None:
         """An ingress-side deadline: a generation whose first event does not come within `first`
@@ -44,6 +45,8 @@ class Generation:
         loop = asyncio.get_running_loop()
         self.last_event = loop.time()
         started = self.last_event
+        self.counted = True
+        self.api.inflight += 1
 
         def check():
             if self.done:
@@ -81,6 +84,9 @@ class Generation:
         self.last_event = self.first.get_loop().time()
         if kind != DELTA:
             self.done = True
+            if self.counted:
+                self.counted = False
+                self.api.inflight -= 1
         if kind == ERR:
             self.settle(0)
             err = http_error(payload)
@@ -129,6 +135,9 @@ class Generation:
         spent (part of it was generated, and a refund must never exceed what was unused)."""
         self.api.clients[self.model].cancel(self.rid)
         self.reservation = None
+        if self.counted:  # no END will come for a cancelled sequence
+            self.counted = False
+            self.api.inflight -= 1
 
     def _envelope(self, choices: list, usage=None) -> dict:
         out = {"id": self.id, "object": "chat.completion.chunk" if self.chat else "text_completion",
