@@ -52,7 +52,7 @@ def main() -> None:
             print("  ", bad, data)
         spec = ROOT.parent / "shared" / "specs" / "openai-subset.json"
         if spec.exists():
-            r = subprocess.run(["schemathesis", "run", str(spec), "--url", f"http://127.0.0.1:{d.port}/v1",
+            r = subprocess.run([sys.executable, "-m", "schemathesis.cli", "run", str(spec), "--url", f"http://127.0.0.1:{d.port}/v1",
                                 "--checks", "not_a_server_error", "--max-examples", str(args.spec_examples),
                                 "--seed", str(args.seed), "--report-dir", str(tmp / "reports")],
                                capture_output=True, text=True, env=dict(os.environ, NO_COLOR="1"))
