@@ -40,6 +40,7 @@ CONTROL_OPS = ("status", "workers", "config", "reload", "drain", "stop", "metric
 # ---- mesh: ops handled at a key's ring owner ---------------------------------------------------
 RL_TAKE, RL_LEASE, RL_REFUND = "rl.take", "rl.lease", "rl.refund"        # rate-limit buckets
 SESS_CREATE, SESS_GET, SESS_PATCH, SESS_DELETE = "sess.create", "sess.get", "sess.patch", "sess.delete"
+SESS_ADOPT = "sess.adopt"  # a session whose owner changed (the worker count did): take it over
 XC_GET, XC_PUT = "xc.get", "xc.put"                                      # exact cache
 EV_APPEND = "ev.append"                                                  # event-log partition
 

@@ -21,7 +21,7 @@ import lmdb
 import orjson
 
 from tidegate.core.base.filelock import StoreLock
-from tidegate.core.messaging.protocol import SESS_CREATE, SESS_DELETE, SESS_GET, SESS_PATCH
+from tidegate.core.messaging.protocol import SESS_ADOPT, SESS_CREATE, SESS_DELETE, SESS_GET, SESS_PATCH
 
 PREFIX = b"tgs-"
 TOO_LARGE, FULL = "too_large", "full"  # what a patch answers instead of the record
@@ -56,7 +56,17 @@ class SessionStore:
 
     def handlers(self) -> dict:
         """The owner-side ops (core/state/owners.py): one JSON-able payload each."""
-        return {SESS_CREATE: self._create_op, SESS_GET: self.get, SESS_PATCH: self._patch_op, SESS_DELETE: self.delete}
+        return {SESS_CREATE: self._create_op, SESS_GET: self.get, SESS_PATCH: self._patch_op, SESS_DELETE: self.delete,
+                SESS_ADOPT: self._adopt_op}
+
+    def _adopt_op(self, p: dict) -> bool:
+        """Take over a session from its previous owner (the ring changed); the newer copy wins."""
+        mine = self.live.get(p["sid"])
+        if mine is None or mine["last_seen"] < p["rec"]["last_seen"]:
+            self._write(p["sid"], p["rec"])
+            self.live[p["sid"]] = p["rec"]
+            self._persisted_expiry[p["sid"]] = p["rec"]["expires_at"]
+        return True
 
     def _create_op(self, p: dict):
         try:

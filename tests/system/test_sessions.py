@@ -115,3 +115,29 @@ def test_rate_limits_fail_open_by_default_and_closed_on_request(daemon_factory):
         got = _statuses_while_stopped(d, worker_pid(d, owner), GAMMA)
         assert got and set(got) == expected, (fail_open, got)
         d.stop()
+
+
+def test_sessions_survive_a_change_of_the_worker_count(daemon_factory):
+    """A reload to more or fewer workers moves ~1/N of the ring: each session is handed to its new
+    owner (and the stores of removed slots are emptied), so every token keeps working."""
+    d = daemon_factory(workers=2, auth={"keys": KEYS})
+    sessions = [open_session(d.port, f"user-{i}", {"i": i}) for i in range(40)]
+    for k, workers in enumerate((3, 1), start=1):
+        d.rewrite_config(server={"workers": workers})
+        d.signal(signal.SIGHUP)
+        d.wait_event("reloaded", count=k, timeout=30)
+        deadline = time.time() + 15
+
+        def status(token):
+            try:
+                return api(d.port, "GET", "/v1/sessions/current", token).status
+            except ConnectionError:  # queued on a removed slot's socket as it closed (see ARCHITECTURE)
+                return None
+        while True:
+            bad = [i for i, s in enumerate(sessions) if status(s["token"]) != 200]
+            if not bad or time.time() > deadline:
+                break
+            time.sleep(0.2)
+        assert not bad, (workers, bad)
+        for i, s in enumerate(sessions):
+            assert api(d.port, "GET", "/v1/sessions/current", s["token"]).json()["attributes"] == {"i": i}

@@ -9,12 +9,14 @@ supervisor decides). Exit codes: 0 clean, 3 failed to boot (the supervisor then 
 from __future__ import annotations
 
 import asyncio
+import glob
 import os
 import signal
 import socket
 import sys
 import time
 
+import lmdb
 import uvloop
 import zmq
 
@@ -138,7 +140,7 @@ class IngressWorker:
 
     # ---- durable stores: opened under their locks, handed over on reload ------------------------
     STORE_OPS = (protocol.SESS_CREATE, protocol.SESS_GET, protocol.SESS_PATCH, protocol.SESS_DELETE,
-                 protocol.EV_APPEND)
+                 protocol.SESS_ADOPT, protocol.EV_APPEND)
 
     def _store_dirs(self) -> dict:
         data = self.cfg["server"]["data_dir"]
@@ -178,6 +180,48 @@ class IngressWorker:
         if self.sessions is not None:
             self.sessions.close()
             self.sessions = None
+
+    async def _rehome_sessions(self) -> None:
+        """After the worker count changed, sessions sit at their old owner: hand each to its owner
+        on the new ring (sess.adopt), then drop it here. Slot 0 also empties the stores of slots
+        that no longer exist. Until a session is moved its token answers 401; a failure leaves it
+        for the next start."""
+        data = self.cfg["server"]["data_dir"]
+        stores = [(self.sessions, False)]
+        if self.slot == 0:
+            for path in sorted(glob.glob(os.path.join(data, "sessions-*"))):
+                j = path.rsplit("-", 1)[1]
+                if j.isdigit() and int(j) >= self.n_slots:
+                    try:
+                        sc = self.cfg["sessions"]
+                        lock = StoreLock(path).acquire(wait=30.0)  # its old owner lets go on its way out
+                        stores.append((SessionStore(path, sc["ttl"], 1 << 62, sc["map_bytes"],
+                                                    sc["max_attributes_bytes"], lock=lock), True))
+                    except (OSError, lmdb.Error) as e:
+                        log.warning("sessions of a removed slot not moved yet", store=path, error=str(e))
+        moved = 0
+        for store, foreign in stores:
+            for i, (sid, rec) in enumerate(list(store.live.items())):
+                if i % 1000 == 999:
+                    await asyncio.sleep(0)  # a big store: keep serving meanwhile
+                owner = self.owners.owner_of(sid.encode())
+                if not foreign and owner == self.slot:
+                    continue
+                try:
+                    ok = self.owners.call(owner, protocol.SESS_ADOPT, {"sid": sid, "rec": rec}, 5.0)
+                    if asyncio.isfuture(ok):
+                        ok = await ok
+                except Exception as e:
+                    log.warning("session not moved yet", error=repr(e))
+                    break
+                if ok:
+                    store.delete(sid)
+                    moved += 1
+                await asyncio.sleep(0)
+            if foreign:
+                store.close()
+        if moved:
+            log.info("sessions moved to their owners on the new ring", moved=moved)
 
     def _release(self, gen: int) -> None:
         """Reload hand-off: generation `gen` is up to its stores. Stop accepting (new connections
@@ -236,6 +280,7 @@ class IngressWorker:
             self._spawn_periodic(lambda: self.events and self.events.probe(), 1.0)
         self.booted = True
         log.info("worker ready", slot=self.slot, gen=self.spec["gen"])
+        self.periodic.append(asyncio.ensure_future(self._rehome_sessions()))
 
     def _spawn_periodic(self, fn, interval: float) -> None:
         async def run():
