@@ -10,6 +10,7 @@ from typing import NamedTuple
 
 from tidegate.core.base import config
 from tidegate.core.events.views import CONFIG_RULES as VIEW_RULES
+from tidegate.core.features.registry import view_problem as feature_view_problem
 
 INGRESS, INFERENCE, EMBEDDER, VIEWS = "ingress", "inference", "embedder", "views"
 
@@ -22,7 +23,7 @@ KINDS = {
 }
 
 # config checks that domain packages own (config itself imports none of them)
-CONFIG_RULES = {**VIEW_RULES}
+CONFIG_RULES = {**VIEW_RULES, "features.views": feature_view_problem}
 
 
 class Slot(NamedTuple):

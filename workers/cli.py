@@ -62,6 +62,23 @@ def _parser() -> argparse.ArgumentParser:
     c.add_argument("action", choices=["stats", "purge"])
     c.add_argument("--tenant", help="purge only this tenant's entries")
 
+    f = sub.add_parser("features", help="the feature registry: load | get | stats",
+                       description="Load, read and count feature-view rows in DATA_DIR/features (needs no daemon; "
+                                   "a load switches versions atomically while the daemon serves).")
+    f.add_argument("--config", "-c", help="the daemon's config file (its [features] views and data_dir)")
+    f.add_argument("--json", action="store_true", help="print JSON instead of a table")
+    fsub = f.add_subparsers(dest="features_command", metavar="FEATURES_COMMAND", required=True)
+    fl = fsub.add_parser("load", help="load a CSV, JSON-lines or Parquet file as a new version of a view")
+    fl.add_argument("view")
+    fl.add_argument("file")
+    fl.add_argument("--tenant", default="anonymous", help="whose rows these are (default: anonymous)")
+    fl.add_argument("--format", choices=["csv", "jsonl", "parquet"], help="default: from the file's extension")
+    fg = fsub.add_parser("get", help="one entity's row")
+    fg.add_argument("view")
+    fg.add_argument("entity")
+    fg.add_argument("--tenant", default="anonymous")
+    fsub.add_parser("stats", help="rows and version per view")
+
     m = sub.add_parser("model", help="model files", description="Model files.")
     msub = m.add_subparsers(dest="model_command", metavar="MODEL_COMMAND", required=True)
     md = msub.add_parser("make-demo", help="write the tiny random-weight demo GGUF (offline)",
@@ -81,6 +98,8 @@ def main(argv=None) -> int:
     if args.command == "version":
         print(f"tidegate {__version__}")
         return 0
+    if args.command == "features":
+        return features(args)
     if args.command == "model":
         from tidegate.core.llm.demo_model import make_demo
         print(make_demo(args.path, args.size, args.seed))
@@ -96,6 +115,42 @@ def main(argv=None) -> int:
             overrides["log.level"] = args.log_level
         return serve(args.config, overrides)
     return admin(args)
+
+
+def features(args) -> int:
+    from tidegate.core.features import admin as fa
+    from tidegate.workers import load_config
+    try:
+        cfg = load_config(args.config)
+    except config.ConfigError as e:
+        print(f"tidegate features: invalid config: {e}", file=sys.stderr)
+        return ADMIN_USAGE
+    try:
+        if args.features_command == "load":
+            from tqdm import tqdm
+            bar = None
+
+            def progress(total):
+                nonlocal bar
+                bar = tqdm(total=total, unit="rows", desc=f"checking {args.view}", file=sys.stderr,
+                           disable=not sys.stderr.isatty())
+                return bar.update
+            out = fa.load(cfg, args.view, args.file, args.tenant, args.format, progress)
+            if bar is not None:
+                bar.close()
+        elif args.features_command == "get":
+            found = fa.get(cfg, args.view, args.entity, args.tenant)
+            if found is None:
+                print(f"tidegate features: no row for {args.entity!r} in {args.view!r}", file=sys.stderr)
+                return ADMIN_FAILED
+            out = {"view": args.view, "entity": args.entity, "version": found[1], **found[0]}
+        else:
+            out = fa.stats(cfg)
+    except (ValueError, OSError) as e:
+        print(f"tidegate features: {e}", file=sys.stderr)
+        return ADMIN_FAILED
+    print(orjson.dumps(out, option=orjson.OPT_INDENT_2).decode() if args.json else _human("features", {"body": out}))
+    return ADMIN_OK
 
 
 def admin(args) -> int:
@@ -147,9 +202,9 @@ def _human(cmd: str, reply: dict) -> str:
         cols = ["id", "slot", "gen", "pid", "state", "uptime_s", "heartbeat_age_s", "rss_bytes", "requests",
                 "open_connections"]
         return _table(cols, [[r.get(c) for c in cols] for r in body])
-    if cmd == "log" and isinstance(body, list):
-        cols = sorted({k for row in body for k in row}, key=lambda c: ["partition", "seq"].index(c)
-                      if c in ("partition", "seq") else 9)
+    if cmd in ("log", "features") and isinstance(body, list):
+        cols = sorted({k for row in body for k in row}, key=lambda c: ["partition", "seq", "view"].index(c)
+                      if c in ("partition", "seq", "view") else 9)
         return _table(cols, [[r.get(c) if not isinstance(r.get(c), (dict, list)) else orjson.dumps(r[c]).decode()
                               for c in cols] for r in body])
     if cmd == "config":

@@ -281,6 +281,11 @@ SCHEMA: dict[str, dict[str, Key]] = {
                         lambda v: None if v in ("wordllama", "gguf") else "must be wordllama or gguf"),
         "embedder_model": Key(str, "", "GGUF path for embedder = gguf"),
     },
+    "features": {
+        "views": Key(list, [], "feature views: [{name, entity, features = [{name, dtype = float32|int64, default}]}] "
+                     "(see core/features/registry.py); rows are loaded with `tidegate features load`", _tables),
+        "map_bytes": Key(int, 1024 * MiB, "LMDB map size of the feature registry", positive),
+    },
     "events": {
         "enabled": Key(bool, True, "serve POST /v1/events into the append-only log (one partition per worker)"),
         "batch_bytes": Key(int, 1 * MiB, "group commit: flush when this many bytes wait", positive),

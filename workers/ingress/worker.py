@@ -28,6 +28,7 @@ from tidegate.core.cache.exact import ExactCache
 from tidegate.core.cache.semantic_client import SemanticClient
 from tidegate.core.events.owner import PartitionOwner
 from tidegate.core.events.views import ViewReader
+from tidegate.core.features.registry import Registry
 from tidegate.core.http.http11 import HttpServer
 from tidegate.core.http.router import Router
 from tidegate.core.messaging import endpoints, protocol
@@ -43,6 +44,7 @@ from tidegate.core.state.sessions import SessionStore
 from tidegate.ext.httpconn import HttpConnection
 from tidegate.workers.ingress.guard import Guard
 from tidegate.workers.ingress.routes.events import EventRoutes
+from tidegate.workers.ingress.routes.features import FeatureRoutes
 from tidegate.workers.ingress.routes.openai import OpenAIRoutes
 from tidegate.workers.ingress.routes.ops import OpsRoutes
 from tidegate.workers.ingress.routes.sessions import SessionRoutes
@@ -91,6 +93,9 @@ class IngressWorker:
         routes = [OpsRoutes(cfg, self.link, self.snapshot), SessionRoutes(cfg, guard)]
         if cfg["events"]["enabled"]:
             routes += [EventRoutes(cfg, self.owners), ViewRoutes(self.views)]
+        if cfg["features"]["views"]:
+            routes.append(FeatureRoutes(Registry(os.path.join(cfg["server"]["data_dir"], "features"),
+                                                 cfg["features"]["views"])))
         models = config.models(cfg)
         if models:
             limit = cfg["server"]["max_frame_bytes"]

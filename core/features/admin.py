@@ -1,0 +1,79 @@
+"""`tidegate features load | get | stats`: the people's side of the feature registry.
+
+load reads CSV (a header row), JSON lines or Parquet (when pyarrow is installed), checks every
+row against the view's schema first (an error names the row and the column, and nothing is
+written), then writes a new version and switches to it in one transaction.
+"""
+from __future__ import annotations
+
+import csv
+import os
+
+import orjson
+
+from tidegate.core.features.registry import Registry
+
+
+def _rows(path: str, fmt: str, entity: str):
+    if fmt == "csv":
+        with open(path, newline="") as f:
+            for i, row in enumerate(csv.DictReader(f), start=1):
+                if entity not in row:
+                    raise ValueError(f"row {i}: no {entity!r} column (the view's entity)")
+                yield row.pop(entity), row
+    elif fmt == "jsonl":
+        with open(path, "rb") as f:
+            for i, line in enumerate(f, start=1):
+                if not line.strip():
+                    continue
+                try:
+                    row = orjson.loads(line)
+                except orjson.JSONDecodeError as e:
+                    raise ValueError(f"row {i}: not JSON ({e})") from None
+                if not isinstance(row, dict) or entity not in row:
+                    raise ValueError(f"row {i}: an object with the {entity!r} field is needed")
+                yield str(row.pop(entity)), row
+    else:  # parquet
+        try:
+            import pyarrow.parquet as pq
+        except ImportError:
+            raise ValueError("reading Parquet needs pyarrow (pip install pyarrow)") from None
+        for i, row in enumerate(pq.read_table(path).to_pylist(), start=1):
+            if entity not in row:
+                raise ValueError(f"row {i}: no {entity!r} column (the view's entity)")
+            yield str(row.pop(entity)), row
+
+
+def registry_dir(cfg: dict) -> str:
+    return os.path.join(cfg["server"]["data_dir"], "features")
+
+
+def load(cfg: dict, view: str, path: str, tenant: str, fmt: str | None = None, progress=None) -> dict:
+    views = {v["name"]: v for v in cfg["features"]["views"]}
+    if view not in views:
+        raise ValueError(f"no feature view named {view!r} in the config (declared: {', '.join(views) or 'none'})")
+    fmt = fmt or {".csv": "csv", ".jsonl": "jsonl", ".ndjson": "jsonl", ".parquet": "parquet"}.get(
+        os.path.splitext(path)[1].lower(), "csv")
+    rows = list(_rows(path, fmt, views[view].get("entity", "entity")))
+    reg = Registry(registry_dir(cfg), cfg["features"]["views"], cfg["features"]["map_bytes"], writable=True)
+    try:
+        n, version = reg.load(view, rows, tenant, progress(len(rows)) if progress else None)
+    finally:
+        reg.close()
+    return {"view": view, "tenant": tenant, "rows": n, "version": version}
+
+
+def get(cfg: dict, view: str, entity: str, tenant: str):
+    reg = Registry(registry_dir(cfg), cfg["features"]["views"])
+    try:
+        return reg.get(view, tenant, entity)
+    finally:
+        reg.close()
+
+
+def stats(cfg: dict) -> list[dict]:
+    reg = Registry(registry_dir(cfg), cfg["features"]["views"])
+    try:
+        return reg.stats()
+    finally:
+        reg.close()

@@ -1,0 +1,30 @@
+"""GET /v1/features/{view}/{entity}: one entity's row of a feature view, as JSON, for the
+caller's tenant only, read in a read-only LMDB snapshot (core/features/registry.py)."""
+from __future__ import annotations
+
+from urllib.parse import unquote
+
+from tidegate.core.http.http11 import HttpError, json_response
+
+
+class FeatureRoutes:
+    def __init__(self, registry):
+        self.registry = registry
+
+    def add_to(self, router, guard) -> None:
+        get = guard(self.get)
+        router.add("GET", "/v1/features/{view}/{entity}", lambda req, **_: get(req))
+
+    def get(self, req):
+        parts = req.path.split("/", 4)
+        view, entity = unquote(parts[3]), unquote(parts[4]) if len(parts) > 4 else ""
+        if view not in self.registry.views:
+            raise HttpError(404, f"no feature view named {view!r} (declared: "
+                            f"{', '.join(self.registry.views) or 'none'})", "view_not_found", param="view")
+        tenant = req.identity.tenant if req.identity is not None else "anonymous"
+        found = self.registry.get(view, tenant, entity)
+        if found is None:
+            raise HttpError(404, f"feature view {view!r} has no row for {entity!r}", "entity_not_found", param="entity")
+        features, version = found
+        return json_response({"object": "features", "view": view, "entity": entity, "version": version,
+                              "features": features})
