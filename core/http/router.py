@@ -2,8 +2,16 @@
 from __future__ import annotations
 
 import re
+from urllib.parse import unquote
 
 from tidegate.core.http.http11 import HttpError, Request
+
+
+def path_params(req: Request, first: int) -> tuple[str, str]:
+    """The two %-decoded segments of a /v1/x/{a}/{b} path from segment index `first` (the guard
+    calls handlers with the request only, so routes with parameters read them here)."""
+    parts = req.path.split("/", first + 1)
+    return unquote(parts[first]), unquote(parts[first + 1]) if len(parts) > first + 1 else ""
 
 
 class Router:

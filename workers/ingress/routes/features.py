@@ -2,9 +2,8 @@
 caller's tenant only, read in a read-only LMDB snapshot (core/features/registry.py)."""
 from __future__ import annotations
 
-from urllib.parse import unquote
-
 from tidegate.core.http.http11 import HttpError, json_response
+from tidegate.core.http.router import path_params
 
 
 class FeatureRoutes:
@@ -16,8 +15,7 @@ class FeatureRoutes:
         router.add("GET", "/v1/features/{view}/{entity}", lambda req, **_: get(req))
 
     def get(self, req):
-        parts = req.path.split("/", 4)
-        view, entity = unquote(parts[3]), unquote(parts[4]) if len(parts) > 4 else ""
+        view, entity = path_params(req, 3)
         if view not in self.registry.views:
             raise HttpError(404, f"no feature view named {view!r} (declared: "
                             f"{', '.join(self.registry.views) or 'none'})", "view_not_found", param="view")

@@ -4,9 +4,8 @@ events made them: a caller reads its own tenant's rows only (there is no cross-t
 HTTP; an operator reads any partition with `tidegate admin log tail`)."""
 from __future__ import annotations
 
-from urllib.parse import unquote
-
 from tidegate.core.http.http11 import HttpError, json_response
+from tidegate.core.http.router import path_params
 
 
 class ViewRoutes:
@@ -18,8 +17,7 @@ class ViewRoutes:
         router.add("GET", "/v1/views/{view}/{key}", lambda req, **_: view(req))
 
     def view(self, req):
-        parts = req.path.split("/", 4)
-        name, key = unquote(parts[3]), unquote(parts[4]) if len(parts) > 4 else ""
+        name, key = path_params(req, 3)
         if name not in self.views.views:
             raise HttpError(404, f"no view named {name!r} (declared: {', '.join(self.views.views) or 'none'})",
                             "view_not_found", param="view")
