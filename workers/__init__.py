@@ -37,6 +37,12 @@ class Slot(NamedTuple):
         return f"model:{self.name}" if self.kind == INFERENCE else self.kind
 
     @property
+    def label(self) -> str:  # how worker ids begin: "ingress-0", "inference-NAME", "embedder", "views"
+        if self.kind == INGRESS:
+            return f"ingress-{self.index}"
+        return f"inference-{self.name}" if self.kind == INFERENCE else self.kind
+
+    @property
     def module(self) -> str:
         return KINDS[self.kind]
 

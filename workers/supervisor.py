@@ -333,7 +333,7 @@ class Supervisor:
 
     # ---- workers ------------------------------------------------------------------------------
     def _spawn(self, slot: Slot, gen: int, cfg: dict) -> None:
-        """Start the process for slot: its kind's module (workers/__init__.py), its spec in the env."""
+        """Start the process for slot: its kind's module (workers/__init__.py), its spec in a memfd."""
         self._ids += 1
         spec = {"kind": slot.kind, "slot": slot.index, "gen": gen, "config": config.redacted(cfg),
                 "internal": endpoints.internal(cfg), "supervisor_pid": os.getpid()}
@@ -341,13 +341,9 @@ class Supervisor:
         if slot.kind == INGRESS:
             fds = self.listeners.fds(config.binds(cfg), slot.index)
             spec.update(fds=fds, n_slots=config.resolve_workers(cfg))
-            label = f"ingress-{slot.index}"
         elif slot.kind == INFERENCE:
             spec["model"] = next(m for m in config.models(cfg) if m["name"] == slot.name)
-            label = f"inference-{slot.name}"
-        else:
-            label = slot.kind
-        spec["id"] = f"{label}.g{gen}.{self._ids}"
+        spec["id"] = f"{slot.label}.g{gen}.{self._ids}"
         sfd = spec_fd(spec)
         try:
             proc = subprocess.Popen([sys.executable, "-m", slot.module], pass_fds=[*fds, sfd],

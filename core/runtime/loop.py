@@ -129,7 +129,6 @@ class BlockingWorker:
     before_sleep()          after this turn's events left (e.g. save what the step produced)
     counters() -> dict      heartbeat counters
     drained(now) -> bool    after SIGTERM: True once it may exit (default: at once)
-    shutdown()              close stores
     """
     idle_poll_ms = 50
 
@@ -180,9 +179,6 @@ class BlockingWorker:
 
     def drained(self, now: float) -> bool:
         return True
-
-    def shutdown(self) -> None:
-        pass
 
     # ---- for subclasses -------------------------------------------------------------------------
     def send(self, peer: bytes, event: list) -> None:
@@ -251,7 +247,6 @@ class BlockingWorker:
             if self.draining and self.drained(now):
                 break
         self._heartbeat()
-        self.shutdown()
         self.close_stores()
         socks.close()
 

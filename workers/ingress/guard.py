@@ -26,6 +26,12 @@ UNAUTHORIZED = HttpError(401, "missing or invalid credentials", "invalid_api_key
                          headers=[(b"www-authenticate", b'Bearer realm="tidegate"')])
 
 
+def caller(req) -> Identity:
+    """Who is asking: the guard's identity, or the anonymous tenant on an open gateway (no API
+    keys and no request limits, where the guard lets routes through unwrapped)."""
+    return req.identity or ANONYMOUS
+
+
 def refusal_error(r: Refusal) -> HttpError:
     if r.status == 503:
         return service_unavailable("rate-limit owner unavailable; retry shortly", "owner_unavailable")

@@ -158,7 +158,8 @@ class IngressWorker:
         """Take this slot's stores once the previous holder (the old generation, on a reload) has
         let go: poll their locks without blocking the loop, then open them. Owner calls for them
         that arrive meanwhile wait (Owners.hold) instead of failing."""
-        locks = {name: StoreLock(d) for name, d in self._store_dirs().items()}
+        dirs = self._store_dirs()
+        locks = {name: StoreLock(d) for name, d in dirs.items()}
         deadline = time.monotonic() + wait
         while not all(lock.try_acquire() for lock in locks.values()):
             if time.monotonic() > deadline:
@@ -167,14 +168,17 @@ class IngressWorker:
                 raise StoreLocked(f"slot {self.slot}'s stores are still held: "
                                   + ", ".join(f"{n} by {lk.holder()}" for n, lk in locks.items() if not lk.held))
             await asyncio.sleep(0.005)
-        sc = self.cfg["sessions"]
-        self.sessions = SessionStore(self._store_dirs()["sessions"], sc["ttl"], sc["max_per_worker"], sc["map_bytes"],
-                                     sc["max_attributes_bytes"], lock=locks["sessions"])
+        self.sessions = self._session_store(dirs["sessions"], locks["sessions"])
         handlers = self.sessions.handlers()
         if "events" in locks:
             self.events = PartitionOwner(self.cfg, self.slot, self.views, lock=locks["events"])
             handlers.update(self.events.handlers())
         self.owners.open(handlers)
+
+    def _session_store(self, path: str, lock: StoreLock, max_sessions: int | None = None) -> SessionStore:
+        sc = self.cfg["sessions"]
+        return SessionStore(path, sc["ttl"], max_sessions or sc["max_per_worker"], sc["map_bytes"],
+                            sc["max_attributes_bytes"], lock=lock)
 
     def _close_stores(self) -> None:
         """Flush, fsync and close the stores, then let go of their locks (idempotent)."""
@@ -190,19 +194,25 @@ class IngressWorker:
         """After the worker count changed, sessions sit at their old owner: hand each to its owner
         on the new ring (sess.adopt), then drop it here. Slot 0 also empties the stores of slots
         that no longer exist. Until a session is moved its token answers 401; a failure leaves it
-        for the next start."""
+        for the next start. Nothing is scanned while the worker count stays what it was."""
         data = self.cfg["server"]["data_dir"]
-        stores = [(self.sessions, False)]
+        mark = os.path.join(self._store_dirs()["sessions"], "ring")  # the worker count the store was sorted for
+        try:
+            with open(mark) as f:
+                if f.read().strip() == str(self.n_slots):
+                    return
+        except OSError:
+            pass
+        stores, complete = [(self.sessions, False)], True
         if self.slot == 0:
             for path in sorted(glob.glob(os.path.join(data, "sessions-*"))):
                 j = path.rsplit("-", 1)[1]
                 if j.isdigit() and int(j) >= self.n_slots:
                     try:
-                        sc = self.cfg["sessions"]
                         lock = StoreLock(path).acquire(wait=30.0)  # its old owner lets go on its way out
-                        stores.append((SessionStore(path, sc["ttl"], 1 << 62, sc["map_bytes"],
-                                                    sc["max_attributes_bytes"], lock=lock), True))
+                        stores.append((self._session_store(path, lock, max_sessions=1 << 62), True))
                     except (OSError, lmdb.Error) as e:
+                        complete = False
                         log.warning("sessions of a removed slot not moved yet", store=path, error=str(e))
         moved = 0
         for store, foreign in stores:
@@ -217,6 +227,7 @@ class IngressWorker:
                     if asyncio.isfuture(ok):
                         ok = await ok
                 except Exception as e:
+                    complete = False
                     log.warning("session not moved yet", error=repr(e))
                     break
                 if ok:
@@ -227,6 +238,9 @@ class IngressWorker:
                 store.close()
         if moved:
             log.info("sessions moved to their owners on the new ring", moved=moved)
+        if complete and self.sessions is not None:
+            with open(mark, "w") as f:
+                f.write(str(self.n_slots))
 
     def _release(self, gen: int) -> None:
         """Reload hand-off: generation `gen` is up to its stores. Stop accepting (new connections

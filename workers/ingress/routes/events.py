@@ -20,6 +20,7 @@ from tidegate.core.events.eventlog import LogUnavailable
 from tidegate.core.http.http11 import HttpError, json_response, service_unavailable
 from tidegate.core.http.jsonbody import checked_body
 from tidegate.core.messaging.protocol import EV_APPEND
+from tidegate.workers.ingress.guard import caller
 
 
 class EventRoutes:
@@ -81,7 +82,7 @@ class EventRoutes:
         return out
 
     async def ingest(self, req):
-        tenant = req.identity.tenant if req.identity is not None else "anonymous"
+        tenant = caller(req).tenant
         events = self._validate(self._parse(req), tenant)
         buffered = b"ack=buffered" in (req.query or b"")
         owners, by_owner, prefix = self.owners, {}, b"ev:" + tenant.encode() + b"\0"

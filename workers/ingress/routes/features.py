@@ -4,6 +4,7 @@ from __future__ import annotations
 
 from tidegate.core.http.http11 import HttpError, json_response
 from tidegate.core.http.router import path_params
+from tidegate.workers.ingress.guard import caller
 
 
 class FeatureRoutes:
@@ -19,7 +20,7 @@ class FeatureRoutes:
         if view not in self.registry.views:
             raise HttpError(404, f"no feature view named {view!r} (declared: "
                             f"{', '.join(self.registry.views) or 'none'})", "view_not_found", param="view")
-        tenant = req.identity.tenant if req.identity is not None else "anonymous"
+        tenant = caller(req).tenant
         found = self.registry.get(view, tenant, entity)
         if found is None:
             raise HttpError(404, f"feature view {view!r} has no row for {entity!r}", "entity_not_found", param="entity")

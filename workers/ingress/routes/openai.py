@@ -26,7 +26,7 @@ from tidegate.core.http.jsonbody import parse_json
 from tidegate.core.messaging import protocol
 from tidegate.core.messaging.worker_client import Unavailable
 from tidegate.core.state.ratelimit import Refusal
-from tidegate.workers.ingress.guard import refusal_error
+from tidegate.workers.ingress.guard import caller, refusal_error
 from tidegate.workers.ingress.routes.replies import Generation
 
 ROLES = ("system", "developer", "user", "assistant", "tool")
@@ -217,7 +217,7 @@ class OpenAIRoutes:
         fmt = body.get("encoding_format", "float")
         if fmt not in ("float", "base64"):
             raise _bad("'encoding_format' must be float or base64", "encoding_format")
-        reservation = await self._reserve(req.identity, sum(len(s) for s in inp) // 3)
+        reservation = await self._reserve(caller(req), sum(len(s) for s in inp) // 3)
         fut = asyncio.get_running_loop().create_future()
 
         def on_event(kind, payload):
@@ -248,7 +248,7 @@ class OpenAIRoutes:
     async def _reserve(self, ident, tokens: int):
         """Tokens/minute: reserve up front (429 when the buckets cannot cover it), settled on the
         real usage; None when no tokens/minute limit applies."""
-        if not self.limiter.token_limits or ident is None:
+        if not self.limiter.token_limits:
             return None
         reservation = self.limiter.reserve(ident, tokens)
         if asyncio.isfuture(reservation):
@@ -270,9 +270,8 @@ class OpenAIRoutes:
     async def _generate(self, req, body: dict, model: str, what: dict, chat: bool):
         params = self._params(body)
         stream, include_usage = self._stream_flags(body)
-        ident = req.identity
-        tenant = ident.tenant if ident is not None else "anonymous"
-        cls = ident.klass if ident is not None else "standard"
+        ident = caller(req)
+        tenant, cls = ident.tenant, ident.klass
         call = Generation(self, model, chat, stream, include_usage)
         hit = await self._cached(req, call, body, params, model, tenant, what, chat)
         if hit is not None:

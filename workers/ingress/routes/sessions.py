@@ -16,9 +16,8 @@ import orjson
 from tidegate.core.http.http11 import HttpError, json_response, service_unavailable
 from tidegate.core.http.jsonbody import parse_json
 from tidegate.core.messaging.protocol import SESS_CREATE, SESS_DELETE, SESS_PATCH
-from tidegate.core.state.auth import ANONYMOUS
 from tidegate.core.state.sessions import FULL, TOO_LARGE, new_token, token_id
-from tidegate.workers.ingress.guard import UNAUTHORIZED
+from tidegate.workers.ingress.guard import UNAUTHORIZED, caller
 
 
 class SessionRoutes:
@@ -48,7 +47,7 @@ class SessionRoutes:
         if not isinstance(user, str) or not 0 < len(user) <= 128:
             raise HttpError(400, "'user' must be a string of 1 to 128 characters", "invalid_user")
         attrs = self._attributes(body)
-        ident = req.identity or ANONYMOUS  # an open gateway (no API keys): the anonymous tenant
+        ident = caller(req)
         token = new_token()
         sid = token_id(token)
         rec = await self.guard.session_call(sid, SESS_CREATE, {"sid": sid, "tenant": ident.tenant, "user": user,

@@ -6,6 +6,7 @@ from __future__ import annotations
 
 from tidegate.core.http.http11 import HttpError, json_response
 from tidegate.core.http.router import path_params
+from tidegate.workers.ingress.guard import caller
 
 
 class ViewRoutes:
@@ -21,7 +22,7 @@ class ViewRoutes:
         if name not in self.views.views:
             raise HttpError(404, f"no view named {name!r} (declared: {', '.join(self.views.views) or 'none'})",
                             "view_not_found", param="view")
-        tenant = req.identity.tenant if req.identity is not None else "anonymous"
+        tenant = caller(req).tenant
         value = self.views.get(name, tenant, key)
         if value is None:
             raise HttpError(404, f"view {name!r} has nothing for key {key!r}", "key_not_found", param="key")
