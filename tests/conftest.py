@@ -38,3 +38,12 @@ def daemon_factory(tmp_path):
     yield make
     for d in started:
         d.stop()
+
+
+@pytest.fixture
+def redis_server(tmp_path):
+    """A real Redis server on loopback (tests/helpers/redis_server.py), stopped after the test."""
+    from helpers.redis_server import RedisServer
+    server = RedisServer(tmp_path)
+    yield server
+    server.stop()

@@ -11,8 +11,9 @@ from typing import NamedTuple
 from tidegate.core.base import config
 from tidegate.core.events.views import CONFIG_RULES as VIEW_RULES
 from tidegate.core.features.registry import view_problem as feature_view_problem
+from tidegate.core.predict.models import model_problem
 
-INGRESS, INFERENCE, EMBEDDER, VIEWS = "ingress", "inference", "embedder", "views"
+INGRESS, INFERENCE, EMBEDDER, VIEWS, MODELS = "ingress", "inference", "embedder", "views", "models"
 
 # kind -> the module run with `python -m` (each has a main())
 KINDS = {
@@ -20,10 +21,11 @@ KINDS = {
     INFERENCE: "tidegate.workers.inference",
     EMBEDDER: "tidegate.workers.embedder",
     VIEWS: "tidegate.workers.viewbuilder",
+    MODELS: "tidegate.workers.modelworker",
 }
 
 # config checks that domain packages own (config itself imports none of them)
-CONFIG_RULES = {**VIEW_RULES, "features.views": feature_view_problem}
+CONFIG_RULES = {**VIEW_RULES, "features.views": feature_view_problem, "predict.models": model_problem}
 
 
 class Slot(NamedTuple):
@@ -49,13 +51,16 @@ class Slot(NamedTuple):
 
 def slots(cfg: dict) -> list[Slot]:
     """What the supervisor keeps running for cfg: ingress 0..N-1, one inference worker per model,
-    the embedder when the semantic cache is on, the view builder when views are declared."""
+    the embedder when the semantic cache is on, the view builder when views are declared, the
+    model worker when a tabular model is declared with worker = true."""
     out = [Slot(INGRESS, i) for i in range(config.resolve_workers(cfg))]
     out += [Slot(INFERENCE, 0, m["name"]) for m in config.models(cfg)]
     if config.semantic_enabled(cfg):
         out.append(Slot(EMBEDDER))
     if cfg["events"]["enabled"] and cfg["events"]["views"]:
         out.append(Slot(VIEWS))
+    if any(m.get("worker") for m in cfg["predict"]["models"]):
+        out.append(Slot(MODELS))
     return out
 
 

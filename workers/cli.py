@@ -89,6 +89,20 @@ def _parser() -> argparse.ArgumentParser:
     md.add_argument("--size", choices=["tiny", "bench"], default="tiny")
     md.add_argument("--seed", type=int, default=1234)
 
+    d = sub.add_parser("demo", help="worked examples: demo features DIR",
+                       description="features: write and load the fraud (critical) and recommendation (background) "
+                                   "examples: generated users and merchants, two models, a config; then serve it with "
+                                   "`tidegate serve --config DIR/tidegate.toml`.")
+    dsub = d.add_subparsers(dest="demo_command", metavar="DEMO_COMMAND", required=True)
+    df = dsub.add_parser("features", help="the fraud and recommendation examples")
+    df.add_argument("dir", nargs="?", default="./demo-features")
+    df.add_argument("--users", type=int, default=10000)
+    df.add_argument("--merchants", type=int, default=2000)
+    df.add_argument("--redis", default="", help="a Redis/Valkey URL: merchants live there (a third source)")
+    df.add_argument("--bind", default="127.0.0.1:8080")
+    df.add_argument("--tenant", default="anonymous", help="whose rows they are (default: anonymous, an open gateway)")
+    df.add_argument("--seed", type=int, default=7)
+
     sub.add_parser("version", help="print the version", description="Print the version and exit.")
     return p
 
@@ -100,6 +114,8 @@ def main(argv=None) -> int:
         return 0
     if args.command == "features":
         return features(args)
+    if args.command == "demo":
+        return demo(args)
     if args.command == "model":
         from tidegate.core.llm.demo_model import make_demo
         print(make_demo(args.path, args.size, args.seed))
@@ -150,6 +166,23 @@ def features(args) -> int:
         print(f"tidegate features: {e}", file=sys.stderr)
         return ADMIN_FAILED
     print(orjson.dumps(out, option=orjson.OPT_INDENT_2).decode() if args.json else _human("features", {"body": out}))
+    return ADMIN_OK
+
+
+def demo(args) -> int:
+    from tidegate.core.predict import demo as fd
+    from tidegate.workers import load_config
+    try:
+        path = fd.build(args.dir, args.users, args.merchants, args.redis, args.seed, args.bind)
+        loaded = fd.load_rows(load_config(path), args.dir, args.tenant)
+    except (ValueError, OSError, config.ConfigError) as e:
+        print(f"tidegate demo: {e}", file=sys.stderr)
+        return ADMIN_FAILED
+    for r in loaded:
+        print(f"loaded {r['rows']} rows into {r['view']} ({r.get('source', 'registry')})")
+    print(f"config: {path}\nserve:  tidegate serve --config {path}\n"
+          "try:    curl -s localhost:8080/v1/predict/fraud -d '{\"entities\": {\"user\": \"u1\", "
+          "\"merchant\": \"m2\"}, \"features\": {\"amount\": 120.0, \"hour\": 3}}'")
     return ADMIN_OK
 
 

@@ -143,6 +143,17 @@ def _overrides(v):
     return None
 
 
+def _class_seconds(v):
+    for k in ("critical", "standard", "background"):
+        n = v.get(k)
+        if isinstance(n, int) and not isinstance(n, bool):
+            v[k] = n = float(n)
+        if not isinstance(n, float) or not n > 0:
+            return f"{k}: needs a number of seconds > 0 for each of critical, standard, background"
+    unknown = set(v) - {"critical", "standard", "background"}
+    return f"unknown traffic class(es) {', '.join(sorted(unknown))}" if unknown else None
+
+
 def _strings(v):
     if not all(isinstance(item, str) and item for item in v):
         return "must be an array of non-empty strings"
@@ -285,6 +296,28 @@ SCHEMA: dict[str, dict[str, Key]] = {
         "views": Key(list, [], "feature views: [{name, entity, features = [{name, dtype = float32|int64, default}]}] "
                      "(see core/features/registry.py); rows are loaded with `tidegate features load`", _tables),
         "map_bytes": Key(int, 1024 * MiB, "LMDB map size of the feature registry", positive),
+        "redis_url": Key(str, "", "the remote online store for views with source = redis, e.g. "
+                         "redis://127.0.0.1:6379/0 (Redis or Valkey)"),
+        "redis_prefix": Key(str, "tidegate:", "key prefix of feature rows in Redis"),
+        "redis_pool": Key(int, 32, "Redis connections per ingress worker; reads beyond them in flight take "
+                          "their defaults (down)", positive),
+        "redis_timeout": Key(float, 1.0, "socket timeout of a Redis connection (s); a read past its deadline "
+                             "still finishes in the background up to this", positive),
+        "deadline": Key(dict, {"critical": 0.002, "standard": 0.01, "background": 0.05},
+                        "seconds hydration waits for a slow source (Redis) per traffic class, then takes the "
+                        "features' defaults (late)", lambda v: _class_seconds(v)),
+        "breaker_failures": Key(int, 5, "consecutive failures or missed deadlines that open a source's circuit "
+                                "breaker", positive),
+        "breaker_reset": Key(float, 1.0, "seconds a source's breaker stays open before one probe", positive),
+    },
+    "predict": {
+        "models": Key(list, [], "tabular models: [{name, path (.npz or .onnx), inputs = [request.X | VIEW.F | "
+                      "VIEW.* | events.VIEW], class, worker, version}] (see core/predict/)", _tables),
+        "max_batch": Key(int, 64, "micro-batching: most requests scored in one call (1 = no batching)", positive),
+        "max_delay": Key(float, 0.001, "micro-batching: the longest a request waits for its batch to fill (s); "
+                         "the window adapts between 0 and this", non_negative),
+        "max_instances": Key(int, 1000, "instances in one POST /v1/predict/{model}/batch (413 above)", positive),
+        "worker_timeout": Key(float, 1.0, "seconds to wait for the model worker's scores (then 504)", positive),
     },
     "events": {
         "enabled": Key(bool, True, "serve POST /v1/events into the append-only log (one partition per worker)"),
@@ -344,7 +377,7 @@ def _check_type(name: str, key: Key, value: Any) -> Any:
 
 def validate(raw: dict, rules: dict | None = None) -> dict:
     """Merge raw over the defaults, checking every key; returns a new dict. `rules` maps
-    "section.key" to a check(value) -> problem or None that a domain package owns (the events
+    "section.key" to a check(value, cfg) -> problem or None that a domain package owns (the events
     package checks view declarations): config stays at the ground and imports none of them."""
     cfg = defaults()
     for sec, body in raw.items():
@@ -360,7 +393,7 @@ def validate(raw: dict, rules: dict | None = None) -> dict:
     _cross_checks(cfg)
     for dotted, check in (rules or {}).items():
         sec, k = dotted.split(".")
-        problem = check(cfg[sec][k])
+        problem = check(cfg[sec][k], cfg)  # a rule sees the whole config (model inputs name views)
         if problem:
             raise ConfigError(f"{dotted}: {problem}")
     return cfg

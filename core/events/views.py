@@ -11,7 +11,8 @@ A view is declared in the config:
 
 kinds: count, sum, avg (of a numeric payload field; all time, or over `window` seconds kept as
 per-minute buckets and summed when read), last (the last value of a field), last_n (the last n
-payloads). Rows are keyed "view\\0key"; the builder writes them together with its log offsets in
+payloads). As a model input (`events.NAME`, core/features/hydrate.py) a view's keys are ids of
+its `entity` type (e.g. user) and `default` is what a key with no value yet reads as. Rows are keyed "view\\0key"; the builder writes them together with its log offsets in
 one LMDB transaction, so after a crash nothing is applied twice or skipped. Readers (the
 ingress workers) use read-only transactions: they never wait on the writer.
 """
@@ -27,7 +28,7 @@ import orjson
 KINDS = ("count", "sum", "avg", "last", "last_n")
 
 
-def view_problem(v) -> str | None:
+def view_problem(v, cfg=None) -> str | None:
     for i, item in enumerate(v):
         if (not isinstance(item, dict) or not isinstance(item.get("name"), str) or not 0 < len(item["name"]) <= 64
                 or "\0" in item["name"]):
@@ -41,10 +42,13 @@ def view_problem(v) -> str | None:
                             ("window", lambda v: isinstance(v, (int, float)) and not isinstance(v, bool) and v > 0,
                              "a number of seconds > 0"),
                             ("n", lambda v: isinstance(v, int) and not isinstance(v, bool) and 0 < v <= 10000,
-                             "an integer from 1 to 10000")):
+                             "an integer from 1 to 10000"),
+                            ("entity", lambda v: isinstance(v, str) and v != "", "a non-empty string"),
+                            ("default", lambda v: isinstance(v, (int, float)) and not isinstance(v, bool),
+                             "a number")):
             if k in item and not ok(item[k]):
                 return f"item {i}: {k} must be {what}"
-        unknown = set(item) - {"name", "kind", "event_type", "field", "window", "n"}
+        unknown = set(item) - {"name", "kind", "event_type", "field", "window", "n", "entity", "default"}
         if unknown:
             return f"item {i}: unknown field(s) {', '.join(sorted(unknown))}"
     return None

@@ -2,7 +2,8 @@
 
 load reads CSV (a header row), JSON lines or Parquet (when pyarrow is installed), checks every
 row against the view's schema first (an error names the row and the column, and nothing is
-written), then writes a new version and switches to it in one transaction.
+written), then writes a new version and switches to it in one transaction. A view whose source is
+redis is written to Redis instead, all rows in one MULTI/EXEC.
 """
 from __future__ import annotations
 
@@ -11,7 +12,8 @@ import os
 
 import orjson
 
-from tidegate.core.features.registry import Registry
+from tidegate.core.features.registry import Registry, View
+from tidegate.core.features.sources import redis_key
 
 
 def _rows(path: str, fmt: str, entity: str):
@@ -55,6 +57,9 @@ def load(cfg: dict, view: str, path: str, tenant: str, fmt: str | None = None, p
     fmt = fmt or {".csv": "csv", ".jsonl": "jsonl", ".ndjson": "jsonl", ".parquet": "parquet"}.get(
         os.path.splitext(path)[1].lower(), "csv")
     rows = list(_rows(path, fmt, views[view].get("entity", "entity")))
+    if views[view].get("source") == "redis":
+        n = _load_redis(cfg, View(views[view]), rows, tenant, progress(len(rows)) if progress else None)
+        return {"view": view, "tenant": tenant, "rows": n, "version": None, "source": "redis"}
     reg = Registry(registry_dir(cfg), cfg["features"]["views"], cfg["features"]["map_bytes"], writable=True)
     try:
         n, version = reg.load(view, rows, tenant, progress(len(rows)) if progress else None)
@@ -63,7 +68,54 @@ def load(cfg: dict, view: str, path: str, tenant: str, fmt: str | None = None, p
     return {"view": view, "tenant": tenant, "rows": n, "version": version}
 
 
+def _load_redis(cfg: dict, v: View, rows, tenant: str, progress=None) -> int:
+    """Check every row, then write them all in one MULTI/EXEC: readers see none or all of them
+    (each hash gets the view's ttl as its EXPIRE)."""
+    import redis
+    fc = cfg["features"]
+    checked = []
+    for i, (entity, row) in enumerate(rows, start=1):
+        if not isinstance(entity, str) or not entity:
+            raise ValueError(f"row {i}, column {v.entity!r}: the entity id must not be empty")
+        checked.append((entity, v.unpack(v.pack(row, f"row {i}"))))
+    client = redis.Redis.from_url(fc["redis_url"], socket_timeout=30)
+    try:
+        return _write_redis(client, fc, v, checked, tenant, progress)
+    except redis.RedisError as e:
+        raise ValueError(f"Redis at {fc['redis_url']}: {e}") from None
+    finally:
+        client.close()
+
+
+def _write_redis(client, fc: dict, v: View, checked: list, tenant: str, progress) -> int:
+    pipe = client.pipeline(transaction=True)
+    for entity, values in checked:
+        key = redis_key(fc["redis_prefix"], v.name, tenant, entity)
+        pipe.delete(key)
+        pipe.hset(key, mapping={f: repr(x) for f, x in values.items()})
+        if v.ttl:
+            pipe.expire(key, max(1, int(v.ttl)))
+        if progress:
+            progress(1)
+    pipe.execute()
+    return len(checked)
+
+
 def get(cfg: dict, view: str, entity: str, tenant: str):
+    decl = next((v for v in cfg["features"]["views"] if v["name"] == view), None)
+    if decl is not None and decl.get("source") == "redis":
+        import redis
+        v, fc = View(decl), cfg["features"]
+        client = redis.Redis.from_url(fc["redis_url"], socket_timeout=5)
+        try:
+            values = client.hmget(redis_key(fc["redis_prefix"], view, tenant, entity), v.features)
+        except redis.RedisError as e:
+            raise ValueError(f"Redis at {fc['redis_url']}: {e}") from None
+        finally:
+            client.close()
+        if all(x is None for x in values):
+            return None
+        return {f: float(x) if x is not None else None for f, x in zip(v.features, values)}, None
     reg = Registry(registry_dir(cfg), cfg["features"]["views"])
     try:
         return reg.get(view, tenant, entity)

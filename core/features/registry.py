@@ -1,7 +1,9 @@
 """The feature registry: one LMDB environment under DATA_DIR/features, a table per (view, version).
 
-A feature view is declared in config: its entity type and its features in order, each with a
-dtype (float32 or int64) and a default. A row is the features of one entity of one tenant,
+A feature view is declared in config: its entity type, its source (`registry`, this LMDB store, or
+`redis`, a remote online store read by core/features/sources.py), a TTL (seconds a loaded row
+stays valid; 0 = forever) and its features in order, each with a dtype (float32 or int64) and a
+default (what hydration uses when the row is missing, late or its source is down). A row is the features of one entity of one tenant,
 packed as one numpy record (key: tenant NUL entity), so a read is one LMDB get and a frombuffer.
 Loads write a whole new version of a view, then switch the view's `current` pointer in one
 transaction: a reader's snapshot sees the old version or the new one, never a mix. Writers are
@@ -12,6 +14,7 @@ from __future__ import annotations
 
 import math
 import os
+import time
 
 import lmdb
 import numpy as np
@@ -20,10 +23,12 @@ import orjson
 from tidegate.core.base.filelock import StoreLock
 
 DTYPES = {"float32": "<f4", "int64": "<i8"}
+SOURCES = ("registry", "redis")
 META = b"meta"
+EXPIRED = b""  # fetch(): the row exists but is older than the view's ttl
 
 
-def view_problem(views) -> str | None:
+def view_problem(views, cfg=None) -> str | None:
     """The config rule for features.views (see workers/__init__.py)."""
     names = set()
     for i, v in enumerate(views):
@@ -32,9 +37,16 @@ def view_problem(views) -> str | None:
         if v["name"] in names:
             return f"item {i}: view {v['name']!r} is declared twice"
         names.add(v["name"])
-        unknown = set(v) - {"name", "entity", "features"}
+        unknown = set(v) - {"name", "entity", "features", "source", "ttl"}
         if unknown:
             return f"item {i}: unknown field(s) {', '.join(sorted(unknown))}"
+        if v.get("source", "registry") not in SOURCES:
+            return f"item {i}: source must be one of {', '.join(SOURCES)}"
+        ttl = v.get("ttl", 0)
+        if isinstance(ttl, bool) or not isinstance(ttl, (int, float)) or ttl < 0:
+            return f"item {i}: ttl must be a number of seconds >= 0 (0 = rows never expire)"
+        if not isinstance(v.get("entity", "entity"), str) or not v.get("entity", "entity"):
+            return f"item {i}: entity must be a non-empty string (the entity type, e.g. user)"
         feats = v.get("features")
         if not isinstance(feats, list) or not feats:
             return f"item {i}: features must be a non-empty array of {{name, dtype, default}}"
@@ -48,6 +60,10 @@ def view_problem(views) -> str | None:
             d = f.get("default", 0)
             if isinstance(d, bool) or not isinstance(d, (int, float)):
                 return f"item {i}: feature {f['name']!r}: default must be a number"
+            if set(f) - {"name", "dtype", "default"}:
+                return f"item {i}: feature {f['name']!r}: unknown field(s) {', '.join(sorted(set(f) - {'name', 'dtype', 'default'}))}"
+        if v.get("source") == "redis" and cfg is not None and not cfg["features"]["redis_url"]:
+            return f"item {i}: view {v['name']!r} has source = redis but features.redis_url is not set"
     return None
 
 
@@ -60,6 +76,8 @@ class View:
         self.kinds = [f.get("dtype", "float32") for f in decl["features"]]
         self.dtype = np.dtype([(f, DTYPES[k]) for f, k in zip(self.features, self.kinds)])
         self.defaults = {f["name"]: f.get("default", 0) for f in decl["features"]}
+        self.source, self.ttl = decl.get("source", "registry"), float(decl.get("ttl", 0))
+        self.all_float = all(k == "float32" for k in self.kinds)  # a row is then one float32 vector
 
     def pack(self, row: dict, where: str) -> bytes:
         """row {feature: value} (missing ones take their default) as one record; ValueError naming
@@ -79,6 +97,13 @@ class View:
             rec[f] = num
         return rec.tobytes()
 
+    def values(self, raw: bytes) -> np.ndarray:
+        """The row as float32, in declared order (what a model reads)."""
+        if self.all_float:
+            return np.frombuffer(raw, dtype="<f4")
+        rec = np.frombuffer(raw, dtype=self.dtype)[0]
+        return np.array([rec[f] for f in self.features], dtype="<f4")
+
     def unpack(self, raw: bytes) -> dict:
         rec = np.frombuffer(raw, dtype=self.dtype)[0]
         return {f: (float(rec[f]) if k == "float32" else int(rec[f])) for f, k in zip(self.features, self.kinds)}
@@ -86,6 +111,9 @@ class View:
 
 def _key(tenant: str, entity: str) -> bytes:
     return tenant.encode() + b"\0" + entity.encode()
+
+
+MAX_KEY_BYTES = 511  # LMDB's limit on a key
 
 
 class Registry:
@@ -111,17 +139,35 @@ class Registry:
 
     def get(self, view: str, tenant: str, entity: str):
         """(features as a dict, version) or None; one snapshot, so never a mix of versions."""
-        env = self._open()
-        key = _key(tenant, entity)
-        if env is None or view not in self.views or len(key) > 511:
+        if view not in self.views:
             return None
+        (raw, version), = self.fetch(tenant, [(view, entity)])
+        return (self.views[view].unpack(raw), version) if raw else None  # None, or EXPIRED
+
+    def fetch(self, tenant: str, wants, now: float | None = None) -> list[tuple]:
+        """[(raw row or None, version)] for wants [(view, entity)], all read in one snapshot (so
+        never a mix of versions); a row older than its view's ttl reads as EXPIRED."""
+        env = self._open()
+        if env is None:
+            return [(None, None)] * len(wants)
+        out = []
         with env.begin() as txn:
-            version = self._meta(txn).get(view)
-            if version is None:
-                return None
-            db = env.open_db(f"{view}@{version}".encode(), txn=txn, create=False)
-            raw = txn.get(key, db=db)
-        return (self.views[view].unpack(raw), version) if raw is not None else None
+            meta = self._meta(txn)
+            dbs: dict = {}
+            for view, entity in wants:
+                version, key = meta.get(view), _key(tenant, entity)
+                if version is None or len(key) > MAX_KEY_BYTES:
+                    out.append((None, version))
+                    continue
+                v = self.views[view]
+                if v.ttl and (now or time.time()) - meta.get(f"{view}#at", {}).get(tenant, 0) > v.ttl:
+                    out.append((EXPIRED, version))
+                    continue
+                db = dbs.get(view)
+                if db is None:
+                    db = dbs[view] = env.open_db(f"{view}@{version}".encode(), txn=txn, create=False)
+                out.append((txn.get(key, db=db), version))
+        return out
 
     def load(self, view: str, rows, tenant: str, progress=None) -> tuple[int, int]:
         """Write rows [(entity, {feature: value})] as a new version of view, then switch to it.
@@ -130,7 +176,7 @@ class Registry:
         v = self.views[view]
         packed = []
         for i, (entity, row) in enumerate(rows, start=1):
-            if not isinstance(entity, str) or not entity or len(_key(tenant, entity)) > 511:
+            if not isinstance(entity, str) or not entity or len(_key(tenant, entity)) > MAX_KEY_BYTES:
                 raise ValueError(f"row {i}, column {v.entity!r}: the entity id must be 1 to 500 bytes")
             packed.append((_key(tenant, entity), v.pack(row, f"row {i}")))
             if progress:
@@ -150,6 +196,7 @@ class Registry:
             for k, raw in packed:
                 txn.put(k, raw, db=db)
             meta[view], meta[f"{view}#last"] = version, version
+            meta.setdefault(f"{view}#at", {})[tenant] = time.time()  # when this tenant's rows were loaded (ttl)
             txn.put(META, orjson.dumps(meta))  # the switch: same transaction as the rows
         if old is not None:
             with env.begin(write=True) as txn:

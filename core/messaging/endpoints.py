@@ -29,8 +29,8 @@ def peer(run_dir: str, slot: int, gen: int) -> str:
 
 
 def worker(cfg: dict, kind: str, name: str, gen: int) -> str:
-    """A blocking worker's ROUTER: kind "inference" (name = model), "embedder" or "views"."""
-    base = {"inference": f"infer-{name}", "embedder": "embedder", "views": "views"}[kind]
+    """A blocking worker's ROUTER: kind "inference" (name = model), "embedder", "views" or "models"."""
+    base = {"inference": f"infer-{name}", "embedder": "embedder", "views": "views", "models": "models"}[kind]
     return f"ipc://{_run(cfg)}/{base}.g{gen}.sock"
 
 

@@ -50,9 +50,10 @@ CANCEL = "cancel"        # inference: the client left      (no answer)
 EMBED = "embed"          # inference: embeddings           -> EMB | ERR
 LOOKUP = "lookup"        # embedder: semantic lookup       -> HIT | MISS | ERR
 INSERT = "insert"        # embedder: store an answer       (no answer; rid 0)
+SCORE = "score"          # model worker: score a batch     -> SCORES | ERR
 
 # ---- blocking worker -> ingress: [kind, rid, payload] ------------------------------------------
-DELTA, END, ERR, EMB, HIT, MISS = "d", "end", "err", "emb", "hit", "miss"
+DELTA, END, ERR, EMB, HIT, MISS, SCORES = "d", "end", "err", "emb", "hit", "miss", "scores"
 
 
 class ProtocolError(ValueError):

@@ -17,6 +17,7 @@ import sys
 import time
 
 import lmdb
+import numpy as np
 import uvloop
 import zmq
 
@@ -28,13 +29,17 @@ from tidegate.core.cache.exact import ExactCache
 from tidegate.core.cache.semantic_client import SemanticClient
 from tidegate.core.events.owner import PartitionOwner
 from tidegate.core.events.views import ViewReader
+from tidegate.core.features.hydrate import Hydrator
 from tidegate.core.features.registry import Registry
+from tidegate.core.features.sources import RedisSource
 from tidegate.core.http.http11 import HttpServer
 from tidegate.core.http.router import Router
 from tidegate.core.messaging import endpoints, protocol
 from tidegate.core.messaging.link import SupervisorLink
 from tidegate.core.messaging.mesh import Mesh
-from tidegate.core.messaging.worker_client import WorkerClient
+from tidegate.core.messaging.worker_client import Unavailable, WorkerClient
+from tidegate.core.predict.models import Model, check_inputs, version_of
+from tidegate.core.predict.pipeline import Predictor, plan_for
 from tidegate.core.runtime.process import WORKER_BOOT_ERROR, start_worker
 from tidegate.core.state.auth import ApiKeys
 from tidegate.core.state.owners import Owners
@@ -47,6 +52,7 @@ from tidegate.workers.ingress.routes.events import EventRoutes
 from tidegate.workers.ingress.routes.features import FeatureRoutes
 from tidegate.workers.ingress.routes.openai import OpenAIRoutes
 from tidegate.workers.ingress.routes.ops import OpsRoutes
+from tidegate.workers.ingress.routes.predict import ModelError, PredictRoutes
 from tidegate.workers.ingress.routes.sessions import SessionRoutes
 from tidegate.workers.ingress.routes.views import ViewRoutes
 
@@ -86,6 +92,8 @@ class IngressWorker:
         self.periodic: list[asyncio.Task] = []  # cancelled before the sockets close
         self.infer: dict = {}  # model name -> WorkerClient
         self.embedder = self.semantic = None  # the semantic cache's embedder process, when on
+        self.hydrator = self.remote = self.model_worker = None  # feature sources, when views or models are declared
+        self.predictors: dict = {}
 
     # ---- routes -------------------------------------------------------------------------------
     def _routes(self) -> None:
@@ -93,9 +101,11 @@ class IngressWorker:
         routes = [OpsRoutes(cfg, self.link, self.snapshot), SessionRoutes(cfg, guard)]
         if cfg["events"]["enabled"]:
             routes += [EventRoutes(cfg, self.owners), ViewRoutes(self.views)]
-        if cfg["features"]["views"]:
-            routes.append(FeatureRoutes(Registry(os.path.join(cfg["server"]["data_dir"], "features"),
-                                                 cfg["features"]["views"])))
+        if cfg["features"]["views"] or cfg["predict"]["models"]:
+            self._hydration()
+            routes.append(FeatureRoutes(self.hydrator))
+        if cfg["predict"]["models"]:
+            routes.append(PredictRoutes(cfg, self._predictors()))
         models = config.models(cfg)
         if models:
             limit = cfg["server"]["max_frame_bytes"]
@@ -108,6 +118,62 @@ class IngressWorker:
             routes.append(OpenAIRoutes(cfg, models, self.infer, self.ratelimit, self.exact, self.semantic))
         for group in routes:
             group.add_to(r, guard)
+
+    def _hydration(self) -> None:
+        """The feature sources, read-only here: the registry, the event views, Redis when a view uses it."""
+        fc = self.cfg["features"]
+        registry = Registry(os.path.join(self.cfg["server"]["data_dir"], "features"), fc["views"])
+        remote = {n: v for n, v in registry.views.items() if v.source == "redis"}
+        self.remote = RedisSource(fc, remote) if remote else None
+        self.hydrator = Hydrator(registry, self.views if self.cfg["events"]["enabled"] else None, self.remote,
+                                 fc["deadline"])
+
+    def _predictors(self) -> dict:
+        """One Predictor per tabular model: scored inline, or in the model worker (worker = true)."""
+        cfg, out = self.cfg, {}
+        if any(m.get("worker") for m in cfg["predict"]["models"]):
+            self.model_worker = WorkerClient(self.zmq, endpoints.worker(cfg, "models", "", self.spec["gen"]),
+                                             self.loop, cfg["server"]["max_frame_bytes"])
+        for m in cfg["predict"]["models"]:
+            plan = plan_for(m, cfg)
+            if m.get("worker"):
+                score, version = self._remote_scorer(m["name"]), version_of(m["path"], m.get("version", ""))
+            else:
+                model = Model(m["path"], m.get("version", ""))
+                check_inputs(model, plan, m["name"])
+                score, version = model.predict, model.version
+            out[m["name"]] = Predictor(m, plan, self.hydrator, score, version, self.loop, cfg["predict"],
+                                       last_served=self.exact)
+        self.predictors = out
+        return out
+
+    def _remote_scorer(self, name: str):
+        client, timeout = self.model_worker, self.cfg["predict"]["worker_timeout"]
+
+        def score(X):
+            fut = self.loop.create_future()
+
+            def on_event(kind, payload):
+                timer.cancel()
+                if fut.done():
+                    return
+                if kind == protocol.SCORES:
+                    fut.set_result(np.asarray(payload, dtype=np.float32))
+                else:
+                    fut.set_exception(ModelError(payload))
+
+            def late():
+                client.cancel(rid)
+                if not fut.done():
+                    fut.set_exception(ModelError([504, f"the model worker did not score {name!r} within "
+                                                  f"{timeout}s (predict.worker_timeout)", "model_timeout", None]))
+            try:
+                rid = client.submit(protocol.SCORE, {"model": name, "rows": X.tolist()}, on_event)
+            except Unavailable as e:
+                raise ModelError([503, str(e), "worker_unavailable", None]) from None
+            timer = self.loop.call_later(timeout, late)
+            return fut
+        return score
 
     # ---- lifecycle ----------------------------------------------------------------------------
     def snapshot(self) -> dict:
@@ -127,6 +193,11 @@ class IngressWorker:
                        exact_evictions=xs.stats["evictions"], exact_bytes=xs.bytes)
         if self.semantic:
             m.extra.update(self.semantic.stats)
+        if self.predictors:
+            m.extra.update(predict_batches=sum(p.stats["batches"] for p in self.predictors.values()),
+                           predict_requests=sum(p.stats["items"] for p in self.predictors.values()))
+        if self.remote is not None:
+            m.extra.update(self.remote.stats, redis_breaker_opened=self.remote.breaker.stats["opened"])
         if self.mesh:
             ms = self.mesh.stats
             m.extra.update(mesh_frames_sent=ms["frames_out"], mesh_messages_sent=ms["messages_out"],
@@ -292,6 +363,8 @@ class IngressWorker:
         self.link.send(protocol.READY, pid=os.getpid())
         self._spawn_periodic(self._heartbeat, srv["heartbeat_interval"])
         self._spawn_periodic(self.http.tick, 1.0)
+        if self.remote is not None:
+            asyncio.ensure_future(self.remote.warm())
         self._spawn_periodic(lambda: self.sessions and self.sessions.expire(), 60.0)
         self._spawn_periodic(self.ratelimit.table.reclaim, 60.0)
         if self.cfg["events"]["enabled"]:
@@ -382,8 +455,10 @@ class IngressWorker:
         self.owners.restore(())  # closes a forwarding mesh left from a RELEASE
         if self.mesh:
             self.mesh.close()
-        for client in [*self.infer.values(), *([self.embedder] if self.embedder else [])]:
+        for client in [*self.infer.values(), *(c for c in (self.embedder, self.model_worker) if c)]:
             client.close()
+        if self.remote is not None:
+            await self.remote.close()
         self._close_stores()
         self.link.close()
         self.zmq.term()

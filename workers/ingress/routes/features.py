@@ -1,15 +1,18 @@
 """GET /v1/features/{view}/{entity}: one entity's row of a feature view, as JSON, for the
-caller's tenant only, read in a read-only LMDB snapshot (core/features/registry.py)."""
+caller's tenant only: from the registry (a read-only LMDB snapshot, core/features/registry.py)
+or, for a view with source = redis, from Redis within the standard class's deadline."""
 from __future__ import annotations
 
-from tidegate.core.http.http11 import HttpError, json_response
+from tidegate.core.features.sources import Down, Late
+from tidegate.core.http.http11 import HttpError, json_response, service_unavailable
 from tidegate.core.http.router import path_params
 from tidegate.workers.ingress.guard import caller
 
 
 class FeatureRoutes:
-    def __init__(self, registry):
-        self.registry = registry
+    def __init__(self, hydrator):
+        self.hydrator = hydrator
+        self.registry = hydrator.registry
 
     def add_to(self, router, guard) -> None:
         get = guard(self.get)
@@ -17,13 +20,41 @@ class FeatureRoutes:
 
     def get(self, req):
         view, entity = path_params(req, 3)
-        if view not in self.registry.views:
+        v = self.registry.views.get(view)
+        if v is None:
             raise HttpError(404, f"no feature view named {view!r} (declared: "
                             f"{', '.join(self.registry.views) or 'none'})", "view_not_found", param="view")
         tenant = caller(req).tenant
+        if v.source == "redis":
+            return self._remote(v, tenant, entity)
         found = self.registry.get(view, tenant, entity)
         if found is None:
-            raise HttpError(404, f"feature view {view!r} has no row for {entity!r}", "entity_not_found", param="entity")
+            raise _not_found(view, entity)
         features, version = found
         return json_response({"object": "features", "view": view, "entity": entity, "version": version,
                               "features": features})
+
+    async def _remote(self, v, tenant: str, entity: str):
+        remote = self.hydrator.remote
+        try:
+            values, = await remote.fetch([(v.name, tenant, entity)], self.hydrator.deadlines["standard"])
+        except Late:
+            raise HttpError(504, f"the remote store did not answer for view {v.name!r} in time",
+                            "source_timeout") from None
+        except Down:
+            raise service_unavailable(f"the remote store of view {v.name!r} is unavailable", "source_unavailable") \
+                from None
+        if all(x is None for x in values):
+            raise _not_found(v.name, entity)
+        feats = {}
+        for f, kind, raw in zip(v.features, v.kinds, values):
+            try:
+                feats[f] = float(raw) if kind == "float32" else int(raw)
+            except (TypeError, ValueError):
+                feats[f] = None  # absent or not a number in the store
+        return json_response({"object": "features", "view": v.name, "entity": entity, "version": None,
+                              "features": feats})
+
+
+def _not_found(view: str, entity: str) -> HttpError:
+    return HttpError(404, f"feature view {view!r} has no row for {entity!r}", "entity_not_found", param="entity")

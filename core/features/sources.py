@@ -1,0 +1,88 @@
+"""Redis/Valkey as a remote online store: the `redis` feature-view source.
+
+A row of view V for (tenant, entity) is a Redis hash with one field per feature, at
+PREFIX V:LEN(tenant):tenant:entity (the tenant's length makes the key unambiguous, so tenant
+"a:b" can never read tenant "a"'s entity "b:…"). Rows expire with Redis's own EXPIRE (the view's
+ttl, set by `tidegate features load`). Ingress workers read with redis-py's asyncio client (with
+hiredis parsing): every hydration of one micro-batch is one pipelined round trip of HMGETs.
+
+Each worker keeps one Breaker for the store: missed deadlines and errors open it, and while open
+hydration takes the defaults at once (`down`) instead of waiting. A read that misses its
+deadline is not cancelled (cancelling mid-reply would cost the connection); it finishes in the
+background, bounded by the pool size, and its outcome still teaches the breaker.
+"""
+from __future__ import annotations
+
+import asyncio
+
+from tidegate.core.base.breaker import Breaker
+
+
+def redis_key(prefix: str, view: str, tenant: str, entity: str) -> bytes:
+    return f"{prefix}{view}:{len(tenant)}:{tenant}:{entity}".encode()
+
+
+class Late(Exception):
+    """The source did not answer within the deadline."""
+
+
+class Down(Exception):
+    """The source is unreachable, failing, or its breaker is open."""
+
+
+class RedisSource:
+    def __init__(self, fcfg: dict, views: dict):
+        import redis.asyncio as aioredis  # only workers that hydrate from redis pay for the import
+        self.views, self.prefix = views, fcfg["redis_prefix"]
+        self.pool_size = fcfg["redis_pool"]
+        self.client = aioredis.Redis.from_url(fcfg["redis_url"], max_connections=self.pool_size,
+                                              socket_timeout=fcfg["redis_timeout"],
+                                              socket_connect_timeout=fcfg["redis_timeout"])
+        self.breaker = Breaker(fcfg["breaker_failures"], fcfg["breaker_reset"])
+        self.inflight = 0
+        self.stats = {"redis_reads": 0, "redis_late": 0, "redis_errors": 0}
+
+    async def fetch(self, wants: list[tuple[str, str, str]], deadline: float) -> list[list]:
+        """[[value bytes or None per feature]] for wants [(view, tenant, entity)] in one round trip;
+        raises Late after deadline seconds, Down when the store fails or its breaker is open."""
+        if self.inflight >= self.pool_size or not self.breaker.allow():
+            raise Down()
+        pipe = self.client.pipeline(transaction=False)
+        for view, tenant, entity in wants:
+            pipe.hmget(redis_key(self.prefix, view, tenant, entity), self.views[view].features)
+        self.inflight += 1
+        task = asyncio.ensure_future(pipe.execute())
+        task.add_done_callback(self._settled)
+        done, _ = await asyncio.wait((task,), timeout=deadline)
+        if not done:
+            self.stats["redis_late"] += 1
+            task.late = True  # a failure now; its outcome, when it comes, no longer counts (see _settled)
+            self.breaker.failure()
+            raise Late()
+        if task.exception() is not None:
+            raise Down()
+        self.stats["redis_reads"] += len(wants)
+        return task.result()
+
+    async def warm(self, n: int = 4) -> None:
+        """Open a few pooled connections before traffic, so the first requests within a 2 ms
+        deadline do not pay the connect (a failure here only leaves the pool cold)."""
+        try:
+            await asyncio.gather(*(self.client.ping() for _ in range(min(n, self.pool_size))))
+        except Exception:
+            pass
+
+    def _settled(self, task: asyncio.Task) -> None:
+        self.inflight -= 1
+        failed = task.cancelled() or task.exception() is not None
+        if failed:
+            self.stats["redis_errors"] += 1
+        if getattr(task, "late", False):
+            return  # already counted as a failure when its deadline passed
+        if failed:
+            self.breaker.failure()
+        else:
+            self.breaker.success()
+
+    async def close(self) -> None:
+        await self.client.aclose()

@@ -1,0 +1,1 @@
+"""Tabular predictions: models (numpy .npz, ONNX), micro-batching, the hydrate-then-score pipeline."""

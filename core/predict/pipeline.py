@@ -1,0 +1,94 @@
+"""One model's prediction pipeline: micro-batch → hydrate → score → one answer per request.
+
+Each (model, traffic class) has a MicroBatcher; a batch is hydrated together (the registry and
+event views inline, the Redis views in one round trip within the class's deadline) and scored
+in one call, inline in the ingress worker or, for a model declared `worker = true`, in the model
+worker over ZeroMQ. The class is the model's declared class, else the caller's.
+"""
+from __future__ import annotations
+
+import asyncio
+import hashlib
+
+import numpy as np
+import orjson
+
+from tidegate.core.features.hydrate import Hydrator, Instance, Plan
+from tidegate.core.features.registry import View
+from tidegate.core.predict.microbatch import MicroBatcher
+
+
+def plan_for(decl: dict, cfg: dict) -> Plan:
+    fviews = {v["name"]: View(v) for v in cfg["features"]["views"]}
+    eviews = {v["name"]: v for v in cfg["events"]["views"]} if cfg["events"]["enabled"] else {}
+    return Plan(decl.get("inputs"), fviews, eviews)
+
+
+class Predictor:
+    def __init__(self, decl: dict, plan: Plan, hydrator: Hydrator, score, version: str, loop, pcfg: dict,
+                 last_served=None):
+        """score(X) -> (n, k) array, or an awaitable of one (the model worker). last_served: a
+        store at the key's ring owner (the exact cache's) for models with fallback = last_served."""
+        self.name, self.plan, self.hydrator, self.score, self.version = decl["name"], plan, hydrator, score, version
+        self.cls = decl.get("class")
+        self.last_served = last_served if decl.get("fallback") == "last_served" else None
+        self.remote = bool(hydrator.remote_views(plan))
+        self.batchers = {c: MicroBatcher(loop, lambda items, c=c: self._run(items, c), pcfg["max_batch"],
+                                         pcfg["max_delay"]) for c in ("critical", "standard", "background")}
+
+    def submit(self, inst: Instance, caller_class: str) -> asyncio.Future:
+        """The answer's body (a dict) for one instance, once its batch is scored."""
+        return self.batchers[self.cls or caller_class].submit(inst)
+
+    def _run(self, batch: list[Instance], cls: str):
+        X, reasons = self.hydrator.local(self.plan, batch)
+        if self.remote:
+            return self._with_remote(batch, X, reasons, cls)
+        out = self.score(X)
+        if isinstance(out, np.ndarray):
+            return self._answers(X, reasons, out, cls)
+        return self._scored(out, X, reasons, cls)
+
+    async def _with_remote(self, batch, X, reasons, cls):
+        await self.hydrator.fill_remote(self.plan, batch, X, reasons, cls)
+        out = self.score(X)
+        return self._answers(X, reasons, out if isinstance(out, np.ndarray) else await out, cls)
+
+    async def _scored(self, pending, X, reasons, cls):
+        return self._answers(X, reasons, await pending, cls)
+
+    def _answers(self, X: np.ndarray, reasons: list, out: np.ndarray, cls: str) -> list[dict]:
+        names = self.plan.names
+        single = out.shape[1] == 1
+        answers = []
+        for i, row in enumerate(X.tolist()):
+            a = {"object": "prediction", "model": self.name, "version": self.version, "class": cls}
+            if single:
+                a["score"] = float(out[i, 0])
+            else:
+                a["scores"] = out[i].tolist()
+            a["features"] = dict(zip(names, row))
+            a["defaulted"] = reasons[i]
+            answers.append(a)
+        return answers
+
+    # ---- the last answer served to an entity: the fallback when scoring fails (and when shedding) ----
+    def _served_key(self, inst: Instance) -> str:
+        ids = [inst.entities[e] for e in self.plan.entity_types]
+        return hashlib.sha256(orjson.dumps(["last_served", inst.tenant, self.name, ids])).hexdigest()
+
+    def remember(self, inst: Instance, answer: dict) -> None:
+        if self.last_served is not None:
+            self.last_served.put(self._served_key(inst), inst.tenant, answer)
+
+    async def fallback(self, inst: Instance):
+        """The last answer served for this instance's entities (marked as a fallback), or None."""
+        if self.last_served is None:
+            return None
+        entry = await self.last_served.get(self._served_key(inst))
+        return dict(entry, fallback="last_served") if entry is not None else None
+
+    @property
+    def stats(self) -> dict:
+        return {"batches": sum(b.stats["batches"] for b in self.batchers.values()),
+                "items": sum(b.stats["items"] for b in self.batchers.values())}
