@@ -160,7 +160,8 @@ class Registry:
                     out.append((None, version))
                     continue
                 v = self.views[view]
-                if v.ttl and (now or time.time()) - meta.get(f"{view}#at", {}).get(tenant, 0) > v.ttl:
+                loaded = meta.get(f"{view}#at", {}).get(tenant)  # None: this tenant never loaded rows
+                if v.ttl and loaded is not None and (now or time.time()) - loaded > v.ttl:
                     out.append((EXPIRED, version))
                     continue
                 db = dbs.get(view)
