@@ -142,6 +142,19 @@ class ViewReader:
             raw = txn.get(k)
         return read(self.views[view], orjson.loads(raw) if raw else None)
 
+    def get_many(self, wants) -> list:
+        """[value or None] for wants [(view, tenant, key)], read in one snapshot (a micro-batch)."""
+        env = self._open()
+        if env is None:
+            return [None] * len(wants)
+        out = []
+        with env.begin() as txn:
+            for view, tenant, key in wants:
+                k = row_key(view, tenant, key)
+                raw = txn.get(k) if len(k) <= MAX_KEY_BYTES else None
+                out.append(read(self.views[view], orjson.loads(raw)) if raw else None)
+        return out
+
     def offset(self, partition: str) -> tuple[str, int]:
         """(segment, byte) the view builder has applied partition up to (("", 0) before it starts)."""
         env = self._open()

@@ -70,14 +70,14 @@ def load(cfg: dict, view: str, path: str, tenant: str, fmt: str | None = None, p
 
 def _load_redis(cfg: dict, v: View, rows, tenant: str, progress=None) -> int:
     """Check every row, then write them all in one MULTI/EXEC: readers see none or all of them
-    (each hash gets the view's ttl as its EXPIRE)."""
+    (each packed row gets the view's ttl as its expiry)."""
     import redis
     fc = cfg["features"]
     checked = []
     for i, (entity, row) in enumerate(rows, start=1):
         if not isinstance(entity, str) or not entity:
             raise ValueError(f"row {i}, column {v.entity!r}: the entity id must not be empty")
-        checked.append((entity, v.unpack(v.pack(row, f"row {i}"))))
+        checked.append((entity, v.pack(row, f"row {i}")))
     client = redis.Redis.from_url(fc["redis_url"], socket_timeout=30)
     try:
         return _write_redis(client, fc, v, checked, tenant, progress)
@@ -89,12 +89,9 @@ def _load_redis(cfg: dict, v: View, rows, tenant: str, progress=None) -> int:
 
 def _write_redis(client, fc: dict, v: View, checked: list, tenant: str, progress) -> int:
     pipe = client.pipeline(transaction=True)
-    for entity, values in checked:
-        key = redis_key(fc["redis_prefix"], v.name, tenant, entity)
-        pipe.delete(key)
-        pipe.hset(key, mapping={f: repr(x) for f, x in values.items()})
-        if v.ttl:
-            pipe.expire(key, max(1, int(v.ttl)))
+    for entity, packed in checked:
+        pipe.set(redis_key(fc["redis_prefix"], v.name, tenant, entity), packed,
+                 ex=max(1, int(v.ttl)) if v.ttl else None)
         if progress:
             progress(1)
     pipe.execute()
@@ -108,14 +105,12 @@ def get(cfg: dict, view: str, entity: str, tenant: str):
         v, fc = View(decl), cfg["features"]
         client = redis.Redis.from_url(fc["redis_url"], socket_timeout=5)
         try:
-            values = client.hmget(redis_key(fc["redis_prefix"], view, tenant, entity), v.features)
+            raw = client.get(redis_key(fc["redis_prefix"], view, tenant, entity))
         except redis.RedisError as e:
             raise ValueError(f"Redis at {fc['redis_url']}: {e}") from None
         finally:
             client.close()
-        if all(x is None for x in values):
-            return None
-        return {f: float(x) if x is not None else None for f, x in zip(v.features, values)}, None
+        return (v.unpack(raw), None) if raw is not None and len(raw) == v.dtype.itemsize else None
     reg = Registry(registry_dir(cfg), cfg["features"]["views"])
     try:
         return reg.get(view, tenant, entity)

@@ -17,10 +17,12 @@ the feature's default, and the answer says why per feature: `missing` (no row, o
 """
 from __future__ import annotations
 
+import asyncio
+
 import numpy as np
 
 from tidegate.core.features.registry import EXPIRED, View
-from tidegate.core.features.sources import Down, Late
+from tidegate.core.features.sources import Late
 
 MISSING, EXPIRED_R, LATE, DOWN = "missing", "expired", "late", "down"
 
@@ -87,64 +89,79 @@ class Hydrator:
 
     def local(self, plan: Plan, batch: list[Instance]):
         """(X, reasons) with everything but the remote views filled: request features, registry
-        rows and event views; reasons[i] maps an input name to why it took its default."""
+        rows and event views, each source read in one snapshot for the whole batch; reasons[i]
+        maps an input name to why it took its default."""
         X = np.tile(plan.defaults, (len(batch), 1))
         reasons: list[dict] = [{} for _ in batch]
         for i, inst in enumerate(batch):
-            row = X[i]
+            row, feats = X[i], inst.features
             for pos, name in plan.request:
-                row[pos] = inst.features[name]
-            local = [(v, inst.entities[plan.fviews[v].entity]) for v in plan.views if plan.fviews[v].source == "registry"]
-            if local:
-                for (view, _), (raw, _version) in zip(local, self.registry.fetch(inst.tenant, local)):
-                    pos, cols = plan.cols[view]
+                row[pos] = feats[name]
+        local = [v for v in plan.views if plan.fviews[v].source == "registry"]
+        if local:
+            wants = [(inst.tenant, v, inst.entities[plan.fviews[v].entity]) for inst in batch for v in local]
+            got = iter(self.registry.fetch(wants))
+            for i in range(len(batch)):
+                for view in local:
+                    raw, _version = next(got)
                     if raw:
-                        row[pos] = plan.fviews[view].values(raw)[cols]
+                        pos, cols = plan.cols[view]
+                        X[i, pos] = plan.fviews[view].values(raw)[cols]
                     else:
                         self._defaulted(plan, view, reasons[i], EXPIRED_R if raw is EXPIRED else MISSING)
-            for pos, view, etype in plan.events:
-                value = self.event_views.get(view, inst.tenant, inst.entities[etype]) if self.event_views else None
-                if isinstance(value, (int, float)) and not isinstance(value, bool):
-                    row[pos] = value
-                else:
-                    reasons[i][plan.names[pos]] = MISSING
+        if plan.events:
+            wants = [(view, inst.tenant, inst.entities[etype]) for inst in batch for _, view, etype in plan.events]
+            got = iter(self.event_views.get_many(wants) if self.event_views else [None] * len(wants))
+            for i in range(len(batch)):
+                for pos, _, _ in plan.events:
+                    value = next(got)
+                    if isinstance(value, (int, float)) and not isinstance(value, bool):
+                        X[i, pos] = value
+                    else:
+                        reasons[i][plan.names[pos]] = MISSING
         return X, reasons
 
     def remote_views(self, plan: Plan) -> list[str]:
         return [v for v in plan.views if plan.fviews[v].source == "redis"]
 
-    async def fill_remote(self, plan: Plan, batch: list[Instance], X, reasons, cls: str) -> None:
-        """The redis views of the whole batch in one round trip, within the class's deadline."""
+    def fill_remote(self, plan: Plan, batch: list[Instance], X, reasons, cls: str) -> asyncio.Future:
+        """The redis views of the whole batch in one round trip, within the class's deadline; the
+        future is done once X and reasons are filled (callbacks, no Task: this is per batch)."""
         views = self.remote_views(plan)
         wants = [(v, inst.tenant, inst.entities[plan.fviews[v].entity]) for inst in batch for v in views]
-        why = None
+        done = asyncio.get_running_loop().create_future()
         if self.remote is None:
-            why = DOWN
-        else:
-            try:
-                rows = await self.remote.fetch(wants, self.deadlines[cls])
-            except Late:
-                why = LATE
-            except Down:
-                why = DOWN
-        if why is not None:
-            for i in range(len(batch)):
-                for v in views:
-                    self._defaulted(plan, v, reasons[i], why)
-            return
+            self._all_defaulted(plan, views, reasons, DOWN)
+            done.set_result(None)
+            return done
+
+        def filled(f: asyncio.Future) -> None:
+            e = f.exception()
+            if e is not None:
+                self._all_defaulted(plan, views, reasons, LATE if isinstance(e, Late) else DOWN)
+            else:
+                self._fill_rows(plan, views, f.result(), X, reasons)
+            done.set_result(None)
+        self.remote.fetch(wants, self.deadlines[cls]).add_done_callback(filled)
+        return done
+
+    def _fill_rows(self, plan: Plan, views: list[str], rows: list, X, reasons) -> None:
         k = 0
-        for i in range(len(batch)):
+        for i in range(len(reasons)):
             for v in views:
-                values = rows[k]
+                raw = rows[k]
                 k += 1
-                pos, cols = plan.cols[v]
                 view = plan.fviews[v]
-                for p, c in zip(pos, cols):
-                    raw = values[c]
-                    try:
-                        X[i, p] = float(raw)
-                    except (TypeError, ValueError):  # absent (None) or not a number
-                        reasons[i][f"{v}.{view.features[c]}"] = MISSING
+                if raw is not None and len(raw) == view.dtype.itemsize:
+                    pos, cols = plan.cols[v]
+                    X[i, pos] = view.values(raw)[cols]
+                else:  # absent (or written for another schema: not read as this one)
+                    self._defaulted(plan, v, reasons[i], MISSING)
+
+    def _all_defaulted(self, plan: Plan, views: list[str], reasons: list, why: str) -> None:
+        for r in reasons:
+            for v in views:
+                self._defaulted(plan, v, r, why)
 
     @staticmethod
     def _defaulted(plan: Plan, view: str, reasons: dict, why: str) -> None:

@@ -141,12 +141,13 @@ class Registry:
         """(features as a dict, version) or None; one snapshot, so never a mix of versions."""
         if view not in self.views:
             return None
-        (raw, version), = self.fetch(tenant, [(view, entity)])
+        (raw, version), = self.fetch([(tenant, view, entity)])
         return (self.views[view].unpack(raw), version) if raw else None  # None, or EXPIRED
 
-    def fetch(self, tenant: str, wants, now: float | None = None) -> list[tuple]:
-        """[(raw row or None, version)] for wants [(view, entity)], all read in one snapshot (so
-        never a mix of versions); a row older than its view's ttl reads as EXPIRED."""
+    def fetch(self, wants, now: float | None = None) -> list[tuple]:
+        """[(raw row or None, version)] for wants [(tenant, view, entity)] (a whole micro-batch),
+        all read in one snapshot, so never a mix of versions; a row older than its view's ttl
+        reads as EXPIRED."""
         env = self._open()
         if env is None:
             return [(None, None)] * len(wants)
@@ -154,7 +155,7 @@ class Registry:
         with env.begin() as txn:
             meta = self._meta(txn)
             dbs: dict = {}
-            for view, entity in wants:
+            for tenant, view, entity in wants:
                 version, key = meta.get(view), _key(tenant, entity)
                 if version is None or len(key) > MAX_KEY_BYTES:
                     out.append((None, version))

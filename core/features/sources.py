@@ -1,10 +1,11 @@
 """Redis/Valkey as a remote online store: the `redis` feature-view source.
 
-A row of view V for (tenant, entity) is a Redis hash with one field per feature, at
-PREFIX V:LEN(tenant):tenant:entity (the tenant's length makes the key unambiguous, so tenant
-"a:b" can never read tenant "a"'s entity "b:…"). Rows expire with Redis's own EXPIRE (the view's
-ttl, set by `tidegate features load`). Ingress workers read with redis-py's asyncio client (with
-hiredis parsing): every hydration of one micro-batch is one pipelined round trip of HMGETs.
+A row of view V for (tenant, entity) is one Redis string at PREFIX V:LEN(tenant):tenant:entity
+(the tenant's length makes the key unambiguous, so tenant "a:b" can never read tenant "a"'s
+entity "b:…"), holding the same packed record as the registry (View.pack: float32/int64 in the
+view's order), so a read is bytes to a vector with no parsing. Rows expire with Redis's own
+expiry (the view's ttl, set by `tidegate features load`). Ingress workers read with redis-py's
+asyncio client (hiredis parsing): the hydration of one micro-batch is one MGET, one round trip.
 
 Each worker keeps one Breaker for the store: missed deadlines and errors open it, and while open
 hydration takes the defaults at once (`down`) instead of waiting. A read that misses its
@@ -42,27 +43,39 @@ class RedisSource:
         self.inflight = 0
         self.stats = {"redis_reads": 0, "redis_late": 0, "redis_errors": 0}
 
-    async def fetch(self, wants: list[tuple[str, str, str]], deadline: float) -> list[list]:
-        """[[value bytes or None per feature]] for wants [(view, tenant, entity)] in one round trip;
-        raises Late after deadline seconds, Down when the store fails or its breaker is open."""
+    def fetch(self, wants: list[tuple[str, str, str]], deadline: float) -> asyncio.Future:
+        """A future of [packed row bytes or None] for wants [(view, tenant, entity)], read in one
+        MGET; it fails with Late after deadline seconds, with Down when the store fails or its
+        breaker is open. Callbacks and a timer, not a waiting Task: this runs per micro-batch."""
+        loop = asyncio.get_running_loop()
+        out = loop.create_future()
         if self.inflight >= self.pool_size or not self.breaker.allow():
-            raise Down()
-        pipe = self.client.pipeline(transaction=False)
-        for view, tenant, entity in wants:
-            pipe.hmget(redis_key(self.prefix, view, tenant, entity), self.views[view].features)
+            out.set_exception(Down())
+            return out
+        prefix = self.prefix
         self.inflight += 1
-        task = asyncio.ensure_future(pipe.execute())
-        task.add_done_callback(self._settled)
-        done, _ = await asyncio.wait((task,), timeout=deadline)
-        if not done:
-            self.stats["redis_late"] += 1
-            task.late = True  # a failure now; its outcome, when it comes, no longer counts (see _settled)
-            self.breaker.failure()
-            raise Late()
-        if task.exception() is not None:
-            raise Down()
-        self.stats["redis_reads"] += len(wants)
-        return task.result()
+        task = asyncio.ensure_future(self.client.mget([redis_key(prefix, v, t, e) for v, t, e in wants]))
+
+        def late() -> None:
+            if not out.done():
+                self.stats["redis_late"] += 1
+                task.late = True  # a failure now; its outcome, when it comes, no longer counts
+                self.breaker.failure()
+                out.set_exception(Late())
+
+        timer = loop.call_later(deadline, late)
+
+        def settled(t: asyncio.Task) -> None:
+            timer.cancel()
+            self._settled(t)
+            if not out.done():
+                if t.cancelled() or t.exception() is not None:
+                    out.set_exception(Down())
+                else:
+                    self.stats["redis_reads"] += len(wants)
+                    out.set_result(t.result())
+        task.add_done_callback(settled)
+        return out
 
     async def warm(self, n: int = 4) -> None:
         """Open a few pooled connections before traffic, so the first requests within a 2 ms

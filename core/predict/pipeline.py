@@ -18,6 +18,15 @@ from tidegate.core.features.registry import View
 from tidegate.core.predict.microbatch import MicroBatcher
 
 
+def _chain(value, fut: asyncio.Future) -> None:
+    """Settle fut with value, or with the outcome of value when it is a future."""
+    if not isinstance(value, asyncio.Future):
+        fut.set_result(value)
+    else:
+        value.add_done_callback(lambda f: fut.set_exception(f.exception()) if f.exception() is not None
+                                else fut.set_result(f.result()))
+
+
 def plan_for(decl: dict, cfg: dict) -> Plan:
     fviews = {v["name"]: View(v) for v in cfg["features"]["views"]}
     eviews = {v["name"]: v for v in cfg["events"]["views"]} if cfg["events"]["enabled"] else {}
@@ -33,6 +42,7 @@ class Predictor:
         self.cls = decl.get("class")
         self.last_served = last_served if decl.get("fallback") == "last_served" else None
         self.remote = bool(hydrator.remote_views(plan))
+        self.defaulted = 0  # inputs that took their default, for /metrics
         self.batchers = {c: MicroBatcher(loop, lambda items, c=c: self._run(items, c), pcfg["max_batch"],
                                          pcfg["max_delay"]) for c in ("critical", "standard", "background")}
 
@@ -41,25 +51,35 @@ class Predictor:
         return self.batchers[self.cls or caller_class].submit(inst)
 
     def _run(self, batch: list[Instance], cls: str):
+        """The batch's answers, or a future of them (Redis to read, or the model worker)."""
         X, reasons = self.hydrator.local(self.plan, batch)
-        if self.remote:
-            return self._with_remote(batch, X, reasons, cls)
+        if not self.remote:
+            return self._score(X, reasons, cls)
+        answers = asyncio.get_running_loop().create_future()
+
+        def hydrated(_):
+            try:
+                out = self._score(X, reasons, cls)
+            except Exception as e:
+                answers.set_exception(e)
+                return
+            _chain(out, answers)
+        self.hydrator.fill_remote(self.plan, batch, X, reasons, cls).add_done_callback(hydrated)
+        return answers
+
+    def _score(self, X, reasons, cls):
         out = self.score(X)
         if isinstance(out, np.ndarray):
             return self._answers(X, reasons, out, cls)
-        return self._scored(out, X, reasons, cls)
-
-    async def _with_remote(self, batch, X, reasons, cls):
-        await self.hydrator.fill_remote(self.plan, batch, X, reasons, cls)
-        out = self.score(X)
-        return self._answers(X, reasons, out if isinstance(out, np.ndarray) else await out, cls)
-
-    async def _scored(self, pending, X, reasons, cls):
-        return self._answers(X, reasons, await pending, cls)
+        answers = asyncio.get_running_loop().create_future()
+        out.add_done_callback(lambda f: answers.set_exception(f.exception()) if f.exception() is not None
+                              else answers.set_result(self._answers(X, reasons, f.result(), cls)))
+        return answers
 
     def _answers(self, X: np.ndarray, reasons: list, out: np.ndarray, cls: str) -> list[dict]:
         names = self.plan.names
         single = out.shape[1] == 1
+        self.defaulted += sum(map(len, reasons))
         answers = []
         for i, row in enumerate(X.tolist()):
             a = {"object": "prediction", "model": self.name, "version": self.version, "class": cls}
@@ -91,4 +111,4 @@ class Predictor:
     @property
     def stats(self) -> dict:
         return {"batches": sum(b.stats["batches"] for b in self.batchers.values()),
-                "items": sum(b.stats["items"] for b in self.batchers.values())}
+                "items": sum(b.stats["items"] for b in self.batchers.values()), "defaulted": self.defaulted}

@@ -47,7 +47,30 @@ def event_body(draw):
     return draw(st.one_of(ev, st.lists(ev, max_size=5), JSON))
 
 
+ID = st.one_of(st.sampled_from(["u1", "m2", "u9999", "nobody"]), st.text(max_size=300), ODD_STRINGS, JSON)
+
+
+@st.composite
+def predict_body(draw):
+    """A prediction for the demo's fraud model (tidegate demo features): right, wrong or odd parts."""
+    body = {}
+    if draw(st.integers(0, 5)):
+        body["entities"] = draw(st.one_of(st.dictionaries(st.sampled_from(["user", "merchant", "shop", "", "²"]), ID,
+                                                          max_size=3), JSON))
+    if draw(st.integers(0, 5)):
+        body["features"] = draw(st.one_of(st.dictionaries(
+            st.sampled_from(["amount", "hour", "x"]), st.one_of(st.floats(allow_nan=False), st.integers(-(1 << 70),
+                                                                                                       1 << 70), JSON)),
+            max_size=3), JSON))
+    if not draw(st.integers(0, 6)):
+        body[draw(st.text(max_size=8))] = draw(JSON)
+    return body
+
+
 ROUTES = {
+    "predict": ("POST", "/v1/predict/fraud", st.one_of(predict_body(), JSON)),
+    "predict-batch": ("POST", "/v1/predict/fraud/batch", st.one_of(st.fixed_dictionaries(
+        {"instances": st.lists(predict_body(), max_size=4)}), st.lists(predict_body(), max_size=2), JSON)),
     "chat": ("POST", "/v1/chat/completions", llm_body()),
     "completions": ("POST", "/v1/completions", llm_body().map(lambda b: {**b, "prompt": b.get("prompt", "hi")})),
     "embeddings": ("POST", "/v1/embeddings", llm_body().map(lambda b: {**b, "input": b.get("input", "hi")})),
@@ -61,11 +84,15 @@ ROUTES = {
 def case(draw):
     """(raw request bytes, how many requests it holds): a route, a body (JSON, deeply nested or
     not JSON at all), odd or duplicated headers, and sometimes several requests pipelined."""
-    name = draw(st.sampled_from(sorted(ROUTES) + ["views", "models", "session-patch"]))
+    name = draw(st.sampled_from(sorted(ROUTES) + ["views", "features", "predict-info", "models", "session-patch"]))
+    segment = draw(st.text(alphabet=st.characters(blacklist_categories=("Cs",)), max_size=40)).replace(
+        "%", "%25").replace("/", "%2F").replace(" ", "%20").replace("?", "%3F").replace("#", "%23")
     if name == "views":
-        method, path, body = "GET", "/v1/views/" + draw(st.sampled_from(["n", "x"])) + "/" + draw(
-            st.text(alphabet=st.characters(blacklist_categories=("Cs",)), max_size=40)).replace("/", "%2F").replace(
-            " ", "%20").replace("?", "%3F").replace("#", "%23"), None
+        method, path, body = "GET", "/v1/views/" + draw(st.sampled_from(["n", "x"])) + "/" + segment, None
+    elif name == "features":
+        method, path, body = "GET", "/v1/features/" + draw(st.sampled_from(["user", "merchant", "x"])) + "/" + segment, None
+    elif name == "predict-info":
+        method, path, body = "GET", "/v1/predict/" + draw(st.sampled_from(["fraud", "recommend", segment])), None
     elif name == "models":
         method, path, body = "GET", "/v1/models", None
     elif name == "session-patch":

@@ -19,9 +19,25 @@ EXAMPLES = int(os.environ.get("TIDEGATE_FUZZ_EXAMPLES", "150"))
 SPEC = pathlib.Path(__file__).resolve().parents[3] / "shared" / "specs" / "openai-subset.json"
 
 
+def demo_sections(root, data_dir) -> dict:
+    """The feature and prediction sections of `tidegate demo features` (rows loaded into the
+    daemon's data_dir, no Redis)."""
+    import tomllib
+
+    from tidegate.core.predict import demo
+    from tidegate.workers import load_config
+    path = demo.build(str(root), users=50, merchants=20)
+    demo.load_rows(load_config(path, {"server.data_dir": str(data_dir)}), str(root))
+    with open(path, "rb") as f:
+        return tomllib.load(f)
+
+
 @pytest.fixture(scope="module")
 def target(tmp_path_factory, demo_model):
-    d = Daemon(tmp_path_factory.mktemp("fuzz"), workers=2, events={"views": [{"name": "n", "kind": "count"}]},
+    tmp = tmp_path_factory.mktemp("fuzz")
+    demo_cfg = demo_sections(tmp / "demo", tmp / "data")
+    d = Daemon(tmp, workers=2, events={"views": [{"name": "n", "kind": "count"}] + demo_cfg["events"]["views"]},
+               features=demo_cfg["features"], predict=demo_cfg["predict"],
                inference={"enabled": True, "models": [{"name": MODEL, "path": demo_model, "n_ctx": 256,
                                                        "max_seqs": 4, "embeddings": True}]})
     d.start()

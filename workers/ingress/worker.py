@@ -194,8 +194,9 @@ class IngressWorker:
         if self.semantic:
             m.extra.update(self.semantic.stats)
         if self.predictors:
-            m.extra.update(predict_batches=sum(p.stats["batches"] for p in self.predictors.values()),
-                           predict_requests=sum(p.stats["items"] for p in self.predictors.values()))
+            stats = [p.stats for p in self.predictors.values()]
+            m.extra.update(predict_batches=sum(s["batches"] for s in stats), predict_requests=sum(s["items"] for s in stats),
+                           predict_defaulted=sum(s["defaulted"] for s in stats))
         if self.remote is not None:
             m.extra.update(self.remote.stats, redis_breaker_opened=self.remote.breaker.stats["opened"])
         if self.mesh:

@@ -14,12 +14,12 @@ EVENTS = {"clicks": {"name": "clicks", "kind": "count", "entity": "user", "defau
 
 
 class EventViews:
-    """The event views' read side: (view, tenant, key) -> value, as ViewReader.get answers."""
+    """The event views' read side: [(view, tenant, key)] -> values, as ViewReader.get_many answers."""
     def __init__(self, rows):
         self.rows = rows
 
-    def get(self, view, tenant, key):
-        return self.rows.get((view, tenant, key))
+    def get_many(self, wants):
+        return [self.rows.get(w) for w in wants]
 
 
 def test_plan_orders_inputs_and_names_bad_ones():
@@ -55,7 +55,7 @@ def test_local_hydration_reads_rows_and_says_why_it_defaulted(tmp_path):
     np.testing.assert_allclose(X[2], [2, 30, 1.5, 0.5, 0])
     assert set(reasons[2].values()) == {"missing"} and len(reasons[2]) == 4
     # past the shop view's ttl its rows read as expired
-    assert reader.fetch("acme", [("shop", "s1")], now=__import__("time").time() + 61)[0][0] == b""
+    assert reader.fetch([("acme", "shop", "s1")], now=__import__("time").time() + 61)[0][0] == b""
     reader.close()
 
 

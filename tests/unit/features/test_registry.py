@@ -63,3 +63,18 @@ def test_one_loader_at_a_time(tmp_path):
 ])
 def test_view_declarations_are_checked(views, needle):
     assert needle in view_problem(views)
+
+
+def test_parquet_load_through_the_admin_side(tmp_path):
+    pa = pytest.importorskip("pyarrow")  # a test extra
+    import pyarrow.parquet as pq
+    from tidegate.core.base import config
+    from tidegate.core.features import admin
+    path = tmp_path / "users.parquet"
+    pq.write_table(pa.table({"user_id": ["u1", "u2"], "age": [41, 7], "spend": [1.5, None]}), path)
+    cfg = config.validate({"server": {"data_dir": str(tmp_path / "data")}, "features": {"views": VIEWS}})
+    assert admin.load(cfg, "user", str(path), "acme")["rows"] == 2
+    assert admin.get(cfg, "user", "u2", "acme") == ({"age": 7, "spend": -1.0}, 1)  # null -> the default
+    pq.write_table(pa.table({"user_id": ["u3"], "age": ["old"]}), path)
+    with pytest.raises(ValueError, match=r"row 1, column 'age'"):
+        admin.load(cfg, "user", str(path), "acme")

@@ -37,23 +37,17 @@ class FeatureRoutes:
     async def _remote(self, v, tenant: str, entity: str):
         remote = self.hydrator.remote
         try:
-            values, = await remote.fetch([(v.name, tenant, entity)], self.hydrator.deadlines["standard"])
+            raw, = await remote.fetch([(v.name, tenant, entity)], self.hydrator.deadlines["standard"])
         except Late:
             raise HttpError(504, f"the remote store did not answer for view {v.name!r} in time",
                             "source_timeout") from None
         except Down:
             raise service_unavailable(f"the remote store of view {v.name!r} is unavailable", "source_unavailable") \
                 from None
-        if all(x is None for x in values):
+        if raw is None or len(raw) != v.dtype.itemsize:
             raise _not_found(v.name, entity)
-        feats = {}
-        for f, kind, raw in zip(v.features, v.kinds, values):
-            try:
-                feats[f] = float(raw) if kind == "float32" else int(raw)
-            except (TypeError, ValueError):
-                feats[f] = None  # absent or not a number in the store
         return json_response({"object": "features", "view": v.name, "entity": entity, "version": None,
-                              "features": feats})
+                              "features": v.unpack(raw)})
 
 
 def _not_found(view: str, entity: str) -> HttpError:
