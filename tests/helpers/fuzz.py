@@ -58,10 +58,9 @@ def predict_body(draw):
         body["entities"] = draw(st.one_of(st.dictionaries(st.sampled_from(["user", "merchant", "shop", "", "²"]), ID,
                                                           max_size=3), JSON))
     if draw(st.integers(0, 5)):
-        body["features"] = draw(st.one_of(st.dictionaries(
-            st.sampled_from(["amount", "hour", "x"]), st.one_of(st.floats(allow_nan=False), st.integers(-(1 << 70),
-                                                                                                       1 << 70), JSON)),
-            max_size=3), JSON))
+        number = st.one_of(st.floats(allow_nan=False), st.integers(-(1 << 70), 1 << 70), JSON)
+        body["features"] = draw(st.one_of(st.dictionaries(st.sampled_from(["amount", "hour", "x"]), number,
+                                                          max_size=3), JSON))
     if not draw(st.integers(0, 6)):
         body[draw(st.text(max_size=8))] = draw(JSON)
     return body
