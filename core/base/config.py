@@ -8,6 +8,7 @@ supervisor hands to workers as JSON.
 from __future__ import annotations
 
 import copy
+import json
 import os
 import tomllib
 from dataclasses import dataclass
@@ -474,6 +475,21 @@ def load_for_admin(path: str | None, overrides: dict | None = None) -> dict:
             sec, key = dotted.split(".")
             subset.setdefault(sec, {})[key] = value
         return validate(subset)
+
+
+def toml_value(v) -> str:
+    """v as a TOML value (inline tables for dicts): how configs are written (the demo, tests)."""
+    if isinstance(v, bool):
+        return "true" if v else "false"
+    if isinstance(v, (int, float)):
+        return repr(v)
+    if isinstance(v, str):  # a JSON string's escapes are TOML's basic-string escapes
+        return json.dumps(v)
+    if isinstance(v, list):
+        return "[" + ", ".join(toml_value(x) for x in v) + "]"
+    if isinstance(v, dict):
+        return "{" + ", ".join(f"{k} = {toml_value(x)}" for k, x in v.items()) + "}"
+    raise TypeError(f"no TOML form for {v!r}")
 
 
 def resolve_workers(cfg: dict) -> int:

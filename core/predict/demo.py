@@ -17,6 +17,7 @@ import os
 
 import numpy as np
 
+from tidegate.core.base.config import toml_value
 from tidegate.core.features import admin
 
 USER_FEATURES, MERCHANT_FEATURES, ITEMS = 30, 30, 10
@@ -25,18 +26,6 @@ USER_FEATURES, MERCHANT_FEATURES, ITEMS = 30, 30, 10
 def _view(name: str, n: int, source: str) -> dict:
     return {"name": name, "entity": name, "source": source, "ttl": 0,
             "features": [{"name": f"{name[0]}{i}", "dtype": "float32", "default": 0.0} for i in range(n)]}
-
-
-def _toml(value) -> str:
-    if isinstance(value, bool):
-        return "true" if value else "false"
-    if isinstance(value, (int, float)):
-        return repr(value)
-    if isinstance(value, str):
-        return '"' + value.replace("\\", "\\\\").replace('"', '\\"') + '"'
-    if isinstance(value, list):
-        return "[" + ", ".join(_toml(v) for v in value) + "]"
-    return "{" + ", ".join(f"{k} = {_toml(v)}" for k, v in value.items()) + "}"
 
 
 def config_text(root: str, redis_url: str = "", bind: str = "127.0.0.1:8080") -> str:
@@ -51,13 +40,13 @@ def config_text(root: str, redis_url: str = "", bind: str = "127.0.0.1:8080") ->
               {"name": "recommend", "path": os.path.join(root, "models", "recommend.npz"), "class": "background",
                "worker": True, "fallback": "last_served", "inputs": ["user.*", "events.txn_1h", "events.spend_1h"]}]
     lines = ["# written by `tidegate demo features`: serve with tidegate serve --config THIS_FILE",
-             "[server]", f"bind = {_toml(bind)}", f"data_dir = {_toml(os.path.join(root, 'data'))}",
-             f"run_dir = {_toml(os.path.join(root, 'run'))}", "", "[inference]",
+             "[server]", f"bind = {toml_value(bind)}", f"data_dir = {toml_value(os.path.join(root, 'data'))}",
+             f"run_dir = {toml_value(os.path.join(root, 'run'))}", "", "[inference]",
              "enabled = false                  # the LLM is not part of this demo", "",
-             "[features]", f"views = {_toml(views)}"]
+             "[features]", f"views = {toml_value(views)}"]
     if redis_url:
-        lines.append(f"redis_url = {_toml(redis_url)}")
-    lines += ["", "[events]", f"views = {_toml(events)}", "", "[predict]", f"models = {_toml(models)}", ""]
+        lines.append(f"redis_url = {toml_value(redis_url)}")
+    lines += ["", "[events]", f"views = {toml_value(events)}", "", "[predict]", f"models = {toml_value(models)}", ""]
     return "\n".join(lines)
 
 
