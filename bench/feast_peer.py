@@ -2,7 +2,8 @@
 
 Run with the Python of a venv that has feast (the bench makes one: ~/.cache/tidegate-bench/
 feast-venv), as `python feast_peer.py REPO_DIR USERS_CSV ONLINE_STORE [REDIS_URL]`: writes a
-feature repo (one entity `user`, one feature view `user_fv` of the CSV's columns, float32),
+feature repo (one entity named by the CSV's first column, e.g. `user`, and one feature view `user_fv` of
+the other columns, float32),
 applies it and writes every row to the online store (sqlite, or redis) with
 write_to_online_store, the path Feast's docs give for precomputed rows. Then
 `feast serve` serves it (the bench starts that).
@@ -17,7 +18,8 @@ repo, users_csv, store = sys.argv[1], sys.argv[2], sys.argv[3]
 redis_url = sys.argv[4] if len(sys.argv) > 4 else ""
 os.makedirs(os.path.join(repo, "data"), exist_ok=True)
 df = pd.read_csv(users_csv)
-feats = [c for c in df.columns if c != "user"]
+entity = df.columns[0]
+feats = [c for c in df.columns if c != entity]
 df["ts"] = datetime.now(timezone.utc) - timedelta(minutes=1)
 df[feats] = df[feats].astype("float32")
 df.to_parquet(os.path.join(repo, "data", "users.parquet"))
@@ -33,9 +35,9 @@ with open(os.path.join(repo, "features.py"), "w") as f:
     f.write(f"""from datetime import timedelta
 from feast import Entity, FeatureView, Field, FileSource
 from feast.types import Float32
-user = Entity(name="user", join_keys=["user"])
+entity = Entity(name="{entity}", join_keys=["{entity}"])
 src = FileSource(path="data/users.parquet", timestamp_field="ts")
-user_fv = FeatureView(name="user_fv", entities=[user], ttl=timedelta(days=3650), online=True, source=src,
+fv = FeatureView(name="{entity}_fv", entities=[entity], ttl=timedelta(days=3650), online=True, source=src,
                       schema=[{", ".join(f'Field(name="{c}", dtype=Float32)' for c in feats)}])
 """)
 os.chdir(repo)
@@ -46,5 +48,5 @@ subprocess.run([os.path.join(os.path.dirname(sys.executable), "feast"), "apply"]
 from feast import FeatureStore  # noqa: E402
 
 fs = FeatureStore(repo_path=repo)
-fs.write_to_online_store("user_fv", df)
+fs.write_to_online_store(f"{entity}_fv", df)
 print(feats)

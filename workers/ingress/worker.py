@@ -103,7 +103,7 @@ class IngressWorker:
             routes += [EventRoutes(cfg, self.owners), ViewRoutes(self.views)]
         if cfg["features"]["views"] or cfg["predict"]["models"]:
             self._hydration()
-            routes.append(FeatureRoutes(self.hydrator))
+            routes.append(FeatureRoutes(self.hydrator, cfg["predict"]))
         if cfg["predict"]["models"]:
             routes.append(PredictRoutes(cfg, self._predictors()))
         models = config.models(cfg)

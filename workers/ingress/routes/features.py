@@ -1,18 +1,28 @@
 """GET /v1/features/{view}/{entity}: one entity's row of a feature view, as JSON, for the
 caller's tenant only: from the registry (a read-only LMDB snapshot, core/features/registry.py)
-or, for a view with source = redis, from Redis within the standard class's deadline."""
+or, for a view with source = redis, from Redis within the standard class's deadline (lookups that
+arrive together are micro-batched into one MGET)."""
 from __future__ import annotations
+
+import asyncio
 
 from tidegate.core.features.sources import Down, Late
 from tidegate.core.http.http11 import HttpError, json_response, service_unavailable
 from tidegate.core.http.router import path_params
+from tidegate.core.predict.microbatch import MicroBatcher
 from tidegate.workers.ingress.guard import caller
 
 
 class FeatureRoutes:
-    def __init__(self, hydrator):
+    def __init__(self, hydrator, pcfg: dict):
         self.hydrator = hydrator
         self.registry = hydrator.registry
+        self.batcher = None  # Redis lookups arriving together share one MGET, like predictions
+        if hydrator.remote is not None:
+            self.batcher = MicroBatcher(asyncio.get_running_loop(), self._fetch, pcfg["max_batch"], pcfg["max_delay"])
+
+    def _fetch(self, wants: list):
+        return self.hydrator.remote.fetch(wants, self.hydrator.deadlines["standard"])
 
     def add_to(self, router, guard) -> None:
         get = guard(self.get)
@@ -35,9 +45,8 @@ class FeatureRoutes:
                               "features": features})
 
     async def _remote(self, v, tenant: str, entity: str):
-        remote = self.hydrator.remote
         try:
-            raw, = await remote.fetch([(v.name, tenant, entity)], self.hydrator.deadlines["standard"])
+            raw = await self.batcher.submit((v.name, tenant, entity))
         except Late:
             raise HttpError(504, f"the remote store did not answer for view {v.name!r} in time",
                             "source_timeout") from None
