@@ -11,6 +11,7 @@ from typing import NamedTuple
 from tidegate.core.base import config
 from tidegate.core.events.views import CONFIG_RULES as VIEW_RULES
 from tidegate.core.features.registry import view_problem as feature_view_problem
+from tidegate.core.overload.shedding import policy_problem
 from tidegate.core.predict.models import model_problem
 
 INGRESS, INFERENCE, EMBEDDER, VIEWS, MODELS = "ingress", "inference", "embedder", "views", "models"
@@ -25,7 +26,8 @@ KINDS = {
 }
 
 # config checks that domain packages own (config itself imports none of them)
-CONFIG_RULES = {**VIEW_RULES, "features.views": feature_view_problem, "predict.models": model_problem}
+CONFIG_RULES = {**VIEW_RULES, "features.views": feature_view_problem, "predict.models": model_problem,
+                "overload.shed": policy_problem}
 
 
 class Slot(NamedTuple):

@@ -62,6 +62,13 @@ def _parser() -> argparse.ArgumentParser:
     c.add_argument("action", choices=["stats", "purge"])
     c.add_argument("--tenant", help="purge only this tenant's entries")
 
+    sh = asub.add_parser("shed", help="force shedding of a traffic class: on CLASS | off CLASS | status",
+                         description="For drills: requests of CLASS are shed as if their downstream were "
+                                     "overloaded (overload.shed says what they get; a class whose policy is never "
+                                     "is still served). Lasts until off, the daemon's restart, or forever on reloads.")
+    sh.add_argument("action", choices=["on", "off", "status"])
+    sh.add_argument("cls", nargs="?", choices=["critical", "standard", "background"])
+
     f = sub.add_parser("features", help="the feature registry: load | get | stats",
                        description="Load, read and count feature-view rows in DATA_DIR/features (needs no daemon; "
                                    "a load switches versions atomically while the daemon serves).")
@@ -211,7 +218,8 @@ def admin(args) -> int:
         print(orjson.dumps(out, option=orjson.OPT_INDENT_2).decode() if args.json else _human("log", {"body": out}))
         return ADMIN_OK if code == 0 else ADMIN_FAILED
     try:
-        fields = {"action": args.action, "tenant": args.tenant} if args.admin_command == "cache" else {}
+        fields = ({"action": args.action, "tenant": args.tenant} if args.admin_command == "cache" else
+                  {"action": args.action, "cls": args.cls} if args.admin_command == "shed" else {})
         reply = control.call(cfg, args.admin_command, timeout=args.timeout, **fields)
     except control.NoDaemon as e:
         print(f"tidegate admin: {e}", file=sys.stderr)

@@ -14,10 +14,13 @@ On SIGTERM it keeps serving the old generation's ingress workers (draining too) 
 """
 from __future__ import annotations
 
+import time
+
 from tidegate.core.base.jsonlog import log
 from tidegate.core.llm.batcher import Batcher
 from tidegate.core.llm.demo_model import ensure_demo
 from tidegate.core.messaging import endpoints, protocol
+from tidegate.core.overload.pressure import ClassMonitor, Publisher
 from tidegate.core.runtime.loop import BlockingWorker, run_blocking_worker
 
 
@@ -27,6 +30,7 @@ class InferenceWorker(BlockingWorker):
         self.model, self.inf = spec["model"], self.cfg["inference"]
         self.name = self.model["name"]
         self.grace_end = self.idle_since = None
+        self.publisher = None  # the pressure PUB socket, bound on the first turn (the sockets exist then)
 
     def open(self) -> str:
         path = self.model["path"] or ensure_demo(self.cfg["server"]["data_dir"])
@@ -67,6 +71,23 @@ class InferenceWorker(BlockingWorker):
 
     def before_sleep(self) -> None:
         self.batcher.save_prefixes()  # after the step's first tokens left: never delays one
+        self._publish_pressure()
+
+    def _publish_pressure(self) -> None:
+        """Each class's queueing delay and drain rate, for the ingress workers to shed at the door."""
+        ov, sched, now = self.cfg["overload"], self.batcher.sched, time.monotonic()
+        if self.publisher is None:
+            self.monitor = ClassMonitor(ov["delay_target"], ov["delay_interval"])
+            self.publisher = Publisher(self.socks.ctx, endpoints.pressure(self.cfg, "inference", self.name,
+                                                                          self.spec["gen"]),
+                                       f"inference:{self.name}", ov["pressure_interval"])
+            self.seen = dict(sched.completed)
+        for c, n in sched.completed.items():
+            for _ in range(min(n - self.seen[c], 64)):
+                self.monitor.finished(c, now)
+            self.seen[c] = n
+        self.monitor.observe(now, sched.oldest(), sched.queued())
+        self.publisher.maybe_publish(self.monitor, now)
 
     def counters(self) -> dict:
         b = self.batcher

@@ -131,6 +131,7 @@ class Supervisor:
         self.crashes: collections.Counter = collections.Counter()  # slot -> quick crashes in a row
         self.respawns = 0
         self.degraded: dict[str, str] = {}  # slot -> why it is not serving now (cleared at its READY)
+        self.forced_shed: set[str] = set()  # classes an operator sheds now (admin shed on|off)
         self.sigqueue: collections.deque = collections.deque()
         self.deadline = 0.0
         self._ids = 0
@@ -478,6 +479,8 @@ class Supervisor:
                                             "degraded": self.degraded})
 
     def _on_ready(self, w: Worker) -> None:
+        if w.slot.kind == INGRESS and self.forced_shed:
+            self._send(w, {"op": protocol.SHED, "classes": sorted(self.forced_shed)})
         if self.pending and w.gen == self.pending["gen"]:
             self._maybe_release()
             if self._ready_count(w.gen) >= len(slots(self.pending["cfg"])):
@@ -529,6 +532,12 @@ class Supervisor:
             if body is None:
                 return self._reply(ident, {"op": protocol.REPLY, "ok": False,
                                            "message": "cache: action must be stats or purge"})
+        elif op == "shed":
+            body = self._shed(msg)
+            if body is None:
+                return self._reply(ident, {"op": protocol.REPLY, "ok": False,
+                                           "message": "shed: action must be on, off or status, with a class "
+                                                      "(critical, standard, background) for on and off"})
         elif op == "drain":
             body = {"message": "draining"}
             self.drain()
@@ -562,6 +571,22 @@ class Supervisor:
             log.info("cache purge", tenant=tenant or "(all)", workers=told)
             return {"message": f"purge of {tenant or 'all tenants'} sent to {told} workers"}
         return None
+
+    def _shed(self, msg: dict) -> dict | None:
+        """admin shed on|off CLASS: force shedding of a class for a drill (classes whose policy is
+        never are still served); status: what is forced now. New ingress workers are told at READY."""
+        action, cls = msg.get("action"), msg.get("cls")
+        if action in ("on", "off"):
+            if cls not in ("critical", "standard", "background"):
+                return None
+            (self.forced_shed.add if action == "on" else self.forced_shed.discard)(cls)
+            for w in self.workers.values():
+                if w.state == "ready" and w.slot.kind == INGRESS:
+                    self._send(w, {"op": protocol.SHED, "classes": sorted(self.forced_shed)})
+            log.info("forced shedding", classes=", ".join(sorted(self.forced_shed)) or "none")
+        elif action != "status":
+            return None
+        return {"forced": sorted(self.forced_shed), "policy": self.cfg["overload"]["shed"]}
 
     def status(self) -> dict:
         return {"pid": os.getpid(), "version": __version__, "state": self.state,

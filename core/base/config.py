@@ -273,6 +273,8 @@ SCHEMA: dict[str, dict[str, Key]] = {
         "exact_enabled": Key(bool, True, "answer identical reproducible requests from the exact cache"),
         "exact_any": Key(bool, False, "also cache non-reproducible requests (temperature > 0 without a seed)"),
         "exact_ttl": Key(float, 3600.0, "seconds an exact-cache entry lives", positive),
+        "exact_stale_ttl": Key(float, 86400.0, "seconds past its ttl an entry is kept to answer a shed request "
+                               "(served marked stale, RFC 5861 stale-if-error; 0 = never)", non_negative),
         "exact_max_bytes": Key(int, 256 * MiB, "exact-cache bytes per owner worker (LRU)", positive),
         "owner_timeout": Key(float, 0.1, "seconds to wait for a cache owner (then: a miss)", positive),
         "semantic_enabled": Key(bool, True, "answer paraphrases from the semantic cache (embedder process)"),
@@ -337,6 +339,15 @@ SCHEMA: dict[str, dict[str, Key]] = {
                      "window, n}] (see core/views.py)", _tables),  # the events package checks the rest (rules)
         "views_map_bytes": Key(int, 1024 * MiB, "LMDB map size of the views", positive),
         "view_lag_max": Key(float, 5.0, "/readyz fails while the view builder is further behind (s)", positive),
+    },
+    "overload": {
+        "shed": Key(dict, {"critical": "never", "standard": "reject", "background": "cached"},
+                    "per traffic class, what a request gets while its downstream is overloaded: never (served "
+                    "anyway), reject (503 + Retry-After), cached (a stale cached answer or the last prediction, "
+                    "else 503); see core/overload/"),
+        "delay_target": Key(float, 0.005, "CoDel: queueing delay a class may have...", positive),
+        "delay_interval": Key(float, 0.1, "...for this long before it counts as overloaded (s)", positive),
+        "pressure_interval": Key(float, 0.005, "how often a busy downstream publishes its pressure (s)", positive),
     },
     "log": {
         "level": Key(str, "info", "debug | info | warning | error", _log_level),

@@ -5,7 +5,8 @@ changes the output (messages or prompt, tools, response format, every sampling p
 reproducible requests are cached (temperature 0, or a fixed seed) unless `cache.exact_any`
 says otherwise. An entry lives at the ring owner of its key, like every other piece of state:
 a lookup is a direct call there or one mesh hop, and never a message to the inference worker.
-Each owner keeps its entries in an LRU bounded by bytes, with a TTL.
+Each owner keeps its entries in an LRU bounded by bytes, with a TTL; an expired entry stays for
+`cache.exact_stale_ttl` more, served only to a request being shed (marked stale).
 """
 from __future__ import annotations
 
@@ -16,7 +17,7 @@ from collections import OrderedDict
 
 import orjson
 
-from tidegate.core.messaging.protocol import XC_GET, XC_PUT
+from tidegate.core.messaging.protocol import XC_GET, XC_PUT, XC_STALE
 # request fields that change what the model answers; everything else (stream, user...) does not
 OUTPUT_FIELDS = ("messages", "prompt", "tools", "tool_choice", "response_format", "max_tokens",
                  "max_completion_tokens", "temperature", "top_p", "top_k", "min_p", "seed", "stop", "logit_bias",
@@ -35,8 +36,8 @@ def reproducible(params: dict) -> bool:
 class ExactStore:
     """Owner side: entries this worker owns. {key: (expires, tenant, entry, size)}."""
 
-    def __init__(self, max_bytes: int, ttl: float):
-        self.max_bytes, self.ttl = max_bytes, ttl
+    def __init__(self, max_bytes: int, ttl: float, stale_ttl: float = 0.0):
+        self.max_bytes, self.ttl, self.stale_ttl = max_bytes, ttl, stale_ttl
         self.entries: OrderedDict[str, tuple] = OrderedDict()
         self.bytes = 0
         self.stats = {"hits": 0, "misses": 0, "inserts": 0, "evictions": 0, "expired": 0}
@@ -47,12 +48,20 @@ class ExactStore:
             self.stats["misses"] += 1
             return None
         if item[0] < time.time():
-            self._drop(key)
+            if item[0] + self.stale_ttl < time.time():
+                self._drop(key)  # past the stale window too: gone
             self.stats["expired"] += 1
             self.stats["misses"] += 1
             return None
         self.entries.move_to_end(key)
         self.stats["hits"] += 1
+        return item[2]
+
+    def get_stale(self, key: str):
+        """The entry even past its ttl, within exact_stale_ttl: for a request being shed."""
+        item = self.entries.get(key)
+        if item is None or item[0] + self.stale_ttl < time.time():
+            return None
         return item[2]
 
     def put(self, msg: list) -> bool:
@@ -89,12 +98,13 @@ class ExactCache:
         self.enabled, self.any = c["exact_enabled"], c["exact_any"]
         self.timeout = c["owner_timeout"]
         self.owners = owners
-        self.store = ExactStore(c["exact_max_bytes"], c["exact_ttl"])
-        owners.register({XC_GET: self.store.get, XC_PUT: self.store.put})
+        self.store = ExactStore(c["exact_max_bytes"], c["exact_ttl"], c["exact_stale_ttl"])
+        owners.register({XC_GET: self.store.get, XC_PUT: self.store.put, XC_STALE: self.store.get_stale})
 
-    async def get(self, key: str):
-        """The entry, or None: a miss also when the owner does not answer in time."""
-        found = self.owners.call(self.owners.owner_of(key.encode()), XC_GET, key, self.timeout)
+    async def get(self, key: str, stale: bool = False):
+        """The entry, or None: a miss also when the owner does not answer in time. stale: also an
+        entry past its ttl (within exact_stale_ttl), for a request being shed."""
+        found = self.owners.call(self.owners.owner_of(key.encode()), XC_STALE if stale else XC_GET, key, self.timeout)
         if not asyncio.isfuture(found):
             return found
         try:

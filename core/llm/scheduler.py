@@ -27,6 +27,7 @@ class Scheduler:
         self.queue_max = {c: queue_max.get(c, 256) for c in CLASSES}
         self.queues: dict[str, deque] = {c: deque() for c in CLASSES}
         self.running = {c: 0 for c in CLASSES}
+        self.completed = {c: 0 for c in CLASSES}  # finished sequences: the drain rate for backpressure
 
     def submit(self, item, cls: str) -> None:
         """Queue item (which has .deadline); raises QueueFull when the class's queue is full."""
@@ -68,6 +69,11 @@ class Scheduler:
 
     def finished(self, cls: str) -> None:
         self.running[cls] -= 1
+        self.completed[cls] += 1
+
+    def oldest(self) -> dict:
+        """class -> when its oldest queued item was submitted (.started), None when empty."""
+        return {c: (q[0].started if q else None) for c, q in self.queues.items()}
 
     def queued(self) -> dict:
         return {c: len(q) for c, q in self.queues.items()}

@@ -28,10 +28,18 @@ def peer(run_dir: str, slot: int, gen: int) -> str:
     return f"ipc://{os.path.abspath(run_dir)}/peer-{slot}.g{gen}.sock"
 
 
+def _base(kind: str, name: str) -> str:
+    return {"inference": f"infer-{name}", "embedder": "embedder", "views": "views", "models": "models"}[kind]
+
+
 def worker(cfg: dict, kind: str, name: str, gen: int) -> str:
     """A blocking worker's ROUTER: kind "inference" (name = model), "embedder", "views" or "models"."""
-    base = {"inference": f"infer-{name}", "embedder": "embedder", "views": "views", "models": "models"}[kind]
-    return f"ipc://{_run(cfg)}/{base}.g{gen}.sock"
+    return f"ipc://{_run(cfg)}/{_base(kind, name)}.g{gen}.sock"
+
+
+def pressure(cfg: dict, kind: str, name: str, gen: int) -> str:
+    """A downstream's PUB socket for its per-class pressure (core/overload/pressure.py)."""
+    return f"ipc://{_run(cfg)}/{_base(kind, name)}.g{gen}.pub"
 
 
 def ipc_path(endpoint: str) -> str | None:

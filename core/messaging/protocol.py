@@ -33,15 +33,16 @@ RELEASED = "released"    # answer to RELEASE: the stores are closed and their lo
 PURGE = "purge"          # drop cached answers (all, or one tenant's)
 RELEASE = "release"      # reload: the next generation is on standby; flush, close and unlock the stores
 RESUME = "resume"        # the reload failed after RELEASE: take the stores back and serve again
+SHED = "shed"            # the classes an operator sheds now (admin shed on|off), to every ingress worker
 
 # ---- admin -> supervisor (control socket) ------------------------------------------------------
-CONTROL_OPS = ("status", "workers", "config", "reload", "drain", "stop", "metrics", "cache")
+CONTROL_OPS = ("status", "workers", "config", "reload", "drain", "stop", "metrics", "cache", "shed")
 
 # ---- mesh: ops handled at a key's ring owner ---------------------------------------------------
 RL_TAKE, RL_LEASE, RL_REFUND = "rl.take", "rl.lease", "rl.refund"        # rate-limit buckets
 SESS_CREATE, SESS_GET, SESS_PATCH, SESS_DELETE = "sess.create", "sess.get", "sess.patch", "sess.delete"
 SESS_ADOPT = "sess.adopt"  # a session whose owner changed (the worker count did): take it over
-XC_GET, XC_PUT = "xc.get", "xc.put"                                      # exact cache
+XC_GET, XC_PUT, XC_STALE = "xc.get", "xc.put", "xc.stale"                # exact cache (stale: for shedding)
 EV_APPEND = "ev.append"                                                  # event-log partition
 
 # ---- ingress -> blocking worker: [op, rid, body] -----------------------------------------------

@@ -40,6 +40,7 @@ class Predictor:
         store at the key's ring owner (the exact cache's) for models with fallback = last_served."""
         self.name, self.plan, self.hydrator, self.score, self.version = decl["name"], plan, hydrator, score, version
         self.cls = decl.get("class")
+        self.source = "models" if decl.get("worker") else "ingress"  # whose pressure sheds it
         self.last_served = last_served if decl.get("fallback") == "last_served" else None
         self.remote = bool(hydrator.remote_views(plan))
         self.defaulted = 0  # inputs that took their default, for /metrics

@@ -112,7 +112,7 @@ class WorkerSockets:
     def close(self) -> None:
         self.router.close(0)
         self.link.close(0)
-        self.ctx.term()
+        self.ctx.destroy(0)  # and any socket a subclass added (a pressure PUB)
 
 
 class BlockingWorker:

@@ -7,7 +7,7 @@ import re
 
 ROOT = pathlib.Path(__file__).resolve().parents[2]
 # core packages, lowest first; a package may import its own modules and any lower layer
-LAYERS = [{"base"}, {"http"}, {"messaging"}, {"runtime"}, {"state", "llm"}, {"cache", "events", "features"}, {"predict"}]
+LAYERS = [{"base"}, {"http"}, {"messaging"}, {"runtime"}, {"state", "llm", "overload"}, {"cache", "events", "features"}, {"predict"}]
 RANK = {pkg: i for i, layer in enumerate(LAYERS) for pkg in layer}
 
 

@@ -38,6 +38,8 @@ from tidegate.core.messaging import endpoints, protocol
 from tidegate.core.messaging.link import SupervisorLink
 from tidegate.core.messaging.mesh import Mesh
 from tidegate.core.messaging.worker_client import Unavailable, WorkerClient
+from tidegate.core.overload.pressure import PressureView
+from tidegate.core.overload.shedding import Shedder
 from tidegate.core.predict.models import Model, check_inputs, version_of
 from tidegate.core.predict.pipeline import Predictor, plan_for
 from tidegate.core.runtime.process import WORKER_BOOT_ERROR, start_worker
@@ -94,10 +96,15 @@ class IngressWorker:
         self.embedder = self.semantic = None  # the semantic cache's embedder process, when on
         self.hydrator = self.remote = self.model_worker = None  # feature sources, when views or models are declared
         self.predictors: dict = {}
+        self.pressure = self.shedder = None  # downstream pressure and the shed policy, set in _routes
 
     # ---- routes -------------------------------------------------------------------------------
     def _routes(self) -> None:
         cfg, r, guard = self.cfg, self.router, self.guard
+        gen = self.spec["gen"]
+        self.pressure = PressureView(self.zmq, self.loop, {m["name"]: endpoints.pressure(cfg, "inference", m["name"], gen)
+                                                           for m in config.models(cfg)})
+        self.shedder = Shedder(cfg, self.pressure)
         routes = [OpsRoutes(cfg, self.link, self.snapshot), SessionRoutes(cfg, guard)]
         if cfg["events"]["enabled"]:
             routes += [EventRoutes(cfg, self.owners), ViewRoutes(self.views)]
@@ -105,7 +112,7 @@ class IngressWorker:
             self._hydration()
             routes.append(FeatureRoutes(self.hydrator, cfg["predict"]))
         if cfg["predict"]["models"]:
-            routes.append(PredictRoutes(cfg, self._predictors()))
+            routes.append(PredictRoutes(cfg, self._predictors(), self.shedder))
         models = config.models(cfg)
         if models:
             limit = cfg["server"]["max_frame_bytes"]
@@ -115,7 +122,8 @@ class IngressWorker:
                 self.embedder = WorkerClient(self.zmq, endpoints.worker(cfg, "embedder", "", self.spec["gen"]),
                                              self.loop, limit)
                 self.semantic = SemanticClient(cfg, self.embedder)
-            routes.append(OpenAIRoutes(cfg, models, self.infer, self.ratelimit, self.exact, self.semantic))
+            routes.append(OpenAIRoutes(cfg, models, self.infer, self.ratelimit, self.exact, self.semantic,
+                                       self.shedder))
         for group in routes:
             group.add_to(r, guard)
 
@@ -199,6 +207,8 @@ class IngressWorker:
                            predict_defaulted=sum(s["defaulted"] for s in stats))
         if self.remote is not None:
             m.extra.update(self.remote.stats, redis_breaker_opened=self.remote.breaker.stats["opened"])
+        if self.shedder is not None:
+            m.extra.update(self.shedder.stats)
         if self.mesh:
             ms = self.mesh.stats
             m.extra.update(mesh_frames_sent=ms["frames_out"], mesh_messages_sent=ms["messages_out"],
@@ -214,6 +224,9 @@ class IngressWorker:
             self._release(msg["gen"])
         elif op == protocol.RESUME:
             asyncio.ensure_future(self._resume())
+        elif op == protocol.SHED:
+            self.shedder.forced = set(msg.get("classes", ()))
+            log.info("forced shedding", classes=", ".join(sorted(self.shedder.forced)) or "none")
 
     # ---- durable stores: opened under their locks, handed over on reload ------------------------
     STORE_OPS = (protocol.SESS_CREATE, protocol.SESS_GET, protocol.SESS_PATCH, protocol.SESS_DELETE,
@@ -461,6 +474,8 @@ class IngressWorker:
         if self.remote is not None:
             await self.remote.close()
         self._close_stores()
+        if self.pressure is not None:
+            self.pressure.close()
         self.link.close()
         self.zmq.term()
 

@@ -56,10 +56,12 @@ def _int(body: dict, name: str, lo: int, hi: int, default):
 
 
 class OpenAIRoutes:
-    def __init__(self, cfg: dict, models: list[dict], clients: dict, limiter, exact=None, semantic=None):
+    def __init__(self, cfg: dict, models: list[dict], clients: dict, limiter, exact=None, semantic=None,
+                 shedder=None):
         self.cfg, self.limits, self.inf = cfg, cfg["limits"], cfg["inference"]
         self.models = {m["name"]: m for m in models}
         self.clients, self.limiter, self.exact, self.semantic = clients, limiter, exact, semantic
+        self.shedder = shedder
         self.created = int(time.time())
         self.inflight = 0  # generations submitted and not yet ended (Generation counts them)
 
@@ -205,6 +207,17 @@ class OpenAIRoutes:
                 call.semantic_store = (ns, tenant, text)
         return None
 
+    async def _shed(self, call, body, params, model, tenant, what, chat, cls, retry):
+        """The model is overloaded for this class: a stale exact-cache answer (policy cached),
+        else 503 with Retry-After. Never the model."""
+        sh = self.shedder
+        if sh.cached(cls) and self.exact is not None and (reproducible(params) or self.cfg["cache"]["exact_any"]):
+            entry = await self.exact.get(cache_key(tenant, model, "chat" if chat else "completions",
+                                                   dict(body, **what)), stale=True)
+            if entry is not None:
+                return await call.replay(entry, b"stale", sh.served(cls, "stale"))
+        raise sh.reject(cls, retry, f"model {model!r}")
+
     async def embeddings(self, req):
         body = self._body(req)
         model = self._model(body)
@@ -276,6 +289,9 @@ class OpenAIRoutes:
         hit = await self._cached(req, call, body, params, model, tenant, what, chat)
         if hit is not None:
             return hit
+        retry = self.shedder.check(cls, f"inference:{model}") if self.shedder is not None else None
+        if retry is not None:
+            return await self._shed(call, body, params, model, tenant, what, chat, cls, retry)
         if self.inflight >= self.inf["max_inflight"]:
             raise service_unavailable(f"this worker has {self.inflight} generations in flight "
                                       f"(inference.max_inflight); retry shortly", "too_many_inflight")

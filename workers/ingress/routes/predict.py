@@ -30,8 +30,8 @@ class ModelError(Exception):
 
 
 class PredictRoutes:
-    def __init__(self, cfg: dict, predictors: dict):
-        self.limits, self.predictors = cfg["limits"], predictors
+    def __init__(self, cfg: dict, predictors: dict, shedder=None):
+        self.limits, self.predictors, self.shedder = cfg["limits"], predictors, shedder
         self.max_instances = cfg["predict"]["max_instances"]
 
     def add_to(self, router, guard) -> None:
@@ -59,9 +59,23 @@ class PredictRoutes:
         body = parse_json(req, self.limits)
         who = caller(req)
         inst = _instance(p.plan, body, who.tenant, "")
+        cls = p.cls or who.klass
+        retry = self.shedder.check(cls, p.source) if self.shedder is not None else None
+        if retry is not None:
+            return self._shed(p, inst, cls, retry)
         if p.last_served is not None:
             return _with_fallback(p, inst, who.klass)
         return _answer(p.submit(inst, who.klass), lambda a: a)
+
+    async def _shed(self, p, inst, cls: str, retry: int):
+        """The model's scorer is overloaded for this class: the entity's last prediction (policy
+        cached, fallback = last_served), else 503 with Retry-After. Never the model."""
+        sh = self.shedder
+        if sh.cached(cls):
+            old = await p.fallback(inst)
+            if old is not None:
+                return json_response(old, headers=[(b"x-tidegate-cache", b"fallback"), *sh.served(cls, "fallback")])
+        raise sh.reject(cls, retry, f"model {p.name!r}")
 
     def predict_batch(self, req):
         p = self._model(req)

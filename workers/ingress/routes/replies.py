@@ -61,9 +61,9 @@ class Generation:
                                 "generation_timeout", None])
         loop.call_later(first, check)
 
-    async def replay(self, entry: dict, kind: bytes):
+    async def replay(self, entry: dict, kind: bytes, extra_headers=()):
         """Answer from a cached entry, streamed or not, exactly as a generation would."""
-        self.cache_header = [(b"x-tidegate-cache", kind)]
+        self.cache_header = [(b"x-tidegate-cache", kind), *extra_headers]
         self.store = self.semantic_store = None  # a replayed answer is not stored again
         usage = dict(entry["usage"], cached_tokens=entry["usage"]["prompt_tokens"])
         if self.stream:

@@ -1,0 +1,55 @@
+"""What a request of each traffic class gets when its downstream is overloaded (or an operator
+forces shedding for a drill: `tidegate admin shed on CLASS`).
+
+overload.shed maps a class to a policy: `never` (always served), `reject` (503 with Retry-After
+from the downstream's drain rate), or `cached` (a cached approximation: a stale exact-cache
+entry, the entity's last prediction; else 503 like reject). A shed answer says so:
+`x-tidegate-shed: CLASS` and `x-tidegate-cache: stale | fallback`; shed answers are counted per
+class and kind in /metrics (shed_*), never inside the cache hit rates.
+"""
+from __future__ import annotations
+
+from tidegate.core.http.http11 import service_unavailable
+
+POLICIES = ("never", "reject", "cached")
+
+
+def policy_problem(v, cfg=None) -> str | None:
+    for c in ("critical", "standard", "background"):
+        if v.get(c) not in POLICIES:
+            return f"{c}: needs a policy, one of {', '.join(POLICIES)}"
+    extra = set(v) - {"critical", "standard", "background"}
+    return f"unknown traffic class(es) {', '.join(sorted(extra))}" if extra else None
+
+
+class Shedder:
+    def __init__(self, cfg: dict, view=None):
+        self.policy = cfg["overload"]["shed"]
+        self.view = view          # PressureView, when downstreams publish
+        self.forced: set = set()  # classes an operator sheds now (admin shed on|off)
+        self.stats = {f"shed_{c}_{k}": 0 for c in ("critical", "standard", "background")
+                      for k in ("stale", "fallback", "rejected")}
+
+    def check(self, cls: str, source: str) -> int | None:
+        """Retry-After seconds when a request of cls for downstream source is to be shed, else None."""
+        if self.policy[cls] == "never":
+            return None
+        if cls in self.forced:
+            return 1
+        return self.view.shedding(source, cls) if self.view is not None else None
+
+    def cached(self, cls: str) -> bool:
+        return self.policy[cls] == "cached"
+
+    def served(self, cls: str, kind: str) -> list:
+        """Count a shed answer of kind (stale | fallback); the header that marks it as shed (the
+        answer's x-tidegate-cache says the kind)."""
+        self.stats[f"shed_{cls}_{kind}"] += 1
+        return [(b"x-tidegate-shed", cls.encode())]
+
+    def reject(self, cls: str, retry_after: int, what: str):
+        self.stats[f"shed_{cls}_rejected"] += 1
+        e = service_unavailable(f"{what} is overloaded: {cls} traffic is shed; retry after {retry_after}s",
+                                "shed", retry_after=retry_after)
+        e.headers.append((b"x-tidegate-shed", cls.encode()))
+        return e

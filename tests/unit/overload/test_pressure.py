@@ -1,0 +1,51 @@
+"""CoDel's rule per class, DAGOR-style shed levels, Retry-After from the drain rate, and the
+shed policy (pure logic)."""
+from tidegate.core.base import config
+from tidegate.core.overload.pressure import ClassMonitor
+from tidegate.core.overload.shedding import Shedder, policy_problem
+
+EMPTY = {"critical": None, "standard": None, "background": None}
+
+
+def test_overloaded_only_after_a_whole_interval_above_target():
+    m = ClassMonitor(target=0.005, interval=0.1)
+    m.observe(10.0, dict(EMPTY, background=9.99), {"background": 40})  # 10 ms delay: above, starts the clock
+    assert not m.overloaded["background"] and m.shed() == []
+    m.observe(10.05, dict(EMPTY, background=10.04), {"background": 40})
+    assert m.shed() == []
+    m.observe(10.11, dict(EMPTY, background=10.10), {"background": 40})  # above for 110 ms
+    assert m.overloaded["background"] and m.shed() == ["background"]
+    m.observe(10.12, dict(EMPTY, background=10.119), {"background": 1})  # 1 ms: below target, at once fine
+    assert m.shed() == []
+
+
+def test_shed_levels_travel_down_from_the_overloaded_class():
+    m = ClassMonitor(0.005, 0.1)
+    m.overloaded.update(standard=True)
+    assert m.shed() == ["standard", "background"]
+    m.overloaded.update(critical=True)
+    assert m.shed() == ["standard", "background"]  # critical is never shed for its own queue
+
+
+def test_retry_after_follows_the_drain_rate():
+    m = ClassMonitor()
+    for i in range(11):
+        m.finished("background", 100.0 + i * 0.1)  # 10 finished per second
+    m.observe(101.0, dict(EMPTY, background=100.5), {"background": 45})
+    assert m.retry_after("background", 101.0) == 5
+    m.observe(101.0, EMPTY, {})
+    assert m.retry_after("background", 101.0) == 1
+    assert ClassMonitor().retry_after("standard", 1.0) == 1  # no queue, no history: come back soon
+
+
+def test_policy_and_forced_shedding():
+    cfg = config.defaults()
+    s = Shedder(cfg)
+    assert s.check("background", "inference:x") is None
+    s.forced = {"background", "critical"}
+    assert s.check("background", "inference:x") == 1 and s.cached("background")
+    assert s.check("critical", "inference:x") is None  # never
+    assert s.served("background", "stale") == [(b"x-tidegate-shed", b"background")]
+    e = s.reject("standard", 7, "model 'm'")
+    assert e.status == 503 and (b"retry-after", b"7") in e.headers and s.stats["shed_standard_rejected"] == 1
+    assert "needs a policy" in policy_problem({"critical": "never", "standard": "drop", "background": "cached"})
