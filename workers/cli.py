@@ -2,6 +2,7 @@
 from __future__ import annotations
 
 import argparse
+import os
 import sys
 
 import orjson
@@ -96,6 +97,19 @@ def _parser() -> argparse.ArgumentParser:
     md.add_argument("--size", choices=["tiny", "bench"], default="tiny")
     md.add_argument("--seed", type=int, default=1234)
 
+    lt = sub.add_parser("loadtest", help="an open-loop load test from a scenario file",
+                        description="Constant arrival rates per stream (latency from each request's scheduled time, "
+                                    "so a slow server cannot hide it), a rate profile over time, a live line per "
+                                    "second, and a report: HDR percentiles per class and phase, outcomes (ok, "
+                                    "cached, rejected, error, timeout), settle time after the spike, a PNG. "
+                                    "Scenario format: core/loadgen/scenario.py; an example: bench/flash_sale.toml.")
+    lt.add_argument("scenario")
+    lt.add_argument("--url", help="override the scenario's url")
+    lt.add_argument("--duration", type=float, help="override the scenario's duration (s)")
+    lt.add_argument("--out", default=".", help="where report.json and report.png go (default: here)")
+    lt.add_argument("--watch-pid", type=int, help="sample this process tree's memory (RSS) every second")
+    lt.add_argument("--quiet", action="store_true", help="no live line per second")
+
     d = sub.add_parser("demo", help="worked examples: demo features DIR",
                        description="features: write and load the fraud (critical) and recommendation (background) "
                                    "examples: generated users and merchants, two models, a config; then serve it with "
@@ -123,6 +137,8 @@ def main(argv=None) -> int:
         return features(args)
     if args.command == "demo":
         return demo(args)
+    if args.command == "loadtest":
+        return loadtest(args)
     if args.command == "model":
         from tidegate.core.llm.demo_model import make_demo
         print(make_demo(args.path, args.size, args.seed))
@@ -174,6 +190,50 @@ def features(args) -> int:
         return ADMIN_FAILED
     print(orjson.dumps(out, option=orjson.OPT_INDENT_2).decode() if args.json else _human("features", {"body": out}))
     return ADMIN_OK
+
+
+def loadtest(args) -> int:
+    try:
+        from tidegate.core.loadgen.run import run  # needs hdrhistogram (the loadtest extra)
+        from tidegate.core.loadgen.scenario import ScenarioError, load
+    except ImportError as e:
+        print(f"tidegate loadtest: {e} (pip install 'tidegate[loadtest]')", file=sys.stderr)
+        return ADMIN_USAGE
+    overrides = {k: v for k, v in (("url", args.url), ("duration", args.duration)) if v}
+    try:
+        sc = load(args.scenario, overrides)
+    except ScenarioError as e:
+        print(f"tidegate loadtest: {e}", file=sys.stderr)
+        return ADMIN_USAGE
+    watch = _rss_of(args.watch_pid) if args.watch_pid else None
+    import uvloop
+    rec = uvloop.run(run(sc, progress=not args.quiet, watch=watch))
+    summary = rec.summary()
+    os.makedirs(args.out, exist_ok=True)
+    with open(os.path.join(args.out, "report.json"), "wb") as f:
+        f.write(orjson.dumps(summary, option=orjson.OPT_INDENT_2))
+    try:
+        rec.plot(os.path.join(args.out, "report.png"), os.path.basename(args.scenario))
+    except ImportError:
+        print("tidegate loadtest: no plot (pip install matplotlib)", file=sys.stderr)
+    print(rec.text(summary))
+    return ADMIN_OK
+
+
+def _rss_of(pid: int):
+    """A sampler of the RSS of pid and its children (the daemon's whole process tree)."""
+    import psutil
+    root = psutil.Process(pid)
+
+    def rss() -> int:
+        total = 0
+        for p in [root, *root.children(recursive=True)]:
+            try:
+                total += p.memory_info().rss
+            except psutil.Error:
+                pass
+        return total
+    return rss
 
 
 def demo(args) -> int:

@@ -257,6 +257,10 @@ SCHEMA: dict[str, dict[str, Key]] = {
         "idle_timeout": Key(float, 60.0, "seconds the ingress worker waits for the next event of a generation "
                             "before it gives up on it (504, or an error event mid-stream) and cancels it", positive),
         "reserved": Key(dict, {"critical": 1}, "sequence slots only a class (or one above it) may take", _class_counts),
+        "shared_decode": Key(int, 2, "while a critical sequence runs, sequences of other classes decoded in one "
+                             "step (they take turns)", positive),
+        "shared_prefill": Key(int, 32, "while a critical sequence runs, prompt tokens of other classes one decode "
+                              "step may carry (bounds what they add to each critical token)", positive),
         "max_inflight": Key(int, 4096, "generations one ingress worker has in flight (each holds a connection "
                             "and its buffers); above it 503 with Retry-After", positive),
         "queue_max": Key(dict, {"critical": 256, "standard": 256, "background": 256},

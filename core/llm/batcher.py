@@ -37,7 +37,7 @@ class Seq:
     """One generation request, from queue to finish."""
     __slots__ = ("peer", "rid", "cls", "deadline", "stream", "tenant", "prompt", "names", "params", "stop",
                  "max_tokens", "sampler", "slot", "pending", "n_past", "generated", "buf", "text", "sent",
-                 "n_cached", "cancelled", "logit_index", "started", "first_token_at", "last")
+                 "n_cached", "cancelled", "logit_index", "started", "first_token_at", "last", "last_step")
 
     def __init__(self, peer, rid, body, prompt, max_tokens, deadline):
         self.peer, self.rid = peer, rid
@@ -48,6 +48,7 @@ class Seq:
         self.n_past, self.generated, self.buf, self.text, self.sent = 0, [], b"", "", 0
         self.n_cached, self.cancelled, self.logit_index = 0, False, -1
         self.started, self.first_token_at, self.last = time.monotonic(), 0.0, -1
+        self.last_step = -1  # the step it last decoded in (shared_decode takes turns by it)
 
 
 class Slot:
@@ -67,6 +68,7 @@ class Batcher:
         self.block = inf["prefix_block"]
         self.slots = [Slot(i) for i in range(model["max_seqs"])]
         self.sched = Scheduler(len(self.slots), inf["reserved"], inf["queue_max"])
+        self.steps = 0  # decode steps taken (shared_decode turns)
         self.shared = [engine.tokenize(p) for p in inf["shared_prefixes"]]
         self.stats = {k: 0 for k in STATS}
         self.to_save: list = []  # (seq, slot) whose prompt just went in: saved after the step's events leave
@@ -255,16 +257,32 @@ class Batcher:
         if not running:
             return
         items, budget = [], self.inf["n_batch"]
-        for seq in running:  # decoding sequences first: streams keep flowing during long prefills
+        critical = any(s.cls == "critical" for s in running)
+        # while critical work runs, at most shared_decode other sequences decode in a step (taking
+        # turns, longest-waiting first): what they add to each critical token stays bounded
+        others = self.inf["shared_decode"] if critical else len(running)
+        for seq in sorted(running, key=lambda s: (s.cls != "critical", s.last_step)):
             seq.logit_index = -1
             if not seq.pending:
+                if seq.cls != "critical":
+                    if others <= 0:
+                        continue
+                    others -= 1
+                seq.last_step = self.steps
                 seq.logit_index = len(items)
                 items.append((seq.last, seq.n_past, seq.slot, True))
                 seq.n_past += 1
+        self.steps += 1
         budget -= len(items)
-        for seq in running:
-            if seq.pending and budget > 0:
-                chunk, seq.pending = seq.pending[:budget], seq.pending[budget:]
+        # while critical work runs, other classes' prompts enter in small chunks: a step (and so
+        # every critical token) waits on at most shared_prefill tokens of theirs
+        shared = self.inf["shared_prefill"] if any(s.cls == "critical" for s in running) else budget
+        for seq in sorted(running, key=lambda s: s.cls != "critical"):
+            room = budget if seq.cls == "critical" else min(budget, shared)
+            if seq.pending and room > 0:
+                chunk, seq.pending = seq.pending[:room], seq.pending[room:]
+                if seq.cls != "critical":
+                    shared -= len(chunk)
                 for tok in chunk:
                     items.append((tok, seq.n_past, seq.slot, False))
                     seq.n_past += 1

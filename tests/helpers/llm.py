@@ -54,10 +54,10 @@ def batcher(tmp_path, model: str, **inference) -> Batcher:
     return b
 
 
-def submit(b: Batcher, prompt: str, tenant: str, n: int, stream: bool = False) -> int:
+def submit(b: Batcher, prompt: str, tenant: str, n: int, stream: bool = False, cls: str = "standard") -> int:
     rid = next(_ids)
     b.submit(b"peer", rid, {"prompt": prompt, "params": {"max_tokens": n, "temperature": 0}, "tenant": tenant,
-                            "cls": "standard", "stream": stream})
+                            "cls": cls, "stream": stream})
     return rid
 
 

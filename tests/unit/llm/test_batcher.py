@@ -32,3 +32,45 @@ def test_cancel_frees_the_slot_at_the_next_step(tmp_path, demo_model):
     turn(w)
     assert w.active == 0 and w.stats["llm_cancelled"] == 1
     assert w.sched.running["standard"] == 0
+
+
+def test_while_critical_runs_other_classes_take_bounded_turns(tmp_path, demo_model):
+    """shared_decode 2, shared_prefill 32: each step carries at most 2 background tokens being
+    decoded and 32 of their prompt, the background sequences take turns, and their greedy text is
+    what it is alone (a skipped step only delays)."""
+    w = batcher(tmp_path, demo_model, shared_decode=2, shared_prefill=32)
+    long_prompt = "Once upon a time " * 20
+    alone = {i: generate(w, f"{long_prompt} story {i}", tenant=f"solo-{i}", n=40)["text"] for i in range(3)}
+    steps = []
+    decode = w.engine.decode
+
+    def spy(items):
+        crit_slots = {s.idx for s in w.slots if s.seq is not None and s.seq.cls == "critical"}
+        if crit_slots:
+            others = [(logits, slot) for _, _, slot, logits in items if slot not in crit_slots]
+            per_slot: dict = {}
+            for logits, slot in others:
+                per_slot.setdefault(slot, []).append(logits)
+            decoding = sum(1 for flags in per_slot.values() if flags == [True])
+            steps.append((decoding, sum(len(f) for f in per_slot.values()) - decoding))
+        return decode(items)
+    w.engine.decode = spy
+    bg = {submit(w, f"{long_prompt} story {i}", f"bg-{i}", 40, cls="background"): i for i in range(2)}
+    for _ in range(3):
+        turn(w)
+    crit = submit(w, long_prompt + " urgent", "crit", 30, cls="critical")
+    turn(w)
+    bg[submit(w, f"{long_prompt} story 2", "bg-2", 40, cls="background")] = 2  # its prompt enters in chunks
+    got = {}
+    while len(got) < 4:
+        turn(w)
+        for kind, rid, payload in w.events.pop(b"peer", []):
+            assert kind == "end"
+            got[rid] = payload["text"]
+    assert len(steps) >= 30  # the critical sequence ran beside them
+    assert all(decoding <= 2 and prefill <= 32 for decoding, prefill in steps), steps
+    assert any(decoding == 2 for decoding, _ in steps)  # and they did take turns, not stop
+    assert sum(1 for _, prefill in steps if prefill == 32) >= 2  # the late prompt came in 32 at a time
+    for rid, i in bg.items():
+        assert got[rid] == alone[i]
+    assert crit in got

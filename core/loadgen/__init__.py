@@ -1,0 +1,1 @@
+"""`tidegate loadtest SCENARIO.toml`: an open-loop load generator and its report."""
