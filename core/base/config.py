@@ -257,6 +257,8 @@ SCHEMA: dict[str, dict[str, Key]] = {
         "idle_timeout": Key(float, 60.0, "seconds the ingress worker waits for the next event of a generation "
                             "before it gives up on it (504, or an error event mid-stream) and cancels it", positive),
         "reserved": Key(dict, {"critical": 1}, "sequence slots only a class (or one above it) may take", _class_counts),
+        "fair_share": Key(bool, True, "tenants of one class share it by tokens served (virtual token counters); "
+                          "false: arrival order"),
         "shared_decode": Key(int, 2, "while a critical sequence runs, sequences of other classes decoded in one "
                              "step (they take turns)", positive),
         "shared_prefill": Key(int, 32, "while a critical sequence runs, prompt tokens of other classes one decode "

@@ -67,7 +67,7 @@ class Batcher:
         self.tick = tick or (lambda: None)  # called between the inputs of a long embeddings request
         self.block = inf["prefix_block"]
         self.slots = [Slot(i) for i in range(model["max_seqs"])]
-        self.sched = Scheduler(len(self.slots), inf["reserved"], inf["queue_max"])
+        self.sched = Scheduler(len(self.slots), inf["reserved"], inf["queue_max"], inf["fair_share"])
         self.steps = 0  # decode steps taken (shared_decode turns)
         self.shared = [engine.tokenize(p) for p in inf["shared_prefixes"]]
         self.stats = {k: 0 for k in STATS}
@@ -166,11 +166,12 @@ class Batcher:
             self.send(seq.peer, error_event(seq.rid, 504, "request deadline passed while it waited for the model",
                                             "deadline_exceeded"))
         for seq in admitted:
+            self.sched.charge(seq.cls, seq.tenant, prompt_tokens=len(seq.prompt))  # fair shares count tokens
             try:
                 self._start(seq)
             except LlamaError as e:
                 log.error("could not start sequence", error=str(e))
-                self.sched.finished(seq.cls)
+                self.sched.finished(seq.cls, seq.tenant)
                 self.send(seq.peer, error_event(seq.rid, 500, "inference failed", "internal"))
 
     def _shared_tokens(self, prompt: list[int]) -> int:
@@ -309,6 +310,7 @@ class Batcher:
             return self._finish(seq, slot, "stop")
         seq.generated.append(tok)
         seq.last = tok
+        self.sched.charge(seq.cls, seq.tenant, output_tokens=1)
         seq.buf += eng.piece(tok)
         try:  # hold back an incomplete UTF-8 sequence until its last byte arrives
             seq.text += seq.buf.decode("utf-8")
@@ -350,7 +352,7 @@ class Batcher:
     def _release(self, slot: Slot) -> None:
         seq, slot.seq = slot.seq, None
         free_sampler(seq.sampler)
-        self.sched.finished(seq.cls)
+        self.sched.finished(seq.cls, seq.tenant)
         if len(slot.names) * self.block > seq.n_past:  # cut short before its prompt was in
             slot.names = slot.names[: seq.n_past // self.block]
         slot.used_at = time.monotonic()

@@ -1,18 +1,26 @@
-"""Which queued generation requests get a sequence slot: strict priority by traffic class, with
-slots reserved per class.
+"""Which queued generation requests get a sequence slot: strict priority by traffic class, slots
+reserved per class, and within a class fair shares between tenants.
 
 Classes, highest first: critical, standard, background. When a slot is free, the highest class
 with work waiting goes first. A class may only take a slot if enough free slots remain for the
 reservations of the *other* classes that are not yet using them, so a flood of background work
 can never take the last slot that critical work has reserved. Requests whose deadline passed
-while queued are handed back as expired, before any compute. Pure logic: the inference worker
-owns one and calls it between decode steps.
+while queued are handed back as expired, before any compute.
+
+Inside a class, tenants share by the Virtual Token Counter of "Fairness in Serving Large
+Language Models" (OSDI'24): each tenant's counter grows with the tokens it is served (prompt
+tokens x1, generated tokens x2, charged by the batcher as they happen), the next request comes
+from the waiting tenant with the lowest counter, and a tenant that becomes active again starts
+no lower than the lowest active counter (no banked credit). So a tenant flooding its class gets
+the share left over by the others, not the whole class. Pure logic: the inference worker owns
+one and calls it between decode steps.
 """
 from __future__ import annotations
 
 from collections import deque
 
 CLASSES = ("critical", "standard", "background")
+PROMPT_WEIGHT, OUTPUT_WEIGHT = 1.0, 2.0
 
 
 class QueueFull(Exception):
@@ -20,21 +28,40 @@ class QueueFull(Exception):
 
 
 class Scheduler:
-    def __init__(self, n_slots: int, reserved: dict, queue_max: dict):
-        self.n_slots = n_slots
+    def __init__(self, n_slots: int, reserved: dict, queue_max: dict, fair: bool = True):
+        self.n_slots, self.fair = n_slots, fair  # fair False: one FIFO per class (arrival order)
         # never reserve more than there is, and leave at least one slot anyone can use
         self.reserved = {c: min(reserved.get(c, 0), n_slots) for c in CLASSES}
         self.queue_max = {c: queue_max.get(c, 256) for c in CLASSES}
-        self.queues: dict[str, deque] = {c: deque() for c in CLASSES}
+        self.queues: dict[str, dict[str, deque]] = {c: {} for c in CLASSES}  # class -> tenant -> FIFO
+        self.depth = {c: 0 for c in CLASSES}
         self.running = {c: 0 for c in CLASSES}
         self.completed = {c: 0 for c in CLASSES}  # finished sequences: the drain rate for backpressure
+        self.counters: dict[str, dict[str, float]] = {c: {} for c in CLASSES}  # virtual tokens served
+        self.active: dict[str, dict[str, int]] = {c: {} for c in CLASSES}     # tenant -> sequences running
 
     def submit(self, item, cls: str) -> None:
-        """Queue item (which has .deadline); raises QueueFull when the class's queue is full."""
-        q = self.queues[cls]
-        if len(q) >= self.queue_max[cls]:
+        """Queue item (which has .deadline, and .tenant); raises QueueFull when the class's queue is full."""
+        if self.depth[cls] >= self.queue_max[cls]:
             raise QueueFull(cls)
-        q.append(item)
+        t = self._tenant(item)
+        qs = self.queues[cls]
+        if t not in qs and not self.active[cls].get(t):  # (re)joining: no credit banked while away
+            live = [self.counters[cls][x] for x in set(qs) | {x for x, n in self.active[cls].items() if n}
+                    if x in self.counters[cls]]
+            self.counters[cls][t] = max(self.counters[cls].get(t, 0.0), min(live) if live else 0.0)
+        qs.setdefault(t, deque()).append(item)
+        self.depth[cls] += 1
+
+    def _tenant(self, item) -> str:
+        return getattr(item, "tenant", "") if self.fair else ""
+
+    def charge(self, cls: str, tenant: str, prompt_tokens: int = 0, output_tokens: int = 0) -> None:
+        """Tokens served to tenant (the batcher calls this as it computes them)."""
+        if not self.fair:
+            tenant = ""
+        c = self.counters[cls]
+        c[tenant] = c.get(tenant, 0.0) + PROMPT_WEIGHT * prompt_tokens + OUTPUT_WEIGHT * output_tokens
 
     def can_take(self, cls: str) -> bool:
         free = self.n_slots - sum(self.running.values())
@@ -42,38 +69,64 @@ class Scheduler:
         return free - held_for_others > 0
 
     def admit(self, now: float) -> tuple[list, list]:
-        """(admitted, expired): items to start now, in priority order, and items whose deadline
-        passed in the queue."""
+        """(admitted, expired): items to start now, in priority order (the least-served tenant's
+        first within a class), and items whose deadline passed in the queue."""
         admitted, expired = [], []
         for cls in CLASSES:
-            q = self.queues[cls]
-            while q:
-                if q[0].deadline <= now:
+            qs = self.queues[cls]
+            for t in list(qs):  # expiry first: dead requests never take a slot
+                q = qs[t]
+                while q and q[0].deadline <= now:
                     expired.append(q.popleft())
-                    continue
-                if not self.can_take(cls):
-                    break
+                    self.depth[cls] -= 1
+                if not q:
+                    del qs[t]
+            counters = self.counters[cls]
+            while qs and self.can_take(cls):
+                t = min(qs, key=lambda x: counters.get(x, 0.0)) if len(qs) > 1 else next(iter(qs))
+                q = qs[t]
                 admitted.append(q.popleft())
+                self.depth[cls] -= 1
+                if not q:
+                    del qs[t]
                 self.running[cls] += 1
+                self.active[cls][t] = self.active[cls].get(t, 0) + 1
         return admitted, expired
 
     def remove(self, pred) -> list:
         """Take queued items matching pred out (cancelled before they started)."""
         out = []
-        for cls, q in self.queues.items():
-            keep = deque()
-            for item in q:
-                (out if pred(item) else keep).append(item)
-            self.queues[cls] = keep
+        for cls, qs in self.queues.items():
+            for t in list(qs):
+                keep = deque()
+                for item in qs[t]:
+                    (out if pred(item) else keep).append(item)
+                self.depth[cls] -= len(qs[t]) - len(keep)
+                if keep:
+                    qs[t] = keep
+                else:
+                    del qs[t]
         return out
 
-    def finished(self, cls: str) -> None:
+    def finished(self, cls: str, tenant: str = "") -> None:
+        tenant = tenant if self.fair else ""
         self.running[cls] -= 1
         self.completed[cls] += 1
+        a = self.active[cls]
+        if a.get(tenant):
+            a[tenant] -= 1
+            if not a[tenant]:
+                del a[tenant]
+                if tenant not in self.queues[cls] and len(self.counters[cls]) > 10000:
+                    self.counters[cls].pop(tenant, None)  # bounded memory: idle tenants are forgotten
 
     def oldest(self) -> dict:
         """class -> when its oldest queued item was submitted (.started), None when empty."""
-        return {c: (q[0].started if q else None) for c, q in self.queues.items()}
+        out = {}
+        for c, qs in self.queues.items():
+            heads = [q[0].started for q in qs.values() if q]
+            out[c] = min(heads) if heads else None
+        return out
 
     def queued(self) -> dict:
-        return {c: len(q) for c, q in self.queues.items()}
+        return dict(self.depth)

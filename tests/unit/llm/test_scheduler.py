@@ -52,3 +52,42 @@ def test_queue_is_bounded_per_class_and_cancel_removes():
     s.submit(Req("x"), "standard")  # other classes have their own queue
     assert names(s.remove(lambda r: r.name == "b")) == ["b"]
     assert s.queued() == {"critical": 0, "standard": 1, "background": 1}
+
+
+class TReq:
+    def __init__(self, name, tenant, deadline=1e9):
+        self.name, self.tenant, self.deadline = name, tenant, deadline
+
+
+def test_tenants_of_one_class_share_by_tokens_served_not_arrival():
+    """Virtual token counters: a tenant flooding the background class does not starve a light
+    one, and a tenant coming back banks no credit from its idle time."""
+    s = Scheduler(1, {}, {"background": 10000})
+    for i in range(100):
+        s.submit(TReq(f"heavy{i}", "heavy"), "background")
+    s.submit(TReq("light0", "light"), "background")
+    s.submit(TReq("light1", "light"), "background")
+    order = []
+    for _ in range(6):
+        (item,), _ = s.admit(now=0)
+        order.append(item.name)
+        s.charge("background", item.tenant, prompt_tokens=10, output_tokens=20)  # every request the same size
+        s.finished("background", item.tenant)
+    # both tenants start at 0: they alternate while both wait, though heavy queued 100 first
+    assert order[:4] in (["heavy0", "light0", "heavy1", "light1"], ["light0", "heavy0", "light1", "heavy1"])
+    assert order[4:] == ["heavy2", "heavy3"]  # light has nothing waiting: heavy gets the rest
+    # light returns after heavy was served alone for a while: it starts at the lowest active counter
+    s.submit(TReq("light2", "light"), "background")
+    assert s.counters["background"]["light"] == s.counters["background"]["heavy"]
+    (item,), _ = s.admit(now=0)
+    assert item.name in ("light2", "heavy4")
+
+
+def test_fair_shares_keep_deadlines_and_cancel():
+    s = Scheduler(1, {}, {})
+    s.submit(TReq("a-late", "a", deadline=5), "standard")
+    s.submit(TReq("b-ok", "b", deadline=50), "standard")
+    s.submit(TReq("a-ok", "a", deadline=50), "standard")
+    assert names(s.remove(lambda r: r.name == "a-ok")) == ["a-ok"]
+    admitted, expired = s.admit(now=10)
+    assert names(expired) == ["a-late"] and names(admitted) == ["b-ok"] and s.queued()["standard"] == 0
