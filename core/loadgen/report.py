@@ -24,8 +24,9 @@ class Recorder:
         self.sc = sc
         n = int(sc.duration) + 2
         self.classes = [c for c in CLASSES if any(s.cls == c for s in sc.streams)]
-        self.per_second = {c: [_hist() for _ in range(n)] for c in self.classes}
-        self.counts = {c: [dict.fromkeys(OUTCOMES, 0) for _ in range(n)] for c in self.classes}
+        groups = self.classes + [f"stream:{s.name}" for s in sc.streams]  # per class, and per stream
+        self.per_second = {g: [_hist() for _ in range(n)] for g in groups}
+        self.counts = {g: [dict.fromkeys(OUTCOMES, 0) for _ in range(n)] for g in groups}
         self.cache_kinds: dict[str, dict[str, int]] = {c: {} for c in self.classes}
         self.rss: list[tuple[int, int]] = []
         self.wall = 0.0
@@ -33,9 +34,10 @@ class Recorder:
     def record(self, stream, t: float, latency: float, outcome: str, cache_kind: str | None = None) -> None:
         """t: the request's scheduled time since the start; latency from then, in seconds."""
         sec = min(int(t), len(self.per_second[stream.cls]) - 1)
-        if outcome != "timeout":
-            self.per_second[stream.cls][sec].record_value(max(1, min(MAX_US, int(latency * 1e6))))
-        self.counts[stream.cls][sec][outcome] += 1
+        for g in (stream.cls, f"stream:{stream.name}"):
+            if outcome != "timeout":
+                self.per_second[g][sec].record_value(max(1, min(MAX_US, int(latency * 1e6))))
+            self.counts[g][sec][outcome] += 1
         if outcome == "cached" and cache_kind:
             k = self.cache_kinds[stream.cls]
             k[cache_kind] = k.get(cache_kind, 0) + 1
@@ -92,6 +94,9 @@ class Recorder:
                 row["spike_p99_ratio"] = round(row["phases"]["spike"]["p99_ms"] / base, 3) if base else None
                 row["settle_s"] = self.settle_seconds(c, base, sc.phases["spike"][1])
             out["classes"][c] = row
+        out["streams"] = {s.name: {"class": s.cls, "phases": {name: self.window(f"stream:{s.name}", lo, hi)
+                                                               for name, (lo, hi) in sc.phases.items()},
+                                   "total": self.window(f"stream:{s.name}", 0, sc.duration)} for s in sc.streams}
         if self.rss:
             out["rss_max_bytes"] = max(r for _, r in self.rss)
         return out
@@ -109,6 +114,11 @@ class Recorder:
                              f"before {row['settle_s']} s after the spike ended")
             if row["cached_kinds"]:
                 lines.append(f"  cached answers by kind: {row['cached_kinds']}")
+        for name, row in summary["streams"].items():
+            w = row["total"]
+            lines.append(f"  stream {name:20} ({row['class']}) {w['requests']:7d} req  p50 {w['p50_ms']:8.1f}  "
+                         f"p99 {w['p99_ms']:8.1f} ms  ok {w['ok']}  cached {w['cached']}  rejected {w['rejected']}  "
+                         f"errors {w['error']}  timeouts {w['timeout']}")
         if "rss_max_bytes" in summary:
             lines.append(f"server RSS max {summary['rss_max_bytes'] / 2**20:.0f} MiB")
         return "\n".join(lines)
