@@ -12,9 +12,7 @@ of its p99 alone.
 from __future__ import annotations
 
 import argparse
-import json
 import os
-import subprocess
 import sys
 import tempfile
 
@@ -58,12 +56,9 @@ def run(tmp: str, name: str, fair: bool, with_heavy: bool, args) -> dict:
     srv = S.Server("tidegate", [sys.executable, "-m", "tidegate.workers.cli", "serve", "--config", conf], port, sub)
     srv.start()
     try:
-        subprocess.run([sys.executable, "-m", "tidegate.workers.cli", "loadtest", scen, "--out", sub, "--quiet"],
-                       check=True, stdout=subprocess.DEVNULL)
+        return S.loadtest(srv, scen, sub)
     finally:
         srv.stop()
-    with open(os.path.join(sub, "report.json")) as f:
-        return json.load(f)
 
 
 def main() -> None:

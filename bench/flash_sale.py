@@ -17,9 +17,7 @@ requests find stale entries). Reports (JSON + PNG) go to --out.
 from __future__ import annotations
 
 import argparse
-import json
 import os
-import subprocess
 import sys
 import tempfile
 
@@ -84,19 +82,11 @@ def one_run(tmp: str, shed: bool, args) -> dict:
     srv = daemon(tmp, shed)
     srv.start()
     out = os.path.join(args.out, "shed-on" if shed else "shed-off")
+    extra = ["--watch-pid", str(srv.proc.pid)] + (["--duration", str(args.duration)] if args.duration else [])
     try:
-        cmd = [sys.executable, "-m", "tidegate.workers.cli", "loadtest", scenario(tmp, srv.port), "--out", out,
-               "--watch-pid", str(srv.proc.pid)]
-        if args.duration:
-            cmd += ["--duration", str(args.duration)]
-        if args.quiet:
-            cmd.append("--quiet")
-        r = subprocess.run(cmd, text=True, stdout=subprocess.PIPE)
-        print(r.stdout, flush=True)
+        return S.loadtest(srv, scenario(tmp, srv.port), out, *extra, quiet=args.quiet)
     finally:
         srv.stop()
-    with open(os.path.join(out, "report.json")) as f:
-        return json.load(f)
 
 
 def main() -> None:

@@ -144,3 +144,16 @@ def make_all(names: list[str]) -> tuple[str, dict[str, Server]]:
         os.makedirs(sub)
         servers[n] = makers[n](sub)
     return tmp, servers
+
+
+def loadtest(srv: Server, scenario: str, out: str, *args: str, quiet: bool = True) -> dict:
+    """Run `tidegate loadtest` against a started server (quiet: without the line per second); prints
+    its report, returns its report.json."""
+    import json
+    cmd = [sys.executable, "-m", "tidegate.workers.cli", "loadtest", scenario, "--out", out, *args]
+    r = subprocess.run(cmd + (["--quiet"] if quiet else []), text=True, stdout=subprocess.PIPE)
+    if r.returncode != 0:
+        raise RuntimeError(f"loadtest failed ({r.returncode})")
+    print(r.stdout, flush=True)
+    with open(os.path.join(out, "report.json")) as f:
+        return json.load(f)

@@ -57,29 +57,24 @@ cdef class Window:
     def __dealloc__(self):
         PyMem_Free(self.buf)
 
-    cpdef void push(self, double x):
+    cdef inline void _push(self, double x) noexcept:
         if self.n == self.cap:
             self.total -= self.buf[self.head]
         else:
             self.n += 1
         self.buf[self.head] = x
         self.total += x
-        self.head = (self.head + 1) % self.cap
+        self.head += 1
+        if self.head == self.cap:
+            self.head = 0
+
+    cpdef void push(self, double x):
+        self._push(x)
 
     def extend(self, const double[:] xs):
         cdef Py_ssize_t i
-        cdef double x
         for i in range(xs.shape[0]):
-            x = xs[i]
-            if self.n == self.cap:
-                self.total -= self.buf[self.head]
-            else:
-                self.n += 1
-            self.buf[self.head] = x
-            self.total += x
-            self.head += 1
-            if self.head == self.cap:
-                self.head = 0
+            self._push(xs[i])
 
     cpdef void clear(self):
         self.head, self.n, self.total = 0, 0, 0.0
