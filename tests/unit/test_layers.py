@@ -7,7 +7,8 @@ import re
 
 ROOT = pathlib.Path(__file__).resolve().parents[2]
 # core packages, lowest first; a package may import its own modules and any lower layer
-LAYERS = [{"base"}, {"http"}, {"messaging"}, {"runtime"}, {"state", "llm", "overload"}, {"cache", "events", "features"}, {"predict"}]
+LAYERS = [{"base"}, {"http"}, {"messaging"}, {"runtime"}, {"state", "llm", "overload"}, {"cache", "events", "features"}, {"predict"},
+          {"loadgen"}]  # the load generator uses base alone; nothing in core uses it
 RANK = {pkg: i for i, layer in enumerate(LAYERS) for pkg in layer}
 
 
