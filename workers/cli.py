@@ -63,6 +63,9 @@ def _parser() -> argparse.ArgumentParser:
     c.add_argument("action", choices=["stats", "purge"])
     c.add_argument("--tenant", help="purge only this tenant's entries")
 
+    asub.add_parser("breakers", help="every worker's circuit breakers: state, calls, failure and slow rates",
+                    description="The circuit breakers of each ingress worker, per downstream (redis, "
+                                "inference:MODEL, models:MODEL), as of its last heartbeat.")
     sh = asub.add_parser("shed", help="force shedding of a traffic class: on CLASS | off CLASS | status",
                          description="For drills: requests of CLASS are shed as if their downstream were "
                                      "overloaded (overload.shed says what they get; a class whose policy is never "
@@ -299,6 +302,11 @@ def _human(cmd: str, reply: dict) -> str:
         return body.rstrip()
     if cmd == "reload":
         return f"{reply['message']} (generation {reply.get('gen')})"
+    if cmd == "breakers":
+        cols = ["worker", "downstream", "state", "calls", "failure_rate", "slow_rate", "opened", "refused"]
+        rows = [[w, name, b["state"], b["calls"], b["failure_rate"], b["slow_rate"], b["opened"], b["refused"]]
+                for w, bs in sorted(body.items()) for name, b in sorted(bs.items())]
+        return _table(cols, rows) if rows else "no circuit breakers (no downstream that has one)"
     if cmd == "workers":
         cols = ["id", "slot", "gen", "pid", "state", "uptime_s", "heartbeat_age_s", "rss_bytes", "requests",
                 "open_connections"]

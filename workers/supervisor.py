@@ -532,6 +532,9 @@ class Supervisor:
             if body is None:
                 return self._reply(ident, {"op": protocol.REPLY, "ok": False,
                                            "message": "cache: action must be stats or purge"})
+        elif op == "breakers":
+            body = {w.id: w.snap.get("breakers") for w in self.workers.values()
+                    if w.state == "ready" and getattr(w, "snap", None) and w.snap.get("breakers")}
         elif op == "shed":
             body = self._shed(msg)
             if body is None:

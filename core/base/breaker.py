@@ -1,48 +1,92 @@
-"""A circuit breaker for one downstream (a remote feature store, later every downstream).
+"""A circuit breaker for one downstream, in resilience4j's manner: a sliding window over the
+outcomes of the last `window` calls.
 
-closed: calls go through; `failures` consecutive failures (errors or missed deadlines) open it.
-open: calls are refused at once (the caller takes its fallback) for `reset` seconds.
-half-open: one probe call goes through; its success closes the breaker, its failure opens it
-again for another `reset`. Pure logic on a monotonic clock, one per process and downstream: no
-locks, no I/O, so it is tested without a server.
+closed: calls go through. Once the window holds at least `min_calls` outcomes, a failure rate
+of `failure_rate` or more, or a share of calls slower than `slow_call` seconds of `slow_rate` or
+more, opens it.
+open: calls are refused at once (the caller takes its fallback) for `open_for` seconds.
+half-open: `trial_calls` calls go through; when they are all back, the breaker closes if their
+failure and slow rates are under the thresholds, else it opens again for another `open_for`.
+Pure logic on a monotonic clock, one per process and downstream: no locks, no I/O. The windows
+are ext/ringbuf Windows (no allocation per call).
 """
 from __future__ import annotations
 
 import time
 
+from tidegate.ext.ringbuf import Window
+
 CLOSED, OPEN, HALF_OPEN = "closed", "open", "half_open"
 
 
 class Breaker:
-    def __init__(self, failures: int = 5, reset: float = 1.0, clock=time.monotonic):
-        self.threshold, self.reset, self.clock = failures, reset, clock
+    def __init__(self, window: int = 50, min_calls: int = 10, failure_rate: float = 0.5, slow_call: float = 1e9,
+                 slow_rate: float = 1.0, open_for: float = 1.0, trial_calls: int = 3, clock=time.monotonic):
+        self.min_calls, self.failure_rate, self.slow_call, self.slow_rate = min_calls, failure_rate, slow_call, slow_rate
+        self.open_for, self.trial_calls, self.clock = open_for, trial_calls, clock
+        self.failed, self.slow = Window(window), Window(window)  # 1.0 per failed / slow call, else 0.0
         self.state = CLOSED
-        self.failures = 0
         self.opened_at = 0.0
-        self.probing = False  # half-open: the one probe is out
+        self.trials_out = self.trials_back = 0
+        self.trial_failed = self.trial_slow = 0
         self.stats = {"opened": 0, "refused": 0}
 
+    @classmethod
+    def from_config(cls, bc: dict, slow_call: float | None = None) -> "Breaker":
+        """One from a [breakers] section; slow_call overrides its slow-call time (per downstream)."""
+        return cls(bc["window"], bc["min_calls"], bc["failure_rate"], bc["slow_call"] if slow_call is None
+                   else slow_call, bc["slow_rate"], bc["open_for"], bc["trial_calls"])
+
     def allow(self) -> bool:
-        """May a call go out now? (In half-open only one probe at a time does.)"""
+        """May a call go out now? (In half-open only trial_calls of them do.)"""
         if self.state == CLOSED:
             return True
         if self.state == OPEN:
-            if self.clock() - self.opened_at < self.reset:
+            if self.clock() - self.opened_at < self.open_for:
                 self.stats["refused"] += 1
                 return False
-            self.state, self.probing = HALF_OPEN, False
-        if self.probing:
+            self.state = HALF_OPEN
+            self.trials_out = self.trials_back = self.trial_failed = self.trial_slow = 0
+        if self.trials_out >= self.trial_calls:
             self.stats["refused"] += 1
             return False
-        self.probing = True
+        self.trials_out += 1
         return True
 
-    def success(self) -> None:
-        self.state, self.failures, self.probing = CLOSED, 0, False
+    def record(self, ok: bool, seconds: float = 0.0) -> None:
+        """The outcome of a call that allow() let through."""
+        slow = seconds >= self.slow_call
+        if self.state == HALF_OPEN:
+            self.trials_back += 1
+            self.trial_failed += not ok
+            self.trial_slow += slow
+            if self.trials_back >= self.trial_calls:
+                n = self.trials_back
+                if self.trial_failed / n >= self.failure_rate or self.trial_slow / n >= self.slow_rate:
+                    self._open()
+                else:
+                    self.state = CLOSED
+                    self.failed.clear()
+                    self.slow.clear()
+            return
+        if self.state == OPEN:
+            return  # a call from before it opened, settling late
+        self.failed.push(0.0 if ok else 1.0)
+        self.slow.push(1.0 if slow else 0.0)
+        if len(self.failed) >= self.min_calls and (self.failed.mean() >= self.failure_rate
+                                                   or self.slow.mean() >= self.slow_rate):
+            self._open()
+
+    def success(self, seconds: float = 0.0) -> None:
+        self.record(True, seconds)
 
     def failure(self) -> None:
-        self.failures += 1
-        if self.state == HALF_OPEN or self.failures >= self.threshold:
-            if self.state != OPEN:
-                self.stats["opened"] += 1
-            self.state, self.opened_at, self.probing = OPEN, self.clock(), False
+        self.record(False)
+
+    def _open(self) -> None:
+        self.state, self.opened_at = OPEN, self.clock()
+        self.stats["opened"] += 1
+
+    def describe(self) -> dict:
+        return {"state": self.state, "calls": len(self.failed), "failure_rate": round(self.failed.mean(), 3),
+                "slow_rate": round(self.slow.mean(), 3), **self.stats}

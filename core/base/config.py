@@ -315,9 +315,6 @@ SCHEMA: dict[str, dict[str, Key]] = {
         "deadline": Key(dict, {"critical": 0.002, "standard": 0.01, "background": 0.05},
                         "seconds hydration waits for a slow source (Redis) per traffic class, then takes the "
                         "features' defaults (late)", lambda v: _class_seconds(v)),
-        "breaker_failures": Key(int, 5, "consecutive failures or missed deadlines that open a source's circuit "
-                                "breaker", positive),
-        "breaker_reset": Key(float, 1.0, "seconds a source's breaker stays open before one probe", positive),
     },
     "predict": {
         "models": Key(list, [], "tabular models: [{name, path (.npz or .onnx), inputs = [request.X | VIEW.F | "
@@ -345,6 +342,16 @@ SCHEMA: dict[str, dict[str, Key]] = {
                      "window, n}] (see core/views.py)", _tables),  # the events package checks the rest (rules)
         "views_map_bytes": Key(int, 1024 * MiB, "LMDB map size of the views", positive),
         "view_lag_max": Key(float, 5.0, "/readyz fails while the view builder is further behind (s)", positive),
+    },
+    "breakers": {  # one per process and downstream: Redis, each model's inference worker, the model worker
+        "window": Key(int, 50, "outcomes of the last this many calls decide (sliding window)", positive),
+        "min_calls": Key(int, 10, "calls in the window before it may open", positive),
+        "failure_rate": Key(float, 0.5, "share of failed calls (errors, missed deadlines) that opens it",
+                            lambda v: None if 0 < v <= 1 else "must be in (0, 1]"),
+        "slow_call": Key(float, 1.0, "a call slower than this (s) counts as slow (not for LLM generations)", positive),
+        "slow_rate": Key(float, 0.8, "share of slow calls that opens it", lambda v: None if 0 < v <= 1 else "must be in (0, 1]"),
+        "open_for": Key(float, 1.0, "seconds it stays open (calls take their fallback at once)", positive),
+        "trial_calls": Key(int, 3, "half-open: calls let through to decide whether it closes", positive),
     },
     "overload": {
         "shed": Key(dict, {"critical": "never", "standard": "reject", "background": "cached"},

@@ -69,6 +69,8 @@ EXTRA_HELP = {
     "shed_background_stale": ("counter", "Background requests shed and answered from a stale cache entry"),
     "shed_background_fallback": ("counter", "Background requests shed and answered with the last prediction"),
     "shed_background_rejected": ("counter", "Background requests shed with 503 + Retry-After"),
+    "breakers_opened": ("counter", "Times a circuit breaker opened (every downstream; see tidegate admin breakers)"),
+    "breakers_open": ("gauge", "Circuit breakers not closed now (open or half-open), all workers"),
     "semantic_entries": ("gauge", "Entries in the semantic cache"),
     "exact_bytes": ("gauge", "Bytes held by the exact cache, all owners"),
     "events_appended": ("counter", "Events appended to the log by their partition owners"),

@@ -7,7 +7,7 @@ view's order), so a read is bytes to a vector with no parsing. Rows expire with 
 expiry (the view's ttl, set by `tidegate features load`). Ingress workers read with redis-py's
 asyncio client (hiredis parsing): the hydration of one micro-batch is one MGET, one round trip.
 
-Each worker keeps one Breaker for the store: missed deadlines and errors open it, and while open
+Each worker keeps one Breaker for the store ([breakers]): missed deadlines and errors open it, and while open
 hydration takes the defaults at once (`down`) instead of waiting. A read that misses its
 deadline is not cancelled (cancelling mid-reply would cost the connection); it finishes in the
 background, bounded by the pool size, and its outcome still teaches the breaker.
@@ -32,14 +32,14 @@ class Down(Exception):
 
 
 class RedisSource:
-    def __init__(self, fcfg: dict, views: dict):
+    def __init__(self, fcfg: dict, views: dict, bcfg: dict):
         import redis.asyncio as aioredis  # only workers that hydrate from redis pay for the import
         self.views, self.prefix = views, fcfg["redis_prefix"]
         self.pool_size = fcfg["redis_pool"]
         self.client = aioredis.Redis.from_url(fcfg["redis_url"], max_connections=self.pool_size,
                                               socket_timeout=fcfg["redis_timeout"],
                                               socket_connect_timeout=fcfg["redis_timeout"])
-        self.breaker = Breaker(fcfg["breaker_failures"], fcfg["breaker_reset"])
+        self.breaker = Breaker.from_config(bcfg)
         self.inflight = 0
         self.stats = {"redis_reads": 0, "redis_late": 0, "redis_errors": 0}
 

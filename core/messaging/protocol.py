@@ -36,7 +36,7 @@ RESUME = "resume"        # the reload failed after RELEASE: take the stores back
 SHED = "shed"            # the classes an operator sheds now (admin shed on|off), to every ingress worker
 
 # ---- admin -> supervisor (control socket) ------------------------------------------------------
-CONTROL_OPS = ("status", "workers", "config", "reload", "drain", "stop", "metrics", "cache", "shed")
+CONTROL_OPS = ("status", "workers", "config", "reload", "drain", "stop", "metrics", "cache", "shed", "breakers")
 
 # ---- mesh: ops handled at a key's ring owner ---------------------------------------------------
 RL_TAKE, RL_LEASE, RL_REFUND = "rl.take", "rl.lease", "rl.refund"        # rate-limit buckets

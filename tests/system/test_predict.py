@@ -49,7 +49,7 @@ def demo_daemon(daemon_factory, redis_server, tmp_path):
         sections = tomllib.load(f)
     for k in ("bind", "data_dir", "run_dir"):
         sections["server"].pop(k)
-    sections["features"]["breaker_reset"] = 0.5
+    sections["breakers"] = {"open_for": 0.5, "min_calls": 4, "trial_calls": 1}
     # roomier than the defaults (2/10/50 ms): a shared CI machine must not turn a live read late
     sections["features"]["deadline"] = {"critical": 0.05, "standard": 0.1, "background": 0.2}
     d = daemon_factory(workers=2, auth={"keys": KEYS}, **{k: v for k, v in sections.items() if k != "server"},
@@ -147,6 +147,10 @@ def test_sources_down_give_defaults_with_reasons(demo_daemon, redis_server):
     a = post(d.port, "/v1/predict/fraud", fraud_body(), headers=ACME).json()
     assert a["defaulted"]["merchant.m0"] == "down"
     assert request(d.port, path="/v1/features/merchant/m2", headers=ACME).status == 503
+    time.sleep(1.5)  # a heartbeat carries the breakers
+    rows = d.admin_json("breakers")["body"]
+    assert {b["state"] for w in rows.values() for n, b in w.items() if n == "redis"} <= {"open", "half_open"}
+    assert all(w["redis"]["opened"] >= 1 for w in rows.values()) and "models:recommend" in next(iter(rows.values()))
 
 
 def test_model_worker_failure_serves_last_recommendation(demo_daemon):

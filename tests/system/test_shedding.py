@@ -71,3 +71,34 @@ def test_queueing_delay_at_the_model_sheds_background_at_the_door(daemon_factory
     shed = [r for r in results if r[0] == 503 and r[1] == "background" and r[2] == "shed"]
     assert shed, results[:20]  # background was shed at the door, before reaching the model's queue
     assert all(r[0] in (200, 503) for r in results)  # answered either way: none hung or failed otherwise
+
+
+def test_a_failing_model_opens_its_breaker_then_trials_close_it(daemon_factory, demo_model):
+    import os
+    import signal
+    d = daemon_factory(auth={"keys": KEYS}, cache={"exact_enabled": False, "semantic_enabled": False},
+                       breakers={"min_calls": 3, "open_for": 1.0, "trial_calls": 1},
+                       server={"respawn_backoff_max": 3.0},
+                       inference={"enabled": True, "models": [{"name": "tidegate-demo", "path": demo_model,
+                                                               "n_ctx": 256}]})
+    assert chat(d, STD, "warm up").status == 200
+    pid = next(w["pid"] for w in d.admin_json("workers")["body"] if w["slot"] == "model:tidegate-demo")
+    os.kill(pid, signal.SIGKILL)
+    codes = []
+    deadline = time.monotonic() + 5
+    while time.monotonic() < deadline and "circuit_open" not in codes:
+        r = chat(d, STD, "while it is gone")
+        codes.append(r.json().get("error", {}).get("code") if r.status != 200 else "ok")
+        time.sleep(0.02)
+    assert "circuit_open" in codes, codes  # worker_unavailable answers opened it; now it answers at once
+    r = chat(d, STD, "still open")
+    assert r.status in (200, 503)
+    deadline = time.monotonic() + 30
+    while time.monotonic() < deadline:  # the worker comes back; after open_for one trial call closes it
+        if chat(d, STD, "back?").status == 200:
+            break
+        time.sleep(0.3)
+    assert chat(d, STD, "back for good").status == 200
+    time.sleep(1.5)
+    b = next(iter(d.admin_json("breakers")["body"].values()))["inference:tidegate-demo"]
+    assert b["state"] == "closed" and b["opened"] >= 1

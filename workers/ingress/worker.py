@@ -22,6 +22,7 @@ import uvloop
 import zmq
 
 from tidegate.core.base import config
+from tidegate.core.base.breaker import Breaker
 from tidegate.core.base.filelock import StoreLock, StoreLocked
 from tidegate.core.base.jsonlog import log
 from tidegate.core.base.metrics import WorkerMetrics
@@ -96,6 +97,7 @@ class IngressWorker:
         self.embedder = self.semantic = None  # the semantic cache's embedder process, when on
         self.hydrator = self.remote = self.model_worker = None  # feature sources, when views or models are declared
         self.predictors: dict = {}
+        self.breakers: dict = {}  # downstream -> Breaker, for /metrics and `tidegate admin breakers`
         self.pressure = self.shedder = None  # downstream pressure and the shed policy, set in _routes
 
     # ---- routes -------------------------------------------------------------------------------
@@ -122,8 +124,10 @@ class IngressWorker:
                 self.embedder = WorkerClient(self.zmq, endpoints.worker(cfg, "embedder", "", self.spec["gen"]),
                                              self.loop, limit)
                 self.semantic = SemanticClient(cfg, self.embedder)
+            for m in models:
+                self.breakers[f"inference:{m['name']}"] = Breaker.from_config(cfg["breakers"], slow_call=1e9)
             routes.append(OpenAIRoutes(cfg, models, self.infer, self.ratelimit, self.exact, self.semantic,
-                                       self.shedder))
+                                       self.shedder, self.breakers))
         for group in routes:
             group.add_to(r, guard)
 
@@ -132,7 +136,7 @@ class IngressWorker:
         fc = self.cfg["features"]
         registry = Registry(os.path.join(self.cfg["server"]["data_dir"], "features"), fc["views"])
         remote = {n: v for n, v in registry.views.items() if v.source == "redis"}
-        self.remote = RedisSource(fc, remote) if remote else None
+        self.remote = RedisSource(fc, remote, self.cfg["breakers"]) if remote else None
         self.hydrator = Hydrator(registry, self.views if self.cfg["events"]["enabled"] else None, self.remote,
                                  fc["deadline"])
 
@@ -157,22 +161,30 @@ class IngressWorker:
 
     def _remote_scorer(self, name: str):
         client, timeout = self.model_worker, self.cfg["predict"]["worker_timeout"]
+        breaker = self.breakers[f"models:{name}"] = Breaker.from_config(self.cfg["breakers"])
 
         def score(X):
             fut = self.loop.create_future()
+            if not breaker.allow():
+                raise ModelError([503, f"the model worker's circuit breaker for {name!r} is open", "circuit_open",
+                                  None])
+            t0 = self.loop.time()
 
             def on_event(kind, payload):
                 timer.cancel()
                 if fut.done():
                     return
                 if kind == protocol.SCORES:
+                    breaker.record(True, self.loop.time() - t0)
                     fut.set_result(np.asarray(payload, dtype=np.float32))
                 else:
+                    breaker.record(False)
                     fut.set_exception(ModelError(payload))
 
             def late():
                 client.cancel(rid)
                 if not fut.done():
+                    breaker.record(False)
                     fut.set_exception(ModelError([504, f"the model worker did not score {name!r} within "
                                                   f"{timeout}s (predict.worker_timeout)", "model_timeout", None]))
             try:
@@ -207,13 +219,20 @@ class IngressWorker:
                            predict_defaulted=sum(s["defaulted"] for s in stats))
         if self.remote is not None:
             m.extra.update(self.remote.stats, redis_breaker_opened=self.remote.breaker.stats["opened"])
+
         if self.shedder is not None:
             m.extra.update(self.shedder.stats)
         if self.mesh:
             ms = self.mesh.stats
             m.extra.update(mesh_frames_sent=ms["frames_out"], mesh_messages_sent=ms["messages_out"],
                            mesh_expired=ms["expired"])
-        return self.metrics.snapshot()
+        if self.remote is not None:
+            self.breakers["redis"] = self.remote.breaker
+        m.extra["breakers_open"] = sum(b.state != "closed" for b in self.breakers.values())
+        m.extra["breakers_opened"] = sum(b.stats["opened"] for b in self.breakers.values())
+        snap = self.metrics.snapshot()
+        snap["breakers"] = {name: b.describe() for name, b in self.breakers.items()}
+        return snap
 
     def _on_command(self, msg: dict) -> None:
         op = msg["op"]

@@ -1,24 +1,45 @@
-"""The circuit breaker's states on a fake clock (pure logic)."""
+"""The sliding-window breaker on a fake clock (pure logic): failure rate and slow-call rate over
+the last calls, open for a while, trial calls decide."""
 from tidegate.core.base.breaker import CLOSED, HALF_OPEN, OPEN, Breaker
 
 
-def test_opens_after_consecutive_failures_then_one_probe_decides():
+def breaker(now, **kw):
+    args = dict(window=10, min_calls=4, failure_rate=0.5, slow_call=0.1, slow_rate=0.6, open_for=1.0, trial_calls=2)
+    return Breaker(**{**args, **kw}, clock=lambda: now[0])
+
+
+def test_failure_rate_over_the_window_opens_it():
     now = [0.0]
-    b = Breaker(failures=3, reset=1.0, clock=lambda: now[0])
-    for _ in range(2):
+    b = breaker(now)
+    for ok in (False, False, False):  # under min_calls: no verdict yet
         assert b.allow()
-        b.failure()
-    b.success()  # a success in between resets the count
-    for _ in range(3):
-        assert b.allow()
-        b.failure()
+        b.record(ok)
+    assert b.state == CLOSED
+    b.record(True)  # 3 of 4 failed
     assert b.state == OPEN and not b.allow() and b.stats == {"opened": 1, "refused": 1}
+
+
+def test_a_healthy_window_absorbs_scattered_failures():
+    now = [0.0]
+    b = breaker(now)
+    for i in range(40):
+        b.record(i % 3 != 2)  # a third fail: under 50%
+    assert b.state == CLOSED and b.describe()["calls"] == 10
+
+
+def test_slow_calls_open_it_too_and_trials_decide():
+    now = [0.0]
+    b = breaker(now)
+    for _ in range(4):
+        b.record(True, 0.5)  # all slow
+    assert b.state == OPEN
     now[0] = 1.01
-    assert b.allow() and b.state == HALF_OPEN
-    assert not b.allow()  # only one probe at a time
-    b.failure()  # the probe failed: open for another reset
+    assert b.allow() and b.state == HALF_OPEN and b.allow() and not b.allow()  # two trial calls only
+    b.record(True, 0.01)
+    b.record(False)  # 1 of 2 trials failed: 50% -> open again
     assert b.state == OPEN and not b.allow()
     now[0] = 2.1
-    assert b.allow()
-    b.success()
-    assert b.state == CLOSED and b.allow() and b.allow()
+    assert b.allow() and b.allow()
+    b.record(True, 0.01)
+    b.record(True, 0.01)
+    assert b.state == CLOSED and b.describe()["calls"] == 0 and b.allow()

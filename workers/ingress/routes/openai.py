@@ -57,11 +57,12 @@ def _int(body: dict, name: str, lo: int, hi: int, default):
 
 class OpenAIRoutes:
     def __init__(self, cfg: dict, models: list[dict], clients: dict, limiter, exact=None, semantic=None,
-                 shedder=None):
+                 shedder=None, breakers=None):
         self.cfg, self.limits, self.inf = cfg, cfg["limits"], cfg["inference"]
         self.models = {m["name"]: m for m in models}
         self.clients, self.limiter, self.exact, self.semantic = clients, limiter, exact, semantic
         self.shedder = shedder
+        self.breakers = breakers or {}  # "inference:MODEL" -> Breaker: a failing model answers at once
         self.created = int(time.time())
         self.inflight = 0  # generations submitted and not yet ended (Generation counts them)
 
@@ -218,6 +219,20 @@ class OpenAIRoutes:
                 return await call.replay(entry, b"stale", sh.served(cls, "stale"))
         raise sh.reject(cls, retry, f"model {model!r}")
 
+    async def _circuit_open(self, call, body, params, model, tenant, what, chat, cls, breaker):
+        """The model's breaker is open: what a shed request of cls gets (a stale answer for a
+        cached class), else 503 with Retry-After; counted as shed."""
+        sh = self.shedder
+        retry = max(1, int(breaker.open_for + 0.999))
+        if sh is not None and sh.cached(cls) and self.exact is not None and (
+                reproducible(params) or self.cfg["cache"]["exact_any"]):
+            entry = await self.exact.get(cache_key(tenant, model, "chat" if chat else "completions",
+                                                   dict(body, **what)), stale=True)
+            if entry is not None:
+                return await call.replay(entry, b"stale", sh.served(cls, "stale"))
+        raise service_unavailable(f"model {model!r} is failing; its circuit breaker is open (retry after {retry}s)",
+                                  "circuit_open", retry_after=retry)
+
     async def embeddings(self, req):
         body = self._body(req)
         model = self._model(body)
@@ -292,6 +307,9 @@ class OpenAIRoutes:
         retry = self.shedder.check(cls, f"inference:{model}") if self.shedder is not None else None
         if retry is not None:
             return await self._shed(call, body, params, model, tenant, what, chat, cls, retry)
+        breaker = self.breakers.get(f"inference:{model}")
+        if breaker is not None and not breaker.allow():
+            return await self._circuit_open(call, body, params, model, tenant, what, chat, cls, breaker)
         if self.inflight >= self.inf["max_inflight"]:
             raise service_unavailable(f"this worker has {self.inflight} generations in flight "
                                       f"(inference.max_inflight); retry shortly", "too_many_inflight")
@@ -300,10 +318,33 @@ class OpenAIRoutes:
         msg = dict(what, params=params, tenant=tenant, cls=cls, stream=stream, timeout=self.inf["request_timeout"])
         call.reservation = reservation
         req.on_close = call.client_left
+        handler = call.on_event if breaker is None else _counted(call.on_event, breaker)
         try:
-            call.rid = self.clients[model].submit(protocol.GEN, msg, call.on_event)
+            call.rid = self.clients[model].submit(protocol.GEN, msg, handler)
             call.watch(self.inf["idle_timeout"], self.inf["request_timeout"] + self.inf["idle_timeout"])
         except Unavailable as e:
             call.settle(0)
+            if breaker is not None:
+                breaker.record(False)
             raise service_unavailable(str(e), "worker_unavailable") from None
         return await call.first
+
+
+LOAD_NOT_FAILURE = ("queue_full", "deadline_exceeded")  # overload: the shedding's business, not the breaker's
+
+
+def _counted(handler, breaker):
+    """handler, telling the breaker how the generation ended: a server-side error is a failure
+    (not a full queue or a deadline passed in it: a flood of background work must not open the
+    breaker on critical requests), anything else a success."""
+    t0 = time.monotonic()
+
+    def on_event(kind, payload):
+        if kind == protocol.END:
+            breaker.record(True, time.monotonic() - t0)
+        elif kind == protocol.ERR:
+            failed = isinstance(payload, list) and len(payload) > 2 and payload[0] >= 500 \
+                and payload[2] not in LOAD_NOT_FAILURE
+            breaker.record(not failed)
+        handler(kind, payload)
+    return on_event
