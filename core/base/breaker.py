@@ -6,7 +6,8 @@ of `failure_rate` or more, or a share of calls slower than `slow_call` seconds o
 more, opens it.
 open: calls are refused at once (the caller takes its fallback) for `open_for` seconds.
 half-open: `trial_calls` calls go through; when they are all back, the breaker closes if their
-failure and slow rates are under the thresholds, else it opens again for another `open_for`.
+failure and slow rates are under the thresholds, else it opens again for another `open_for` (as
+it does when a trial is not back within `open_for`: a caller that gave up never reports).
 Pure logic on a monotonic clock, one per process and downstream: no locks, no I/O. The windows
 are ext/ringbuf Windows (no allocation per call).
 """
@@ -26,7 +27,7 @@ class Breaker:
         self.open_for, self.trial_calls, self.clock = open_for, trial_calls, clock
         self.failed, self.slow = Window(window), Window(window)  # 1.0 per failed / slow call, else 0.0
         self.state = CLOSED
-        self.opened_at = 0.0
+        self.opened_at = self.half_opened_at = 0.0
         self.trials_out = self.trials_back = 0
         self.trial_failed = self.trial_slow = 0
         self.stats = {"opened": 0, "refused": 0}
@@ -45,9 +46,11 @@ class Breaker:
             if self.clock() - self.opened_at < self.open_for:
                 self.stats["refused"] += 1
                 return False
-            self.state = HALF_OPEN
+            self.state, self.half_opened_at = HALF_OPEN, self.clock()
             self.trials_out = self.trials_back = self.trial_failed = self.trial_slow = 0
         if self.trials_out >= self.trial_calls:
+            if self.trials_back < self.trial_calls and self.clock() - self.half_opened_at > self.open_for:
+                self._open()  # trials never heard from (the caller gave up on them): as good as failed
             self.stats["refused"] += 1
             return False
         self.trials_out += 1

@@ -47,9 +47,13 @@ class Predictor:
         self.batchers = {c: MicroBatcher(loop, lambda items, c=c: self._run(items, c), pcfg["max_batch"],
                                          pcfg["max_delay"]) for c in ("critical", "standard", "background")}
 
-    def submit(self, inst: Instance, caller_class: str) -> asyncio.Future:
-        """The answer's body (a dict) for one instance, once its batch is scored."""
-        return self.batchers[self.cls or caller_class].submit(inst)
+    def class_for(self, caller_class: str) -> str:
+        """The model's declared class, else the caller's."""
+        return self.cls or caller_class
+
+    def submit(self, inst: Instance, cls: str) -> asyncio.Future:
+        """The answer's body (a dict) for one instance of class cls, once its batch is scored."""
+        return self.batchers[cls].submit(inst)
 
     def _run(self, batch: list[Instance], cls: str):
         """The batch's answers, or a future of them (Redis to read, or the model worker)."""

@@ -171,3 +171,20 @@ def test_model_worker_failure_serves_last_recommendation(demo_daemon):
     finally:
         os.kill(pid, signal.SIGCONT)
     assert post(d.port, "/v1/predict/recommend", body, headers=ACME).json().get("fallback") is None
+
+
+def test_shed_recommendations_get_the_last_one_served(demo_daemon):
+    d = demo_daemon
+    first = post(d.port, "/v1/predict/recommend", {"entities": {"user": "u5"}}, headers=ACME).json()
+    assert d.admin("shed", "on", "background").returncode == 0
+    r = post(d.port, "/v1/predict/recommend", {"entities": {"user": "u5"}}, headers=ACME)
+    assert r.status == 200 and r.headers["x-tidegate-cache"] == "fallback" and r.headers["x-tidegate-shed"] == "background"
+    assert r.json()["scores"] == first["scores"] and r.json()["fallback"] == "last_served"
+    r = post(d.port, "/v1/predict/recommend", {"entities": {"user": "u6"}}, headers=ACME)
+    assert r.status == 503 and r.json()["error"]["code"] == "shed" and "retry-after" in r.headers
+    r = post(d.port, "/v1/predict/recommend/batch", {"instances": [{"entities": {"user": "u5"}}]}, headers=ACME)
+    assert r.status == 503 and r.json()["error"]["code"] == "shed"
+    a = post(d.port, "/v1/predict/fraud", fraud_body(), headers=ACME)  # critical: never shed
+    assert a.status == 200 and "x-tidegate-shed" not in a.headers
+    d.admin("shed", "off", "background")
+    assert "fallback" not in post(d.port, "/v1/predict/recommend", {"entities": {"user": "u6"}}, headers=ACME).json()

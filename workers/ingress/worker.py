@@ -137,6 +137,8 @@ class IngressWorker:
         registry = Registry(os.path.join(self.cfg["server"]["data_dir"], "features"), fc["views"])
         remote = {n: v for n, v in registry.views.items() if v.source == "redis"}
         self.remote = RedisSource(fc, remote, self.cfg["breakers"]) if remote else None
+        if self.remote is not None:
+            self.breakers["redis"] = self.remote.breaker
         self.hydrator = Hydrator(registry, self.views if self.cfg["events"]["enabled"] else None, self.remote,
                                  fc["deadline"])
 
@@ -190,6 +192,7 @@ class IngressWorker:
             try:
                 rid = client.submit(protocol.SCORE, {"model": name, "rows": X.tolist()}, on_event)
             except Unavailable as e:
+                breaker.record(False)
                 raise ModelError([503, str(e), "worker_unavailable", None]) from None
             timer = self.loop.call_later(timeout, late)
             return fut
@@ -219,15 +222,12 @@ class IngressWorker:
                            predict_defaulted=sum(s["defaulted"] for s in stats))
         if self.remote is not None:
             m.extra.update(self.remote.stats, redis_breaker_opened=self.remote.breaker.stats["opened"])
-
         if self.shedder is not None:
             m.extra.update(self.shedder.stats)
         if self.mesh:
             ms = self.mesh.stats
             m.extra.update(mesh_frames_sent=ms["frames_out"], mesh_messages_sent=ms["messages_out"],
                            mesh_expired=ms["expired"])
-        if self.remote is not None:
-            self.breakers["redis"] = self.remote.breaker
         m.extra["breakers_open"] = sum(b.state != "closed" for b in self.breakers.values())
         m.extra["breakers_opened"] = sum(b.stats["opened"] for b in self.breakers.values())
         snap = self.metrics.snapshot()

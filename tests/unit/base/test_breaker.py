@@ -43,3 +43,18 @@ def test_slow_calls_open_it_too_and_trials_decide():
     b.record(True, 0.01)
     b.record(True, 0.01)
     assert b.state == CLOSED and b.describe()["calls"] == 0 and b.allow()
+
+
+def test_trials_never_reported_count_as_failed():
+    now = [0.0]
+    b = breaker(now)
+    for _ in range(4):
+        b.record(False)
+    now[0] = 1.01
+    assert b.allow() and b.allow()  # two trials out; their callers gave up and never report
+    now[0] = 1.5
+    assert not b.allow() and b.state == HALF_OPEN  # still within open_for: wait for them
+    now[0] = 2.1
+    assert not b.allow() and b.state == OPEN  # not back within open_for: open again
+    now[0] = 3.2
+    assert b.allow() and b.state == HALF_OPEN  # a fresh round of trials

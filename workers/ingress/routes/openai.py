@@ -208,30 +208,17 @@ class OpenAIRoutes:
                 call.semantic_store = (ns, tenant, text)
         return None
 
-    async def _shed(self, call, body, params, model, tenant, what, chat, cls, retry):
-        """The model is overloaded for this class: a stale exact-cache answer (policy cached),
-        else 503 with Retry-After. Never the model."""
+    async def _fallback(self, call, body, params, model, tenant, what, chat, cls, refusal):
+        """The model may not be asked (its class is shed, or its breaker is open): a stale
+        exact-cache answer for a cached class, else the HttpError refusal() makes. Never the model."""
         sh = self.shedder
-        if sh.cached(cls) and self.exact is not None and (reproducible(params) or self.cfg["cache"]["exact_any"]):
-            entry = await self.exact.get(cache_key(tenant, model, "chat" if chat else "completions",
-                                                   dict(body, **what)), stale=True)
-            if entry is not None:
-                return await call.replay(entry, b"stale", sh.served(cls, "stale"))
-        raise sh.reject(cls, retry, f"model {model!r}")
-
-    async def _circuit_open(self, call, body, params, model, tenant, what, chat, cls, breaker):
-        """The model's breaker is open: what a shed request of cls gets (a stale answer for a
-        cached class), else 503 with Retry-After; counted as shed."""
-        sh = self.shedder
-        retry = max(1, int(breaker.open_for + 0.999))
         if sh is not None and sh.cached(cls) and self.exact is not None and (
                 reproducible(params) or self.cfg["cache"]["exact_any"]):
             entry = await self.exact.get(cache_key(tenant, model, "chat" if chat else "completions",
                                                    dict(body, **what)), stale=True)
             if entry is not None:
                 return await call.replay(entry, b"stale", sh.served(cls, "stale"))
-        raise service_unavailable(f"model {model!r} is failing; its circuit breaker is open (retry after {retry}s)",
-                                  "circuit_open", retry_after=retry)
+        raise refusal()
 
     async def embeddings(self, req):
         body = self._body(req)
@@ -306,15 +293,20 @@ class OpenAIRoutes:
             return hit
         retry = self.shedder.check(cls, f"inference:{model}") if self.shedder is not None else None
         if retry is not None:
-            return await self._shed(call, body, params, model, tenant, what, chat, cls, retry)
-        breaker = self.breakers.get(f"inference:{model}")
-        if breaker is not None and not breaker.allow():
-            return await self._circuit_open(call, body, params, model, tenant, what, chat, cls, breaker)
+            return await self._fallback(call, body, params, model, tenant, what, chat, cls,
+                                        lambda: self.shedder.reject(cls, retry, f"model {model!r}"))
         if self.inflight >= self.inf["max_inflight"]:
             raise service_unavailable(f"this worker has {self.inflight} generations in flight "
                                       f"(inference.max_inflight); retry shortly", "too_many_inflight")
         est = sum(len(m["content"]) for m in what["messages"]) // 3 if chat else len(what["prompt"]) // 3
         reservation = await self._reserve(ident, est + (params["max_tokens"] or self.inf["default_max_tokens"]))
+        breaker = self.breakers.get(f"inference:{model}")
+        if breaker is not None and not breaker.allow():  # asked last: an allowed call always reaches submit
+            self._settle(reservation, 0)
+            retry_s = max(1, int(breaker.open_for + 0.999))
+            return await self._fallback(call, body, params, model, tenant, what, chat, cls, lambda: service_unavailable(
+                f"model {model!r} is failing; its circuit breaker is open (retry after {retry_s}s)", "circuit_open",
+                retry_after=retry_s))
         msg = dict(what, params=params, tenant=tenant, cls=cls, stream=stream, timeout=self.inf["request_timeout"])
         call.reservation = reservation
         req.on_close = call.client_left

@@ -59,13 +59,13 @@ class PredictRoutes:
         body = parse_json(req, self.limits)
         who = caller(req)
         inst = _instance(p.plan, body, who.tenant, "")
-        cls = p.cls or who.klass
+        cls = p.class_for(who.klass)
         retry = self.shedder.check(cls, p.source) if self.shedder is not None else None
         if retry is not None:
             return self._shed(p, inst, cls, retry)
         if p.last_served is not None:
-            return _with_fallback(p, inst, who.klass)
-        return _answer(p.submit(inst, who.klass), lambda a: a)
+            return _with_fallback(p, inst, cls)
+        return _answer(p.submit(inst, cls), lambda a: a)
 
     async def _shed(self, p, inst, cls: str, retry: int):
         """The model's scorer is overloaded for this class: the entity's last prediction (policy
@@ -92,15 +92,19 @@ class PredictRoutes:
                             "(predict.max_instances)", "too_many_instances", param="instances")
         who = caller(req)
         insts = [_instance(p.plan, item, who.tenant, f"instances[{i}].") for i, item in enumerate(items)]
-        futs = [p.submit(inst, who.klass) for inst in insts]
+        cls = p.class_for(who.klass)
+        retry = self.shedder.check(cls, p.source) if self.shedder is not None else None
+        if retry is not None:  # a shed batch is refused whole (no per-instance stale answers)
+            raise self.shedder.reject(cls, retry, f"model {p.name!r}")
+        futs = [p.submit(inst, cls) for inst in insts]
         return _answer(asyncio.gather(*futs), lambda answers: {"object": "list", "model": p.name, "data": answers})
 
 
-async def _with_fallback(p, inst, klass: str):
+async def _with_fallback(p, inst, cls: str):
     """A model with fallback = last_served: remember each answer; when scoring fails, serve the
     entity's last answer (marked "fallback": "last_served") rather than the error, if there is one."""
     try:
-        answer = await p.submit(inst, klass)
+        answer = await p.submit(inst, cls)
     except ModelError as e:
         old = await p.fallback(inst)
         if old is None:
