@@ -48,7 +48,7 @@ def daemon(tmp: str, shed: bool) -> S.Server:
             for name, (k, cls) in KEYS.items()]
     policy = {"critical": "never", "standard": "reject", "background": "cached"} if shed else dict.fromkeys(
         ("critical", "standard", "background"), "never")
-    text = text.replace("[inference]\n", "[inference]\nmax_seqs = 4\nreserved = {critical = 1}\n"
+    text = text.replace("[inference]\n", "[inference]\nmax_seqs = 4\nthreads = 1\nreserved = {standard = 1}\n"
                                          "queue_max = {critical = 256, standard = 4096, background = 4096}\n", 1)
     text += (f"\n[auth]\nkeys = {toml_value(keys)}\n[cache]\nexact_ttl = 10.0\nsemantic_enabled = false\n"
              f"[overload]\nshed = {toml_value(policy)}\n[limits]\nkeepalive_timeout = 600.0\n"

@@ -365,6 +365,11 @@ cdef class HttpConnection:
         cl = headers.get(b"content-length")
         if cl is not None and int(cl) > self.max_body_bytes:
             raise HttpError(413, f"request body larger than {self.max_body_bytes} bytes", "body_too_large")
+        early = self.srv.early
+        if early is not None and cl is not None and int(cl) >= self.srv.early_bytes:
+            err = early(self._url, headers)  # shed before reading a large body (the delegate decides)
+            if err is not None:
+                raise err
         expect = headers.get(b"expect")
         if expect is not None:
             if expect.lower() != b"100-continue":
@@ -506,14 +511,14 @@ cdef class HttpConnection:
         self._stream = None
         self.busy = False
         observe(self.metrics, req.route, st.status, _perf() - req.started)
-        if not st.chunked or not req.keep_alive or self.srv.draining:
+        if not st.chunked or not req.keep_alive or self.srv.draining or self.srv.no_keepalive:
             self.close()
             return
         self._process()
 
     cdef _send(self, Request req, Response resp):
         cdef HttpServer srv = self.srv
-        cdef bint keep = req.keep_alive and not srv.draining
+        cdef bint keep = req.keep_alive and not srv.draining and not srv.no_keepalive
         if keep:
             tail = b"\r\n\r\n" if req.version != "1.0" else b"\r\nconnection: keep-alive\r\n\r\n"
         else:
@@ -573,10 +578,11 @@ cdef class HttpServer:
     plain route costs no Python-level dispatch; everything else goes through `dispatch`.
     """
     cdef public dict limits, routes
-    cdef public object dispatch, metrics, on_count_change, log
+    cdef public object dispatch, metrics, on_count_change, log, early
+    cdef public Py_ssize_t early_bytes
     cdef public Py_ssize_t max_connections
     cdef public set conns
-    cdef public bint draining, access_log
+    cdef public bint draining, access_log, no_keepalive
     cdef public double now
     cdef public bytes date_line
     cdef public unsigned long long bytes_in, bytes_out, connections_accepted, evicted
@@ -590,6 +596,9 @@ cdef class HttpServer:
         self.access_log = access_log
         self.conns = set()                  # HttpConnection objects
         self.draining = False
+        self.no_keepalive = False           # box-level overload: close each connection after its answer
+        self.early = None                   # (url, headers) -> HttpError | None, asked before a large body is read
+        self.early_bytes = 0
         self.date_line = b""                # "date: ...\r\nserver: tidegate\r\n", refreshed each second
         self.on_count_change = None         # callback(n_open) for accept pausing
         self.max_connections = 0            # > 0: timeouts shorten as the count nears it (overload)
@@ -603,6 +612,8 @@ cdef class HttpServer:
         lim = self.limits
         head_t, body_t, ka_t, send_t = (lim["header_timeout"], lim["body_timeout"], lim["keepalive_timeout"],
                                         lim["send_timeout"])
+        if self.no_keepalive:
+            ka_t = 0.0
         if self.max_connections > 0:  # under connection pressure, slow and idle clients go first
             pressure = len(self.conns) / self.max_connections
             if pressure >= 0.9:

@@ -81,7 +81,7 @@ class EmbedderWorker(BlockingWorker):
                     continue
                 if op == protocol.LOOKUP:
                     entry, score = self.store.lookup(body["ns"], vecs[i], body["text"], body["threshold"],
-                                                     body["min_overlap"])
+                                                     body["min_overlap"], approximate=body.get("approximate", False))
                     i += 1
                     self.send(peer, [protocol.HIT, rid, {"entry": entry, "score": score}] if entry is not None
                               else [protocol.MISS, rid, {"why": score}])

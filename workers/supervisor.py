@@ -33,6 +33,7 @@ from tidegate.core.base.jsonlog import log
 from tidegate.core.base.metrics import Aggregator
 from tidegate.core.base.sdnotify import Notifier
 from tidegate.core.messaging import control, endpoints, protocol
+from tidegate.core.overload.box import BoxWatch, measure
 from tidegate.core.runtime.process import (EXIT_BIND, EXIT_BOOT, EXIT_CONFIG, EXIT_OK, SPEC_ENV,
                                            WORKER_BOOT_ERROR, spec_fd)
 from tidegate.workers import EMBEDDER, INFERENCE, INGRESS, Slot, load_config, slots
@@ -132,6 +133,8 @@ class Supervisor:
         self.respawns = 0
         self.degraded: dict[str, str] = {}  # slot -> why it is not serving now (cleared at its READY)
         self.forced_shed: set[str] = set()  # classes an operator sheds now (admin shed on|off)
+        self.box = BoxWatch(cfg["overload"])  # box-level overload: memory and fds -> graded actions
+        self.box_due = 0.0
         self.sigqueue: collections.deque = collections.deque()
         self.deadline = 0.0
         self._ids = 0
@@ -289,6 +292,7 @@ class Supervisor:
                 if w.gen != p["gen"]:
                     self._retire(w)
             self.cfg, self.gen = p["cfg"], p["gen"]
+            self.box.configure(self.cfg["overload"])
             self.respawn_at.clear()
             self.degraded.clear()  # every process of the new generation is READY
             log.info("reloaded", gen=self.gen)
@@ -419,11 +423,24 @@ class Supervisor:
                     del self.respawn_at[slot]
                     self.respawns += 1
                     self._spawn(slot, self.gen, self.cfg)
+        if now >= self.box_due:
+            self.box_due = now + self.cfg["overload"]["box_interval"]
+            self._watch_box()
         if self.state in ("draining", "stopping") and now > self.deadline:
             for w in self.workers.values():
                 log.warning("worker did not stop in time; killing it", worker=w.id)
                 self._kill(w, signal.SIGKILL)
             self.deadline = now + 5.0
+
+    def _watch_box(self) -> None:
+        """Measure memory and fds; tell every ready ingress worker when the box-level actions change."""
+        live = list(self.workers.values())  # one already gone measures as nothing
+        rss, fd = measure([w.proc.pid for w in live], [w.proc.pid for w in live if w.slot.kind == INGRESS])
+        if self.box.update(rss, fd):
+            log.warning("box-level overload actions changed", **self.box.describe())
+            for w in live:
+                if w.state == "ready" and w.slot.kind == INGRESS:
+                    self._send(w, {"op": protocol.BOX, "actions": sorted(self.box.active)})
 
     def _expected(self) -> int:
         return len(slots(self.cfg))
@@ -481,6 +498,8 @@ class Supervisor:
     def _on_ready(self, w: Worker) -> None:
         if w.slot.kind == INGRESS and self.forced_shed:
             self._send(w, {"op": protocol.SHED, "classes": sorted(self.forced_shed)})
+        if w.slot.kind == INGRESS and self.box.active:
+            self._send(w, {"op": protocol.BOX, "actions": sorted(self.box.active)})
         if self.pending and w.gen == self.pending["gen"]:
             self._maybe_release()
             if self._ready_count(w.gen) >= len(slots(self.pending["cfg"])):
@@ -596,7 +615,8 @@ class Supervisor:
                 "uptime_s": round(time.monotonic() - self.started, 1), "generation": self.gen,
                 "workers_ready": self._ready_count(self.gen), "workers_expected": self._expected(),
                 "bind": self.listeners.bound(), "config": self.cfg_path or "(built-in defaults)",
-                "control": endpoints.control(self.cfg), "respawns": self.respawns, "degraded": self.degraded}
+                "control": endpoints.control(self.cfg), "respawns": self.respawns, "degraded": self.degraded,
+                "box": self.box.describe()}
 
     def worker_table(self) -> list[dict]:
         now, rows = time.monotonic(), []

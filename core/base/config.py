@@ -87,13 +87,14 @@ def _api_keys(v):
             return f"item {i}: key_sha256 must be 64 lower-case hex digits (`tidegate admin hash-key`)"
         if not isinstance(item.get("tenant"), str) or not item["tenant"]:
             return f"item {i}: tenant must be a non-empty string"
-        if item.get("class", "standard") not in ("critical", "standard", "background"):
+        if item.get("class", "standard") not in CLASSES:  # none: the tenant's (classes.tenants), else classes.default
             return f"item {i}: class must be critical, standard or background"
     return None
 
 
+CLASSES = ("critical", "standard", "background")  # traffic classes, highest priority first
 MODEL_FIELDS = {"name": str, "path": str, "n_ctx": int, "max_seqs": int, "threads": int, "n_gpu_layers": int,
-                "chat_template": str, "embeddings": bool}
+                "chat_template": str, "embeddings": bool, "class": str, "fallback_text": str}
 
 
 def _models(v):
@@ -116,7 +117,42 @@ def _models(v):
         for k in ("n_ctx", "max_seqs"):
             if k in item and item[k] < 1:
                 return f"item {i}: {k} must be >= 1"
+        if item.get("class", "") not in ("", *CLASSES):
+            return f"item {i}: class must be critical, standard or background (or \"\": the caller's)"
     return None
+
+
+def _nice(v):
+    unknown = set(v) - {"ingress", "inference", "embedder", "views", "models"}
+    if unknown:
+        return f"unknown process kind(s) {', '.join(sorted(unknown))}"
+    if not all(isinstance(n, int) and not isinstance(n, bool) and 0 <= n <= 19 for n in v.values()):
+        return "each must be an integer 0..19 (a process may only lower its own priority)"
+    return None
+
+
+def _class_map(v):
+    """{name: class}: route prefixes or tenants to traffic classes."""
+    for k, c in v.items():
+        if not k:
+            return "names must be non-empty"
+        if c not in CLASSES:
+            return f"{k}: class must be critical, standard or background"
+    return None
+
+
+def _fractions(names):
+    def check(v):
+        unknown = set(v) - set(names)
+        if unknown:
+            return f"unknown action(s) {', '.join(sorted(unknown))} (known: {', '.join(names)})"
+        for k, x in v.items():
+            if isinstance(x, int) and not isinstance(x, bool):
+                v[k] = x = float(x)
+            if not isinstance(x, float) or not 0 < x <= 1:
+                return f"{k}: must be a fraction in (0, 1]"
+        return None
+    return check
 
 
 def _class_counts(v):
@@ -185,6 +221,9 @@ SCHEMA: dict[str, dict[str, Key]] = {
         "boot_timeout": Key(float, 30.0, "a worker not ready this long after spawn failed to boot", positive),
         "graceful_timeout": Key(float, 30.0, "SIGTERM: how long in-flight requests may take to finish", non_negative),
         "respawn_backoff_max": Key(float, 10.0, "ceiling of the respawn delay for a crash-looping slot", positive),
+        "nice": Key(dict, {"inference": 5, "embedder": 5, "views": 10}, "niceness added per process kind (ingress, "
+                    "inference, embedder, views, models): throughput work yields the CPU to the ingress "
+                    "workers, whose latency every class shares", _nice),
     },
     "limits": {
         "max_request_line": Key(int, 8 * KiB, "request-target bytes (414 above)", positive),
@@ -243,7 +282,9 @@ SCHEMA: dict[str, dict[str, Key]] = {
     "inference": {
         "enabled": Key(bool, True, "start the inference worker(s) and serve the /v1 model routes"),
         "models": Key(list, [], "models, one inference worker each: [{name, path, n_ctx, max_seqs, threads, "
-                      "n_gpu_layers, chat_template, embeddings}]; empty = the built-in demo model", _models),
+                      "n_gpu_layers, chat_template, embeddings, class, fallback_text}]; empty = the built-in demo "
+                      "model; class: every request to it is of that class; fallback_text: the answer a shed "
+                      "request of a cached class gets when no cached one is found", _models),
         "n_ctx": Key(int, 4096, "context length per sequence (prompt + completion)", positive),
         "max_seqs": Key(int, 8, "sequences decoded together (continuous batching slots)", positive),
         "n_batch": Key(int, 512, "tokens per llama_decode step (long prompts are prefilled in chunks)", positive),
@@ -254,14 +295,18 @@ SCHEMA: dict[str, dict[str, Key]] = {
         "max_stop": Key(int, 4, "stop strings per request", positive),
         "max_prompt_bytes": Key(int, 1 * MiB, "UTF-8 bytes of the rendered prompt (then 400)", positive),
         "request_timeout": Key(float, 300.0, "seconds a request may wait and run before it is dropped (504)", positive),
+        "queue_deadline": Key(dict, {"critical": 10.0, "standard": 30.0, "background": 30.0},
+                              "per class, seconds a request may wait in the queue before it is dropped unserved "
+                              "(504 deadline_exceeded; a cached class gets its stale answer)",
+                              lambda v: _class_seconds(v)),
         "idle_timeout": Key(float, 60.0, "seconds the ingress worker waits for the next event of a generation "
                             "before it gives up on it (504, or an error event mid-stream) and cancels it", positive),
         "reserved": Key(dict, {"critical": 1}, "sequence slots only a class (or one above it) may take", _class_counts),
         "fair_share": Key(bool, True, "tenants of one class share it by tokens served (virtual token counters); "
                           "false: arrival order"),
-        "shared_decode": Key(int, 2, "while a critical sequence runs, sequences of other classes decoded in one "
+        "shared_decode": Key(int, 2, "while sequences of a higher class run, sequences of lower classes decoded in one "
                              "step (they take turns)", positive),
-        "shared_prefill": Key(int, 32, "while a critical sequence runs, prompt tokens of other classes one decode "
+        "shared_prefill": Key(int, 32, "while sequences of a higher class run, prompt tokens of lower classes one decode "
                               "step may carry (bounds what they add to each critical token)", positive),
         "max_inflight": Key(int, 4096, "generations one ingress worker has in flight (each holds a connection "
                             "and its buffers); above it 503 with Retry-After", positive),
@@ -324,6 +369,10 @@ SCHEMA: dict[str, dict[str, Key]] = {
                          "the window adapts between 0 and this", non_negative),
         "max_instances": Key(int, 1000, "instances in one POST /v1/predict/{model}/batch (413 above)", positive),
         "worker_timeout": Key(float, 1.0, "seconds to wait for the model worker's scores (then 504)", positive),
+        "worker_queue": Key(dict, {"critical": 1024, "standard": 1024, "background": 1024},
+                            "model worker: micro-batches queued per class (then 503 queue_full)", _class_counts),
+        "worker_rows": Key(int, 4096, "model worker: rows scored per loop turn, highest class first (a flood "
+                           "of one class delays a higher one by one turn at most)", positive),
     },
     "events": {
         "enabled": Key(bool, True, "serve POST /v1/events into the append-only log (one partition per worker)"),
@@ -353,6 +402,14 @@ SCHEMA: dict[str, dict[str, Key]] = {
         "open_for": Key(float, 1.0, "seconds it stays open (calls take their fallback at once)", positive),
         "trial_calls": Key(int, 3, "half-open: calls let through to decide whether it closes", positive),
     },
+    "classes": {  # a request's class: its model's class, else the route's, else its API key's, else its tenant's
+        "routes": Key(dict, {}, "path prefix -> class, e.g. {\"/v1/embeddings\" = \"background\"} (the longest "
+                      "prefix wins; over the caller's class)", _class_map),
+        "tenants": Key(dict, {}, "tenant -> class, for API keys that name none", _class_map),
+        "default": Key(str, "standard", "the class of a key that names none and whose tenant is not listed (and of "
+                       "the anonymous caller)", lambda v: None if v in CLASSES else "must be critical, standard or "
+                       "background"),
+    },
     "overload": {
         "shed": Key(dict, {"critical": "never", "standard": "reject", "background": "cached"},
                     "per traffic class, what a request gets while its downstream is overloaded: never (served "
@@ -361,6 +418,26 @@ SCHEMA: dict[str, dict[str, Key]] = {
         "delay_target": Key(float, 0.005, "CoDel: queueing delay a class may have...", positive),
         "delay_interval": Key(float, 0.1, "...for this long before it counts as overloaded (s)", positive),
         "pressure_interval": Key(float, 0.005, "how often a busy downstream publishes its pressure (s)", positive),
+        "loop_lag": Key(float, 0.002, "an ingress worker whose event loop ran late by more than this (s)...",
+                        non_negative),
+        "loop_lag_share": Key(float, 0.05, "...in more than this share of the last second's samples sheds background "
+                              "at its door (0 loop_lag = never)", lambda v: None if 0 < v < 1 else "must be in (0, 1)"),
+        "early_bytes": Key(int, 65536, "a request with a body at least this large is checked for shedding before "
+                           "the body is read (classes whose policy is reject: refused at once, connection closed)",
+                           positive),
+        "approximate": Key(float, 0.0, "a shed request of a cached class may take the nearest semantic-cache entry "
+                           "(unverified, below the hit threshold) at this cosine similarity or more, marked "
+                           "approximate; 0 = never", lambda v: None if 0 <= v < 1 else "must be in [0, 1)"),
+        "approximate_routes": Key(list, ["/v1/chat/completions"], "routes whose shed requests may get approximate "
+                                  "answers", _strings),
+        "memory_limit": Key(int, 0, "bytes the daemon's processes may hold in all (RSS) before the box-level "
+                            "actions; 0 = the machine's memory", non_negative),
+        "box_actions": Key(dict, {"keepalive": 0.80, "shed": 0.90, "accept": 0.95},
+                           "box level (Envoy's overload manager): at this share of memory_limit, or of an ingress "
+                           "worker's fd limit, keepalive = close connections after each answer, shed = shed "
+                           "every class but critical, accept = stop accepting new connections",
+                           _fractions(("keepalive", "shed", "accept"))),
+        "box_interval": Key(float, 1.0, "how often the supervisor measures memory and fds (s)", positive),
     },
     "log": {
         "level": Key(str, "info", "debug | info | warning | error", _log_level),
@@ -501,6 +578,10 @@ def load_for_admin(path: str | None, overrides: dict | None = None) -> dict:
         return validate(subset)
 
 
+def _toml_key(k: str) -> str:
+    return k if k and all(c.isascii() and (c.isalnum() or c in "-_") for c in k) else json.dumps(k)
+
+
 def toml_value(v) -> str:
     """v as a TOML value (inline tables for dicts): how configs are written (the demo, tests)."""
     if isinstance(v, bool):
@@ -512,7 +593,7 @@ def toml_value(v) -> str:
     if isinstance(v, list):
         return "[" + ", ".join(toml_value(x) for x in v) + "]"
     if isinstance(v, dict):
-        return "{" + ", ".join(f"{k} = {toml_value(x)}" for k, x in v.items()) + "}"
+        return "{" + ", ".join(f"{_toml_key(k)} = {toml_value(x)}" for k, x in v.items()) + "}"
     raise TypeError(f"no TOML form for {v!r}")
 
 

@@ -58,16 +58,23 @@ EXTRA_HELP = {
     "redis_errors": ("counter", "Redis reads that failed"),
     "redis_breaker_opened": ("counter", "Times a worker's Redis circuit breaker opened"),
     "model_batches": ("counter", "Batches scored by the model worker (one per model per loop turn)"),
+    "model_expired": ("counter", "Micro-batches the model worker dropped unscored: they waited past predict.worker_timeout"),
+    "model_queue_full": ("counter", "Micro-batches the model worker refused: their class's queue was full"),
+    "model_queued": ("gauge", "Micro-batches waiting at the model worker now"),
     "model_rows": ("counter", "Rows scored by the model worker"),
     "model_seconds": ("counter", "Seconds the model worker spent scoring"),
+    "semantic_approximate": ("counter", "Nearest semantic entries handed out unverified as approximate answers to shed requests"),
     "shed_critical_stale": ("counter", "Critical requests shed and answered from a stale cache entry"),
-    "shed_critical_fallback": ("counter", "Critical requests shed and answered with the last prediction"),
+    "shed_critical_approximate": ("counter", "Critical requests shed and answered with the nearest semantic entry"),
+    "shed_critical_fallback": ("counter", "Critical requests shed and answered with the last prediction or a static fallback"),
     "shed_critical_rejected": ("counter", "Critical requests shed with 503 + Retry-After"),
     "shed_standard_stale": ("counter", "Standard requests shed and answered from a stale cache entry"),
-    "shed_standard_fallback": ("counter", "Standard requests shed and answered with the last prediction"),
+    "shed_standard_approximate": ("counter", "Standard requests shed and answered with the nearest semantic entry"),
+    "shed_standard_fallback": ("counter", "Standard requests shed and answered with the last prediction or a static fallback"),
     "shed_standard_rejected": ("counter", "Standard requests shed with 503 + Retry-After"),
     "shed_background_stale": ("counter", "Background requests shed and answered from a stale cache entry"),
-    "shed_background_fallback": ("counter", "Background requests shed and answered with the last prediction"),
+    "shed_background_approximate": ("counter", "Background requests shed and answered with the nearest semantic entry"),
+    "shed_background_fallback": ("counter", "Background requests shed and answered with the last prediction or a static fallback"),
     "shed_background_rejected": ("counter", "Background requests shed with 503 + Retry-After"),
     "breakers_opened": ("counter", "Times a circuit breaker opened (every downstream; see tidegate admin breakers)"),
     "breakers_open": ("gauge", "Circuit breakers not closed now (open or half-open), all workers"),
@@ -119,7 +126,7 @@ class WorkerMetrics:
 
 
 def _empty() -> dict:
-    return {"requests": {}, "latency": {}, "extra": {}, **{c: 0 for c in COUNTERS}}
+    return {"requests": {}, "latency": {}, "extra": {}, "breakers_opened": {}, **{c: 0 for c in COUNTERS}}
 
 
 def _fold(total: dict, snap: dict) -> None:
@@ -132,6 +139,8 @@ def _fold(total: dict, snap: dict) -> None:
             acc[i] += v
     for c in COUNTERS:
         total[c] += snap.get(c, 0)
+    for downstream, b in (snap.get("breakers") or {}).items():
+        total["breakers_opened"][downstream] = total["breakers_opened"].get(downstream, 0) + b.get("opened", 0)
     for name, v in snap.get("extra", {}).items():
         if EXTRA_HELP.get(name, ("gauge",))[0] == "counter":
             total["extra"][name] = total["extra"].get(name, 0) + v
@@ -157,6 +166,11 @@ class Aggregator:
         for snap in self.live.values():
             _fold(total, snap)
         total["open_connections"] = sum(s.get("open_connections", 0) for s in self.live.values())
+        states: dict = {}  # (downstream, state) -> live workers whose breaker for it is in that state
+        for snap in self.live.values():
+            for downstream, b in (snap.get("breakers") or {}).items():
+                states[(downstream, b["state"])] = states.get((downstream, b["state"]), 0) + 1
+        total["breaker_states"] = states
         for snap in self.live.values():  # gauges: live workers only
             for name, v in snap.get("extra", {}).items():
                 if EXTRA_HELP.get(name, ("gauge",))[0] == "gauge":
@@ -196,6 +210,16 @@ class _Collector:
                                   value=t["connections_accepted"])
         yield GaugeMetricFamily("tidegate_connections_open", "Client connections open now, all workers",
                                 value=t["open_connections"])
+        state = GaugeMetricFamily("tidegate_breaker_state", "Workers whose circuit breaker for a downstream is in a "
+                                  "state now (closed, open, half_open)", labels=["downstream", "state"])
+        for (downstream, st), n in sorted(t.get("breaker_states", {}).items()):
+            state.add_metric([downstream, st], n)
+        yield state
+        opened = CounterMetricFamily("tidegate_breaker_transitions_to_open", "Times a downstream's circuit breaker "
+                                     "opened, all workers", labels=["downstream"])
+        for downstream, n in sorted(t["breakers_opened"].items()):
+            opened.add_metric([downstream], n)
+        yield opened
         for name, (kind, help_) in EXTRA_HELP.items():
             if name in t["extra"]:
                 family = CounterMetricFamily if kind == "counter" else GaugeMetricFamily

@@ -48,8 +48,9 @@ class SemanticClient:
                                         option=orjson.OPT_SORT_KEYS)).hexdigest()[:32]
         return h, text
 
-    async def lookup(self, ns: str, text: str, threshold: float):
-        """The cached entry, or None (a miss, an unavailable embedder or a slow one)."""
+    async def lookup(self, ns: str, text: str, threshold: float, approximate: bool = False):
+        """The cached entry, or None (a miss, an unavailable embedder or a slow one). approximate:
+        the nearest entry at threshold or more, unverified (a shed request's approximation)."""
         loop = asyncio.get_running_loop()
         fut = loop.create_future()
 
@@ -58,7 +59,8 @@ class SemanticClient:
                 fut.set_result(payload["entry"] if kind == HIT else None)
         try:
             rid = self.client.submit(LOOKUP, {"ns": ns, "text": text, "threshold": threshold,
-                                                "min_overlap": self.min_overlap}, on_event)
+                                                "min_overlap": self.min_overlap, "approximate": approximate},
+                                     on_event)
         except Exception:
             return None
         timer = loop.call_later(self.timeout, lambda: fut.done() or fut.set_result(None))

@@ -80,7 +80,8 @@ class SemanticStore:
         self.next_id = 1
         self.stats = {k: 0 for k in ("semantic_lookups", "semantic_hits", "semantic_verifier_rejections",
                                      "semantic_inserts", "semantic_evictions", "semantic_expired",
-                                     "semantic_index_rebuilds", "semantic_namespaces_evicted")}
+                                     "semantic_index_rebuilds", "semantic_namespaces_evicted",
+                                     "semantic_approximate")}
         self._load()
 
     # ---- start-up -----------------------------------------------------------------------------
@@ -144,8 +145,9 @@ class SemanticStore:
 
     # ---- lookups and inserts ------------------------------------------------------------------
     def lookup(self, ns: str, vec: np.ndarray, text: str, threshold: float, min_overlap: float = 0.8,
-               k: int = 4):
-        """(entry, score) of the best verified neighbour, or (None, why)."""
+               k: int = 4, approximate: bool = False):
+        """(entry, score) of the best verified neighbour, or (None, why). approximate: the nearest
+        live neighbour at threshold or more, not verified (only ever served marked approximate)."""
         self.stats["semantic_lookups"] += 1
         space = self.spaces.get(ns)
         if space is None or not space.ids:
@@ -163,6 +165,9 @@ class SemanticStore:
                 self._delete(int(eid))
                 self.stats["semantic_expired"] += 1
                 continue
+            if approximate:
+                self.stats["semantic_approximate"] += 1
+                return self._answer(int(eid)), score
             ok, reason = verify(text, meta[2], min_overlap)
             if ok:
                 self.stats["semantic_hits"] += 1

@@ -25,13 +25,14 @@ from tidegate.core.base.jsonlog import log
 from tidegate.core.llm.chat_template import render_chat
 from tidegate.core.llm.engine import Engine, LlamaError, free_sampler, make_sampler
 from tidegate.core.llm.prefix_cache import DiskTier, RamTier, block_names, common_blocks
-from tidegate.core.llm.scheduler import QueueFull, Scheduler
+from tidegate.core.llm.scheduler import CLASSES, QueueFull, Scheduler
 from tidegate.core.messaging.protocol import DELTA, EMB, END, error_event
 from tidegate.core.runtime.loop import RequestError
 
 STATS = ("llm_requests", "llm_prompt_tokens", "llm_cached_tokens", "llm_completion_tokens", "llm_expired",
          "llm_cancelled", "prefix_hits_live", "prefix_hits_ram", "prefix_hits_disk", "prefix_misses")
 
+RANK = {c: i for i, c in enumerate(CLASSES)}  # 0 = the highest
 
 class Seq:
     """One generation request, from queue to finish."""
@@ -128,8 +129,8 @@ class Batcher:
         if any(not k.isascii() or not k.isdigit() or int(k) >= self.engine.n_vocab for k in bias):
             raise RequestError(400, f"'logit_bias' names a token id outside the vocabulary (0 to "
                                f"{self.engine.n_vocab - 1})", "invalid_parameter", "logit_bias")
-        deadline = time.monotonic() + min(body.get("timeout") or 1e9, self.inf["request_timeout"])
-        seq = Seq(peer, rid, body, prompt, max_tokens, deadline)
+        wait = min(body.get("timeout") or 1e9, self.inf["request_timeout"], self.inf["queue_deadline"][body["cls"]])
+        seq = Seq(peer, rid, body, prompt, max_tokens, time.monotonic() + wait)  # dropped unserved after wait
         try:
             self.sched.submit(seq, seq.cls)
         except QueueFull:
@@ -258,14 +259,16 @@ class Batcher:
         if not running:
             return
         items, budget = [], self.inf["n_batch"]
-        critical = any(s.cls == "critical" for s in running)
-        # while critical work runs, at most shared_decode other sequences decode in a step (taking
-        # turns, longest-waiting first): what they add to each critical token stays bounded
-        others = self.inf["shared_decode"] if critical else len(running)
-        for seq in sorted(running, key=lambda s: (s.cls != "critical", s.last_step)):
+        # the highest class running is protected: while it runs, at most shared_decode sequences of
+        # lower classes decode in a step (taking turns, longest-waiting first), so what they add to
+        # each of its tokens stays bounded
+        top = min(RANK[s.cls] for s in running)
+        below = any(RANK[s.cls] > top for s in running)
+        others = self.inf["shared_decode"] if below else len(running)
+        for seq in sorted(running, key=lambda s: (RANK[s.cls] > top, s.last_step)):
             seq.logit_index = -1
             if not seq.pending:
-                if seq.cls != "critical":
+                if RANK[seq.cls] > top:
                     if others <= 0:
                         continue
                     others -= 1
@@ -275,14 +278,14 @@ class Batcher:
                 seq.n_past += 1
         self.steps += 1
         budget -= len(items)
-        # while critical work runs, other classes' prompts enter in small chunks: a step (and so
-        # every critical token) waits on at most shared_prefill tokens of theirs
-        shared = self.inf["shared_prefill"] if any(s.cls == "critical" for s in running) else budget
-        for seq in sorted(running, key=lambda s: s.cls != "critical"):
-            room = budget if seq.cls == "critical" else min(budget, shared)
+        # and lower classes' prompts enter in small chunks: a step (and so each of its tokens)
+        # waits on at most shared_prefill tokens of theirs
+        shared = self.inf["shared_prefill"] if below else budget
+        for seq in sorted(running, key=lambda s: RANK[s.cls] > top):
+            room = budget if RANK[seq.cls] == top else min(budget, shared)
             if seq.pending and room > 0:
                 chunk, seq.pending = seq.pending[:room], seq.pending[room:]
-                if seq.cls != "critical":
+                if RANK[seq.cls] > top:
                     shared -= len(chunk)
                 for tok in chunk:
                     items.append((tok, seq.n_past, seq.slot, False))

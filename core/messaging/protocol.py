@@ -34,6 +34,7 @@ PURGE = "purge"          # drop cached answers (all, or one tenant's)
 RELEASE = "release"      # reload: the next generation is on standby; flush, close and unlock the stores
 RESUME = "resume"        # the reload failed after RELEASE: take the stores back and serve again
 SHED = "shed"            # the classes an operator sheds now (admin shed on|off), to every ingress worker
+BOX = "box"              # the box-level overload actions on now (core/overload/box.py), to every ingress worker
 
 # ---- admin -> supervisor (control socket) ------------------------------------------------------
 CONTROL_OPS = ("status", "workers", "config", "reload", "drain", "stop", "metrics", "cache", "shed", "breakers")

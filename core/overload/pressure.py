@@ -71,6 +71,34 @@ class ClassMonitor:
                                                      "retry_after": self.retry_after(c, now)} for c in CLASSES}}
 
 
+class LoopLag:
+    """The ingress worker's own pressure: how late its event loop runs a timer set every `every`
+    seconds (the sojourn of work in its ready queue, plus time it waited for a CPU). Every class's
+    latency goes through this loop, so once more than `share` of the last second's samples were
+    late by over `target`, background is shed at the door until the share halves: it is the
+    cheapest work to turn away and the first whose load (its streams, its model calls) frees
+    the CPU for the rest."""
+
+    def __init__(self, loop, target: float, share: float, every: float = 0.005):
+        self.loop, self.target, self.share, self.every = loop, target, share, every
+        self.samples = Window(max(10, int(round(1.0 / every))))
+        self.overloaded = False
+        self.handle = loop.call_later(every, self._tick, time.perf_counter() + every)
+
+    def _tick(self, due: float) -> None:
+        now = time.perf_counter()
+        self.samples.push(now - due)
+        late = self.samples.share_at_least(self.target)
+        self.overloaded = late > (self.share / 2 if self.overloaded else self.share)
+        self.handle = self.loop.call_later(self.every, self._tick, now + self.every)
+
+    def shed(self) -> list[str]:
+        return ["background"] if self.overloaded else []
+
+    def close(self) -> None:
+        self.handle.cancel()
+
+
 class Publisher:
     def __init__(self, ctx: zmq.Context, endpoint: str, source: str, interval: float):
         self.sock = ctx.socket(zmq.PUB)

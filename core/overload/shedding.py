@@ -2,10 +2,12 @@
 forces shedding for a drill: `tidegate admin shed on CLASS`).
 
 overload.shed maps a class to a policy: `never` (always served), `reject` (503 with Retry-After
-from the downstream's drain rate), or `cached` (a cached approximation: a stale exact-cache
-entry, the entity's last prediction; else 503 like reject). A shed answer says so:
-`x-tidegate-shed: CLASS` and `x-tidegate-cache: stale | fallback`; shed answers are counted per
-class and kind in /metrics (shed_*), never inside the cache hit rates.
+from the downstream's drain rate), or `cached` (a cached approximation, in this order: a stale
+exact-cache entry, the nearest semantic entry when approximations are on, the entity's last
+prediction, a configured static answer; else 503 like reject). A shed answer says so:
+`x-tidegate-shed: CLASS` and `x-tidegate-cache: stale | approximate | fallback`; shed answers are
+counted per class and kind in /metrics (shed_*), never inside the cache hit rates. Box-level
+overload (the supervisor's memory and fd watch) sheds every class but critical the same way.
 """
 from __future__ import annotations
 
@@ -23,18 +25,22 @@ def policy_problem(v, cfg=None) -> str | None:
 
 
 class Shedder:
-    def __init__(self, cfg: dict, view=None):
+    def __init__(self, cfg: dict, view=None, lag=None):
         self.policy = cfg["overload"]["shed"]
         self.view = view          # PressureView, when downstreams publish
+        self.lag = lag            # LoopLag: this ingress worker's own pressure
         self.forced: set = set()  # classes an operator sheds now (admin shed on|off)
+        self.box = False          # box-level overload: every class but critical is shed
         self.stats = {f"shed_{c}_{k}": 0 for c in ("critical", "standard", "background")
-                      for k in ("stale", "fallback", "rejected")}
+                      for k in ("stale", "approximate", "fallback", "rejected")}
 
     def check(self, cls: str, source: str) -> int | None:
         """Retry-After seconds when a request of cls for downstream source is to be shed, else None."""
+        if self.box and cls != "critical":
+            return 1
         if self.policy[cls] == "never":
             return None
-        if cls in self.forced:
+        if cls in self.forced or (self.lag is not None and self.lag.overloaded and cls == "background"):
             return 1
         return self.view.shedding(source, cls) if self.view is not None else None
 

@@ -121,7 +121,8 @@ def model_problem(models, cfg=None) -> str | None:
         if m["name"] in names:
             return f"item {i}: model {m['name']!r} is declared twice"
         names.add(m["name"])
-        unknown = set(m) - {"name", "path", "inputs", "class", "worker", "version", "fallback"}
+        unknown = set(m) - {"name", "path", "inputs", "class", "worker", "version", "fallback",
+                            "static"}
         if unknown:
             return f"item {i}: unknown field(s) {', '.join(sorted(unknown))}"
         if not isinstance(m.get("path"), str) or not m["path"]:
@@ -132,6 +133,13 @@ def model_problem(models, cfg=None) -> str | None:
             return f"item {i}: worker must be true or false"
         if m.get("fallback", "") not in ("", "last_served"):
             return f"item {i}: fallback must be \"last_served\" (the user's last answer) or \"\" (none)"
+        static = m.get("static", {})
+        if not isinstance(static, dict) or set(static) - {"score", "scores"} or not all(
+                isinstance(v, (int, float)) and not isinstance(v, bool) if k == "score" else
+                isinstance(v, list) and all(isinstance(x, (int, float)) and not isinstance(x, bool) for x in v)
+                for k, v in static.items()):
+            return f"item {i}: static must be a table {{score = NUMBER}} or {{scores = [NUMBERS]}} (the answer " \
+                   "served, marked fallback = static, when scoring is not possible and no last answer is)"
         if not isinstance(m.get("version", ""), str):
             return f"item {i}: version must be a string"
         if cfg is not None and not os.path.isfile(m["path"]):

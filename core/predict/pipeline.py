@@ -36,20 +36,18 @@ def plan_for(decl: dict, cfg: dict) -> Plan:
 class Predictor:
     def __init__(self, decl: dict, plan: Plan, hydrator: Hydrator, score, version: str, loop, pcfg: dict,
                  last_served=None):
-        """score(X) -> (n, k) array, or an awaitable of one (the model worker). last_served: a
+        """score(X, cls) -> (n, k) array, or an awaitable of one (the model worker). last_served: a
         store at the key's ring owner (the exact cache's) for models with fallback = last_served."""
         self.name, self.plan, self.hydrator, self.score, self.version = decl["name"], plan, hydrator, score, version
         self.cls = decl.get("class")
         self.source = "models" if decl.get("worker") else "ingress"  # whose pressure sheds it
         self.last_served = last_served if decl.get("fallback") == "last_served" else None
+        self.static = decl.get("static") or None  # the configured answer of last resort
+        self.has_fallback = self.last_served is not None or self.static is not None
         self.remote = bool(hydrator.remote_views(plan))
         self.defaulted = 0  # inputs that took their default, for /metrics
         self.batchers = {c: MicroBatcher(loop, lambda items, c=c: self._run(items, c), pcfg["max_batch"],
                                          pcfg["max_delay"]) for c in ("critical", "standard", "background")}
-
-    def class_for(self, caller_class: str) -> str:
-        """The model's declared class, else the caller's."""
-        return self.cls or caller_class
 
     def submit(self, inst: Instance, cls: str) -> asyncio.Future:
         """The answer's body (a dict) for one instance of class cls, once its batch is scored."""
@@ -73,7 +71,7 @@ class Predictor:
         return answers
 
     def _score(self, X, reasons, cls):
-        out = self.score(X)
+        out = self.score(X, cls)
         if isinstance(out, np.ndarray):
             return self._answers(X, reasons, out, cls)
         answers = asyncio.get_running_loop().create_future()
@@ -106,12 +104,17 @@ class Predictor:
         if self.last_served is not None:
             self.last_served.put(self._served_key(inst), inst.tenant, answer)
 
-    async def fallback(self, inst: Instance):
-        """The last answer served for this instance's entities (marked as a fallback), or None."""
-        if self.last_served is None:
-            return None
-        entry = await self.last_served.get(self._served_key(inst))
-        return dict(entry, fallback="last_served") if entry is not None else None
+    async def fallback(self, inst: Instance, cls: str):
+        """The last answer served for this instance's entities, else the model's static answer
+        (each marked as the fallback it is), or None."""
+        if self.last_served is not None:
+            entry = await self.last_served.get(self._served_key(inst))
+            if entry is not None:
+                return dict(entry, fallback="last_served")
+        if self.static is not None:
+            return {"object": "prediction", "model": self.name, "version": self.version, "class": cls,
+                    **self.static, "fallback": "static"}
+        return None
 
     @property
     def stats(self) -> dict:

@@ -44,6 +44,9 @@ def start_worker(name_of) -> dict:
     with os.fdopen(fd, "rb") as f:
         spec = orjson.loads(f.read())
     signal.signal(signal.SIGINT, signal.SIG_IGN)  # the supervisor decides when workers stop
+    nice = spec["config"]["server"].get("nice", {}).get(spec["kind"], 0)
+    if nice:
+        os.nice(nice)  # before any thread starts: llama.cpp's threads inherit it
     name = name_of(spec)
     setproctitle(f"tidegate: {name}")
     log.configure(process=name.replace(" ", "-"), level=spec["config"]["log"]["level"])

@@ -26,7 +26,7 @@ def hash_key(key: str | bytes) -> str:
     return hashlib.sha256(key.encode() if isinstance(key, str) else key).hexdigest()
 
 
-ANONYMOUS = Identity("anonymous", "anonymous", "anonymous", "standard")  # when no API keys are configured
+ANONYMOUS = Identity("anonymous", "anonymous", "anonymous", "")  # no API keys configured; class: classes.default
 
 
 def presented_token(headers: dict) -> bytes:
@@ -41,10 +41,13 @@ def presented_token(headers: dict) -> bytes:
 class ApiKeys:
     CACHE_MAX = 10000
 
-    def __init__(self, entries: list[dict]):
+    def __init__(self, entries: list[dict], classes: dict | None = None):
+        """classes: the [classes] section: a key that names no class takes its tenant's, else the default."""
+        classes = classes or {"tenants": {}, "default": "standard"}
         self._known: dict[bytes, Identity] = {}  # presented key -> identity, for keys that matched
-        self.by_hash = {e["key_sha256"]: Identity(e["key_sha256"][:12], e.get("name", e["key_sha256"][:12]),
-                                                  e["tenant"], e.get("class", "standard")) for e in entries}
+        self.by_hash = {e["key_sha256"]: Identity(e["key_sha256"][:12], e.get("name", e["key_sha256"][:12]), e["tenant"],
+                                                  e.get("class") or classes["tenants"].get(e["tenant"])
+                                                  or classes["default"]) for e in entries}
         self.key_ids = {i.key_id for i in self.by_hash.values()}  # sessions opened by a removed key stop working
 
     @property

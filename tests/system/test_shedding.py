@@ -102,3 +102,7 @@ def test_a_failing_model_opens_its_breaker_then_trials_close_it(daemon_factory, 
     time.sleep(1.5)
     b = next(iter(d.admin_json("breakers")["body"].values()))["inference:tidegate-demo"]
     assert b["state"] == "closed" and b["opened"] >= 1
+    text = request(d.port, path="/metrics").body.decode()
+    assert 'tidegate_breaker_state{downstream="inference:tidegate-demo",state="closed"} 1.0' in text
+    opened = [ln for ln in text.splitlines() if ln.startswith('tidegate_breaker_transitions_to_open_total{downstream="inference')]
+    assert opened and float(opened[0].split()[-1]) >= 1

@@ -39,7 +39,8 @@ from tidegate.core.messaging import endpoints, protocol
 from tidegate.core.messaging.link import SupervisorLink
 from tidegate.core.messaging.mesh import Mesh
 from tidegate.core.messaging.worker_client import Unavailable, WorkerClient
-from tidegate.core.overload.pressure import PressureView
+from tidegate.core.overload.pressure import LoopLag, PressureView
+from tidegate.core.overload.classes import Classes
 from tidegate.core.overload.shedding import Shedder
 from tidegate.core.predict.models import Model, check_inputs, version_of
 from tidegate.core.predict.pipeline import Predictor, plan_for
@@ -50,6 +51,7 @@ from tidegate.core.state.ratelimit import RateLimiter
 from tidegate.core.state.ring import HashRing
 from tidegate.core.state.sessions import SessionStore
 from tidegate.ext.httpconn import HttpConnection
+from tidegate.workers.ingress.door import EarlyShed
 from tidegate.workers.ingress.guard import Guard
 from tidegate.workers.ingress.routes.events import EventRoutes
 from tidegate.workers.ingress.routes.features import FeatureRoutes
@@ -72,7 +74,7 @@ class IngressWorker:
         self.n_slots = spec["n_slots"]
         # every piece of per-key state registers its owner-side ops with the one seam
         self.owners = Owners(self.slot, HashRing(range(self.n_slots)))
-        self.keys = ApiKeys(self.cfg["auth"]["keys"])
+        self.keys = ApiKeys(self.cfg["auth"]["keys"], self.cfg["classes"])
         self.ratelimit = RateLimiter(self.cfg, self.owners)
         self.exact = ExactCache(self.cfg, self.owners)
         self.guard = Guard(self.cfg, self.keys, self.owners, self.ratelimit)
@@ -99,23 +101,32 @@ class IngressWorker:
         self.predictors: dict = {}
         self.breakers: dict = {}  # downstream -> Breaker, for /metrics and `tidegate admin breakers`
         self.pressure = self.shedder = None  # downstream pressure and the shed policy, set in _routes
+        self.box: set = set()  # box-level overload actions on now (the supervisor's BOX)
 
     # ---- routes -------------------------------------------------------------------------------
     def _routes(self) -> None:
         cfg, r, guard = self.cfg, self.router, self.guard
         gen = self.spec["gen"]
-        self.pressure = PressureView(self.zmq, self.loop, {m["name"]: endpoints.pressure(cfg, "inference", m["name"], gen)
-                                                           for m in config.models(cfg)})
-        self.shedder = Shedder(cfg, self.pressure)
+        downstreams = {m["name"]: endpoints.pressure(cfg, "inference", m["name"], gen) for m in config.models(cfg)}
+        if any(m.get("worker") for m in cfg["predict"]["models"]):
+            downstreams["models"] = endpoints.pressure(cfg, "models", "", gen)
+        self.pressure = PressureView(self.zmq, self.loop, downstreams)
+        ov = cfg["overload"]
+        lag = LoopLag(self.loop, ov["loop_lag"], ov["loop_lag_share"]) if ov["loop_lag"] else None
+        self.shedder = Shedder(cfg, self.pressure, lag)
+        classes = Classes(cfg)
         routes = [OpsRoutes(cfg, self.link, self.snapshot), SessionRoutes(cfg, guard)]
         if cfg["events"]["enabled"]:
             routes += [EventRoutes(cfg, self.owners), ViewRoutes(self.views)]
         if cfg["features"]["views"] or cfg["predict"]["models"]:
             self._hydration()
             routes.append(FeatureRoutes(self.hydrator, cfg["predict"]))
-        if cfg["predict"]["models"]:
-            routes.append(PredictRoutes(cfg, self._predictors(), self.shedder))
+        predictors = self._predictors() if cfg["predict"]["models"] else {}
+        if predictors:
+            routes.append(PredictRoutes(cfg, predictors, self.shedder, classes))
         models = config.models(cfg)
+        self.http.early = EarlyShed(self.keys, classes, self.shedder, models, predictors)
+        self.http.early_bytes = cfg["overload"]["early_bytes"]
         if models:
             limit = cfg["server"]["max_frame_bytes"]
             self.infer = {m["name"]: WorkerClient(self.zmq, endpoints.worker(cfg, "inference", m["name"], self.spec["gen"]),
@@ -127,7 +138,7 @@ class IngressWorker:
             for m in models:
                 self.breakers[f"inference:{m['name']}"] = Breaker.from_config(cfg["breakers"], slow_call=1e9)
             routes.append(OpenAIRoutes(cfg, models, self.infer, self.ratelimit, self.exact, self.semantic,
-                                       self.shedder, self.breakers))
+                                       self.shedder, self.breakers, classes))
         for group in routes:
             group.add_to(r, guard)
 
@@ -155,7 +166,7 @@ class IngressWorker:
             else:
                 model = Model(m["path"], m.get("version", ""))
                 check_inputs(model, plan, m["name"])
-                score, version = model.predict, model.version
+                score, version = (lambda X, cls, predict=model.predict: predict(X)), model.version
             out[m["name"]] = Predictor(m, plan, self.hydrator, score, version, self.loop, cfg["predict"],
                                        last_served=self.exact)
         self.predictors = out
@@ -165,7 +176,7 @@ class IngressWorker:
         client, timeout = self.model_worker, self.cfg["predict"]["worker_timeout"]
         breaker = self.breakers[f"models:{name}"] = Breaker.from_config(self.cfg["breakers"])
 
-        def score(X):
+        def score(X, cls):
             fut = self.loop.create_future()
             if not breaker.allow():
                 raise ModelError([503, f"the model worker's circuit breaker for {name!r} is open", "circuit_open",
@@ -179,8 +190,8 @@ class IngressWorker:
                 if kind == protocol.SCORES:
                     breaker.record(True, self.loop.time() - t0)
                     fut.set_result(np.asarray(payload, dtype=np.float32))
-                else:
-                    breaker.record(False)
+                else:  # a full queue there is load (shedding's business), not a failure
+                    breaker.record(isinstance(payload, list) and len(payload) > 2 and payload[2] == "queue_full")
                     fut.set_exception(ModelError(payload))
 
             def late():
@@ -190,7 +201,7 @@ class IngressWorker:
                     fut.set_exception(ModelError([504, f"the model worker did not score {name!r} within "
                                                   f"{timeout}s (predict.worker_timeout)", "model_timeout", None]))
             try:
-                rid = client.submit(protocol.SCORE, {"model": name, "rows": X.tolist()}, on_event)
+                rid = client.submit(protocol.SCORE, {"model": name, "rows": X.tolist(), "cls": cls}, on_event)
             except Unavailable as e:
                 breaker.record(False)
                 raise ModelError([503, str(e), "worker_unavailable", None]) from None
@@ -246,6 +257,21 @@ class IngressWorker:
         elif op == protocol.SHED:
             self.shedder.forced = set(msg.get("classes", ()))
             log.info("forced shedding", classes=", ".join(sorted(self.shedder.forced)) or "none")
+        elif op == protocol.BOX:
+            self._box_actions(set(msg.get("actions", ())))
+
+    def _box_actions(self, actions: set) -> None:
+        """The supervisor's box-level overload actions (core/overload/box.py): keep-alive off, shed
+        all but critical, accepting paused; each undone when it goes off."""
+        self.box = actions
+        self.http.no_keepalive = "keepalive" in actions
+        self.shedder.box = "shed" in actions
+        if "accept" in actions and self.accepting:
+            self._stop_accepting()
+        elif "accept" not in actions and not self.accepting and not self.draining and \
+                len(self.http.conns) < self.cfg["server"]["max_connections"]:
+            asyncio.ensure_future(self._start_accepting())
+        log.warning("box-level overload", actions=", ".join(sorted(actions)) or "none")
 
     # ---- durable stores: opened under their locks, handed over on reload ------------------------
     STORE_OPS = (protocol.SESS_CREATE, protocol.SESS_GET, protocol.SESS_PATCH, protocol.SESS_DELETE,
@@ -444,7 +470,7 @@ class IngressWorker:
         still gets in during a slowloris); only when every connection is busy does accepting pause."""
         limit = self.cfg["server"]["max_connections"]
         if new is None or n < limit:
-            if not self.accepting and not self.http.draining and n <= limit * 9 // 10:
+            if not self.accepting and not self.http.draining and n <= limit * 9 // 10 and "accept" not in self.box:
                 log.info("accepting again", open=n)
                 asyncio.ensure_future(self._start_accepting())
                 self.accepting = True
@@ -495,6 +521,8 @@ class IngressWorker:
         self._close_stores()
         if self.pressure is not None:
             self.pressure.close()
+        if self.shedder is not None and self.shedder.lag is not None:
+            self.shedder.lag.close()
         self.link.close()
         self.zmq.term()
 

@@ -1,5 +1,9 @@
 """Continuous batching: sequences decoded together give the same greedy tokens as one at a time,
 requests join between steps, and a cancelled one leaves at the next step."""
+import time
+
+import pytest
+
 from helpers.llm import batcher, generate, submit, turn
 
 PROMPTS = ["The weather today is", "My favourite food is", "Parcels are delivered on", "Customs forms ask for",
@@ -34,18 +38,20 @@ def test_cancel_frees_the_slot_at_the_next_step(tmp_path, demo_model):
     assert w.sched.running["standard"] == 0
 
 
-def test_while_critical_runs_other_classes_take_bounded_turns(tmp_path, demo_model):
-    """shared_decode 2, shared_prefill 32: each step carries at most 2 background tokens being
+@pytest.mark.parametrize("top", ["critical", "standard"])
+def test_while_a_higher_class_runs_lower_classes_take_bounded_turns(tmp_path, demo_model, top):
+    """shared_decode 2, shared_prefill 32: while the highest class running (critical, or standard
+    when no critical work is there) decodes, each step carries at most 2 background tokens being
     decoded and 32 of their prompt, the background sequences take turns, and their greedy text is
     what it is alone (a skipped step only delays)."""
-    w = batcher(tmp_path, demo_model, shared_decode=2, shared_prefill=32)
+    w = batcher(tmp_path, demo_model, shared_decode=2, shared_prefill=32, reserved={})
     long_prompt = "Once upon a time " * 20
     alone = {i: generate(w, f"{long_prompt} story {i}", tenant=f"solo-{i}", n=40)["text"] for i in range(3)}
     steps = []
     decode = w.engine.decode
 
     def spy(items):
-        crit_slots = {s.idx for s in w.slots if s.seq is not None and s.seq.cls == "critical"}
+        crit_slots = {s.idx for s in w.slots if s.seq is not None and s.seq.cls == top}
         if crit_slots:
             others = [(logits, slot) for _, _, slot, logits in items if slot not in crit_slots]
             per_slot: dict = {}
@@ -58,7 +64,7 @@ def test_while_critical_runs_other_classes_take_bounded_turns(tmp_path, demo_mod
     bg = {submit(w, f"{long_prompt} story {i}", f"bg-{i}", 40, cls="background"): i for i in range(2)}
     for _ in range(3):
         turn(w)
-    crit = submit(w, long_prompt + " urgent", "crit", 30, cls="critical")
+    crit = submit(w, long_prompt + " urgent", "crit", 30, cls=top)
     turn(w)
     bg[submit(w, f"{long_prompt} story 2", "bg-2", 40, cls="background")] = 2  # its prompt enters in chunks
     got = {}
@@ -74,3 +80,19 @@ def test_while_critical_runs_other_classes_take_bounded_turns(tmp_path, demo_mod
     for rid, i in bg.items():
         assert got[rid] == alone[i]
     assert crit in got
+
+
+def test_a_request_queued_past_its_class_deadline_is_dropped_before_compute(tmp_path, demo_model):
+    w = batcher(tmp_path, demo_model, reserved={}, queue_deadline={"critical": 10.0, "standard": 10.0,
+                                                                   "background": 0.05})
+    for i in range(4):  # every slot busy
+        submit(w, "Go on and on", f"t{i}", 200)
+    turn(w)
+    late = submit(w, "Waiting", "bg", 8, cls="background")
+    patient = submit(w, "Waiting too", "std", 8, cls="standard")
+    time.sleep(0.1)
+    turn(w)
+    errors = {rid: payload for kind, rid, payload in w.events.pop(b"peer", []) if kind == "err"}
+    assert errors[late][0] == 504 and errors[late][2] == "deadline_exceeded"
+    assert patient not in errors and w.sched.queued()["standard"] == 1  # its class allows 10 s
+    assert w.stats["llm_expired"] == 1

@@ -49,3 +49,24 @@ def test_policy_and_forced_shedding():
     e = s.reject("standard", 7, "model 'm'")
     assert e.status == 503 and (b"retry-after", b"7") in e.headers and s.stats["shed_standard_rejected"] == 1
     assert "needs a policy" in policy_problem({"critical": "never", "standard": "drop", "background": "cached"})
+
+
+def test_a_late_event_loop_sheds_background_until_it_keeps_time_again():
+    import asyncio
+    import time as _time
+
+    from tidegate.core.overload.pressure import LoopLag
+
+    async def main():
+        loop = asyncio.get_running_loop()
+        lag = LoopLag(loop, target=0.002, share=0.05, every=0.005)
+        await asyncio.sleep(0.3)
+        assert not lag.overloaded and lag.shed() == []
+        for _ in range(30):  # the loop is busy: each turn blocks 10 ms
+            _time.sleep(0.01)
+            await asyncio.sleep(0)
+        assert lag.overloaded and lag.shed() == ["background"]
+        await asyncio.sleep(1.5)  # on time for a whole window: the share falls under half
+        assert not lag.overloaded
+        lag.close()
+    asyncio.run(main())

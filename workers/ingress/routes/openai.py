@@ -20,6 +20,7 @@ import time
 
 import numpy as np
 
+from tidegate.core.overload.classes import Classes
 from tidegate.core.cache.exact import cache_key, reproducible
 from tidegate.core.http.http11 import HttpError, json_response, service_unavailable
 from tidegate.core.http.jsonbody import parse_json
@@ -57,11 +58,12 @@ def _int(body: dict, name: str, lo: int, hi: int, default):
 
 class OpenAIRoutes:
     def __init__(self, cfg: dict, models: list[dict], clients: dict, limiter, exact=None, semantic=None,
-                 shedder=None, breakers=None):
+                 shedder=None, breakers=None, classes=None):
         self.cfg, self.limits, self.inf = cfg, cfg["limits"], cfg["inference"]
         self.models = {m["name"]: m for m in models}
         self.clients, self.limiter, self.exact, self.semantic = clients, limiter, exact, semantic
         self.shedder = shedder
+        self.classes = classes or Classes(cfg)
         self.breakers = breakers or {}  # "inference:MODEL" -> Breaker: a failing model answers at once
         self.created = int(time.time())
         self.inflight = 0  # generations submitted and not yet ended (Generation counts them)
@@ -208,16 +210,32 @@ class OpenAIRoutes:
                 call.semantic_store = (ns, tenant, text)
         return None
 
-    async def _fallback(self, call, body, params, model, tenant, what, chat, cls, refusal):
-        """The model may not be asked (its class is shed, or its breaker is open): a stale
-        exact-cache answer for a cached class, else the HttpError refusal() makes. Never the model."""
+    async def _fallback(self, req, call, body, params, model, tenant, what, chat, cls, refusal):
+        """The model may not be asked (its class is shed, its breaker is open, or the request
+        waited past its class's queueing deadline). A cached class gets, in order: a stale
+        exact-cache answer (RFC 5861 stale-if-error), the nearest semantic-cache entry when the
+        route allows approximations (overload.approximate), the model's fallback_text; anything
+        else the HttpError refusal() makes. Never the model."""
         sh = self.shedder
-        if sh is not None and sh.cached(cls) and self.exact is not None and (
-                reproducible(params) or self.cfg["cache"]["exact_any"]):
+        if sh is None or not sh.cached(cls):
+            raise refusal()
+        if self.exact is not None and self.exact.enabled and (reproducible(params) or self.cfg["cache"]["exact_any"]):
             entry = await self.exact.get(cache_key(tenant, model, "chat" if chat else "completions",
                                                    dict(body, **what)), stale=True)
             if entry is not None:
                 return await call.replay(entry, b"stale", sh.served(cls, "stale"))
+        ov, sem = self.cfg["overload"], self.semantic
+        if ov["approximate"] and sem is not None and req.path in ov["approximate_routes"]:
+            where = sem.key(tenant, model, what, body)
+            if where is not None and sem.policy(tenant)["enabled"]:
+                entry = await sem.lookup(where[0], where[1], ov["approximate"], approximate=True)
+                if entry is not None:
+                    return await call.replay(entry, b"approximate", sh.served(cls, "approximate"))
+        text = self.models[model].get("fallback_text")
+        if text:
+            entry = {"text": text, "finish_reason": "stop",
+                     "usage": {"prompt_tokens": 0, "completion_tokens": 0, "total_tokens": 0}}
+            return await call.replay(entry, b"fallback", sh.served(cls, "fallback"))
         raise refusal()
 
     async def embeddings(self, req):
@@ -286,14 +304,14 @@ class OpenAIRoutes:
         params = self._params(body)
         stream, include_usage = self._stream_flags(body)
         ident = caller(req)
-        tenant, cls = ident.tenant, ident.klass
+        tenant, cls = ident.tenant, self.classes.of(req.path, ident.klass, self.models[model].get("class"))
         call = Generation(self, model, chat, stream, include_usage)
         hit = await self._cached(req, call, body, params, model, tenant, what, chat)
         if hit is not None:
             return hit
         retry = self.shedder.check(cls, f"inference:{model}") if self.shedder is not None else None
         if retry is not None:
-            return await self._fallback(call, body, params, model, tenant, what, chat, cls,
+            return await self._fallback(req, call, body, params, model, tenant, what, chat, cls,
                                         lambda: self.shedder.reject(cls, retry, f"model {model!r}"))
         if self.inflight >= self.inf["max_inflight"]:
             raise service_unavailable(f"this worker has {self.inflight} generations in flight "
@@ -304,7 +322,7 @@ class OpenAIRoutes:
         if breaker is not None and not breaker.allow():  # asked last: an allowed call always reaches submit
             self._settle(reservation, 0)
             retry_s = max(1, int(breaker.open_for + 0.999))
-            return await self._fallback(call, body, params, model, tenant, what, chat, cls, lambda: service_unavailable(
+            return await self._fallback(req, call, body, params, model, tenant, what, chat, cls, lambda: service_unavailable(
                 f"model {model!r} is failing; its circuit breaker is open (retry after {retry_s}s)", "circuit_open",
                 retry_after=retry_s))
         msg = dict(what, params=params, tenant=tenant, cls=cls, stream=stream, timeout=self.inf["request_timeout"])
@@ -319,7 +337,13 @@ class OpenAIRoutes:
             if breaker is not None:
                 breaker.record(False)
             raise service_unavailable(str(e), "worker_unavailable") from None
-        return await call.first
+        try:
+            return await call.first
+        except HttpError as e:  # refused for load before any byte went out: a cached class's fallback
+            if e.code not in LOAD_NOT_FAILURE:
+                raise
+            again = Generation(self, model, chat, stream, include_usage)
+            return await self._fallback(req, again, body, params, model, tenant, what, chat, cls, lambda: e)
 
 
 LOAD_NOT_FAILURE = ("queue_full", "deadline_exceeded")  # overload: the shedding's business, not the breaker's

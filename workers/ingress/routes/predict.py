@@ -6,7 +6,9 @@ A batch:         {"instances": [<one prediction>, …]}   (up to predict.max_ins
 The request is checked against the model's inputs first (400 naming the parameter: an entity
 type it needs or does not use, a request feature missing, unknown or not a finite number), then
 handed to the model's Predictor (core/predict/pipeline.py): micro-batched, hydrated, scored.
-A model with fallback = last_served answers a failed scoring with the entity's last answer.
+A model with fallback = last_served answers a failed scoring with the entity's last answer, one
+with `static = {score = …}` with that answer (each marked "fallback"). The class is the model's,
+else the route's, else the caller's (core/overload/classes.py).
 The answer carries the model's version, its class, every input it used and, per defaulted
 input, why (missing, expired, late, down). Rows are read in the caller's tenant only.
 """
@@ -15,6 +17,7 @@ from __future__ import annotations
 import asyncio
 import math
 
+from tidegate.core.overload.classes import Classes
 from tidegate.core.features.hydrate import Instance
 from tidegate.core.http.http11 import HttpError, json_response
 from tidegate.core.http.jsonbody import parse_json
@@ -30,8 +33,9 @@ class ModelError(Exception):
 
 
 class PredictRoutes:
-    def __init__(self, cfg: dict, predictors: dict, shedder=None):
+    def __init__(self, cfg: dict, predictors: dict, shedder=None, classes=None):
         self.limits, self.predictors, self.shedder = cfg["limits"], predictors, shedder
+        self.classes = classes or Classes(cfg)
         self.max_instances = cfg["predict"]["max_instances"]
 
     def add_to(self, router, guard) -> None:
@@ -59,11 +63,11 @@ class PredictRoutes:
         body = parse_json(req, self.limits)
         who = caller(req)
         inst = _instance(p.plan, body, who.tenant, "")
-        cls = p.class_for(who.klass)
+        cls = self.classes.of(req.path, who.klass, p.cls)
         retry = self.shedder.check(cls, p.source) if self.shedder is not None else None
         if retry is not None:
             return self._shed(p, inst, cls, retry)
-        if p.last_served is not None:
+        if p.has_fallback:
             return _with_fallback(p, inst, cls)
         return _answer(p.submit(inst, cls), lambda a: a)
 
@@ -72,7 +76,7 @@ class PredictRoutes:
         cached, fallback = last_served), else 503 with Retry-After. Never the model."""
         sh = self.shedder
         if sh.cached(cls):
-            old = await p.fallback(inst)
+            old = await p.fallback(inst, cls)
             if old is not None:
                 return json_response(old, headers=[(b"x-tidegate-cache", b"fallback"), *sh.served(cls, "fallback")])
         raise sh.reject(cls, retry, f"model {p.name!r}")
@@ -92,7 +96,7 @@ class PredictRoutes:
                             "(predict.max_instances)", "too_many_instances", param="instances")
         who = caller(req)
         insts = [_instance(p.plan, item, who.tenant, f"instances[{i}].") for i, item in enumerate(items)]
-        cls = p.class_for(who.klass)
+        cls = self.classes.of(req.path, who.klass, p.cls)
         retry = self.shedder.check(cls, p.source) if self.shedder is not None else None
         if retry is not None:  # a shed batch is refused whole (no per-instance stale answers)
             raise self.shedder.reject(cls, retry, f"model {p.name!r}")
@@ -101,12 +105,13 @@ class PredictRoutes:
 
 
 async def _with_fallback(p, inst, cls: str):
-    """A model with fallback = last_served: remember each answer; when scoring fails, serve the
-    entity's last answer (marked "fallback": "last_served") rather than the error, if there is one."""
+    """A model with a fallback: remember each answer (fallback = last_served); when scoring fails,
+    serve the entity's last answer or the static one (marked "fallback": "last_served" | "static")
+    rather than the error, if there is one."""
     try:
         answer = await p.submit(inst, cls)
     except ModelError as e:
-        old = await p.fallback(inst)
+        old = await p.fallback(inst, cls)
         if old is None:
             raise http_error(e.args[0]) from None
         return json_response(old)
