@@ -59,7 +59,9 @@ class ModelWorker(BlockingWorker):
                                                      "bad_request"))
                 continue
             cls = body.get("cls") if body.get("cls") in CLASSES else "standard"
-            if not self.queues[cls].push((now, peer, rid, body["model"], rows)):
+            sent = body.get("t")  # CLOCK_MONOTONIC is one clock for the whole box
+            t = sent if isinstance(sent, float) and sent <= now else now
+            if not self.queues[cls].push((t, peer, rid, body["model"], rows)):
                 self.stats["model_queue_full"] += 1
                 self.send(peer, protocol.error_event(rid, 503, f"too many {cls} batches are waiting for the model "
                                                      "worker; retry shortly", "queue_full"))
@@ -69,8 +71,8 @@ class ModelWorker(BlockingWorker):
 
     def work(self) -> None:
         """One turn: up to predict.worker_rows rows, highest class first, each model's rows scored
-        in one call. A batch older than predict.worker_timeout is dropped unscored: its caller
-        has answered it already."""
+        in one call. A batch sent longer ago than predict.worker_timeout is dropped unscored: its
+        caller has answered it already."""
         now, budget, expiry = time.monotonic(), self.cfg["predict"]["worker_rows"], self.cfg["predict"]["worker_timeout"]
         by_model: dict[str, list] = {}
         for cls in CLASSES:

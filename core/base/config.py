@@ -304,6 +304,9 @@ SCHEMA: dict[str, dict[str, Key]] = {
         "reserved": Key(dict, {"critical": 1}, "sequence slots only a class (or one above it) may take", _class_counts),
         "fair_share": Key(bool, True, "tenants of one class share it by tokens served (virtual token counters); "
                           "false: arrival order"),
+        "tenant_headroom": Key(float, 0.0, "fair shares: the last slot a class may use is kept free while another "
+                               "tenant of the class seen within this many seconds runs nothing, so its next request "
+                               "starts at once (0 = off: work-conserving)", non_negative),
         "shared_decode": Key(int, 2, "while sequences of a higher class run, sequences of lower classes decoded in one "
                              "step (they take turns)", positive),
         "shared_prefill": Key(int, 32, "while sequences of a higher class run, prompt tokens of lower classes one decode "

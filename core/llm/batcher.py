@@ -68,7 +68,8 @@ class Batcher:
         self.tick = tick or (lambda: None)  # called between the inputs of a long embeddings request
         self.block = inf["prefix_block"]
         self.slots = [Slot(i) for i in range(model["max_seqs"])]
-        self.sched = Scheduler(len(self.slots), inf["reserved"], inf["queue_max"], inf["fair_share"])
+        self.sched = Scheduler(len(self.slots), inf["reserved"], inf["queue_max"], inf["fair_share"],
+                               inf["tenant_headroom"])
         self.steps = 0  # decode steps taken (shared_decode turns)
         self.shared = [engine.tokenize(p) for p in inf["shared_prefixes"]]
         self.stats = {k: 0 for k in STATS}

@@ -66,6 +66,9 @@ def test_classes_deadlines_and_what_shed_requests_get(daemon_factory, demo_model
     r = ask(d, STD, "Book a flight from New York to Florida.", path="/v1/completions")
     assert r.status == 200 and r.headers["x-tidegate-cache"] == "fallback" and r.json()["choices"][0]["text"] == BUSY
     assert ask(d, STD, "Anything").status == 503  # standard: reject
+    r = request(d.port, "POST", "/v1/embeddings", json.dumps({"model": "demo", "input": "hi"}).encode(),
+                headers={"Authorization": f"Bearer {BG}"})
+    assert r.status == 503 and r.json()["error"]["code"] == "shed"  # embeddings: shed, nothing cached to give
     r = ask(d, VIP, "Anything")  # tenant vip is critical: never shed
     assert r.status == 200 and "x-tidegate-shed" not in r.headers
     r = ask(d, BG, "Anything", model="demo-critical")  # the model's class wins over the key's
@@ -75,6 +78,7 @@ def test_classes_deadlines_and_what_shed_requests_get(daemon_factory, demo_model
     assert metric(d, "tidegate_shed_background_fallback_total") == 2
     assert metric(d, "tidegate_semantic_approximate_total") == 1
     assert metric(d, "tidegate_shed_standard_rejected_total") == 1
+    assert metric(d, "tidegate_shed_background_rejected_total") == 1
 
 
 def test_box_level_overload_closes_keepalives_sheds_and_stops_accepting(daemon_factory, demo_model):
@@ -107,3 +111,77 @@ def test_box_level_overload_closes_keepalives_sheds_and_stops_accepting(daemon_f
             got = None
     assert got is None  # ...but no worker accepts it while the action is on
     assert "box-level overload" in e.logs()
+
+
+def test_a_shed_reject_class_is_refused_before_its_large_body(daemon_factory, demo_model):
+    d = daemon_factory(auth={"keys": KEYS}, cache={"semantic_enabled": False},
+                       inference={"enabled": True, "models": [{"name": "demo", "path": demo_model, "n_ctx": 256}]})
+    for cls in ("standard", "background"):
+        assert d.admin("shed", "on", cls).returncode == 0
+    head = ("POST /v1/chat/completions HTTP/1.1\r\nHost: t\r\nContent-Type: application/json\r\n"
+            "Authorization: Bearer {key}\r\nContent-Length: 500000\r\n\r\n")
+    with socket.create_connection(("127.0.0.1", d.port), timeout=3) as s:  # standard: reject
+        s.sendall(head.format(key=STD).encode())  # and not one byte of the body
+        got = b""
+        while b"\r\n\r\n" not in got:
+            chunk = s.recv(4096)
+            if not chunk:
+                break
+            got += chunk
+        assert got.startswith(b"HTTP/1.1 503") and b"x-tidegate-shed: standard" in got and b"retry-after" in got
+    with socket.create_connection(("127.0.0.1", d.port), timeout=0.7) as s:  # background: cached, so it
+        s.sendall(head.format(key=BG).encode())  # needs the body (its cached answer is keyed by it)
+        try:
+            got = s.recv(4096)
+        except socket.timeout:
+            got = None
+        assert got is None
+    small = ask(d, STD, "a small body")  # under early_bytes: refused after reading, the same way
+    assert small.status == 503 and small.json()["error"]["code"] == "shed"
+
+
+def test_prediction_fallbacks_and_the_model_worker_drops_what_waited_too_long(daemon_factory, tmp_path):
+    import os
+    import signal
+    import tomllib
+
+    from tidegate.core.predict import demo
+    path = demo.build(str(tmp_path / "demo"), users=50, merchants=10)
+    with open(path, "rb") as f:
+        sections = tomllib.load(f)
+    for k in ("bind", "data_dir", "run_dir"):
+        sections["server"].pop(k)
+    rec = next(m for m in sections["predict"]["models"] if m["name"] == "recommend")
+    rec["static"] = {"scores": [0.1] * 10}
+    d = daemon_factory(auth={"keys": KEYS}, **{k: v for k, v in sections.items() if k != "server"})
+    headers = {"Authorization": f"Bearer {BG}", "Content-Type": "application/json"}
+
+    def recommend(user, timeout=10):
+        return request(d.port, "POST", "/v1/predict/recommend", json.dumps({"entities": {"user": user}}).encode(),
+                       headers=headers, timeout=timeout)
+    assert recommend("u1").status == 200
+    pid = next(w["pid"] for w in d.admin_json("workers")["body"] if w["slot"] == "models")
+    os.kill(pid, signal.SIGSTOP)  # scoring hangs past predict.worker_timeout (1 s)
+    try:
+        answers = []
+        threads = [threading.Thread(target=lambda u=u: answers.append(recommend(u))) for u in ("u2", "u3", "u4")]
+        for t in threads:
+            t.start()
+        for t in threads:
+            t.join()
+        # never served: the static answer, marked as such
+        assert all(r.status == 200 and r.json()["fallback"] == "static" and r.json()["scores"] == [0.1] * 10
+                   for r in answers), [r.body for r in answers]
+        r = recommend("u1")
+        assert r.status == 200 and r.json()["fallback"] == "last_served"
+        before = metric(d, "tidegate_model_batches_total")
+    finally:
+        os.kill(pid, signal.SIGCONT)
+    deadline = time.time() + 5  # the batches it finds on waking were sent > 1 s ago: dropped, not scored
+    while time.time() < deadline and metric(d, "tidegate_model_expired_total") < 1:
+        time.sleep(0.2)
+    assert metric(d, "tidegate_model_expired_total") >= 1
+    assert metric(d, "tidegate_model_batches_total") == before
+    assert d.admin("shed", "on", "background").returncode == 0
+    r = recommend("u9")  # shed, never served: the static answer again, marked shed
+    assert r.status == 200 and r.headers["x-tidegate-shed"] == "background" and r.json()["fallback"] == "static"

@@ -201,7 +201,8 @@ class IngressWorker:
                     fut.set_exception(ModelError([504, f"the model worker did not score {name!r} within "
                                                   f"{timeout}s (predict.worker_timeout)", "model_timeout", None]))
             try:
-                rid = client.submit(protocol.SCORE, {"model": name, "rows": X.tolist(), "cls": cls}, on_event)
+                rid = client.submit(protocol.SCORE, {"model": name, "rows": X.tolist(), "cls": cls,
+                                                          "t": time.monotonic()}, on_event)
             except Unavailable as e:
                 breaker.record(False)
                 raise ModelError([503, str(e), "worker_unavailable", None]) from None

@@ -250,7 +250,12 @@ class OpenAIRoutes:
         fmt = body.get("encoding_format", "float")
         if fmt not in ("float", "base64"):
             raise _bad("'encoding_format' must be float or base64", "encoding_format")
-        reservation = await self._reserve(caller(req), sum(len(s) for s in inp) // 3)
+        ident = caller(req)
+        cls = self.classes.of(req.path, ident.klass, self.models[model].get("class"))
+        retry = self.shedder.check(cls, f"inference:{model}") if self.shedder is not None else None
+        if retry is not None:  # no cached embeddings: a shed request of any policy gets the 503
+            raise self.shedder.reject(cls, retry, f"model {model!r}")
+        reservation = await self._reserve(ident, sum(len(s) for s in inp) // 3)
         fut = asyncio.get_running_loop().create_future()
 
         def on_event(kind, payload):
