@@ -304,9 +304,10 @@ SCHEMA: dict[str, dict[str, Key]] = {
         "reserved": Key(dict, {"critical": 1}, "sequence slots only a class (or one above it) may take", _class_counts),
         "fair_share": Key(bool, True, "tenants of one class share it by tokens served (virtual token counters); "
                           "false: arrival order"),
-        "tenant_headroom": Key(float, 0.0, "fair shares: the last slot a class may use is kept free while another "
-                               "tenant of the class seen within this many seconds runs nothing, so its next request "
-                               "starts at once (0 = off: work-conserving)", non_negative),
+        "fair_decode": Key(int, 0, "while sequences of more than one tenant of a class run, each of those tenants "
+                           "decodes at most this many of its sequences per step (they take turns): a tenant's "
+                           "tokens do not slow with another tenant's concurrency; 0 = off (a step serves every "
+                           "sequence; best where a step costs the same for 1 or 8, as on a GPU)", non_negative),
         "shared_decode": Key(int, 2, "while sequences of a higher class run, sequences of lower classes decoded in one "
                              "step (they take turns)", positive),
         "shared_prefill": Key(int, 32, "while sequences of a higher class run, prompt tokens of lower classes one decode "
@@ -421,9 +422,9 @@ SCHEMA: dict[str, dict[str, Key]] = {
         "delay_target": Key(float, 0.005, "CoDel: queueing delay a class may have...", positive),
         "delay_interval": Key(float, 0.1, "...for this long before it counts as overloaded (s)", positive),
         "pressure_interval": Key(float, 0.005, "how often a busy downstream publishes its pressure (s)", positive),
-        "loop_lag": Key(float, 0.002, "an ingress worker whose event loop ran late by more than this (s)...",
+        "loop_lag": Key(float, 0.005, "an ingress worker whose event loop ran late by more than this (s)...",
                         non_negative),
-        "loop_lag_share": Key(float, 0.05, "...in more than this share of the last second's samples sheds background "
+        "loop_lag_share": Key(float, 0.1, "...in more than this share of the last second's samples sheds background "
                               "at its door (0 loop_lag = never)", lambda v: None if 0 < v < 1 else "must be in (0, 1)"),
         "early_bytes": Key(int, 65536, "a request with a body at least this large is checked for shedding before "
                            "the body is read (classes whose policy is reject: refused at once, connection closed)",

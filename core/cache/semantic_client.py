@@ -5,7 +5,9 @@ Namespace = tenant × model × route × system prompt × conversation so far (ev
 last user message) × the parameters that shape the answer (max_tokens, stop, sampling), hashed: a hit never crosses tenants, and a multi-turn answer is only reused
 in the same conversation context. The text embedded is the last user message (the prompt, for
 /v1/completions). A lookup that takes longer than `semantic_timeout` counts as a miss: the cache
-must never be slower than it is worth.
+must never be slower than it is worth. A circuit breaker (`[breakers]`) keeps the count: once
+lookups keep timing out or failing, they are skipped (a miss at once, counted in
+`semantic_skipped`) until trial lookups come back in time.
 """
 from __future__ import annotations
 
@@ -14,8 +16,9 @@ import hashlib
 
 import orjson
 
+from tidegate.core.base.breaker import Breaker
 from tidegate.core.cache.exact import OUTPUT_FIELDS
-from tidegate.core.messaging.protocol import HIT, INSERT, LOOKUP
+from tidegate.core.messaging.protocol import HIT, INSERT, LOOKUP, MISS
 
 
 class SemanticClient:
@@ -26,7 +29,8 @@ class SemanticClient:
                         "max_entries": c["semantic_max_entries"]}
         self.tenants = {o["tenant"]: {**self.default, **o} for o in c["semantic_tenants"]}
         self.min_overlap, self.timeout = c["semantic_min_overlap"], c["semantic_timeout"]
-        self.stats = {"semantic_timeouts": 0}
+        self.breaker = Breaker.from_config(cfg["breakers"], slow_call=self.timeout)
+        self.stats = {"semantic_timeouts": 0, "semantic_skipped": 0}
 
     def policy(self, tenant: str) -> dict:
         return self.tenants.get(tenant, self.default)
@@ -51,19 +55,30 @@ class SemanticClient:
     async def lookup(self, ns: str, text: str, threshold: float, approximate: bool = False):
         """The cached entry, or None (a miss, an unavailable embedder or a slow one). approximate:
         the nearest entry at threshold or more, unverified (a shed request's approximation)."""
+        if not self.breaker.allow():
+            self.stats["semantic_skipped"] += 1
+            return None
         loop = asyncio.get_running_loop()
         fut = loop.create_future()
+        t0 = loop.time()
 
         def on_event(kind, payload):
             if not fut.done():
+                self.breaker.record(kind in (HIT, MISS), loop.time() - t0)
                 fut.set_result(payload["entry"] if kind == HIT else None)
         try:
             rid = self.client.submit(LOOKUP, {"ns": ns, "text": text, "threshold": threshold,
                                                 "min_overlap": self.min_overlap, "approximate": approximate},
                                      on_event)
         except Exception:
+            self.breaker.record(False)
             return None
-        timer = loop.call_later(self.timeout, lambda: fut.done() or fut.set_result(None))
+
+        def late():
+            if not fut.done():
+                self.breaker.record(False)
+                fut.set_result(None)
+        timer = loop.call_later(self.timeout, late)
         entry = await fut
         timer.cancel()
         if entry is None and rid in self.client.handlers:

@@ -73,7 +73,10 @@ class SemanticStore:
         # every namespace costs an index: bounded in all and per tenant, least recently used dropped first
         self.max_namespaces, self.max_per_tenant = max_namespaces, max_namespaces_per_tenant
         self.used: OrderedDict[str, str] = OrderedDict()  # namespace -> its tenant, least recently used first
-        self.env = lmdb.open(os.path.join(root, "payloads"), map_size=max_bytes, subdir=True, max_dbs=1)
+        # a cache: no fsync per insert (they would stall every durable store's fsync on the disk);
+        # save() syncs with the index files, and a crash only loses the entries since then
+        self.env = lmdb.open(os.path.join(root, "payloads"), map_size=max_bytes, subdir=True, max_dbs=1,
+                             sync=False)
         self.spaces: dict[str, Namespace] = {}
         # id -> (ns, tenant, text, expires); the answer itself stays in LMDB (read on a hit)
         self.meta: dict[int, tuple] = {}

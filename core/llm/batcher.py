@@ -68,8 +68,7 @@ class Batcher:
         self.tick = tick or (lambda: None)  # called between the inputs of a long embeddings request
         self.block = inf["prefix_block"]
         self.slots = [Slot(i) for i in range(model["max_seqs"])]
-        self.sched = Scheduler(len(self.slots), inf["reserved"], inf["queue_max"], inf["fair_share"],
-                               inf["tenant_headroom"])
+        self.sched = Scheduler(len(self.slots), inf["reserved"], inf["queue_max"], inf["fair_share"])
         self.steps = 0  # decode steps taken (shared_decode turns)
         self.shared = [engine.tokenize(p) for p in inf["shared_prefixes"]]
         self.stats = {k: 0 for k in STATS}
@@ -250,6 +249,19 @@ class Batcher:
         self.to_save.clear()
 
     # ---- one decode step ----------------------------------------------------------------------
+    def _tenant_turns(self, running: list) -> dict | None:
+        """fair_decode: (class, tenant) -> sequences it may decode this step, for each class with
+        more than one tenant running (each tenant gets the same share of a step, however many
+        sequences it runs; theirs take turns). None when off or nobody shares."""
+        k = self.inf["fair_decode"]
+        if not k or not self.sched.fair:
+            return None
+        tenants: dict = {}
+        for s in running:
+            tenants.setdefault(s.cls, set()).add(s.tenant)
+        turns = {(c, t): k for c, ts in tenants.items() if len(ts) > 1 for t in ts}
+        return turns or None
+
     def step(self) -> None:
         for slot in self.slots:
             seq = slot.seq
@@ -266,9 +278,16 @@ class Batcher:
         top = min(RANK[s.cls] for s in running)
         below = any(RANK[s.cls] > top for s in running)
         others = self.inf["shared_decode"] if below else len(running)
+        per_tenant = self._tenant_turns(running)
         for seq in sorted(running, key=lambda s: (RANK[s.cls] > top, s.last_step)):
             seq.logit_index = -1
             if not seq.pending:
+                if per_tenant is not None:
+                    key = (seq.cls, seq.tenant)
+                    if per_tenant.get(key, 1) <= 0:
+                        continue
+                    if key in per_tenant:
+                        per_tenant[key] -= 1
                 if RANK[seq.cls] > top:
                     if others <= 0:
                         continue

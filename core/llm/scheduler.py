@@ -12,14 +12,8 @@ Language Models" (OSDI'24): each tenant's counter grows with the tokens it is se
 tokens x1, generated tokens x2, charged by the batcher as they happen), the next request comes
 from the waiting tenant with the lowest counter, and a tenant that becomes active again starts
 no lower than the lowest active counter (no banked credit). So a tenant flooding its class gets
-the share left over by the others, not the whole class.
-
-Counters decide who goes next, but a newcomer still waits for a slot to free if one tenant holds
-them all. So with `headroom` (seconds, 0 = off) the last slot a class may use is not given to a
-tenant while another tenant of the class, seen within that long, runs nothing: a light tenant's
-next request starts at once instead of after a heavy tenant's generation (at the cost of that
-slot idling between the light tenant's requests). Pure logic: the inference worker owns one and
-calls it between decode steps.
+the share left over by the others, not the whole class. Pure logic: the inference worker owns
+one and calls it between decode steps.
 """
 from __future__ import annotations
 
@@ -34,10 +28,8 @@ class QueueFull(Exception):
 
 
 class Scheduler:
-    def __init__(self, n_slots: int, reserved: dict, queue_max: dict, fair: bool = True, headroom: float = 0.0):
+    def __init__(self, n_slots: int, reserved: dict, queue_max: dict, fair: bool = True):
         self.n_slots, self.fair = n_slots, fair  # fair False: one FIFO per class (arrival order)
-        self.headroom = headroom if fair else 0.0
-        self.seen: dict[str, dict[str, float]] = {c: {} for c in CLASSES}  # tenant -> its last request's arrival
         # never reserve more than there is, and leave at least one slot anyone can use
         self.reserved = {c: min(reserved.get(c, 0), n_slots) for c in CLASSES}
         self.queue_max = {c: queue_max.get(c, 256) for c in CLASSES}
@@ -60,12 +52,6 @@ class Scheduler:
             self.counters[cls][t] = max(self.counters[cls].get(t, 0.0), min(live) if live else 0.0)
         qs.setdefault(t, deque()).append(item)
         self.depth[cls] += 1
-        if self.headroom:
-            seen = self.seen[cls]
-            seen[t] = item.started
-            if len(seen) > 10000:  # bounded memory: tenants idle past the headroom are forgotten
-                for x in [x for x, when in seen.items() if when < item.started - self.headroom]:
-                    del seen[x]
 
     def _tenant(self, item) -> str:
         return getattr(item, "tenant", "") if self.fair else ""
@@ -78,23 +64,9 @@ class Scheduler:
         c[tenant] = c.get(tenant, 0.0) + PROMPT_WEIGHT * prompt_tokens + OUTPUT_WEIGHT * output_tokens
 
     def can_take(self, cls: str) -> bool:
-        return self._room(cls) > 0
-
-    def _room(self, cls: str) -> int:
         free = self.n_slots - sum(self.running.values())
         held_for_others = sum(max(0, self.reserved[c] - self.running[c]) for c in CLASSES if c != cls)
-        return free - held_for_others
-
-    def _kept_for_neighbour(self, cls: str, now: float) -> bool:
-        """headroom, the class's last slot, every queued tenant already running: is there a tenant
-        seen lately that runs nothing (so the slot waits for it)?"""
-        seen, active, since = self.seen[cls], self.active[cls], now - self.headroom
-        for x, t in list(seen.items()):
-            if t < since:
-                del seen[x]  # idle too long: it no longer holds a slot back
-            elif not active.get(x) and x not in self.queues[cls]:
-                return True
-        return False
+        return free - held_for_others > 0
 
     def admit(self, now: float) -> tuple[list, list]:
         """(admitted, expired): items to start now, in priority order (the least-served tenant's
@@ -111,14 +83,7 @@ class Scheduler:
                     del qs[t]
             counters = self.counters[cls]
             while qs and self.can_take(cls):
-                pick = qs
-                if self.headroom and self._room(cls) == 1:  # the last slot: tenants running nothing first
-                    idle = [x for x in qs if not self.active[cls].get(x)]
-                    if idle:
-                        pick = idle
-                    elif self._kept_for_neighbour(cls, now):
-                        break
-                t = min(pick, key=lambda x: counters.get(x, 0.0)) if len(pick) > 1 else next(iter(pick))
+                t = min(qs, key=lambda x: counters.get(x, 0.0)) if len(qs) > 1 else next(iter(qs))
                 q = qs[t]
                 admitted.append(q.popleft())
                 self.depth[cls] -= 1

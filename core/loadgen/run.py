@@ -10,6 +10,7 @@ HDR histograms per class and second (core/loadgen/report.py).
 from __future__ import annotations
 
 import asyncio
+import gc
 import random
 import sys
 import time
@@ -130,6 +131,8 @@ async def run(sc: Scenario, progress: bool = True, seed: int = 1, watch=None) ->
     pool = Pool(sc.host, sc.port, sc.connections)
     rec = Recorder(sc)
     tokens = {id(s): await _sessions(sc, pool, s) for s in sc.streams if s.sessions}
+    gc.collect()
+    gc.freeze()  # the instrument's own pauses would read as server latency
     clock = time.perf_counter  # not loop.time(): uvloop's clock ticks in whole milliseconds
     start = clock()
     tasks: set = set()

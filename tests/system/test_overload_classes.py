@@ -185,3 +185,37 @@ def test_prediction_fallbacks_and_the_model_worker_drops_what_waited_too_long(da
     assert d.admin("shed", "on", "background").returncode == 0
     r = recommend("u9")  # shed, never served: the static answer again, marked shed
     assert r.status == 200 and r.headers["x-tidegate-shed"] == "background" and r.json()["fallback"] == "static"
+
+
+def test_a_stuck_embedder_opens_its_breaker_and_lookups_are_skipped(daemon_factory, demo_model):
+    import os
+    import signal
+    d = daemon_factory(auth={"keys": KEYS}, cache={"semantic_timeout": 0.2, "exact_enabled": False},
+                       breakers={"min_calls": 3, "open_for": 0.5, "trial_calls": 1},
+                       inference={"enabled": True, "models": [{"name": "demo", "path": demo_model, "n_ctx": 256}]})
+    assert ask(d, STD, "warm up").status == 200
+    pid = next(w["pid"] for w in d.admin_json("workers")["body"] if w["slot"] == "embedder")
+    os.kill(pid, signal.SIGSTOP)
+    try:
+        times = []
+        for i in range(8):  # answered by the model either way; the first ones wait out the lookup
+            t0 = time.monotonic()
+            assert ask(d, STD, f"question {i}").status == 200
+            times.append(time.monotonic() - t0)
+        # the first lookups wait out semantic_timeout; once the window holds enough failures
+        # (min_calls 3, the warm-up's success among them) the breaker skips the lookup
+        assert times[0] >= 0.2 and max(times[-3:]) < 0.2, times
+        time.sleep(1.5)
+        assert metric(d, "tidegate_semantic_skipped_total") >= 1
+        b = next(iter(d.admin_json("breakers")["body"].values()))["embedder"]
+        assert b["opened"] >= 1
+    finally:
+        os.kill(pid, signal.SIGCONT)
+    deadline = time.monotonic() + 10
+    while time.monotonic() < deadline:  # a trial lookup that comes back in time closes it
+        ask(d, STD, "back?")
+        time.sleep(0.6)
+        b = next(iter(d.admin_json("breakers")["body"].values()))["embedder"]
+        if b["state"] == "closed":
+            break
+    assert b["state"] == "closed"

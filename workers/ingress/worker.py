@@ -9,6 +9,7 @@ supervisor decides). Exit codes: 0 clean, 3 failed to boot (the supervisor then 
 from __future__ import annotations
 
 import asyncio
+import gc
 import glob
 import os
 import signal
@@ -135,6 +136,7 @@ class IngressWorker:
                 self.embedder = WorkerClient(self.zmq, endpoints.worker(cfg, "embedder", "", self.spec["gen"]),
                                              self.loop, limit)
                 self.semantic = SemanticClient(cfg, self.embedder)
+                self.breakers["embedder"] = self.semantic.breaker
             for m in models:
                 self.breakers[f"inference:{m['name']}"] = Breaker.from_config(cfg["breakers"], slow_call=1e9)
             routes.append(OpenAIRoutes(cfg, models, self.infer, self.ratelimit, self.exact, self.semantic,
@@ -431,6 +433,8 @@ class IngressWorker:
             self._spawn_periodic(lambda: self.events and self.events.retain(), 5.0)
             self._spawn_periodic(lambda: self.events and self.events.probe(), 1.0)
         self.booted = True
+        gc.collect()
+        gc.freeze()  # what boot built lives as long as the worker: full collections need not scan it
         log.info("worker ready", slot=self.slot, gen=self.spec["gen"])
         self.periodic.append(asyncio.ensure_future(self._rehome_sessions()))
 

@@ -96,3 +96,34 @@ def test_a_request_queued_past_its_class_deadline_is_dropped_before_compute(tmp_
     assert errors[late][0] == 504 and errors[late][2] == "deadline_exceeded"
     assert patient not in errors and w.sched.queued()["standard"] == 1  # its class allows 10 s
     assert w.stats["llm_expired"] == 1
+
+
+def test_fair_decode_gives_each_tenant_the_same_share_of_a_step(tmp_path, demo_model):
+    """fair_decode 1: while two tenants of a class run, each decodes one sequence per step (a
+    tenant with three takes turns among them), and every text is what it is alone."""
+    w = batcher(tmp_path, demo_model, fair_decode=1, reserved={})
+    alone = {i: generate(w, f"Tell me about item {i}", tenant=f"solo-{i}", n=24)["text"] for i in range(4)}
+    per_step = []
+    decode = w.engine.decode
+
+    def spy(items):
+        owner = {s.idx: s.seq.tenant for s in w.slots if s.seq is not None}
+        counts: dict = {}
+        for _, _, slot, logits in items:
+            if logits:
+                counts[owner[slot]] = counts.get(owner[slot], 0) + 1
+        if all(logits for *_, logits in items):  # decode steps only (a prompt's last token samples too)
+            per_step.append(counts)
+        return decode(items)
+    w.engine.decode = spy
+    rids = {submit(w, f"Tell me about item {i}", "heavy" if i < 3 else "light", 24, cls="background"): i
+            for i in range(4)}
+    got = {}
+    while len(got) < 4:
+        turn(w)
+        for kind, rid, payload in w.events.pop(b"peer", []):
+            got[rid] = payload["text"]
+    shared = [c for c in per_step if len(c) == 2]
+    assert len(shared) >= 10 and all(c["heavy"] <= 1 and c["light"] <= 1 for c in shared), per_step
+    for rid, i in rids.items():
+        assert got[rid] == alone[i]

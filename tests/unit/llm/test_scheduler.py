@@ -91,34 +91,3 @@ def test_fair_shares_keep_deadlines_and_cancel():
     assert names(s.remove(lambda r: r.name == "a-ok")) == ["a-ok"]
     admitted, expired = s.admit(now=10)
     assert names(expired) == ["a-late"] and names(admitted) == ["b-ok"] and s.queued()["standard"] == 0
-
-
-def test_headroom_keeps_the_last_slot_for_a_tenant_seen_lately():
-    """tenant_headroom: a heavy tenant may not take the class's last slot while a light tenant
-    seen within the headroom runs nothing; once the light one is idle longer, it may."""
-    s = Scheduler(3, {}, {"background": 1000}, headroom=5.0)
-    light = TReq("light0", "light")
-    light.started = 0.0
-    s.submit(light, "background")
-    (item,), _ = s.admit(now=0.0)
-    s.finished("background", "light")  # the light tenant's request came and went
-    for i in range(10):
-        r = TReq(f"heavy{i}", "heavy")
-        r.started = 1.0
-        s.submit(r, "background")
-    admitted, _ = s.admit(now=1.0)
-    assert names(admitted) == ["heavy0", "heavy1"]  # the third slot waits for the light tenant
-    nxt = TReq("light1", "light")
-    nxt.started = 1.5
-    s.submit(nxt, "background")
-    admitted, _ = s.admit(now=1.5)
-    assert names(admitted) == ["light1"]  # at once, no generation to wait for
-    s.finished("background", "light")
-    admitted, _ = s.admit(now=10.0)  # light idle for more than 5 s: the slot is anyone's again
-    assert names(admitted) == ["heavy2"]
-    off = Scheduler(3, {}, {"background": 1000})  # headroom 0: work-conserving
-    for i in range(3):
-        r = TReq(f"h{i}", "heavy")
-        r.started = 0.0
-        off.submit(r, "background")
-    assert len(off.admit(now=0.0)[0]) == 3
