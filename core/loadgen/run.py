@@ -164,7 +164,9 @@ async def run(sc: Scenario, progress: bool = True, seed: int = 1, watch=None) ->
         rec.record(s, due - start, clock() - due, kind, ans.headers.get("x-tidegate-cache"))
 
     async def drive(s) -> None:
-        t = 0.0
+        # a random phase per stream: constant rates that divide each other (1/s and 10/s) would
+        # otherwise send every request of the slower stream at the same instant as one of the other
+        t = rng.random() / s.rate if s.rate > 0 else 0.0
         while True:
             rate = s.rate * (sc.multiplier(t) if s.follows else 1.0)
             if rate <= 0:

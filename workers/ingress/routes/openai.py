@@ -20,12 +20,12 @@ import time
 
 import numpy as np
 
-from tidegate.core.overload.classes import Classes
 from tidegate.core.cache.exact import cache_key, reproducible
 from tidegate.core.http.http11 import HttpError, json_response, service_unavailable
 from tidegate.core.http.jsonbody import parse_json
 from tidegate.core.messaging import protocol
 from tidegate.core.messaging.worker_client import Unavailable
+from tidegate.core.overload.classes import Classes
 from tidegate.core.state.ratelimit import Refusal
 from tidegate.workers.ingress.guard import caller, refusal_error
 from tidegate.workers.ingress.routes.replies import Generation

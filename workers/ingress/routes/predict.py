@@ -17,12 +17,12 @@ from __future__ import annotations
 import asyncio
 import math
 
-from tidegate.core.overload.classes import Classes
 from tidegate.core.features.hydrate import Instance
 from tidegate.core.http.http11 import HttpError, json_response
 from tidegate.core.http.jsonbody import parse_json
 from tidegate.core.http.router import path_params
 from tidegate.core.messaging.protocol import http_error
+from tidegate.core.overload.classes import Classes
 from tidegate.workers.ingress.guard import caller
 
 MAX_ID_CHARS = 256
