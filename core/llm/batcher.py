@@ -229,7 +229,9 @@ class Batcher:
         seq.sampler = make_sampler(eng.n_vocab, p.get("temperature", 1.0), p.get("top_p", 1.0), p.get("top_k", 0),
                                    p.get("min_p", 0.0), p.get("seed") if p.get("seed") is not None else
                                    int.from_bytes(os.urandom(4), "little"),
-                                   {int(k): v for k, v in (p.get("logit_bias") or {}).items()})
+                                   {int(k): v for k, v in (p.get("logit_bias") or {}).items()},
+                                   p.get("presence_penalty", 0.0), p.get("frequency_penalty", 0.0),
+                                   p.get("repeat_penalty", 1.0))
 
     def save_prefixes(self) -> None:
         """Keep prompts that just went into the KV in RAM (and on disk) when that adds enough new

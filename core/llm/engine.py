@@ -157,10 +157,18 @@ class Engine:
         return (v / norm).tolist()
 
 
+PENALTY_LAST_N = 256  # generated tokens the penalties look back over
+
+
 def make_sampler(n_vocab: int, temperature: float, top_p: float, top_k: int, min_p: float, seed: int,
-                 logit_bias: dict[int, float] | None = None):
-    """A llama.cpp sampler chain for one sequence (free with free_sampler)."""
+                 logit_bias: dict[int, float] | None = None, presence: float = 0.0, frequency: float = 0.0,
+                 repeat: float = 1.0):
+    """A llama.cpp sampler chain for one sequence (free with free_sampler). presence/frequency:
+    OpenAI's penalties; repeat: llama.cpp's multiplicative one (1 = off)."""
     chain = L.llama_sampler_chain_init(L.llama_sampler_chain_default_params())
+    if presence or frequency or repeat != 1.0:
+        L.llama_sampler_chain_add(chain, L.llama_sampler_init_penalties(n_vocab, PENALTY_LAST_N, repeat, frequency,
+                                                                          presence))
     if logit_bias:
         arr = (L.llama_logit_bias * len(logit_bias))()
         for i, (tok, bias) in enumerate(logit_bias.items()):

@@ -1,6 +1,6 @@
 """The OpenAI-compatible routes of an ingress worker.
 
-    GET  /v1/models             POST /v1/chat/completions
+    GET  /v1/models             GET  /v1/models/{id}         POST /v1/chat/completions
     POST /v1/completions        POST /v1/embeddings
 
 The ingress worker validates the request (every bad parameter is a 400 naming it), then hands
@@ -23,6 +23,7 @@ import numpy as np
 from tidegate.core.cache.exact import cache_key, reproducible
 from tidegate.core.http.http11 import HttpError, json_response, service_unavailable
 from tidegate.core.http.jsonbody import parse_json
+from tidegate.core.http.router import path_params
 from tidegate.core.messaging import protocol
 from tidegate.core.messaging.worker_client import Unavailable
 from tidegate.core.overload.classes import Classes
@@ -31,6 +32,16 @@ from tidegate.workers.ingress.guard import caller, refusal_error
 from tidegate.workers.ingress.routes.replies import Generation
 
 ROLES = ("system", "developer", "user", "assistant", "tool")
+# what each route honours; anything else is a 400 naming it (never silently dropped)
+SAMPLING = {"model", "max_tokens", "temperature", "top_p", "top_k", "min_p", "seed", "stop", "logit_bias", "stream",
+            "stream_options", "n", "presence_penalty", "frequency_penalty", "repeat_penalty", "user"}
+CHAT_FIELDS = SAMPLING | {"messages", "max_completion_tokens"}
+COMPLETION_FIELDS = SAMPLING | {"prompt", "echo", "best_of", "suffix"}
+EMBEDDING_FIELDS = {"model", "input", "encoding_format", "user"}
+# OpenAI parameters this server knows and does not implement (yet): refused as unsupported
+UNSUPPORTED = {"tools", "tool_choice", "parallel_tool_calls", "functions", "function_call", "response_format",
+               "logprobs", "top_logprobs", "audio", "modalities", "prediction", "web_search_options",
+               "reasoning_effort", "store", "metadata", "service_tier", "dimensions"}
 DEMO_NOTE = "demo model: tiny, random weights, real Llama-2 tokenizer; its text is gibberish"
 
 
@@ -70,20 +81,39 @@ class OpenAIRoutes:
 
     def add_to(self, router, guard) -> None:
         router.add("GET", "/v1/models", guard(self.list_models))
+        one = guard(self.get_model)
+        router.add("GET", "/v1/models/{model}", lambda req, **_: one(req))
         router.add("POST", "/v1/chat/completions", guard(self.chat))
         router.add("POST", "/v1/completions", guard(self.completions))
         router.add("POST", "/v1/embeddings", guard(self.embeddings))
 
     # ---- /v1/models ---------------------------------------------------------------------------
+    def _model_object(self, name: str) -> dict:
+        m = self.models[name]
+        item = {"id": name, "object": "model", "created": self.created,
+                "owned_by": "tidegate" if m["path"] else "tidegate-demo"}
+        if not m["path"]:
+            item["description"] = DEMO_NOTE
+        return item
+
     def list_models(self, req):
-        data = []
-        for name, m in self.models.items():
-            item = {"id": name, "object": "model", "created": self.created,
-                    "owned_by": "tidegate" if m["path"] else "tidegate-demo"}
-            if not m["path"]:
-                item["description"] = DEMO_NOTE
-            data.append(item)
-        return json_response({"object": "list", "data": data})
+        return json_response({"object": "list", "data": [self._model_object(name) for name in self.models]})
+
+    def get_model(self, req):
+        name = path_params(req, 3)[0]
+        if name not in self.models:
+            raise HttpError(404, f"The model '{name}' does not exist (available: {', '.join(self.models)})",
+                            "model_not_found", param="model")
+        return json_response(self._model_object(name))
+
+    @staticmethod
+    def _known(body: dict, allowed: set) -> None:
+        """A 400 naming the first parameter this route does not honour."""
+        for k in body:
+            if k not in allowed:
+                if k in UNSUPPORTED:
+                    raise _bad(f"'{k}' is not supported by this server", k, "unsupported_parameter")
+                raise _bad(f"Unrecognized request argument supplied: {k}", k, "unknown_parameter")
 
     # ---- validation ---------------------------------------------------------------------------
     def _model(self, body: dict) -> str:
@@ -103,12 +133,23 @@ class OpenAIRoutes:
              "top_p": _number(body, "top_p", 0.0, 1.0, 1.0),
              "top_k": _int(body, "top_k", 0, 1 << 20, 0),
              "min_p": _number(body, "min_p", 0.0, 1.0, 0.0),
-             "seed": _int(body, "seed", -(1 << 63), (1 << 64) - 1, None)}
+             "seed": _int(body, "seed", -(1 << 63), (1 << 64) - 1, None),
+             # llama.cpp's penalties sampler, over the tokens generated so far
+             "presence_penalty": _number(body, "presence_penalty", -2.0, 2.0, 0.0),
+             "frequency_penalty": _number(body, "frequency_penalty", -2.0, 2.0, 0.0),
+             "repeat_penalty": _number(body, "repeat_penalty", 0.0, 10.0, 1.0)}
         if p["top_p"] == 0.0:
             raise _bad("'top_p' must be greater than 0", "top_p")
-        for name in ("presence_penalty", "frequency_penalty"):
-            if _number(body, name, -2.0, 2.0, 0.0) != 0.0:
-                raise _bad(f"'{name}' is not supported by this server (only 0)", name, "unsupported_parameter")
+        if p["repeat_penalty"] == 0.0:
+            raise _bad("'repeat_penalty' must be greater than 0 (1 = off)", "repeat_penalty")
+        if body.get("echo") not in (None, False):
+            raise _bad("'echo' is not supported by this server (only false)", "echo", "unsupported_parameter")
+        if body.get("suffix") is not None:
+            raise _bad("'suffix' is not supported by this server", "suffix", "unsupported_parameter")
+        if _int(body, "best_of", 1, 128, 1) != 1:
+            raise _bad("'best_of' must be 1", "best_of", "unsupported_parameter")
+        if body.get("user") is not None and not isinstance(body["user"], str):
+            raise _bad("'user' must be a string", "user")
         if _int(body, "n", 1, 128, 1) != 1:
             raise _bad("'n' must be 1: one choice per request", "n", "unsupported_parameter")
         stop = body.get("stop")
@@ -169,12 +210,14 @@ class OpenAIRoutes:
     # ---- generation ---------------------------------------------------------------------------
     async def chat(self, req):
         body = self._body(req)
+        self._known(body, CHAT_FIELDS)
         model = self._model(body)
         msgs = self._messages(body)
         return await self._generate(req, body, model, {"messages": msgs}, chat=True)
 
     async def completions(self, req):
         body = self._body(req)
+        self._known(body, COMPLETION_FIELDS)
         model = self._model(body)
         prompt = body.get("prompt")
         if isinstance(prompt, list) and len(prompt) == 1:
@@ -240,6 +283,7 @@ class OpenAIRoutes:
 
     async def embeddings(self, req):
         body = self._body(req)
+        self._known(body, EMBEDDING_FIELDS)
         model = self._model(body)
         inp = body.get("input")
         if isinstance(inp, str):
