@@ -23,7 +23,7 @@ import time
 
 from tidegate.core.base.jsonlog import log
 from tidegate.core.llm.chat_template import render_chat
-from tidegate.core.llm.engine import Engine, LlamaError, free_sampler, make_sampler
+from tidegate.core.llm.engine import Engine, LlamaError, free_sampler, grammar_parses, make_sampler
 from tidegate.core.llm.prefix_cache import DiskTier, RamTier, block_names, common_blocks
 from tidegate.core.llm.scheduler import CLASSES, QueueFull, Scheduler
 from tidegate.core.messaging.protocol import DELTA, EMB, END, error_event
@@ -125,6 +125,10 @@ class Batcher:
                                    f"{max_tokens} for the completion). Please reduce the prompt or max_tokens.",
                                    "context_length_exceeded", "messages" if "messages" in body else "prompt")
             max_tokens = n_ctx - len(prompt)  # the default only: shorten it to what fits
+        grammar = body["params"].get("grammar")
+        if grammar is not None and (not isinstance(grammar, str) or not grammar_parses(self.engine.vocab, grammar)):
+            raise RequestError(400, "'response_format' gives a grammar llama.cpp cannot parse", "invalid_parameter",
+                               "response_format")
         bias = body["params"].get("logit_bias") or {}
         if any(not k.isascii() or not k.isdigit() or int(k) >= self.engine.n_vocab for k in bias):
             raise RequestError(400, f"'logit_bias' names a token id outside the vocabulary (0 to "
@@ -231,7 +235,7 @@ class Batcher:
                                    int.from_bytes(os.urandom(4), "little"),
                                    {int(k): v for k, v in (p.get("logit_bias") or {}).items()},
                                    p.get("presence_penalty", 0.0), p.get("frequency_penalty", 0.0),
-                                   p.get("repeat_penalty", 1.0))
+                                   p.get("repeat_penalty", 1.0), p.get("grammar"), eng.vocab)
 
     def save_prefixes(self) -> None:
         """Keep prompts that just went into the KV in RAM (and on disk) when that adds enough new

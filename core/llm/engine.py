@@ -162,10 +162,17 @@ PENALTY_LAST_N = 256  # generated tokens the penalties look back over
 
 def make_sampler(n_vocab: int, temperature: float, top_p: float, top_k: int, min_p: float, seed: int,
                  logit_bias: dict[int, float] | None = None, presence: float = 0.0, frequency: float = 0.0,
-                 repeat: float = 1.0):
+                 repeat: float = 1.0, grammar: str | None = None, vocab=None):
     """A llama.cpp sampler chain for one sequence (free with free_sampler). presence/frequency:
-    OpenAI's penalties; repeat: llama.cpp's multiplicative one (1 = off)."""
+    OpenAI's penalties; repeat: llama.cpp's multiplicative one (1 = off); grammar: GBNF every
+    token must keep the output inside (first in the chain: the others choose among what it allows)."""
     chain = L.llama_sampler_chain_init(L.llama_sampler_chain_default_params())
+    if grammar:
+        g = L.llama_sampler_init_grammar(vocab, grammar.encode(), b"root")
+        if not g:
+            L.llama_sampler_free(chain)
+            raise LlamaError("the grammar does not parse")
+        L.llama_sampler_chain_add(chain, g)
     if presence or frequency or repeat != 1.0:
         L.llama_sampler_chain_add(chain, L.llama_sampler_init_penalties(n_vocab, PENALTY_LAST_N, repeat, frequency,
                                                                           presence))
@@ -186,6 +193,14 @@ def make_sampler(n_vocab: int, temperature: float, top_p: float, top_k: int, min
     L.llama_sampler_chain_add(chain, L.llama_sampler_init_temp(temperature))
     L.llama_sampler_chain_add(chain, L.llama_sampler_init_dist(seed & 0xFFFFFFFF))
     return chain
+
+
+def grammar_parses(vocab, grammar: str) -> bool:
+    g = L.llama_sampler_init_grammar(vocab, grammar.encode(), b"root")
+    if not g:
+        return False
+    L.llama_sampler_free(g)
+    return True
 
 
 def free_sampler(chain) -> None:

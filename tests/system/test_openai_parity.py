@@ -1,5 +1,7 @@
 """OpenAI parity, as applications use the official openai package: /v1/models/{id}, penalties,
-and every parameter the server does not honour refused with a 400 naming it (never dropped)."""
+structured outputs (json_object, json_schema through a grammar: always parses and validates, even
+from the random-weight demo model), and every parameter the server does not honour refused with
+a 400 naming it (never dropped)."""
 import openai
 import pytest
 
@@ -26,7 +28,7 @@ def test_models_retrieve(llm):
 @pytest.mark.parametrize("extra, param, code", [
     ({"tools": [{"type": "function", "function": {"name": "f", "parameters": {"type": "object"}}}],
       "tool_choice": "required"}, ("tools", "tool_choice"), "unsupported_parameter"),
-    ({"response_format": {"type": "json_object"}}, "response_format", "unsupported_parameter"),
+    ({"response_format": {"type": "xml"}}, "response_format", "invalid_parameter"),
     ({"logprobs": True, "top_logprobs": 2}, "logprobs", "unsupported_parameter"),
     ({"n": 2}, "n", "unsupported_parameter"),
     ({"extra_body": {"frobnicate": 1}}, "frobnicate", "unknown_parameter"),
@@ -60,3 +62,33 @@ def test_penalties_change_greedy_text_and_are_bounded(llm):
     with pytest.raises(openai.BadRequestError) as e:
         text(frequency_penalty=3.0)
     assert e.value.param == "frequency_penalty"
+
+
+PERSON = {"type": "object", "additionalProperties": False, "required": ["name", "age", "tags"],
+          "properties": {"name": {"type": "string", "maxLength": 12}, "age": {"type": "integer"},
+                         "tags": {"type": "array", "items": {"enum": ["a", "b", "c"]}, "maxItems": 3}}}
+
+
+def test_json_schema_output_always_parses_and_validates(llm):
+    import json
+
+    import jsonschema
+    c = client(llm)
+    fmt = {"type": "json_schema", "json_schema": {"name": "person", "schema": PERSON, "strict": True}}
+    for i in range(3):  # the random-weight model, constrained: a well-formed object every time
+        r = c.chat.completions.create(model="demo", messages=[{"role": "user", "content": f"Person {i}"}],
+                                      max_tokens=200, temperature=0.8, seed=i, response_format=fmt)
+        assert r.choices[0].finish_reason == "stop", r.choices[0].message.content
+        jsonschema.validate(json.loads(r.choices[0].message.content), PERSON)
+    parts = [ch.choices[0].delta.content or "" for ch in c.chat.completions.create(
+        model="demo", messages=MSG, max_tokens=200, temperature=0, response_format=fmt, stream=True) if ch.choices]
+    jsonschema.validate(json.loads("".join(parts)), PERSON)
+    r = c.chat.completions.create(model="demo", messages=MSG, max_tokens=300, temperature=0,
+                                  response_format={"type": "json_object"})
+    if r.choices[0].finish_reason == "stop":  # else cut by max_tokens, as OpenAI's can be
+        assert isinstance(json.loads(r.choices[0].message.content), dict)
+    with pytest.raises(openai.BadRequestError) as e:
+        c.chat.completions.create(model="demo", messages=MSG, max_tokens=8, response_format={
+            "type": "json_schema", "json_schema": {"name": "n", "schema": {
+                "type": "object", "properties": {"age": {"type": "integer", "minimum": 0}}}}})
+    assert e.value.param == "response_format.json_schema.schema.properties.age.minimum"

@@ -24,6 +24,7 @@ from tidegate.core.cache.exact import cache_key, reproducible
 from tidegate.core.http.http11 import HttpError, json_response, service_unavailable
 from tidegate.core.http.jsonbody import parse_json
 from tidegate.core.http.router import path_params
+from tidegate.core.llm.structured import SchemaError, grammar_for
 from tidegate.core.messaging import protocol
 from tidegate.core.messaging.worker_client import Unavailable
 from tidegate.core.overload.classes import Classes
@@ -35,11 +36,11 @@ ROLES = ("system", "developer", "user", "assistant", "tool")
 # what each route honours; anything else is a 400 naming it (never silently dropped)
 SAMPLING = {"model", "max_tokens", "temperature", "top_p", "top_k", "min_p", "seed", "stop", "logit_bias", "stream",
             "stream_options", "n", "presence_penalty", "frequency_penalty", "repeat_penalty", "user"}
-CHAT_FIELDS = SAMPLING | {"messages", "max_completion_tokens"}
+CHAT_FIELDS = SAMPLING | {"messages", "max_completion_tokens", "response_format"}
 COMPLETION_FIELDS = SAMPLING | {"prompt", "echo", "best_of", "suffix"}
 EMBEDDING_FIELDS = {"model", "input", "encoding_format", "user"}
 # OpenAI parameters this server knows and does not implement (yet): refused as unsupported
-UNSUPPORTED = {"tools", "tool_choice", "parallel_tool_calls", "functions", "function_call", "response_format",
+UNSUPPORTED = {"tools", "tool_choice", "parallel_tool_calls", "functions", "function_call",
                "logprobs", "top_logprobs", "audio", "modalities", "prediction", "web_search_options",
                "reasoning_effort", "store", "metadata", "service_tier", "dimensions"}
 DEMO_NOTE = "demo model: tiny, random weights, real Llama-2 tokenizer; its text is gibberish"
@@ -150,6 +151,12 @@ class OpenAIRoutes:
             raise _bad("'best_of' must be 1", "best_of", "unsupported_parameter")
         if body.get("user") is not None and not isinstance(body["user"], str):
             raise _bad("'user' must be a string", "user")
+        try:  # structured outputs: a grammar the sampler enforces (core/llm/structured.py)
+            grammar = grammar_for(body.get("response_format"))
+        except SchemaError as e:
+            raise _bad(str(e), e.param) from None
+        if grammar is not None:
+            p["grammar"] = grammar
         if _int(body, "n", 1, 128, 1) != 1:
             raise _bad("'n' must be 1: one choice per request", "n", "unsupported_parameter")
         stop = body.get("stop")
