@@ -38,7 +38,8 @@ class Seq:
     """One generation request, from queue to finish."""
     __slots__ = ("peer", "rid", "cls", "deadline", "stream", "tenant", "prompt", "names", "params", "stop",
                  "max_tokens", "sampler", "slot", "pending", "n_past", "generated", "buf", "text", "sent",
-                 "n_cached", "cancelled", "logit_index", "started", "first_token_at", "last", "last_step")
+                 "n_cached", "cancelled", "logit_index", "started", "first_token_at", "last", "last_step",
+                 "logprobs", "lp")
 
     def __init__(self, peer, rid, body, prompt, max_tokens, deadline):
         self.peer, self.rid = peer, rid
@@ -50,6 +51,8 @@ class Seq:
         self.n_cached, self.cancelled, self.logit_index = 0, False, -1
         self.started, self.first_token_at, self.last = time.monotonic(), 0.0, -1
         self.last_step = -1  # the step it last decoded in (shared_decode takes turns by it)
+        self.logprobs = body["params"].get("logprobs")  # None, or how many top alternatives per token
+        self.lp: list = []  # logprob entries not sent yet
 
 
 class Slot:
@@ -331,7 +334,17 @@ class Batcher:
                 slot.names = seq.names
                 self.to_save.append((seq, slot))
             tok = self.engine.sample(seq.sampler, seq.logit_index)
+            if seq.logprobs is not None and not self.engine.is_eog(tok):
+                seq.lp.append(self._logprob(seq.logit_index, tok, seq.logprobs))
             self._accept(seq, slot, tok)
+
+    def _logprob(self, index: int, tok: int, k: int) -> list:
+        """[token text, logprob, bytes, [[text, logprob, bytes], ...]]: one entry of logprobs."""
+        eng = self.engine
+        lp, top = eng.logprobs(index, tok, k)
+        piece = eng.piece(tok)
+        return [piece.decode("utf-8", "replace"), lp, list(piece),
+                [[(b := eng.piece(t)).decode("utf-8", "replace"), v, list(b)] for t, v in top]]
 
     def _accept(self, seq: Seq, slot: Slot, tok: int) -> None:
         eng = self.engine
@@ -361,7 +374,12 @@ class Batcher:
             hold = max((len(s) - 1 for s in seq.stop), default=0)
             upto = len(seq.text) - hold
             if upto > seq.sent:
-                self.send(seq.peer, [DELTA, seq.rid, seq.text[seq.sent:upto]])
+                text = seq.text[seq.sent:upto]
+                if seq.logprobs is not None:  # the tokens decoded since the last delta travel with it
+                    self.send(seq.peer, [DELTA, seq.rid, [text, seq.lp]])
+                    seq.lp = []
+                else:
+                    self.send(seq.peer, [DELTA, seq.rid, text])
                 seq.sent = upto
 
     def _finish(self, seq: Seq, slot: Slot, reason: str) -> None:
@@ -369,8 +387,11 @@ class Batcher:
             seq.text += seq.buf.decode("utf-8", "replace")
         usage = {"prompt_tokens": len(seq.prompt), "completion_tokens": len(seq.generated),
                  "total_tokens": len(seq.prompt) + len(seq.generated), "cached_tokens": seq.n_cached}
-        self.send(seq.peer, [END, seq.rid, {"text": seq.text[seq.sent:], "finish_reason": reason, "usage": usage,
-                                               "ttft_ms": round((seq.first_token_at - seq.started) * 1000, 3)}])
+        end = {"text": seq.text[seq.sent:], "finish_reason": reason, "usage": usage,
+               "ttft_ms": round((seq.first_token_at - seq.started) * 1000, 3)}
+        if seq.logprobs is not None:
+            end["logprobs"] = seq.lp
+        self.send(seq.peer, [END, seq.rid, end])
         st = self.stats
         st["llm_requests"] += 1
         st["llm_prompt_tokens"] += len(seq.prompt)

@@ -10,6 +10,7 @@ from __future__ import annotations
 
 import ctypes
 import hashlib
+import math
 import os
 
 import llama_cpp as L
@@ -112,6 +113,20 @@ class Engine:
 
     def sample(self, sampler, index: int) -> int:
         return L.llama_sampler_sample(sampler, self.ctx, index)
+
+    def logprobs(self, index: int, token: int, k: int) -> tuple[float, list[tuple[int, float]]]:
+        """The model's log-probability of token at batch position index, and its k most likely
+        tokens with theirs (log-softmax of the raw logits, before any sampler)."""
+        p = L.llama_get_logits_ith(self.ctx, index)
+        x = np.ctypeslib.as_array(p, shape=(self.n_vocab,))
+        m = float(x.max())
+        lse = m + math.log(float(np.exp(x - m).sum()))
+        top = []
+        if k:
+            idx = np.argpartition(-x, k)[:k]
+            idx = idx[np.argsort(-x[idx])]
+            top = [(int(t), float(x[t]) - lse) for t in idx]
+        return float(x[token]) - lse, top
 
     # ---- sequences ---------------------------------------------------------------------------
     def seq_keep(self, seq: int, n: int) -> None:

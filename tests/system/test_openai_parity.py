@@ -1,6 +1,6 @@
 """OpenAI parity, as applications use the official openai package: /v1/models/{id}, penalties,
 structured outputs (json_object, json_schema through a grammar: always parses and validates, even
-from the random-weight demo model), and every parameter the server does not honour refused with
+from the random-weight demo model), logprobs, and every parameter the server does not honour refused with
 a 400 naming it (never dropped)."""
 import openai
 import pytest
@@ -29,7 +29,7 @@ def test_models_retrieve(llm):
     ({"tools": [{"type": "function", "function": {"name": "f", "parameters": {"type": "object"}}}],
       "tool_choice": "required"}, ("tools", "tool_choice"), "unsupported_parameter"),
     ({"response_format": {"type": "xml"}}, "response_format", "invalid_parameter"),
-    ({"logprobs": True, "top_logprobs": 2}, "logprobs", "unsupported_parameter"),
+    ({"top_logprobs": 2}, "top_logprobs", "invalid_parameter"),
     ({"n": 2}, "n", "unsupported_parameter"),
     ({"extra_body": {"frobnicate": 1}}, "frobnicate", "unknown_parameter"),
 ])
@@ -92,3 +92,32 @@ def test_json_schema_output_always_parses_and_validates(llm):
             "type": "json_schema", "json_schema": {"name": "n", "schema": {
                 "type": "object", "properties": {"age": {"type": "integer", "minimum": 0}}}}})
     assert e.value.param == "response_format.json_schema.schema.properties.age.minimum"
+
+
+def test_logprobs_for_chat_and_completions_streamed_and_not(llm):
+    c = client(llm)
+    r = c.chat.completions.create(model="demo", messages=MSG, max_tokens=12, temperature=0, logprobs=True,
+                                  top_logprobs=3)
+    content = r.choices[0].logprobs.content
+    assert len(content) == r.usage.completion_tokens == 12
+    for e in content:  # greedy: the chosen token is the most likely one
+        assert len(e.top_logprobs) == 3 and e.logprob <= 0
+        assert e.token == e.top_logprobs[0].token and abs(e.logprob - e.top_logprobs[0].logprob) < 1e-5
+        assert e.top_logprobs[0].logprob >= e.top_logprobs[1].logprob >= e.top_logprobs[2].logprob
+    assert b"".join(bytes(e.bytes) for e in content).decode("utf-8", "replace") == r.choices[0].message.content
+    entries, text = [], ""
+    for ch in c.chat.completions.create(model="demo", messages=MSG, max_tokens=12, temperature=0, logprobs=True,
+                                        stream=True):
+        if ch.choices:
+            text += ch.choices[0].delta.content or ""
+            if ch.choices[0].logprobs is not None:
+                entries += ch.choices[0].logprobs.content
+    assert text == r.choices[0].message.content and [e.token for e in entries] == [e.token for e in content]
+    assert all(e.top_logprobs == [] for e in entries)  # top_logprobs not asked for
+    comp = c.completions.create(model="demo", prompt="Once upon a time", max_tokens=8, temperature=0, logprobs=2)
+    lp = comp.choices[0].logprobs
+    assert len(lp.tokens) == len(lp.token_logprobs) == len(lp.top_logprobs) == 8
+    assert all(len(t) <= 2 and v <= 0 for t, v in zip(lp.top_logprobs, lp.token_logprobs))
+    assert lp.text_offset == sorted(lp.text_offset) and lp.text_offset[0] == 0
+    plain = c.chat.completions.create(model="demo", messages=MSG, max_tokens=4, temperature=0)
+    assert plain.choices[0].logprobs is None

@@ -36,12 +36,11 @@ ROLES = ("system", "developer", "user", "assistant", "tool")
 # what each route honours; anything else is a 400 naming it (never silently dropped)
 SAMPLING = {"model", "max_tokens", "temperature", "top_p", "top_k", "min_p", "seed", "stop", "logit_bias", "stream",
             "stream_options", "n", "presence_penalty", "frequency_penalty", "repeat_penalty", "user"}
-CHAT_FIELDS = SAMPLING | {"messages", "max_completion_tokens", "response_format"}
-COMPLETION_FIELDS = SAMPLING | {"prompt", "echo", "best_of", "suffix"}
+CHAT_FIELDS = SAMPLING | {"messages", "max_completion_tokens", "response_format", "logprobs", "top_logprobs"}
+COMPLETION_FIELDS = SAMPLING | {"prompt", "echo", "best_of", "suffix", "logprobs"}
 EMBEDDING_FIELDS = {"model", "input", "encoding_format", "user"}
 # OpenAI parameters this server knows and does not implement (yet): refused as unsupported
-UNSUPPORTED = {"tools", "tool_choice", "parallel_tool_calls", "functions", "function_call",
-               "logprobs", "top_logprobs", "audio", "modalities", "prediction", "web_search_options",
+UNSUPPORTED = {"tools", "tool_choice", "parallel_tool_calls", "functions", "function_call", "audio", "modalities", "prediction", "web_search_options",
                "reasoning_effort", "store", "metadata", "service_tier", "dimensions"}
 DEMO_NOTE = "demo model: tiny, random weights, real Llama-2 tokenizer; its text is gibberish"
 
@@ -157,6 +156,9 @@ class OpenAIRoutes:
             raise _bad(str(e), e.param) from None
         if grammar is not None:
             p["grammar"] = grammar
+        lp = self._logprobs(body)
+        if lp is not None:
+            p["logprobs"] = lp
         if _int(body, "n", 1, 128, 1) != 1:
             raise _bad("'n' must be 1: one choice per request", "n", "unsupported_parameter")
         stop = body.get("stop")
@@ -180,6 +182,23 @@ class OpenAIRoutes:
         if p["seed"] is not None:
             p["seed"] &= 0xFFFFFFFF
         return p
+
+    @staticmethod
+    def _logprobs(body: dict) -> int | None:
+        """How many alternatives per token to report (None: no logprobs). Chat: logprobs true plus
+        top_logprobs 0..20; completions: logprobs 0..20 (the legacy integer)."""
+        if "messages" in body:
+            on = body.get("logprobs")
+            if on not in (None, True, False):
+                raise _bad("'logprobs' must be true or false", "logprobs")
+            top = _int(body, "top_logprobs", 0, 20, None)
+            if top is not None and not on:
+                raise _bad("'top_logprobs' needs 'logprobs': true", "top_logprobs")
+            return (top or 0) if on else None
+        n = body.get("logprobs")
+        if n is None:
+            return None
+        return _int(body, "logprobs", 0, 20, None)
 
     def _messages(self, body: dict) -> list[dict]:
         msgs = body.get("messages")
@@ -236,8 +255,8 @@ class OpenAIRoutes:
     async def _cached(self, req, call, body: dict, params: dict, model: str, tenant: str, what: dict, chat: bool):
         """Answer from the exact, then the semantic cache (when the request may be cached and
         Cache-Control allows a lookup); else note in call where to store the answer."""
-        if not (reproducible(params) or self.cfg["cache"]["exact_any"]):
-            return None
+        if not (reproducible(params) or self.cfg["cache"]["exact_any"]) or params.get("logprobs") is not None:
+            return None  # (a cached answer has no log-probabilities to give)
         cc = req.headers.get(b"cache-control", b"").lower()
         lookup, store = b"no-cache" not in cc, b"no-store" not in cc
         if self.exact is not None and self.exact.enabled:

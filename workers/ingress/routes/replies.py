@@ -33,6 +33,7 @@ class Generation:
         self.sse: Stream | None = None
         self.rid = 0
         self._full_text = ""  # streamed deltas so far, for the exact cache
+        self._offset = 0  # completions logprobs: text_offset of the next token
         self.last_event = 0.0  # loop time of the last inference event (the watchdog reads it)
         self.done = False
         self.counted = False  # in api.inflight while True
@@ -110,6 +111,9 @@ class Generation:
                 if not self.first.done():
                     self.first.set_result(json_response(self._whole(payload), headers=self.cache_header))
             return
+        lp = None
+        if kind == DELTA and payload.__class__ is list:  # [text, logprob entries] (logprobs asked for)
+            payload, lp = payload
         if kind == DELTA and (self.store or self.semantic_store):
             self._full_text += payload
         if self.sse is None:
@@ -119,11 +123,11 @@ class Generation:
             if self.chat:  # the first chat chunk announces the role
                 self._chunk({"role": "assistant", "content": ""}, None)
         if kind == DELTA:
-            self._chunk(payload, None)
+            self._chunk(payload, None, lp)
         elif kind == END:
             self.settle(payload["usage"]["total_tokens"])
-            if payload["text"]:
-                self._chunk(payload["text"], None)
+            if payload["text"] or payload.get("logprobs"):
+                self._chunk(payload["text"], None, payload.get("logprobs"))
             self._chunk(None, payload["finish_reason"])
             if self.include_usage:
                 self.sse.write(b"data: " + orjson.dumps(self._envelope([], _usage(payload["usage"]))) + b"\n\n")
@@ -146,20 +150,35 @@ class Generation:
             out["usage"] = usage
         return out
 
-    def _chunk(self, delta, finish) -> None:
+    def _chunk(self, delta, finish, lp=None) -> None:
+        logprobs = self._logprobs(lp) if lp is not None else None
         if self.chat:
             d = delta if isinstance(delta, dict) else ({"content": delta} if delta is not None else {})
-            choice = {"index": 0, "delta": d, "logprobs": None, "finish_reason": finish}
+            choice = {"index": 0, "delta": d, "logprobs": logprobs, "finish_reason": finish}
         else:
-            choice = {"index": 0, "text": delta or "", "logprobs": None, "finish_reason": finish}
+            choice = {"index": 0, "text": delta or "", "logprobs": logprobs, "finish_reason": finish}
         self.sse.write(b"data: " + orjson.dumps(self._envelope([choice])) + b"\n\n")
 
-    def _whole(self, end: dict) -> dict:
+    def _logprobs(self, entries: list) -> dict:
+        """The inference worker's [token, logprob, bytes, top] entries in the route's shape."""
         if self.chat:
-            choice = {"index": 0, "message": {"role": "assistant", "content": end["text"]}, "logprobs": None,
+            return {"content": [{"token": t, "logprob": v, "bytes": b,
+                                 "top_logprobs": [{"token": tt, "logprob": tv, "bytes": tb} for tt, tv, tb in top]}
+                                for t, v, b, top in entries], "refusal": None}
+        offsets = []
+        for t, *_ in entries:
+            offsets.append(self._offset)
+            self._offset += len(t)
+        return {"tokens": [e[0] for e in entries], "token_logprobs": [e[1] for e in entries],
+                "top_logprobs": [{tt: tv for tt, tv, _ in e[3]} for e in entries], "text_offset": offsets}
+
+    def _whole(self, end: dict) -> dict:
+        lp = self._logprobs(end["logprobs"]) if end.get("logprobs") is not None else None
+        if self.chat:
+            choice = {"index": 0, "message": {"role": "assistant", "content": end["text"]}, "logprobs": lp,
                       "finish_reason": end["finish_reason"]}
         else:
-            choice = {"index": 0, "text": end["text"], "logprobs": None, "finish_reason": end["finish_reason"]}
+            choice = {"index": 0, "text": end["text"], "logprobs": lp, "finish_reason": end["finish_reason"]}
         return {"id": self.id, "object": "chat.completion" if self.chat else "text_completion",
                 "created": self.created, "model": self.model, "choices": [choice], "usage": _usage(end["usage"])}
 
