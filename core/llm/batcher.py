@@ -112,7 +112,7 @@ class Batcher:
     # ---- requests -----------------------------------------------------------------------------
     def submit(self, peer: bytes, rid, body: dict) -> None:
         if "messages" in body:
-            text = render_chat(self.template, body["messages"])
+            text = render_chat(self.template, body["messages"], tools=body.get("tools"))
         else:
             text = body["prompt"]
         if len(text.encode("utf-8")) > self.inf["max_prompt_bytes"]:

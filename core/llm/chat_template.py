@@ -3,6 +3,7 @@ unless the config names one), rendered in Jinja's sandbox: a template comes with
 and is not trusted code."""
 from __future__ import annotations
 
+import json
 from functools import lru_cache
 
 from jinja2.sandbox import ImmutableSandboxedEnvironment
@@ -23,8 +24,26 @@ def _raise(message):
     raise ValueError(message)
 
 
-def render_chat(template: str | None, messages: list[dict], eos_token: str = "</s>") -> str:
+def render_chat(template: str | None, messages: list[dict], eos_token: str = "</s>", tools=None) -> str:
     """The prompt for messages ([{role, content}], content already plain text). bos_token is
-    empty because tokenization adds BOS itself."""
-    return _compile(template or FALLBACK).render(messages=messages, add_generation_prompt=True, bos_token="",
-                                                  eos_token=eos_token)
+    empty because tokenization adds BOS itself. tools ([{name, description, parameters}]) go to
+    a template that takes them; for one that does not, they become a system message and earlier
+    calls are written into their assistant turns."""
+    template = template or FALLBACK
+    extra = {}
+    if tools:
+        if "tools" in template:
+            extra["tools"] = [{"type": "function", "function": t} for t in tools]
+        else:
+            from tidegate.core.llm.tools import system_prompt
+            messages = [{"role": "system", "content": system_prompt(tools)}, *(_inline_calls(m) for m in messages)]
+    return _compile(template).render(messages=messages, add_generation_prompt=True, bos_token="",
+                                     eos_token=eos_token, **extra)
+
+
+def _inline_calls(m: dict) -> dict:
+    if not m.get("tool_calls"):
+        return m
+    calls = "".join(f'<tool_call>{{"name": {json.dumps(c["function"]["name"])}, "arguments": '
+                    f'{c["function"]["arguments"]}}}</tool_call>' for c in m["tool_calls"])
+    return dict(m, content=(m.get("content") or "") + calls)

@@ -50,6 +50,11 @@ def _check(node, path: str) -> None:
             raise SchemaError(f"{path}.$ref: only local references (#/...) are supported", f"{path}.$ref")
 
 
+def check_schema(schema, path: str) -> None:
+    """SchemaError, naming where, for a keyword the grammar cannot enforce."""
+    _check(schema, path)
+
+
 def grammar_for(fmt) -> str | None:
     """The GBNF for a response_format, None for plain text; SchemaError names what is wrong."""
     if fmt is None:
@@ -68,7 +73,7 @@ def grammar_for(fmt) -> str | None:
     text = json.dumps(schema)
     if len(text) > MAX_SCHEMA_BYTES:
         raise SchemaError(f"the schema is larger than {MAX_SCHEMA_BYTES} bytes", "response_format.json_schema.schema")
-    _check(schema, "response_format.json_schema.schema")
+    check_schema(schema, "response_format.json_schema.schema")
     try:
         return json_schema_to_gbnf(text)
     except (ValueError, KeyError, TypeError, RecursionError) as e:

@@ -13,7 +13,7 @@ MSG = [{"role": "user", "content": "Tell me a story about the sea"}]
 @pytest.fixture
 def llm(daemon_factory, demo_model):
     return daemon_factory(cache={"exact_enabled": False, "semantic_enabled": False},
-                          inference={"enabled": True, "models": [{"name": "demo", "path": demo_model, "n_ctx": 512}]})
+                          inference={"enabled": True, "models": [{"name": "demo", "path": demo_model, "n_ctx": 1024}]})
 
 
 def test_models_retrieve(llm):
@@ -26,8 +26,7 @@ def test_models_retrieve(llm):
 
 
 @pytest.mark.parametrize("extra, param, code", [
-    ({"tools": [{"type": "function", "function": {"name": "f", "parameters": {"type": "object"}}}],
-      "tool_choice": "required"}, ("tools", "tool_choice"), "unsupported_parameter"),
+    ({"extra_body": {"functions": [{"name": "f"}]}}, "functions", "unsupported_parameter"),
     ({"response_format": {"type": "xml"}}, "response_format", "invalid_parameter"),
     ({"top_logprobs": 2}, "top_logprobs", "invalid_parameter"),
     ({"n": 2}, "n", "unsupported_parameter"),
@@ -121,3 +120,71 @@ def test_logprobs_for_chat_and_completions_streamed_and_not(llm):
     assert lp.text_offset == sorted(lp.text_offset) and lp.text_offset[0] == 0
     plain = c.chat.completions.create(model="demo", messages=MSG, max_tokens=4, temperature=0)
     assert plain.choices[0].logprobs is None
+
+
+WEATHER = {"type": "function", "function": {"name": "get_weather", "description": "Weather in a city", "parameters": {
+    "type": "object", "additionalProperties": False, "required": ["city", "unit"],
+    "properties": {"city": {"type": "string", "maxLength": 16}, "unit": {"enum": ["c", "f"]}}}}}
+TIME = {"type": "function", "function": {"name": "get_time", "parameters": {
+    "type": "object", "additionalProperties": False, "required": ["zone"],
+    "properties": {"zone": {"type": "string", "maxLength": 8}}}}}
+SCHEMAS = {"get_weather": WEATHER["function"]["parameters"], "get_time": TIME["function"]["parameters"]}
+
+
+def _valid_calls(calls, names):
+    import json
+
+    import jsonschema
+    assert calls
+    for call in calls:
+        assert call.type == "function" and call.id.startswith("call_") and call.function.name in names
+        jsonschema.validate(json.loads(call.function.arguments), SCHEMAS[call.function.name])
+
+
+def test_forced_tool_calls_are_well_formed_and_validate(llm):
+    c = client(llm)
+    ask = [{"role": "user", "content": "What is the weather in Paris?"}]
+    r = c.chat.completions.create(model="demo", messages=ask, max_tokens=300, temperature=0, tools=[WEATHER, TIME],
+                                  tool_choice="required")
+    assert r.choices[0].finish_reason == "tool_calls" and r.choices[0].message.content is None, r.choices[0].message.content
+    _valid_calls(r.choices[0].message.tool_calls, {"get_weather", "get_time"})
+    r = c.chat.completions.create(model="demo", messages=ask, max_tokens=300, temperature=0.7, seed=3,
+                                  tools=[WEATHER, TIME], parallel_tool_calls=False,
+                                  tool_choice={"type": "function", "function": {"name": "get_time"}})
+    calls = r.choices[0].message.tool_calls
+    assert len(calls) == 1 and calls[0].function.name == "get_time"
+    _valid_calls(calls, {"get_time"})
+    streamed = {}
+    for ch in c.chat.completions.create(model="demo", messages=ask, max_tokens=300, temperature=0,
+                                        tools=[WEATHER], tool_choice="required", stream=True):
+        if ch.choices and ch.choices[0].delta.tool_calls:
+            for d in ch.choices[0].delta.tool_calls:
+                streamed.setdefault(d.index, d)
+        if ch.choices and ch.choices[0].finish_reason:
+            assert ch.choices[0].finish_reason == "tool_calls"
+    _valid_calls(list(streamed.values()), {"get_weather"})
+    # the call and its result go back into the conversation; "none" answers in text
+    first = r.choices[0].message
+    history = ask + [{"role": "assistant", "content": None, "tool_calls": [
+        {"id": first.tool_calls[0].id, "type": "function",
+         "function": {"name": "get_time", "arguments": first.tool_calls[0].function.arguments}}]},
+        {"role": "tool", "tool_call_id": first.tool_calls[0].id, "content": "12:00"}]
+    r = c.chat.completions.create(model="demo", messages=history, max_tokens=8, temperature=0, tools=[WEATHER, TIME],
+                                  tool_choice="none")
+    assert r.choices[0].message.tool_calls is None and r.choices[0].finish_reason in ("stop", "length")
+    r = c.chat.completions.create(model="demo", messages=history, max_tokens=8, temperature=0, tools=[WEATHER])
+    assert r.choices[0].finish_reason in ("stop", "length", "tool_calls")  # auto: the model decides
+
+
+def test_bad_tools_are_refused_naming_the_parameter(llm):
+    c = client(llm)
+    for kw, param in (({"tools": [WEATHER], "tool_choice": {"type": "function", "function": {"name": "nope"}}},
+                       "tool_choice"),
+                      ({"tools": [{"type": "function", "function": {"name": "f", "parameters": {
+                          "type": "object", "properties": {"x": {"type": "integer", "minimum": 1}}}}}]},
+                       "tools[0].function.parameters.properties.x.minimum"),
+                      ({"tool_choice": "required"}, "tool_choice"),
+                      ({"tools": [WEATHER, WEATHER]}, "tools[1].function.name")):
+        with pytest.raises(openai.BadRequestError) as e:
+            c.chat.completions.create(model="demo", messages=MSG, max_tokens=4, **kw)
+        assert e.value.param == param, (kw, e.value.body)

@@ -25,6 +25,7 @@ from tidegate.core.http.http11 import HttpError, json_response, service_unavaila
 from tidegate.core.http.jsonbody import parse_json
 from tidegate.core.http.router import path_params
 from tidegate.core.llm.structured import SchemaError, grammar_for
+from tidegate.core.llm.tools import check_choice, check_tools, grammar_for_calls
 from tidegate.core.messaging import protocol
 from tidegate.core.messaging.worker_client import Unavailable
 from tidegate.core.overload.classes import Classes
@@ -36,11 +37,12 @@ ROLES = ("system", "developer", "user", "assistant", "tool")
 # what each route honours; anything else is a 400 naming it (never silently dropped)
 SAMPLING = {"model", "max_tokens", "temperature", "top_p", "top_k", "min_p", "seed", "stop", "logit_bias", "stream",
             "stream_options", "n", "presence_penalty", "frequency_penalty", "repeat_penalty", "user"}
-CHAT_FIELDS = SAMPLING | {"messages", "max_completion_tokens", "response_format", "logprobs", "top_logprobs"}
+CHAT_FIELDS = SAMPLING | {"messages", "max_completion_tokens", "response_format", "logprobs", "top_logprobs",
+                          "tools", "tool_choice", "parallel_tool_calls"}
 COMPLETION_FIELDS = SAMPLING | {"prompt", "echo", "best_of", "suffix", "logprobs"}
 EMBEDDING_FIELDS = {"model", "input", "encoding_format", "user"}
 # OpenAI parameters this server knows and does not implement (yet): refused as unsupported
-UNSUPPORTED = {"tools", "tool_choice", "parallel_tool_calls", "functions", "function_call", "audio", "modalities", "prediction", "web_search_options",
+UNSUPPORTED = {"functions", "function_call", "audio", "modalities", "prediction", "web_search_options",
                "reasoning_effort", "store", "metadata", "service_tier", "dimensions"}
 DEMO_NOTE = "demo model: tiny, random weights, real Llama-2 tokenizer; its text is gibberish"
 
@@ -56,6 +58,21 @@ def _number(body: dict, name: str, lo: float, hi: float, default):
     if isinstance(v, bool) or not isinstance(v, (int, float)) or not math.isfinite(v) or not lo <= v <= hi:
         raise _bad(f"'{name}' must be a number from {lo:g} to {hi:g}", name)
     return float(v)
+
+
+def _tool_calls(calls, where: str) -> list[dict]:
+    """An assistant message's tool_calls, as the template will see them."""
+    if not isinstance(calls, list):
+        raise _bad(f"{where} must be an array", where)
+    out = []
+    for j, c in enumerate(calls):
+        fn = c.get("function") if isinstance(c, dict) else None
+        if not isinstance(fn, dict) or not isinstance(fn.get("name"), str) or not isinstance(fn.get("arguments"), str):
+            raise _bad(f"{where}[{j}] must be {{id, type: function, function: {{name, arguments (a JSON string)}}}}",
+                       f"{where}[{j}]")
+        out.append({"id": str(c.get("id", "")), "type": "function",
+                    "function": {"name": fn["name"], "arguments": fn["arguments"]}})
+    return out
 
 
 def _int(body: dict, name: str, lo: int, hi: int, default):
@@ -221,7 +238,15 @@ class OpenAIRoutes:
             elif not isinstance(content, str):
                 raise _bad(f"messages[{i}].content must be a string or an array of text parts",
                            f"messages[{i}].content")
-            out.append({"role": m["role"], "content": content})
+            msg = {"role": m["role"], "content": content}
+            if m["role"] == "assistant" and m.get("tool_calls") is not None:
+                msg["tool_calls"] = _tool_calls(m["tool_calls"], f"messages[{i}].tool_calls")
+            if m["role"] == "tool":
+                if not isinstance(m.get("tool_call_id"), str):
+                    raise _bad(f"messages[{i}].tool_call_id is required for a tool message",
+                               f"messages[{i}].tool_call_id")
+                msg["tool_call_id"] = m["tool_call_id"]
+            out.append(msg)
         return out
 
     def _stream_flags(self, body: dict) -> tuple[bool, bool]:
@@ -239,7 +264,31 @@ class OpenAIRoutes:
         self._known(body, CHAT_FIELDS)
         model = self._model(body)
         msgs = self._messages(body)
-        return await self._generate(req, body, model, {"messages": msgs}, chat=True)
+        what, tools = {"messages": msgs}, self._tools(body)
+        if tools is not None:
+            what["tools"] = tools[0]
+        return await self._generate(req, body, model, what, chat=True, tools=tools)
+
+    @staticmethod
+    def _tools(body: dict):
+        """(tools, choice, parallel, grammar) for a request with tools, else None."""
+        if "tools" not in body:
+            if body.get("tool_choice") is not None or body.get("parallel_tool_calls") is not None:
+                raise _bad("'tool_choice' and 'parallel_tool_calls' need 'tools'",
+                           "tool_choice" if body.get("tool_choice") is not None else "parallel_tool_calls")
+            return None
+        try:
+            tools = check_tools(body["tools"])
+            choice = check_choice(body.get("tool_choice"), tools)
+        except SchemaError as e:
+            raise _bad(str(e), e.param) from None
+        parallel = body.get("parallel_tool_calls", True)
+        if not isinstance(parallel, bool):
+            raise _bad("'parallel_tool_calls' must be true or false", "parallel_tool_calls")
+        grammar = grammar_for_calls(tools, choice, parallel)
+        if grammar is not None and body.get("response_format") not in (None, {"type": "text"}):
+            raise _bad("'response_format' cannot be combined with a forced tool call", "response_format")
+        return tools, choice, parallel, grammar
 
     async def completions(self, req):
         body = self._body(req)
@@ -375,15 +424,21 @@ class OpenAIRoutes:
             raise _bad("the request body must be a JSON object", None, "invalid_request")
         return body
 
-    async def _generate(self, req, body: dict, model: str, what: dict, chat: bool):
+    async def _generate(self, req, body: dict, model: str, what: dict, chat: bool, tools=None):
         params = self._params(body)
         stream, include_usage = self._stream_flags(body)
         ident = caller(req)
         tenant, cls = ident.tenant, self.classes.of(req.path, ident.klass, self.models[model].get("class"))
         call = Generation(self, model, chat, stream, include_usage)
-        hit = await self._cached(req, call, body, params, model, tenant, what, chat)
-        if hit is not None:
-            return hit
+        if tools is not None:
+            names = {t["name"] for t in tools[0]}
+            call.tools = (tools[3] is not None, names) if tools[1] != "none" else None
+            if tools[3] is not None:
+                params["grammar"] = tools[3]
+        else:
+            hit = await self._cached(req, call, body, params, model, tenant, what, chat)
+            if hit is not None:  # (tool calls are not cached: a cached text has no calls to give)
+                return hit
         retry = self.shedder.check(cls, f"inference:{model}") if self.shedder is not None else None
         if retry is not None:
             return await self._fallback(req, call, body, params, model, tenant, what, chat, cls,

@@ -15,6 +15,7 @@ import time
 import orjson
 
 from tidegate.core.http.http11 import Stream, json_response
+from tidegate.core.llm.tools import parse_calls
 from tidegate.core.messaging.protocol import DELTA, END, ERR, http_error
 
 
@@ -34,6 +35,8 @@ class Generation:
         self.rid = 0
         self._full_text = ""  # streamed deltas so far, for the exact cache
         self._offset = 0  # completions logprobs: text_offset of the next token
+        self.tools = None  # (forced, names) when the answer may be tool calls: the text is held and parsed at END
+        self._held = ""
         self.last_event = 0.0  # loop time of the last inference event (the watchdog reads it)
         self.done = False
         self.counted = False  # in api.inflight while True
@@ -82,6 +85,11 @@ class Generation:
     def on_event(self, kind: str, payload) -> None:
         if self.done:
             return
+        if self.tools is not None and kind != ERR:
+            if kind == DELTA:  # held: whether it is a call is known once the whole text is
+                self._held += payload[0] if payload.__class__ is list else payload
+                return
+            payload = self._calls(payload)
         self.last_event = self.first.get_loop().time()
         if kind != DELTA:
             self.done = True
@@ -126,7 +134,9 @@ class Generation:
             self._chunk(payload, None, lp)
         elif kind == END:
             self.settle(payload["usage"]["total_tokens"])
-            if payload["text"] or payload.get("logprobs"):
+            if payload.get("tool_calls"):  # one chunk with every call, arguments whole
+                self._chunk({"tool_calls": [dict(c, index=i) for i, c in enumerate(payload["tool_calls"])]}, None)
+            elif payload["text"] or payload.get("logprobs"):
                 self._chunk(payload["text"], None, payload.get("logprobs"))
             self._chunk(None, payload["finish_reason"])
             if self.include_usage:
@@ -172,11 +182,27 @@ class Generation:
         return {"tokens": [e[0] for e in entries], "token_logprobs": [e[1] for e in entries],
                 "top_logprobs": [{tt: tv for tt, tv, _ in e[3]} for e in entries], "text_offset": offsets}
 
+    def _calls(self, end: dict) -> dict:
+        """END with the held text parsed: tool calls (finish_reason tool_calls), else the text."""
+        text = self._held + end["text"]
+        forced, names = self.tools
+        calls = None
+        if end["finish_reason"] == "stop" or not forced:
+            try:
+                calls = parse_calls(text, forced, names)
+            except ValueError:
+                calls = None
+        if calls is None:
+            return dict(end, text=text)
+        return dict(end, text="", tool_calls=calls, finish_reason="tool_calls")
+
     def _whole(self, end: dict) -> dict:
         lp = self._logprobs(end["logprobs"]) if end.get("logprobs") is not None else None
         if self.chat:
-            choice = {"index": 0, "message": {"role": "assistant", "content": end["text"]}, "logprobs": lp,
-                      "finish_reason": end["finish_reason"]}
+            message = {"role": "assistant", "content": end["text"]}
+            if end.get("tool_calls"):
+                message = {"role": "assistant", "content": None, "tool_calls": end["tool_calls"]}
+            choice = {"index": 0, "message": message, "logprobs": lp, "finish_reason": end["finish_reason"]}
         else:
             choice = {"index": 0, "text": end["text"], "logprobs": lp, "finish_reason": end["finish_reason"]}
         return {"id": self.id, "object": "chat.completion" if self.chat else "text_completion",
