@@ -293,6 +293,7 @@ SCHEMA: dict[str, dict[str, Key]] = {
         "embeddings": Key(bool, True, "serve /v1/embeddings from the model (mean pooling)"),
         "default_max_tokens": Key(int, 256, "max_tokens when a request gives none", positive),
         "max_stop": Key(int, 4, "stop strings per request", positive),
+        "max_n": Key(int, 8, "choices per request (n); they share one prefill of the prompt", positive),
         "max_prompt_bytes": Key(int, 1 * MiB, "UTF-8 bytes of the rendered prompt (then 400)", positive),
         "request_timeout": Key(float, 300.0, "seconds a request may wait and run before it is dropped (504)", positive),
         "queue_deadline": Key(dict, {"critical": 10.0, "standard": 30.0, "background": 30.0},

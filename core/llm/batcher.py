@@ -39,7 +39,7 @@ class Seq:
     __slots__ = ("peer", "rid", "cls", "deadline", "stream", "tenant", "prompt", "names", "params", "stop",
                  "max_tokens", "sampler", "slot", "pending", "n_past", "generated", "buf", "text", "sent",
                  "n_cached", "cancelled", "logit_index", "started", "first_token_at", "last", "last_step",
-                 "logprobs", "lp")
+                 "logprobs", "lp", "choice", "n", "lead", "wait_lead", "left")
 
     def __init__(self, peer, rid, body, prompt, max_tokens, deadline):
         self.peer, self.rid = peer, rid
@@ -53,6 +53,8 @@ class Seq:
         self.last_step = -1  # the step it last decoded in (shared_decode takes turns by it)
         self.logprobs = body["params"].get("logprobs")  # None, or how many top alternatives per token
         self.lp: list = []  # logprob entries not sent yet
+        self.choice, self.n, self.lead, self.wait_lead = 0, 1, None, False  # n > 1: choice i of n; lead: choice 0
+        self.left = None
 
 
 class Slot:
@@ -137,12 +139,16 @@ class Batcher:
             raise RequestError(400, f"'logit_bias' names a token id outside the vocabulary (0 to "
                                f"{self.engine.n_vocab - 1})", "invalid_parameter", "logit_bias")
         wait = min(body.get("timeout") or 1e9, self.inf["request_timeout"], self.inf["queue_deadline"][body["cls"]])
-        seq = Seq(peer, rid, body, prompt, max_tokens, time.monotonic() + wait)  # dropped unserved after wait
-        try:
+        n = body["params"].get("n") or 1
+        seqs = [Seq(peer, rid, body, prompt, max_tokens, time.monotonic() + wait) for _ in range(n)]  # dropped
+        left = [n]  # choices not finished yet: only the last one's END closes the request
+        for i, seq in enumerate(seqs):                                                            # unserved after wait
+            seq.choice, seq.n, seq.lead, seq.left = i, n, seqs[0] if i else None, left
+        if self.sched.depth[seqs[0].cls] + n > self.sched.queue_max[seqs[0].cls]:
+            raise RequestError(503, f"too many {seqs[0].cls} requests are waiting for the model; retry shortly",
+                               "queue_full", None)
+        for seq in seqs:
             self.sched.submit(seq, seq.cls)
-        except QueueFull:
-            raise RequestError(503, f"too many {seq.cls} requests are waiting for the model; retry shortly",
-                               "queue_full", None) from None
 
     def cancel(self, peer: bytes, rid) -> None:
         for s in self.slots:
@@ -194,7 +200,16 @@ class Batcher:
         return best
 
     def _start(self, seq: Seq) -> None:
-        """Give seq a slot and as much of its prompt from the cache as there is."""
+        """Give seq a slot and as much of its prompt from the cache as there is. Choice i > 0 of
+        an n > 1 request whose first choice is computing the prompt now waits for it: it gets a
+        copy of that prompt's KV (one prefill for all n) and its first token from the same logits."""
+        lead = seq.lead
+        if lead is not None and lead.slot >= 0 and not lead.first_token_at and not lead.cancelled:
+            slot = min((s for s in self.slots if s.seq is None), key=lambda s: s.used_at)
+            slot.names, slot.seq, slot.used_at = [], seq, time.monotonic()
+            seq.slot, seq.pending, seq.wait_lead = slot.idx, [], True
+            seq.sampler = self._sampler(seq)
+            return
         B = self.block
         seq.names = block_names(seq.prompt, B, seq.tenant, self._shared_tokens(seq.prompt))
         limit = (len(seq.prompt) - 1) // B  # leave at least one token to compute logits from
@@ -232,13 +247,16 @@ class Batcher:
         slot.seq, slot.used_at = seq, time.monotonic()
         seq.slot, seq.n_cached, seq.n_past = slot.idx, got * B, got * B
         seq.pending = seq.prompt[got * B:]
-        p = seq.params
-        seq.sampler = make_sampler(eng.n_vocab, p.get("temperature", 1.0), p.get("top_p", 1.0), p.get("top_k", 0),
-                                   p.get("min_p", 0.0), p.get("seed") if p.get("seed") is not None else
-                                   int.from_bytes(os.urandom(4), "little"),
-                                   {int(k): v for k, v in (p.get("logit_bias") or {}).items()},
-                                   p.get("presence_penalty", 0.0), p.get("frequency_penalty", 0.0),
-                                   p.get("repeat_penalty", 1.0), p.get("grammar"), eng.vocab)
+        seq.sampler = self._sampler(seq)
+
+    def _sampler(self, seq: Seq):
+        p, eng = seq.params, self.engine
+        seed = p.get("seed") if p.get("seed") is not None else int.from_bytes(os.urandom(4), "little")
+        return make_sampler(eng.n_vocab, p.get("temperature", 1.0), p.get("top_p", 1.0), p.get("top_k", 0),
+                            p.get("min_p", 0.0), (seed + seq.choice) & 0xFFFFFFFF,  # n > 1: each choice its own
+                            {int(k): v for k, v in (p.get("logit_bias") or {}).items()},
+                            p.get("presence_penalty", 0.0), p.get("frequency_penalty", 0.0),
+                            p.get("repeat_penalty", 1.0), p.get("grammar"), eng.vocab)
 
     def save_prefixes(self) -> None:
         """Keep prompts that just went into the KV in RAM (and on disk) when that adds enough new
@@ -280,6 +298,10 @@ class Batcher:
         running = [s.seq for s in self.slots if s.seq]
         if not running:
             return
+        for seq in running:  # a choice whose lead is gone (failed, cancelled) computes the prompt itself
+            if seq.wait_lead and self.slots[seq.lead.slot].seq is not seq.lead:
+                self.engine.seq_clear(seq.slot)
+                seq.wait_lead, seq.pending, seq.n_past = False, list(seq.prompt), 0
         items, budget = [], self.inf["n_batch"]
         # the highest class running is protected: while it runs, at most shared_decode sequences of
         # lower classes decode in a step (taking turns, longest-waiting first), so what they add to
@@ -290,7 +312,7 @@ class Batcher:
         per_tenant = self._tenant_turns(running)
         for seq in sorted(running, key=lambda s: (RANK[s.cls] > top, s.last_step)):
             seq.logit_index = -1
-            if not seq.pending:
+            if not seq.pending and not seq.wait_lead:
                 if per_tenant is not None:
                     key = (seq.cls, seq.tenant)
                     if per_tenant.get(key, 1) <= 0:
@@ -333,10 +355,27 @@ class Batcher:
                 seq.first_token_at = now
                 slot.names = seq.names
                 self.to_save.append((seq, slot))
+                if seq.n > 1:
+                    self._followers_join(seq, now)
             tok = self.engine.sample(seq.sampler, seq.logit_index)
             if seq.logprobs is not None and not self.engine.is_eog(tok):
                 seq.lp.append(self._logprob(seq.logit_index, tok, seq.logprobs))
             self._accept(seq, slot, tok)
+
+    def _followers_join(self, lead: Seq, now: float) -> None:
+        """The lead's prompt is in: each choice waiting for it copies the KV and samples its first
+        token from the lead's logits (before the lead's own token, which may end it)."""
+        for s in self.slots:
+            f = s.seq
+            if f is None or not f.wait_lead or f.lead is not lead:
+                continue
+            self.engine.seq_copy(lead.slot, f.slot, lead.n_past)
+            f.n_past, f.n_cached, f.wait_lead, f.first_token_at = lead.n_past, lead.n_past, False, now
+            s.names = lead.names
+            tok = self.engine.sample(f.sampler, lead.logit_index)
+            if f.logprobs is not None and not self.engine.is_eog(tok):
+                f.lp.append(self._logprob(lead.logit_index, tok, f.logprobs))
+            self._accept(f, s, tok)
 
     def _logprob(self, index: int, tok: int, k: int) -> list:
         """[token text, logprob, bytes, [[text, logprob, bytes], ...]]: one entry of logprobs."""
@@ -375,7 +414,11 @@ class Batcher:
             upto = len(seq.text) - hold
             if upto > seq.sent:
                 text = seq.text[seq.sent:upto]
-                if seq.logprobs is not None:  # the tokens decoded since the last delta travel with it
+                if seq.n > 1:
+                    self.send(seq.peer, [DELTA, seq.rid, {"index": seq.choice, "text": text,
+                                                          "logprobs": seq.lp if seq.logprobs is not None else None}])
+                    seq.lp = []
+                elif seq.logprobs is not None:  # the tokens decoded since the last delta travel with it
                     self.send(seq.peer, [DELTA, seq.rid, [text, seq.lp]])
                     seq.lp = []
                 else:
@@ -391,7 +434,15 @@ class Batcher:
                "ttft_ms": round((seq.first_token_at - seq.started) * 1000, 3)}
         if seq.logprobs is not None:
             end["logprobs"] = seq.lp
-        self.send(seq.peer, [END, seq.rid, end])
+        if seq.n > 1:
+            end["index"] = seq.choice
+            seq.left[0] -= 1
+            if seq.left[0]:  # others still run: this choice's end travels as a delta
+                self.send(seq.peer, [DELTA, seq.rid, {"index": seq.choice, "end": end}])
+            else:
+                self.send(seq.peer, [END, seq.rid, end])
+        else:
+            self.send(seq.peer, [END, seq.rid, end])
         st = self.stats
         st["llm_requests"] += 1
         st["llm_prompt_tokens"] += len(seq.prompt)

@@ -29,7 +29,7 @@ def test_models_retrieve(llm):
     ({"extra_body": {"functions": [{"name": "f"}]}}, "functions", "unsupported_parameter"),
     ({"response_format": {"type": "xml"}}, "response_format", "invalid_parameter"),
     ({"top_logprobs": 2}, "top_logprobs", "invalid_parameter"),
-    ({"n": 2}, "n", "unsupported_parameter"),
+    ({"n": 9}, "n", "invalid_parameter"),
     ({"extra_body": {"frobnicate": 1}}, "frobnicate", "unknown_parameter"),
 ])
 def test_what_is_not_honoured_is_refused_naming_it(llm, extra, param, code):
@@ -188,3 +188,27 @@ def test_bad_tools_are_refused_naming_the_parameter(llm):
         with pytest.raises(openai.BadRequestError) as e:
             c.chat.completions.create(model="demo", messages=MSG, max_tokens=4, **kw)
         assert e.value.param == param, (kw, e.value.body)
+
+
+def test_n_choices_share_one_prefill(llm):
+    c = client(llm)
+    one = c.chat.completions.create(model="demo", messages=MSG, max_tokens=16, temperature=0)
+    two = c.chat.completions.create(model="demo", messages=MSG, max_tokens=16, temperature=0, n=2)
+    # greedy: each choice, started from the one prefill's logits and a copy of its KV, is the n=1 text
+    assert [ch.index for ch in two.choices] == [0, 1]
+    assert all(ch.message.content == one.choices[0].message.content for ch in two.choices)
+    assert two.usage.prompt_tokens == one.usage.prompt_tokens
+    assert two.usage.completion_tokens == sum(len(ch.message.content) > 0 and 16 for ch in two.choices)
+    many = c.chat.completions.create(model="demo", messages=MSG, max_tokens=16, temperature=1.0, seed=7, n=3)
+    assert [ch.index for ch in many.choices] == [0, 1, 2]
+    assert len({ch.message.content for ch in many.choices}) > 1  # each choice samples with its own seed
+    texts: dict = {}
+    finished = set()
+    for ch in c.chat.completions.create(model="demo", messages=MSG, max_tokens=16, temperature=0, n=2, stream=True):
+        for choice in ch.choices:
+            texts[choice.index] = texts.get(choice.index, "") + (choice.delta.content or "")
+            if choice.finish_reason:
+                finished.add(choice.index)
+    assert finished == {0, 1} and texts == {0: one.choices[0].message.content, 1: one.choices[0].message.content}
+    comp = c.completions.create(model="demo", prompt="Once upon a time", max_tokens=8, temperature=0, n=2)
+    assert len(comp.choices) == 2 and comp.choices[0].text == comp.choices[1].text

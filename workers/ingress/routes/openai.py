@@ -176,8 +176,9 @@ class OpenAIRoutes:
         lp = self._logprobs(body)
         if lp is not None:
             p["logprobs"] = lp
-        if _int(body, "n", 1, 128, 1) != 1:
-            raise _bad("'n' must be 1: one choice per request", "n", "unsupported_parameter")
+        n = _int(body, "n", 1, self.inf["max_n"], 1)
+        if n > 1:
+            p["n"] = n
         stop = body.get("stop")
         if isinstance(stop, str):
             stop = [stop]
@@ -429,13 +430,15 @@ class OpenAIRoutes:
         stream, include_usage = self._stream_flags(body)
         ident = caller(req)
         tenant, cls = ident.tenant, self.classes.of(req.path, ident.klass, self.models[model].get("class"))
-        call = Generation(self, model, chat, stream, include_usage)
+        call = Generation(self, model, chat, stream, include_usage, params.get("n", 1))
+        if tools is not None and params.get("n", 1) > 1:
+            raise _bad("'n' > 1 cannot be combined with tools", "n", "unsupported_parameter")
         if tools is not None:
             names = {t["name"] for t in tools[0]}
             call.tools = (tools[3] is not None, names) if tools[1] != "none" else None
             if tools[3] is not None:
                 params["grammar"] = tools[3]
-        else:
+        elif params.get("n", 1) == 1:  # (n choices are not cached: an entry holds one)
             hit = await self._cached(req, call, body, params, model, tenant, what, chat)
             if hit is not None:  # (tool calls are not cached: a cached text has no calls to give)
                 return hit
@@ -447,7 +450,8 @@ class OpenAIRoutes:
             raise service_unavailable(f"this worker has {self.inflight} generations in flight "
                                       f"(inference.max_inflight); retry shortly", "too_many_inflight")
         est = sum(len(m["content"]) for m in what["messages"]) // 3 if chat else len(what["prompt"]) // 3
-        reservation = await self._reserve(ident, est + (params["max_tokens"] or self.inf["default_max_tokens"]))
+        reservation = await self._reserve(ident, est + params.get("n", 1) * (params["max_tokens"]
+                                                                             or self.inf["default_max_tokens"]))
         breaker = self.breakers.get(f"inference:{model}")
         if breaker is not None and not breaker.allow():  # asked last: an allowed call always reaches submit
             self._settle(reservation, 0)
@@ -472,7 +476,7 @@ class OpenAIRoutes:
         except HttpError as e:  # refused for load before any byte went out: a cached class's fallback
             if e.code not in LOAD_NOT_FAILURE:
                 raise
-            again = Generation(self, model, chat, stream, include_usage)
+            again = Generation(self, model, chat, stream, include_usage, params.get("n", 1))
             return await self._fallback(req, again, body, params, model, tenant, what, chat, cls, lambda: e)
 
 

@@ -22,8 +22,9 @@ from tidegate.core.messaging.protocol import DELTA, END, ERR, http_error
 class Generation:
     """One generation in flight: turns inference events into the HTTP answer."""
 
-    def __init__(self, api, model: str, chat: bool, stream: bool, include_usage: bool):
+    def __init__(self, api, model: str, chat: bool, stream: bool, include_usage: bool, n: int = 1):
         self.api, self.model, self.chat, self.stream, self.include_usage = api, model, chat, stream, include_usage
+        self.n, self.ends = n, {}  # n > 1: the choices' END payloads by index
         self.reservation = None
         self.store = None  # (key, tenant): put the answer in the exact cache when it ends well
         self.semantic_store = None  # (namespace, tenant, text): and in the semantic cache
@@ -85,6 +86,8 @@ class Generation:
     def on_event(self, kind: str, payload) -> None:
         if self.done:
             return
+        if self.n > 1 and kind != ERR:
+            return self._choice_event(kind, payload)
         if self.tools is not None and kind != ERR:
             if kind == DELTA:  # held: whether it is a call is known once the whole text is
                 self._held += payload[0] if payload.__class__ is list else payload
@@ -144,6 +147,53 @@ class Generation:
             self.sse.write(b"data: [DONE]\n\n")
             self.sse.end()
 
+    def _choice_event(self, kind: str, payload: dict) -> None:
+        """n > 1: DELTA/END of one choice ({index, …}); the answer is complete when all n ended."""
+        self.last_event = self.first.get_loop().time()
+        if kind == DELTA and "end" in payload:  # a choice that ended while others still run
+            kind, payload = END, payload["end"]
+        i = payload["index"]
+        if self.stream:
+            if self.sse is None:
+                self.sse = Stream(on_close=self.client_left, headers=self.cache_header)
+                if not self.first.done():
+                    self.first.set_result(self.sse)
+                if self.chat:
+                    for j in range(self.n):
+                        self._chunk({"role": "assistant", "content": ""}, None, index=j)
+            if kind == DELTA:
+                self._chunk(payload["text"], None, payload["logprobs"], index=i)
+            else:
+                if payload["text"] or payload.get("logprobs"):
+                    self._chunk(payload["text"], None, payload.get("logprobs"), index=i)
+                self._chunk(None, payload["finish_reason"], index=i)
+        if kind != END:
+            return
+        self.ends[i] = payload
+        if len(self.ends) < self.n:
+            return
+        self.done = True
+        if self.counted:
+            self.counted = False
+            self.api.inflight -= 1
+        ends = [self.ends[j] for j in range(self.n)]
+        u = ends[0]["usage"]
+        completion = sum(e["usage"]["completion_tokens"] for e in ends)
+        usage = {"prompt_tokens": u["prompt_tokens"], "completion_tokens": completion,
+                 "total_tokens": u["prompt_tokens"] + completion, "cached_tokens": u["cached_tokens"]}
+        self.settle(usage["total_tokens"])
+        if not self.stream:
+            body = self._whole(dict(ends[0], usage=usage))
+            body["choices"] = [self._whole(dict(e, usage=usage))["choices"][0] | {"index": j}
+                               for j, e in enumerate(ends)]
+            if not self.first.done():
+                self.first.set_result(json_response(body, headers=self.cache_header))
+            return
+        if self.include_usage:
+            self.sse.write(b"data: " + orjson.dumps(self._envelope([], _usage(usage))) + b"\n\n")
+        self.sse.write(b"data: [DONE]\n\n")
+        self.sse.end()
+
     def client_left(self) -> None:
         """The client went away: stop its sequence at the next step. What was reserved stays
         spent (part of it was generated, and a refund must never exceed what was unused)."""
@@ -160,13 +210,13 @@ class Generation:
             out["usage"] = usage
         return out
 
-    def _chunk(self, delta, finish, lp=None) -> None:
+    def _chunk(self, delta, finish, lp=None, index: int = 0) -> None:
         logprobs = self._logprobs(lp) if lp is not None else None
         if self.chat:
             d = delta if isinstance(delta, dict) else ({"content": delta} if delta is not None else {})
-            choice = {"index": 0, "delta": d, "logprobs": logprobs, "finish_reason": finish}
+            choice = {"index": index, "delta": d, "logprobs": logprobs, "finish_reason": finish}
         else:
-            choice = {"index": 0, "text": delta or "", "logprobs": logprobs, "finish_reason": finish}
+            choice = {"index": index, "text": delta or "", "logprobs": logprobs, "finish_reason": finish}
         self.sse.write(b"data: " + orjson.dumps(self._envelope([choice])) + b"\n\n")
 
     def _logprobs(self, entries: list) -> dict:

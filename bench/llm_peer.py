@@ -1,0 +1,137 @@
+"""tidegate against llama.cpp's own llama-server (and llama-cpp-python's server when installed) on
+the same generated ~167M-parameter GGUF, side by side in one run, one at a time on this box.
+
+    python bench/llm_peer.py [--tokens 32] [--rounds 3]
+
+  throughput   aggregate completion tokens/s with 1, 4 and 16 concurrent streams (16 slots each)
+  ttft         4 tenants' ~1,500-token system prompts asked round-robin with 2 slots: time to the
+               first streamed chunk (prefix tiers vs llama-server's slot prompt cache)
+  constrained  tidegate, one stream: tokens/s with a json_schema response_format vs without
+
+Targets (issue 14): >= 1.0x llama-server at every stream count, TTFT <= 0.5x of llama-server's,
+constrained >= 0.8x unconstrained. llama-server is built once from the sources vendored in the
+llama-cpp-python sdist (bench/llama_server.py, cached under bench/.cache).
+"""
+from __future__ import annotations
+
+import argparse
+import http.client
+import json
+import os
+import statistics
+import subprocess
+import sys
+import tempfile
+import threading
+import time
+
+sys.path.insert(0, os.path.dirname(os.path.abspath(__file__)))
+import llama_server  # noqa: E402
+import llm_bench as B  # noqa: E402
+import servers as S  # noqa: E402
+
+from tidegate.core.llm.demo_model import make_demo  # noqa: E402
+
+SCHEMA = {"type": "object", "additionalProperties": False, "required": ["name", "tags"],
+          "properties": {"name": {"type": "string", "maxLength": 40},
+                         "tags": {"type": "array", "items": {"type": "string", "maxLength": 12}, "maxItems": 6}}}
+
+
+def start_llama_server(tmp: str, model: str, slots: int, n_ctx: int) -> S.Server:
+    port = S.free_port()
+    exe = llama_server.binary()
+    srv = S.Server("llama-server", [exe, "-m", model, "--host", "127.0.0.1", "--port", str(port), "-np", str(slots),
+                                    "-c", str(slots * n_ctx), "-t", str(os.cpu_count() or 2), "--no-warmup"],
+                   port, tmp)
+    srv.start()
+    B.wait_model(port)
+    return srv
+
+
+def start_tidegate(tmp: str, model: str, slots: int, n_ctx: int) -> S.Server:
+    return B.start(tmp, model, max_seqs=slots, n_ctx=n_ctx)
+
+
+def streams(port: int, n: int, tokens: int, tag: str) -> float:
+    results = []
+
+    def one(i):
+        results.append(B.stream(port, f"Stream {tag} {n}-{i}: tell me about parcels.", tokens))
+    threads = [threading.Thread(target=one, args=(i,)) for i in range(n)]
+    t0 = time.perf_counter()
+    for t in threads:
+        t.start()
+    for t in threads:
+        t.join()
+    return sum(r[1] for r in results) / (time.perf_counter() - t0)
+
+
+def chat_tokens_per_s(port: int, fmt, n: int, tokens: int) -> float:
+    total, t0 = 0, time.perf_counter()
+    for i in range(n):
+        body = {"model": "bench", "messages": [{"role": "user", "content": f"Describe parcel {i}."}],
+                "max_tokens": tokens, "temperature": 0}
+        if fmt:
+            body["response_format"] = fmt
+        conn = http.client.HTTPConnection("127.0.0.1", port, timeout=600)
+        conn.request("POST", "/v1/chat/completions", json.dumps(body), {"Content-Type": "application/json"})
+        r = json.loads(conn.getresponse().read())
+        conn.close()
+        total += r["usage"]["completion_tokens"]
+    return total / (time.perf_counter() - t0)
+
+
+def main() -> None:
+    ap = argparse.ArgumentParser(description=__doc__, formatter_class=argparse.RawDescriptionHelpFormatter)
+    ap.add_argument("--tokens", type=int, default=32)
+    ap.add_argument("--rounds", type=int, default=3, help="runs per measure; the median is printed")
+    args = ap.parse_args()
+    tmp = tempfile.mkdtemp(prefix="tidegate-peer-")
+    print("building the ~167M-parameter benchmark model ...", flush=True)
+    model = make_demo(os.path.join(tmp, "bench.gguf"), "bench")
+    print(f"llama-server: {llama_server.binary()}", flush=True)
+    peers = {"tidegate": start_tidegate, "llama-server": start_llama_server}
+    tput: dict = {}
+    for name, start in peers.items():
+        srv = start(os.path.join(tmp, name + "-tput"), model, 16, 512)
+        try:
+            streams(srv.port, 4, args.tokens, "warm")
+            for n in (1, 4, 16):
+                tput[(name, n)] = statistics.median(streams(srv.port, n, args.tokens, f"{name}{r}")
+                                                    for r in range(args.rounds))
+                print(f"  {name:13} {n:2} streams: {tput[(name, n)]:7.1f} tokens/s", flush=True)
+        finally:
+            srv.stop()
+    ttft: dict = {}
+    for name, start in peers.items():
+        srv = start(os.path.join(tmp, name + "-ttft"), model, 2, 2048)
+        try:
+            firsts = []
+            for r in range(args.rounds + 1):
+                for tenant in range(4):
+                    f = B.stream(srv.port, B.system_prompt(tenant) + f"Question {r}?", 1)[0]
+                    if r:  # round 0 only fills the caches
+                        firsts.append(f)
+            ttft[name] = statistics.median(firsts)
+            print(f"  {name:13} TTFT, 4 tenants round-robin on 2 slots: {ttft[name] * 1000:.1f} ms", flush=True)
+        finally:
+            srv.stop()
+    srv = start_tidegate(os.path.join(tmp, "constrained"), model, 4, 1024)
+    try:
+        fmt = {"type": "json_schema", "json_schema": {"name": "parcel", "schema": SCHEMA}}
+        plain = statistics.median(chat_tokens_per_s(srv.port, None, 4, 64) for _ in range(args.rounds))
+        constrained = statistics.median(chat_tokens_per_s(srv.port, fmt, 4, 64) for _ in range(args.rounds))
+    finally:
+        srv.stop()
+    print("\ntidegate vs llama-server (same GGUF, same box, medians of", args.rounds, "runs)")
+    for n in (1, 4, 16):
+        print(f"  {n:2} streams: {tput[('tidegate', n)]:7.1f} vs {tput[('llama-server', n)]:7.1f} tokens/s = "
+              f"{tput[('tidegate', n)] / tput[('llama-server', n)]:.2f}x (target >= 1.0x)")
+    print(f"  TTFT interleaved tenants: {ttft['tidegate'] * 1000:.1f} vs {ttft['llama-server'] * 1000:.1f} ms = "
+          f"{ttft['tidegate'] / ttft['llama-server']:.2f}x (target <= 0.5x)")
+    print(f"  constrained (json_schema) vs unconstrained, tidegate: {constrained:.1f} vs {plain:.1f} tokens/s = "
+          f"{constrained / plain:.2f}x (target >= 0.8x)")
+
+
+if __name__ == "__main__":
+    main()
