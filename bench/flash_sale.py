@@ -45,7 +45,10 @@ def daemon(tmp: str, shed: bool) -> S.Server:
         from tidegate.workers import load_config
         demo.load_rows(load_config(os.path.join(root, "tidegate.toml")), root, TENANT)
     text = demo.config_text(root, "", f"127.0.0.1:{port}").replace("[inference]\nenabled = false", "[inference]")
-    text = text.replace("[server]\n", "[server]\nworkers = 1\nmax_connections = 20000\n", 1)
+    # one ingress worker; llama.cpp (one thread) yields the CPU it shares with the ingress worker
+    # and the load generator on this 2-core box
+    text = text.replace("[server]\n", "[server]\nworkers = 1\nmax_connections = 20000\n"
+                                       "nice = {inference = 5, embedder = 5, views = 10}\n", 1)
     keys = [{"key_sha256": hash_key(k), "tenant": TENANT, "name": name.lower(), "class": cls}
             for name, (k, cls) in KEYS.items()]
     policy = {"critical": "never", "standard": "reject", "background": "cached"} if shed else dict.fromkeys(

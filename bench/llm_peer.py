@@ -38,6 +38,8 @@ SCHEMA = {"type": "object", "additionalProperties": False, "required": ["name", 
 
 
 def start_llama_server(tmp: str, model: str, slots: int, n_ctx: int) -> S.Server:
+    os.makedirs(tmp, exist_ok=True)
+    S.SERVER_CPU = "0-1"  # both cores, as tidegate gets
     port = S.free_port()
     exe = llama_server.binary()
     srv = S.Server("llama-server", [exe, "-m", model, "--host", "127.0.0.1", "--port", str(port), "-np", str(slots),
@@ -49,6 +51,7 @@ def start_llama_server(tmp: str, model: str, slots: int, n_ctx: int) -> S.Server
 
 
 def start_tidegate(tmp: str, model: str, slots: int, n_ctx: int) -> S.Server:
+    os.makedirs(tmp, exist_ok=True)
     return B.start(tmp, model, max_seqs=slots, n_ctx=n_ctx)
 
 
@@ -66,10 +69,10 @@ def streams(port: int, n: int, tokens: int, tag: str) -> float:
     return sum(r[1] for r in results) / (time.perf_counter() - t0)
 
 
-def chat_tokens_per_s(port: int, fmt, n: int, tokens: int) -> float:
+def chat_tokens_per_s(port: int, fmt, n: int, tokens: int, tag: str) -> float:
     total, t0 = 0, time.perf_counter()
-    for i in range(n):
-        body = {"model": "bench", "messages": [{"role": "user", "content": f"Describe parcel {i}."}],
+    for i in range(n):  # prompts never asked before: no cached answer
+        body = {"model": "bench", "messages": [{"role": "user", "content": f"Describe parcel {tag}-{i}."}],
                 "max_tokens": tokens, "temperature": 0}
         if fmt:
             body["response_format"] = fmt
@@ -119,8 +122,8 @@ def main() -> None:
     srv = start_tidegate(os.path.join(tmp, "constrained"), model, 4, 1024)
     try:
         fmt = {"type": "json_schema", "json_schema": {"name": "parcel", "schema": SCHEMA}}
-        plain = statistics.median(chat_tokens_per_s(srv.port, None, 4, 64) for _ in range(args.rounds))
-        constrained = statistics.median(chat_tokens_per_s(srv.port, fmt, 4, 64) for _ in range(args.rounds))
+        plain = statistics.median(chat_tokens_per_s(srv.port, None, 4, 64, f"p{r}") for r in range(args.rounds))
+        constrained = statistics.median(chat_tokens_per_s(srv.port, fmt, 4, 64, f"c{r}") for r in range(args.rounds))
     finally:
         srv.stop()
     print("\ntidegate vs llama-server (same GGUF, same box, medians of", args.rounds, "runs)")
