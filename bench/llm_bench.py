@@ -140,23 +140,28 @@ def ttft(model: str, samples: int) -> None:
         print(f"  {k:5} {med[k] * 1000:9.1f} ms{ratio}")
 
 
+def concurrent(port: int, n: int, tokens: int, tag: str = "") -> tuple[list, float]:
+    """n streamed completions at once: ([(first chunk s, tokens, total s)], wall seconds)."""
+    results = []
+
+    def one(i):
+        results.append(stream(port, f"Stream {tag}{n}-{i}: tell me about parcels.", tokens))
+    threads = [threading.Thread(target=one, args=(i,)) for i in range(n)]
+    t0 = time.perf_counter()
+    for t in threads:
+        t.start()
+    for t in threads:
+        t.join()
+    return results, time.perf_counter() - t0
+
+
 def throughput(model: str, tokens: int) -> None:
     tmp = tempfile.mkdtemp(prefix="tidegate-tput-")
     srv = start(tmp, model, max_seqs=16, n_ctx=512)
     out = {}
     try:
         for n in (1, 4, 16):
-            results = []
-
-            def one(i):
-                results.append(stream(srv.port, f"Stream {n}-{i}: tell me about parcels.", tokens))
-            threads = [threading.Thread(target=one, args=(i,)) for i in range(n)]
-            t0 = time.perf_counter()
-            for t in threads:
-                t.start()
-            for t in threads:
-                t.join()
-            wall = time.perf_counter() - t0
+            results, wall = concurrent(srv.port, n, tokens)
             total = sum(r[1] for r in results)
             out[n] = total / wall
             print(f"  {n:2} streams: {total} tokens in {wall:.2f} s = {out[n]:.1f} tokens/s "

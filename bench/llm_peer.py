@@ -19,10 +19,8 @@ import http.client
 import json
 import os
 import statistics
-import subprocess
 import sys
 import tempfile
-import threading
 import time
 
 sys.path.insert(0, os.path.dirname(os.path.abspath(__file__)))
@@ -56,17 +54,9 @@ def start_tidegate(tmp: str, model: str, slots: int, n_ctx: int) -> S.Server:
 
 
 def streams(port: int, n: int, tokens: int, tag: str) -> float:
-    results = []
-
-    def one(i):
-        results.append(B.stream(port, f"Stream {tag} {n}-{i}: tell me about parcels.", tokens))
-    threads = [threading.Thread(target=one, args=(i,)) for i in range(n)]
-    t0 = time.perf_counter()
-    for t in threads:
-        t.start()
-    for t in threads:
-        t.join()
-    return sum(r[1] for r in results) / (time.perf_counter() - t0)
+    """Aggregate completion tokens/s of n concurrent streams."""
+    results, wall = B.concurrent(port, n, tokens, tag + " ")
+    return sum(r[1] for r in results) / wall
 
 
 def chat_tokens_per_s(port: int, fmt, n: int, tokens: int, tag: str) -> float:
