@@ -112,6 +112,8 @@ class Engine:
             raise LlamaError(f"llama_decode failed with {rc} (KV cache full?)")
 
     def sample(self, sampler, index: int) -> int:
+        if sampler.__class__ is LazyGrammar:
+            return sampler.sample(self.ctx, index)
         return L.llama_sampler_sample(sampler, self.ctx, index)
 
     def logprobs(self, index: int, token: int, k: int) -> tuple[float, list[tuple[int, float]]]:
@@ -180,14 +182,20 @@ def make_sampler(n_vocab: int, temperature: float, top_p: float, top_k: int, min
                  repeat: float = 1.0, grammar: str | None = None, vocab=None):
     """A llama.cpp sampler chain for one sequence (free with free_sampler). presence/frequency:
     OpenAI's penalties; repeat: llama.cpp's multiplicative one (1 = off); grammar: GBNF every
-    token must keep the output inside (first in the chain: the others choose among what it allows)."""
+    token must keep the output inside (a LazyGrammar around the chain)."""
     chain = L.llama_sampler_chain_init(L.llama_sampler_chain_default_params())
     if grammar:
         g = L.llama_sampler_init_grammar(vocab, grammar.encode(), b"root")
         if not g:
             L.llama_sampler_free(chain)
             raise LlamaError("the grammar does not parse")
-        L.llama_sampler_chain_add(chain, g)
+        _fill_chain(chain, n_vocab, temperature, top_p, top_k, min_p, seed, logit_bias, presence, frequency, repeat)
+        return LazyGrammar(chain, g, n_vocab)
+    return _fill_chain(chain, n_vocab, temperature, top_p, top_k, min_p, seed, logit_bias, presence, frequency,
+                       repeat)
+
+
+def _fill_chain(chain, n_vocab, temperature, top_p, top_k, min_p, seed, logit_bias, presence, frequency, repeat):
     if presence or frequency or repeat != 1.0:
         L.llama_sampler_chain_add(chain, L.llama_sampler_init_penalties(n_vocab, PENALTY_LAST_N, repeat, frequency,
                                                                           presence))
@@ -210,6 +218,52 @@ def make_sampler(n_vocab: int, temperature: float, top_p: float, top_k: int, min
     return chain
 
 
+_TOKEN_DATA = np.dtype([("id", np.int32), ("logit", np.float32), ("p", np.float32)])
+
+
+class LazyGrammar:
+    """A sampler chain and a grammar applied lazily, as llama.cpp's common sampler does: the chain
+    picks from the raw logits, and only when the grammar rejects that token are the candidates
+    filtered by the grammar and the chain applied again. Checking one token instead of the whole
+    vocabulary each step is what keeps constrained decoding near unconstrained speed."""
+
+    def __init__(self, chain, grammar, n_vocab: int):
+        self.chain, self.grammar, self.n = chain, grammar, n_vocab
+        self.buf = (L.llama_token_data * n_vocab)()
+        self.view = np.frombuffer(self.buf, dtype=_TOKEN_DATA)
+        self.ids = np.arange(n_vocab, dtype=np.int32)
+        self.one = (L.llama_token_data * 1)()
+        ptr = ctypes.POINTER(L.llama_token_data)
+        self.arr = L.llama_token_data_array(ctypes.cast(self.buf, ptr), n_vocab, -1, False)
+        self.arr1 = L.llama_token_data_array(ctypes.cast(self.one, ptr), 1, -1, False)
+
+    def _candidates(self, logits) -> None:
+        v = self.view
+        v["id"], v["logit"], v["p"] = self.ids, logits, 0.0
+        self.arr.size, self.arr.selected, self.arr.sorted = self.n, -1, False
+
+    def sample(self, ctx, index: int) -> int:
+        logits = np.ctypeslib.as_array(L.llama_get_logits_ith(ctx, index), shape=(self.n,))
+        self._candidates(logits)
+        L.llama_sampler_apply(self.chain, ctypes.byref(self.arr))
+        tok = self.buf[self.arr.selected].id
+        self.one[0].id, self.one[0].logit, self.one[0].p = tok, 1.0, 0.0
+        self.arr1.size, self.arr1.selected, self.arr1.sorted = 1, -1, False
+        L.llama_sampler_apply(self.grammar, ctypes.byref(self.arr1))
+        if not math.isfinite(self.one[0].logit):  # rejected: choose again among what the grammar allows
+            self._candidates(logits)
+            L.llama_sampler_apply(self.grammar, ctypes.byref(self.arr))
+            L.llama_sampler_apply(self.chain, ctypes.byref(self.arr))
+            tok = self.buf[self.arr.selected].id
+        L.llama_sampler_accept(self.grammar, tok)
+        L.llama_sampler_accept(self.chain, tok)
+        return tok
+
+    def free(self) -> None:
+        L.llama_sampler_free(self.grammar)
+        L.llama_sampler_free(self.chain)
+
+
 def grammar_parses(vocab, grammar: str) -> bool:
     g = L.llama_sampler_init_grammar(vocab, grammar.encode(), b"root")
     if not g:
@@ -219,7 +273,10 @@ def grammar_parses(vocab, grammar: str) -> bool:
 
 
 def free_sampler(chain) -> None:
-    L.llama_sampler_free(chain)
+    if chain.__class__ is LazyGrammar:
+        chain.free()
+    else:
+        L.llama_sampler_free(chain)
 
 
 def model_fingerprint(path: str) -> str:
