@@ -123,7 +123,7 @@ def test_a_full_disk_answers_503_and_resumes_when_space_returns(daemon_factory, 
         t = threading.Thread(target=_writer, args=(d, stop, acked, refused))
         t.start()
         time.sleep(0.3)
-        with open(filler, "wb") as f:  # take the rest of the disk
+        with open(filler, "wb", buffering=0) as f:  # take the rest of the disk (unbuffered: close cannot fail)
             try:
                 while True:
                     f.write(b"\0" * 65536)
