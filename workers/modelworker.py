@@ -15,9 +15,10 @@ import time
 
 import numpy as np
 
+from tidegate.core.base.config import CLASSES
 from tidegate.core.base.jsonlog import log
 from tidegate.core.messaging import endpoints, protocol
-from tidegate.core.overload.pressure import CLASSES, ClassMonitor, Publisher
+from tidegate.core.overload.pressure import ClassMonitor, Publisher
 from tidegate.core.predict.models import Model, check_inputs
 from tidegate.core.predict.pipeline import plan_for
 from tidegate.core.runtime.loop import BlockingWorker, run_blocking_worker

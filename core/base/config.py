@@ -157,7 +157,7 @@ def _fractions(names):
 
 def _class_counts(v):
     for k, n in v.items():
-        if k not in ("critical", "standard", "background"):
+        if k not in CLASSES:
             return f"unknown traffic class {k!r} (critical, standard, background)"
         if not isinstance(n, int) or isinstance(n, bool) or n < 0:
             return f"{k}: must be an integer >= 0"
@@ -181,13 +181,13 @@ def _overrides(v):
 
 
 def _class_seconds(v):
-    for k in ("critical", "standard", "background"):
+    for k in CLASSES:
         n = v.get(k)
         if isinstance(n, int) and not isinstance(n, bool):
             v[k] = n = float(n)
         if not isinstance(n, float) or not n > 0:
             return f"{k}: needs a number of seconds > 0 for each of critical, standard, background"
-    unknown = set(v) - {"critical", "standard", "background"}
+    unknown = set(v) - set(CLASSES)
     return f"unknown traffic class(es) {', '.join(sorted(unknown))}" if unknown else None
 
 

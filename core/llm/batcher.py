@@ -25,7 +25,8 @@ from tidegate.core.base.jsonlog import log
 from tidegate.core.llm.chat_template import render_chat
 from tidegate.core.llm.engine import Engine, LlamaError, free_sampler, grammar_parses, make_sampler
 from tidegate.core.llm.prefix_cache import DiskTier, RamTier, block_names, common_blocks
-from tidegate.core.llm.scheduler import CLASSES, QueueFull, Scheduler
+from tidegate.core.base.config import CLASSES
+from tidegate.core.llm.scheduler import QueueFull, Scheduler
 from tidegate.core.messaging.protocol import DELTA, EMB, END, error_event
 from tidegate.core.runtime.loop import RequestError
 
@@ -144,11 +145,11 @@ class Batcher:
         left = [n]  # choices not finished yet: only the last one's END closes the request
         for i, seq in enumerate(seqs):                                                            # unserved after wait
             seq.choice, seq.n, seq.lead, seq.left = i, n, seqs[0] if i else None, left
-        if self.sched.depth[seqs[0].cls] + n > self.sched.queue_max[seqs[0].cls]:
+        try:
+            self.sched.submit_all(seqs, seqs[0].cls)
+        except QueueFull:
             raise RequestError(503, f"too many {seqs[0].cls} requests are waiting for the model; retry shortly",
-                               "queue_full", None)
-        for seq in seqs:
-            self.sched.submit(seq, seq.cls)
+                               "queue_full", None) from None
 
     def cancel(self, peer: bytes, rid) -> None:
         for s in self.slots:
@@ -357,10 +358,14 @@ class Batcher:
                 self.to_save.append((seq, slot))
                 if seq.n > 1:
                     self._followers_join(seq, now)
-            tok = self.engine.sample(seq.sampler, seq.logit_index)
-            if seq.logprobs is not None and not self.engine.is_eog(tok):
-                seq.lp.append(self._logprob(seq.logit_index, tok, seq.logprobs))
-            self._accept(seq, slot, tok)
+            self._take(seq, slot, seq.logit_index)
+
+    def _take(self, seq: Seq, slot: Slot, index: int) -> None:
+        """Sample seq's next token from the logits at batch position index, note its logprobs, accept it."""
+        tok = self.engine.sample(seq.sampler, index)
+        if seq.logprobs is not None and not self.engine.is_eog(tok):
+            seq.lp.append(self._logprob(index, tok, seq.logprobs))
+        self._accept(seq, slot, tok)
 
     def _followers_join(self, lead: Seq, now: float) -> None:
         """The lead's prompt is in: each choice waiting for it copies the KV and samples its first
@@ -372,10 +377,7 @@ class Batcher:
             self.engine.seq_copy(lead.slot, f.slot, lead.n_past)
             f.n_past, f.n_cached, f.wait_lead, f.first_token_at = lead.n_past, lead.n_past, False, now
             s.names = lead.names
-            tok = self.engine.sample(f.sampler, lead.logit_index)
-            if f.logprobs is not None and not self.engine.is_eog(tok):
-                f.lp.append(self._logprob(lead.logit_index, tok, f.logprobs))
-            self._accept(f, s, tok)
+            self._take(f, s, lead.logit_index)
 
     def _logprob(self, index: int, tok: int, k: int) -> list:
         """[token text, logprob, bytes, [[text, logprob, bytes], ...]]: one entry of logprobs."""

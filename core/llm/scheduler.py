@@ -19,7 +19,8 @@ from __future__ import annotations
 
 from collections import deque
 
-CLASSES = ("critical", "standard", "background")
+from tidegate.core.base.config import CLASSES
+
 PROMPT_WEIGHT, OUTPUT_WEIGHT = 1.0, 2.0
 
 
@@ -52,6 +53,13 @@ class Scheduler:
             self.counters[cls][t] = max(self.counters[cls].get(t, 0.0), min(live) if live else 0.0)
         qs.setdefault(t, deque()).append(item)
         self.depth[cls] += 1
+
+    def submit_all(self, items: list, cls: str) -> None:
+        """Queue items together (the n choices of one request) or none: QueueFull when they do not all fit."""
+        if self.depth[cls] + len(items) > self.queue_max[cls]:
+            raise QueueFull(cls)
+        for item in items:
+            self.submit(item, cls)
 
     def _tenant(self, item) -> str:
         return getattr(item, "tenant", "") if self.fair else ""

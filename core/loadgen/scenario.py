@@ -26,7 +26,7 @@ import random
 import string
 import tomllib
 
-CLASSES = ("critical", "standard", "background")
+from tidegate.core.base.config import CLASSES
 
 
 class ScenarioError(ValueError):

@@ -20,8 +20,7 @@ class Classes:
         an open gateway's anonymous caller)."""
         if declared:
             return declared
-        if self.routes:
-            for prefix, cls in self.routes:
-                if path.startswith(prefix):
-                    return cls
+        for prefix, cls in self.routes:
+            if path.startswith(prefix):
+                return cls
         return caller_class or self.default

@@ -19,9 +19,9 @@ import time
 import orjson
 import zmq
 
+from tidegate.core.base.config import CLASSES
 from tidegate.ext.ringbuf import Window
 
-CLASSES = ("critical", "standard", "background")
 STALE_S, IDLE_PUBLISH_S = 1.0, 0.5
 
 
@@ -91,9 +91,6 @@ class LoopLag:
         late = self.samples.share_at_least(self.target)
         self.overloaded = late > (self.share / 2 if self.overloaded else self.share)
         self.handle = self.loop.call_later(self.every, self._tick, now + self.every)
-
-    def shed(self) -> list[str]:
-        return ["background"] if self.overloaded else []
 
     def close(self) -> None:
         self.handle.cancel()

@@ -11,16 +11,17 @@ overload (the supervisor's memory and fd watch) sheds every class but critical t
 """
 from __future__ import annotations
 
+from tidegate.core.base.config import CLASSES
 from tidegate.core.http.http11 import service_unavailable
 
 POLICIES = ("never", "reject", "cached")
 
 
 def policy_problem(v, cfg=None) -> str | None:
-    for c in ("critical", "standard", "background"):
+    for c in CLASSES:
         if v.get(c) not in POLICIES:
             return f"{c}: needs a policy, one of {', '.join(POLICIES)}"
-    extra = set(v) - {"critical", "standard", "background"}
+    extra = set(v) - set(CLASSES)
     return f"unknown traffic class(es) {', '.join(sorted(extra))}" if extra else None
 
 
@@ -31,7 +32,7 @@ class Shedder:
         self.lag = lag            # LoopLag: this ingress worker's own pressure
         self.forced: set = set()  # classes an operator sheds now (admin shed on|off)
         self.box = False          # box-level overload: every class but critical is shed
-        self.stats = {f"shed_{c}_{k}": 0 for c in ("critical", "standard", "background")
+        self.stats = {f"shed_{c}_{k}": 0 for c in CLASSES
                       for k in ("stale", "approximate", "fallback", "rejected")}
 
     def check(self, cls: str, source: str) -> int | None:

@@ -69,6 +69,10 @@ def test_classes_deadlines_and_what_shed_requests_get(daemon_factory, demo_model
     r = request(d.port, "POST", "/v1/embeddings", json.dumps({"model": "demo", "input": "hi"}).encode(),
                 headers={"Authorization": f"Bearer {BG}"})
     assert r.status == 503 and r.json()["error"]["code"] == "shed"  # embeddings: shed, nothing cached to give
+    r = request(d.port, "POST", "/v1/chat/completions", json.dumps({
+        "model": "demo", "messages": [{"role": "user", "content": "Anything"}], "max_tokens": 4, "n": 2}).encode(),
+        headers={"Authorization": f"Bearer {BG}"})
+    assert r.status == 503 and r.json()["error"]["code"] == "shed"  # no one cached answer stands for n choices
     r = ask(d, VIP, "Anything")  # tenant vip is critical: never shed
     assert r.status == 200 and "x-tidegate-shed" not in r.headers
     r = ask(d, BG, "Anything", model="demo-critical")  # the model's class wins over the key's
@@ -78,7 +82,7 @@ def test_classes_deadlines_and_what_shed_requests_get(daemon_factory, demo_model
     assert metric(d, "tidegate_shed_background_fallback_total") == 2
     assert metric(d, "tidegate_semantic_approximate_total") == 1
     assert metric(d, "tidegate_shed_standard_rejected_total") == 1
-    assert metric(d, "tidegate_shed_background_rejected_total") == 1
+    assert metric(d, "tidegate_shed_background_rejected_total") == 2
 
 
 def test_box_level_overload_closes_keepalives_sheds_and_stops_accepting(daemon_factory, demo_model):

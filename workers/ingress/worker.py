@@ -274,6 +274,7 @@ class IngressWorker:
         elif "accept" not in actions and not self.accepting and not self.draining and \
                 len(self.http.conns) < self.cfg["server"]["max_connections"]:
             asyncio.ensure_future(self._start_accepting())
+            self.accepting = True  # now: a second BOX before it runs must not start a second server
         log.warning("box-level overload", actions=", ".join(sorted(actions)) or "none")
 
     # ---- durable stores: opened under their locks, handed over on reload ------------------------

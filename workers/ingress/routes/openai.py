@@ -17,6 +17,7 @@ import asyncio
 import base64
 import math
 import time
+from collections import namedtuple
 
 import numpy as np
 
@@ -34,6 +35,7 @@ from tidegate.workers.ingress.guard import caller, refusal_error
 from tidegate.workers.ingress.routes.replies import Generation
 
 ROLES = ("system", "developer", "user", "assistant", "tool")
+ToolPlan = namedtuple("ToolPlan", "tools choice grammar")  # grammar: set when a call is forced
 # what each route honours; anything else is a 400 naming it (never silently dropped)
 SAMPLING = {"model", "max_tokens", "temperature", "top_p", "top_k", "min_p", "seed", "stop", "logit_bias", "stream",
             "stream_options", "n", "presence_penalty", "frequency_penalty", "repeat_penalty", "user"}
@@ -265,14 +267,14 @@ class OpenAIRoutes:
         self._known(body, CHAT_FIELDS)
         model = self._model(body)
         msgs = self._messages(body)
-        what, tools = {"messages": msgs}, self._tools(body)
-        if tools is not None:
-            what["tools"] = tools[0]
-        return await self._generate(req, body, model, what, chat=True, tools=tools)
+        what, plan = {"messages": msgs}, self._tools(body)
+        if plan is not None:
+            what["tools"] = plan.tools
+        return await self._generate(req, body, model, what, chat=True, tools=plan)
 
     @staticmethod
     def _tools(body: dict):
-        """(tools, choice, parallel, grammar) for a request with tools, else None."""
+        """The request's ToolPlan, else None."""
         if "tools" not in body:
             if body.get("tool_choice") is not None or body.get("parallel_tool_calls") is not None:
                 raise _bad("'tool_choice' and 'parallel_tool_calls' need 'tools'",
@@ -289,7 +291,7 @@ class OpenAIRoutes:
         grammar = grammar_for_calls(tools, choice, parallel)
         if grammar is not None and body.get("response_format") not in (None, {"type": "text"}):
             raise _bad("'response_format' cannot be combined with a forced tool call", "response_format")
-        return tools, choice, parallel, grammar
+        return ToolPlan(tools, choice, grammar)
 
     async def completions(self, req):
         body = self._body(req)
@@ -336,8 +338,8 @@ class OpenAIRoutes:
         route allows approximations (overload.approximate), the model's fallback_text; anything
         else the HttpError refusal() makes. Never the model."""
         sh = self.shedder
-        if sh is None or not sh.cached(cls):
-            raise refusal()
+        if sh is None or not sh.cached(cls) or call.n > 1 or call.tools is not None:
+            raise refusal()  # a cached entry is one plain answer: not n choices, not tool calls
         if self.exact is not None and self.exact.enabled and (reproducible(params) or self.cfg["cache"]["exact_any"]):
             entry = await self.exact.get(cache_key(tenant, model, "chat" if chat else "completions",
                                                    dict(body, **what)), stale=True)
@@ -434,10 +436,10 @@ class OpenAIRoutes:
         if tools is not None and params.get("n", 1) > 1:
             raise _bad("'n' > 1 cannot be combined with tools", "n", "unsupported_parameter")
         if tools is not None:
-            names = {t["name"] for t in tools[0]}
-            call.tools = (tools[3] is not None, names) if tools[1] != "none" else None
-            if tools[3] is not None:
-                params["grammar"] = tools[3]
+            if tools.choice != "none":
+                call.tools = (tools.grammar is not None, {t["name"] for t in tools.tools})
+            if tools.grammar is not None:
+                params["grammar"] = tools.grammar
         elif params.get("n", 1) == 1:  # (n choices are not cached: an entry holds one)
             hit = await self._cached(req, call, body, params, model, tenant, what, chat)
             if hit is not None:  # (tool calls are not cached: a cached text has no calls to give)

@@ -35,7 +35,7 @@ class Generation:
         self.sse: Stream | None = None
         self.rid = 0
         self._full_text = ""  # streamed deltas so far, for the exact cache
-        self._offset = 0  # completions logprobs: text_offset of the next token
+        self._offsets: dict[int, int] = {}  # completions logprobs: text_offset of each choice's next token
         self.tools = None  # (forced, names) when the answer may be tool calls: the text is held and parsed at END
         self._held = ""
         self.last_event = 0.0  # loop time of the last inference event (the watchdog reads it)
@@ -120,7 +120,8 @@ class Generation:
             if kind == END:
                 self.settle(payload["usage"]["total_tokens"])
                 if not self.first.done():
-                    self.first.set_result(json_response(self._whole(payload), headers=self.cache_header))
+                    self.first.set_result(json_response(self._whole([payload], payload["usage"]),
+                                                        headers=self.cache_header))
             return
         lp = None
         if kind == DELTA and payload.__class__ is list:  # [text, logprob entries] (logprobs asked for)
@@ -128,11 +129,7 @@ class Generation:
         if kind == DELTA and (self.store or self.semantic_store):
             self._full_text += payload
         if self.sse is None:
-            self.sse = Stream(on_close=self.client_left, headers=self.cache_header)
-            if not self.first.done():
-                self.first.set_result(self.sse)
-            if self.chat:  # the first chat chunk announces the role
-                self._chunk({"role": "assistant", "content": ""}, None)
+            self._open_stream()
         if kind == DELTA:
             self._chunk(payload, None, lp)
         elif kind == END:
@@ -147,6 +144,14 @@ class Generation:
             self.sse.write(b"data: [DONE]\n\n")
             self.sse.end()
 
+    def _open_stream(self) -> None:
+        self.sse = Stream(on_close=self.client_left, headers=self.cache_header)
+        if not self.first.done():
+            self.first.set_result(self.sse)
+        if self.chat:  # each choice's first chunk announces the role
+            for j in range(self.n):
+                self._chunk({"role": "assistant", "content": ""}, None, index=j)
+
     def _choice_event(self, kind: str, payload: dict) -> None:
         """n > 1: DELTA/END of one choice ({index, …}); the answer is complete when all n ended."""
         self.last_event = self.first.get_loop().time()
@@ -155,12 +160,7 @@ class Generation:
         i = payload["index"]
         if self.stream:
             if self.sse is None:
-                self.sse = Stream(on_close=self.client_left, headers=self.cache_header)
-                if not self.first.done():
-                    self.first.set_result(self.sse)
-                if self.chat:
-                    for j in range(self.n):
-                        self._chunk({"role": "assistant", "content": ""}, None, index=j)
+                self._open_stream()
             if kind == DELTA:
                 self._chunk(payload["text"], None, payload["logprobs"], index=i)
             else:
@@ -183,11 +183,8 @@ class Generation:
                  "total_tokens": u["prompt_tokens"] + completion, "cached_tokens": u["cached_tokens"]}
         self.settle(usage["total_tokens"])
         if not self.stream:
-            body = self._whole(dict(ends[0], usage=usage))
-            body["choices"] = [self._whole(dict(e, usage=usage))["choices"][0] | {"index": j}
-                               for j, e in enumerate(ends)]
             if not self.first.done():
-                self.first.set_result(json_response(body, headers=self.cache_header))
+                self.first.set_result(json_response(self._whole(ends, usage), headers=self.cache_header))
             return
         if self.include_usage:
             self.sse.write(b"data: " + orjson.dumps(self._envelope([], _usage(usage))) + b"\n\n")
@@ -211,7 +208,7 @@ class Generation:
         return out
 
     def _chunk(self, delta, finish, lp=None, index: int = 0) -> None:
-        logprobs = self._logprobs(lp) if lp is not None else None
+        logprobs = self._logprobs(lp, index) if lp is not None else None
         if self.chat:
             d = delta if isinstance(delta, dict) else ({"content": delta} if delta is not None else {})
             choice = {"index": index, "delta": d, "logprobs": logprobs, "finish_reason": finish}
@@ -219,16 +216,17 @@ class Generation:
             choice = {"index": index, "text": delta or "", "logprobs": logprobs, "finish_reason": finish}
         self.sse.write(b"data: " + orjson.dumps(self._envelope([choice])) + b"\n\n")
 
-    def _logprobs(self, entries: list) -> dict:
+    def _logprobs(self, entries: list, index: int = 0) -> dict:
         """The inference worker's [token, logprob, bytes, top] entries in the route's shape."""
         if self.chat:
             return {"content": [{"token": t, "logprob": v, "bytes": b,
                                  "top_logprobs": [{"token": tt, "logprob": tv, "bytes": tb} for tt, tv, tb in top]}
                                 for t, v, b, top in entries], "refusal": None}
-        offsets = []
+        offsets, at = [], self._offsets.get(index, 0)
         for t, *_ in entries:
-            offsets.append(self._offset)
-            self._offset += len(t)
+            offsets.append(at)
+            at += len(t)
+        self._offsets[index] = at
         return {"tokens": [e[0] for e in entries], "token_logprobs": [e[1] for e in entries],
                 "top_logprobs": [{tt: tv for tt, tv, _ in e[3]} for e in entries], "text_offset": offsets}
 
@@ -246,17 +244,20 @@ class Generation:
             return dict(end, text=text)
         return dict(end, text="", tool_calls=calls, finish_reason="tool_calls")
 
-    def _whole(self, end: dict) -> dict:
-        lp = self._logprobs(end["logprobs"]) if end.get("logprobs") is not None else None
-        if self.chat:
-            message = {"role": "assistant", "content": end["text"]}
-            if end.get("tool_calls"):
-                message = {"role": "assistant", "content": None, "tool_calls": end["tool_calls"]}
-            choice = {"index": 0, "message": message, "logprobs": lp, "finish_reason": end["finish_reason"]}
-        else:
-            choice = {"index": 0, "text": end["text"], "logprobs": lp, "finish_reason": end["finish_reason"]}
+    def _whole(self, ends: list, usage: dict) -> dict:
+        """The JSON answer: one choice per END, in index order."""
+        choices = []
+        for i, end in enumerate(ends):
+            lp = self._logprobs(end["logprobs"], i) if end.get("logprobs") is not None else None
+            if self.chat:
+                message = {"role": "assistant", "content": end["text"]}
+                if end.get("tool_calls"):
+                    message = {"role": "assistant", "content": None, "tool_calls": end["tool_calls"]}
+                choices.append({"index": i, "message": message, "logprobs": lp, "finish_reason": end["finish_reason"]})
+            else:
+                choices.append({"index": i, "text": end["text"], "logprobs": lp, "finish_reason": end["finish_reason"]})
         return {"id": self.id, "object": "chat.completion" if self.chat else "text_completion",
-                "created": self.created, "model": self.model, "choices": [choice], "usage": _usage(end["usage"])}
+                "created": self.created, "model": self.model, "choices": choices, "usage": _usage(usage)}
 
 
 def _usage(u: dict) -> dict:
