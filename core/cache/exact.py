@@ -21,7 +21,8 @@ from tidegate.core.messaging.protocol import XC_GET, XC_PUT, XC_STALE
 # request fields that change what the model answers; everything else (stream, user...) does not
 OUTPUT_FIELDS = ("messages", "prompt", "tools", "tool_choice", "response_format", "max_tokens",
                  "max_completion_tokens", "temperature", "top_p", "top_k", "min_p", "seed", "stop", "logit_bias",
-                 "presence_penalty", "frequency_penalty", "repeat_penalty", "n", "logprobs", "top_logprobs")
+                 "presence_penalty", "frequency_penalty", "repeat_penalty", "n", "logprobs", "top_logprobs",
+                 "parallel_tool_calls")
 
 
 def cache_key(tenant: str, model: str, route: str, body: dict) -> str:

@@ -50,6 +50,17 @@ def _check(node, path: str) -> None:
             raise SchemaError(f"{path}.$ref: only local references (#/...) are supported", f"{path}.$ref")
 
 
+# llama-cpp-python's converter lets a JSON string hold raw control characters, which JSON forbids
+# (llama.cpp's own converter excludes them): its char rule is narrowed to what a parser accepts
+_LOOSE_CHAR = 'char ::= [^"\\\\] |'
+_JSON_CHAR = 'char ::= [^"\\\\\\x7F\\x00-\\x1F] |'
+
+
+def schema_grammar(text: str) -> str:
+    """The GBNF for a JSON schema (as JSON text), strings restricted to valid JSON."""
+    return json_schema_to_gbnf(text).replace(_LOOSE_CHAR, _JSON_CHAR)
+
+
 def check_schema(schema, path: str) -> None:
     """SchemaError, naming where, for a keyword the grammar cannot enforce."""
     _check(schema, path)
@@ -75,7 +86,7 @@ def grammar_for(fmt) -> str | None:
         raise SchemaError(f"the schema is larger than {MAX_SCHEMA_BYTES} bytes", "response_format.json_schema.schema")
     check_schema(schema, "response_format.json_schema.schema")
     try:
-        return json_schema_to_gbnf(text)
+        return schema_grammar(text)
     except (ValueError, KeyError, TypeError, RecursionError) as e:
         raise SchemaError(f"the schema cannot be turned into a grammar: {e}", "response_format.json_schema.schema") \
             from None

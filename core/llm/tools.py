@@ -14,9 +14,8 @@ import json
 import os
 import re
 
-from llama_cpp.llama_grammar import json_schema_to_gbnf
 
-from tidegate.core.llm.structured import SchemaError, check_schema
+from tidegate.core.llm.structured import SchemaError, check_schema, schema_grammar
 
 MAX_TOOLS, MAX_PARALLEL = 64, 4  # parallel: at most this many calls in one answer
 NAME = re.compile(r"^[A-Za-z0-9_-]{1,64}$")
@@ -75,7 +74,7 @@ def grammar_for_calls(tools: list[dict], choice: str, parallel: bool) -> str | N
     one = _call_schema(chosen[0]) if len(chosen) == 1 else {"anyOf": [_call_schema(t) for t in chosen]}
     schema = {"type": "array", "items": one, "minItems": 1, "maxItems": MAX_PARALLEL} if parallel and \
         choice == "required" else one
-    return json_schema_to_gbnf(json.dumps(schema))
+    return schema_grammar(json.dumps(schema))
 
 
 def parse_calls(text: str, forced: bool, names: set) -> list[dict] | None:

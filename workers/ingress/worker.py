@@ -57,6 +57,7 @@ from tidegate.workers.ingress.guard import Guard
 from tidegate.workers.ingress.routes.events import EventRoutes
 from tidegate.workers.ingress.routes.features import FeatureRoutes
 from tidegate.workers.ingress.routes.openai import OpenAIRoutes
+from tidegate.workers.ingress.routes.responses import ResponsesRoute
 from tidegate.workers.ingress.routes.ops import OpsRoutes
 from tidegate.workers.ingress.routes.predict import ModelError, PredictRoutes
 from tidegate.workers.ingress.routes.sessions import SessionRoutes
@@ -139,8 +140,9 @@ class IngressWorker:
                 self.breakers["embedder"] = self.semantic.breaker
             for m in models:
                 self.breakers[f"inference:{m['name']}"] = Breaker.from_config(cfg["breakers"], slow_call=1e9)
-            routes.append(OpenAIRoutes(cfg, models, self.infer, self.ratelimit, self.exact, self.semantic,
-                                       self.shedder, self.breakers, classes))
+            api = OpenAIRoutes(cfg, models, self.infer, self.ratelimit, self.exact, self.semantic,
+                               self.shedder, self.breakers, classes)
+            routes += [api, ResponsesRoute(api)]
         for group in routes:
             group.add_to(r, guard)
 

@@ -427,12 +427,13 @@ class OpenAIRoutes:
             raise _bad("the request body must be a JSON object", None, "invalid_request")
         return body
 
-    async def _generate(self, req, body: dict, model: str, what: dict, chat: bool, tools=None):
+    async def _generate(self, req, body: dict, model: str, what: dict, chat: bool, tools=None, reply=Generation):
+        """reply: the Generation class (or factory) that shapes the answer (/v1/responses has its own)."""
         params = self._params(body)
         stream, include_usage = self._stream_flags(body)
         ident = caller(req)
         tenant, cls = ident.tenant, self.classes.of(req.path, ident.klass, self.models[model].get("class"))
-        call = Generation(self, model, chat, stream, include_usage, params.get("n", 1))
+        call = reply(self, model, chat, stream, include_usage, params.get("n", 1))
         if tools is not None and params.get("n", 1) > 1:
             raise _bad("'n' > 1 cannot be combined with tools", "n", "unsupported_parameter")
         if tools is not None:
@@ -478,7 +479,7 @@ class OpenAIRoutes:
         except HttpError as e:  # refused for load before any byte went out: a cached class's fallback
             if e.code not in LOAD_NOT_FAILURE:
                 raise
-            again = Generation(self, model, chat, stream, include_usage, params.get("n", 1))
+            again = reply(self, model, chat, stream, include_usage, params.get("n", 1))
             return await self._fallback(req, again, body, params, model, tenant, what, chat, cls, lambda: e)
 
 

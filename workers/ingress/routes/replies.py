@@ -30,7 +30,7 @@ class Generation:
         self.semantic_store = None  # (namespace, tenant, text): and in the semantic cache
         self.cache_header = [(b"x-tidegate-cache", b"miss")]
         self.first = asyncio.get_running_loop().create_future()
-        self.id = ("chatcmpl-" if chat else "cmpl-") + os.urandom(12).hex()
+        self.id = self.id_prefix(chat) + os.urandom(12).hex()
         self.created = int(time.time())
         self.sse: Stream | None = None
         self.rid = 0
@@ -41,6 +41,10 @@ class Generation:
         self.last_event = 0.0  # loop time of the last inference event (the watchdog reads it)
         self.done = False
         self.counted = False  # in api.inflight while True
+
+    @staticmethod
+    def id_prefix(chat: bool) -> str:
+        return "chatcmpl-" if chat else "cmpl-"
 
     def watch(self, idle: float, first: float) -> None:
         """An ingress-side deadline: a generation whose first event does not come within `first`
@@ -105,7 +109,7 @@ class Generation:
             if not self.first.done():
                 self.first.set_exception(err)
             elif self.sse is not None:  # mid-stream: an error event, then the end
-                self.sse.write(b"data: " + orjson.dumps(err.body()) + b"\n\n")
+                self._stream_error(err)
                 self.sse.end()
             return
         if kind == END and payload["finish_reason"] in ("stop", "length") and (self.store or self.semantic_store):
@@ -131,18 +135,28 @@ class Generation:
         if self.sse is None:
             self._open_stream()
         if kind == DELTA:
-            self._chunk(payload, None, lp)
+            self._stream_delta(payload, lp)
         elif kind == END:
             self.settle(payload["usage"]["total_tokens"])
-            if payload.get("tool_calls"):  # one chunk with every call, arguments whole
-                self._chunk({"tool_calls": [dict(c, index=i) for i, c in enumerate(payload["tool_calls"])]}, None)
-            elif payload["text"] or payload.get("logprobs"):
-                self._chunk(payload["text"], None, payload.get("logprobs"))
-            self._chunk(None, payload["finish_reason"])
-            if self.include_usage:
-                self.sse.write(b"data: " + orjson.dumps(self._envelope([], _usage(payload["usage"]))) + b"\n\n")
-            self.sse.write(b"data: [DONE]\n\n")
+            self._stream_end(payload)
             self.sse.end()
+
+    # ---- the answer's shape: chat.completion(.chunk) / text_completion; ResponseReply overrides these
+    def _stream_delta(self, text: str, lp) -> None:
+        self._chunk(text, None, lp)
+
+    def _stream_end(self, end: dict) -> None:
+        if end.get("tool_calls"):  # one chunk with every call, arguments whole
+            self._chunk({"tool_calls": [dict(c, index=i) for i, c in enumerate(end["tool_calls"])]}, None)
+        elif end["text"] or end.get("logprobs"):
+            self._chunk(end["text"], None, end.get("logprobs"))
+        self._chunk(None, end["finish_reason"])
+        if self.include_usage:
+            self.sse.write(b"data: " + orjson.dumps(self._envelope([], _usage(end["usage"]))) + b"\n\n")
+        self.sse.write(b"data: [DONE]\n\n")
+
+    def _stream_error(self, err) -> None:
+        self.sse.write(b"data: " + orjson.dumps(err.body()) + b"\n\n")
 
     def _open_stream(self) -> None:
         self.sse = Stream(on_close=self.client_left, headers=self.cache_header)
@@ -219,9 +233,7 @@ class Generation:
     def _logprobs(self, entries: list, index: int = 0) -> dict:
         """The inference worker's [token, logprob, bytes, top] entries in the route's shape."""
         if self.chat:
-            return {"content": [{"token": t, "logprob": v, "bytes": b,
-                                 "top_logprobs": [{"token": tt, "logprob": tv, "bytes": tb} for tt, tv, tb in top]}
-                                for t, v, b, top in entries], "refusal": None}
+            return {"content": token_logprobs(entries), "refusal": None}
         offsets, at = [], self._offsets.get(index, 0)
         for t, *_ in entries:
             offsets.append(at)
@@ -258,6 +270,13 @@ class Generation:
                 choices.append({"index": i, "text": end["text"], "logprobs": lp, "finish_reason": end["finish_reason"]})
         return {"id": self.id, "object": "chat.completion" if self.chat else "text_completion",
                 "created": self.created, "model": self.model, "choices": choices, "usage": _usage(usage)}
+
+
+def token_logprobs(entries: list) -> list[dict]:
+    """The inference worker's [token, logprob, bytes, top] entries as OpenAI's per-token objects."""
+    return [{"token": t, "logprob": v, "bytes": b,
+             "top_logprobs": [{"token": tt, "logprob": tv, "bytes": tb} for tt, tv, tb in top]}
+            for t, v, b, top in entries]
 
 
 def _usage(u: dict) -> dict:
