@@ -46,11 +46,12 @@ def system_prompt(seed: int, n_words: int = 975) -> str:
     return f"[{seed}] " + " ".join(rnd.choice(WORDS) for _ in range(n_words)) + ".\n"
 
 
-def start(tmp: str, model: str, max_seqs: int, n_ctx: int = 2048, workers: int = 1) -> S.Server:
+def start(tmp: str, model: str, max_seqs: int, n_ctx: int = 2048, workers: int = 1, gpu_layers="auto",
+          cpus: str = "0-1") -> S.Server:
     extra = (f'[inference]\nmodels = [{{name = "bench", path = "{model}", n_ctx = {n_ctx}, max_seqs = {max_seqs}}}]\n'
-             f'reserved = {{}}\nprefix_min_tokens = 64\n')
+             f'reserved = {{}}\nprefix_min_tokens = 64\nn_gpu_layers = {json.dumps(gpu_layers)}\n')
     srv = S.tidegate(tmp, workers=workers, extra=extra, inference=True)
-    S.SERVER_CPU = "0-1"
+    S.SERVER_CPU = cpus
     srv.start()
     wait_model(srv.port)
     return srv
@@ -88,17 +89,20 @@ def stream(port: int, prompt: str, max_tokens: int) -> tuple[float, int, float]:
                  {"Content-Type": "application/json"})
     r = conn.getresponse()
     assert r.status == 200, r.read()
-    first, tokens = None, 0
+    first, tokens, chunks = None, 0, 0
     while True:
         line = r.fp.readline()
         if not line:
             break
         if line.startswith(b"data: ") and first is None:
             first = time.perf_counter() - t0
-        if line.startswith(b"data: {") and b'"usage"' in line:
+        if line.startswith(b"data: {") and b'"usage"' in line and b'"completion_tokens"' in line:
             tokens = json.loads(line[6:])["usage"]["completion_tokens"]
+        elif line.startswith(b"data: {") and b'"text":""' not in line.replace(b" ", b""):
+            chunks += 1  # (a server that sends no usage chunk, llama-cpp-python's: one token a chunk)
         if line.startswith(b"data: [DONE]"):
             break
+    tokens = tokens or chunks
     total = time.perf_counter() - t0
     conn.close()
     return first, tokens, total

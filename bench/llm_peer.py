@@ -1,7 +1,7 @@
 """tidegate against llama.cpp's own llama-server (and llama-cpp-python's server when installed) on
 the same generated ~167M-parameter GGUF, side by side in one run, one at a time on this box.
 
-    python bench/llm_peer.py [--tokens 32] [--rounds 3]
+    python bench/llm_peer.py [--tokens 32] [--rounds 3] [--device cpu|gpu] [--cpus 0-1]
 
   throughput   aggregate completion tokens/s with 1, 4 and 16 concurrent streams (16 slots each)
   ttft         4 tenants' ~1,500-token system prompts asked round-robin with 2 slots: time to the
@@ -35,22 +35,45 @@ SCHEMA = {"type": "object", "additionalProperties": False, "required": ["name", 
                          "tags": {"type": "array", "items": {"type": "string", "maxLength": 12}, "maxItems": 6}}}
 
 
-def start_llama_server(tmp: str, model: str, slots: int, n_ctx: int) -> S.Server:
+def start_llama_server(tmp: str, model: str, slots: int, n_ctx: int, dev) -> S.Server:
     os.makedirs(tmp, exist_ok=True)
-    S.SERVER_CPU = "0-1"  # both cores, as tidegate gets
+    S.SERVER_CPU = dev.cpus  # the cores tidegate gets
     port = S.free_port()
-    exe = llama_server.binary()
+    exe = llama_server.binary(cuda=dev.gpu)
     srv = S.Server("llama-server", [exe, "-m", model, "--host", "127.0.0.1", "--port", str(port), "-np", str(slots),
-                                    "-c", str(slots * n_ctx), "-t", str(os.cpu_count() or 2), "--no-warmup"],
-                   port, tmp)
+                                    "-c", str(slots * n_ctx), "-t", str(dev.threads), "--no-warmup",
+                                    "-ngl", "999" if dev.gpu else "0"], port, tmp)
     srv.start()
     B.wait_model(port)
     return srv
 
 
-def start_tidegate(tmp: str, model: str, slots: int, n_ctx: int) -> S.Server:
+def start_llama_cpp_python(tmp: str, model: str, slots: int, n_ctx: int, dev) -> S.Server:
+    """llama-cpp-python's own server (one context: requests take turns; slots does not apply)."""
     os.makedirs(tmp, exist_ok=True)
-    return B.start(tmp, model, max_seqs=slots, n_ctx=n_ctx)
+    S.SERVER_CPU = dev.cpus
+    port = S.free_port()
+    srv = S.Server("llama-cpp-python", [sys.executable, "-m", "llama_cpp.server", "--model", model,
+                                        "--model_alias", "bench", "--host", "127.0.0.1", "--port", str(port),
+                                        "--n_ctx", str(n_ctx), "--n_threads", str(dev.threads),
+                                        "--n_threads_batch", str(dev.threads),
+                                        "--n_gpu_layers", "-1" if dev.gpu else "0"], port, tmp)
+    srv.start()
+    B.wait_model(port)
+    return srv
+
+
+def start_tidegate(tmp: str, model: str, slots: int, n_ctx: int, dev) -> S.Server:
+    os.makedirs(tmp, exist_ok=True)
+    return B.start(tmp, model, max_seqs=slots, n_ctx=n_ctx, gpu_layers="auto" if dev.gpu else 0, cpus=dev.cpus)
+
+
+def has_llama_cpp_python_server() -> bool:
+    try:
+        import llama_cpp.server.app  # noqa: F401  (the [server] extra: fastapi, sse-starlette, …)
+        return True
+    except ImportError:
+        return False
 
 
 def streams(port: int, n: int, tokens: int, tag: str) -> float:
@@ -74,19 +97,40 @@ def chat_tokens_per_s(port: int, fmt, n: int, tokens: int, tag: str) -> float:
     return total / (time.perf_counter() - t0)
 
 
+def _cores(spec: str) -> list[int]:
+    """taskset's list form ("0-1", "0,2-5") as core numbers; "all" = every core."""
+    if spec == "all":
+        return list(range(os.cpu_count() or 1))
+    out = []
+    for part in spec.split(","):
+        lo, _, hi = part.partition("-")
+        out += range(int(lo), int(hi or lo) + 1)
+    return out
+
+
 def main() -> None:
     ap = argparse.ArgumentParser(description=__doc__, formatter_class=argparse.RawDescriptionHelpFormatter)
     ap.add_argument("--tokens", type=int, default=32)
     ap.add_argument("--rounds", type=int, default=3, help="runs per measure; the median is printed")
+    ap.add_argument("--device", choices=["cpu", "gpu"], default="cpu",
+                    help="gpu: every peer offloads all layers (llama.cpp built with CUDA: bench/gpu.sh)")
+    ap.add_argument("--cpus", default="0-1", help="the cores every server is pinned to (taskset -c)")
     args = ap.parse_args()
+    cores = _cores(args.cpus)
+    dev = argparse.Namespace(gpu=args.device == "gpu", cpus=",".join(map(str, cores)),
+                             threads=len(os.sched_getaffinity(0) & set(cores)) or 1)
     tmp = tempfile.mkdtemp(prefix="tidegate-peer-")
     print("building the ~167M-parameter benchmark model ...", flush=True)
     model = make_demo(os.path.join(tmp, "bench.gguf"), "bench")
-    print(f"llama-server: {llama_server.binary()}", flush=True)
+    print(f"llama-server: {llama_server.binary(cuda=dev.gpu)}; device {args.device}, cores {args.cpus}", flush=True)
     peers = {"tidegate": start_tidegate, "llama-server": start_llama_server}
+    if has_llama_cpp_python_server():
+        peers["llama-cpp-python"] = start_llama_cpp_python
+    else:
+        print("llama-cpp-python's server is not installed (pip install 'llama-cpp-python[server]'): skipped")
     tput: dict = {}
     for name, start in peers.items():
-        srv = start(os.path.join(tmp, name + "-tput"), model, 16, 512)
+        srv = start(os.path.join(tmp, name + "-tput"), model, 16, 512, dev)
         try:
             streams(srv.port, 4, args.tokens, "warm")
             for n in (1, 4, 16):
@@ -97,7 +141,7 @@ def main() -> None:
             srv.stop()
     ttft: dict = {}
     for name, start in peers.items():
-        srv = start(os.path.join(tmp, name + "-ttft"), model, 2, 2048)
+        srv = start(os.path.join(tmp, name + "-ttft"), model, 2, 2048, dev)
         try:
             firsts = []
             for r in range(args.rounds + 1):
@@ -109,19 +153,22 @@ def main() -> None:
             print(f"  {name:13} TTFT, 4 tenants round-robin on 2 slots: {ttft[name] * 1000:.1f} ms", flush=True)
         finally:
             srv.stop()
-    srv = start_tidegate(os.path.join(tmp, "constrained"), model, 4, 1024)
+    srv = start_tidegate(os.path.join(tmp, "constrained"), model, 4, 1024, dev)
     try:
         fmt = {"type": "json_schema", "json_schema": {"name": "parcel", "schema": SCHEMA}}
         plain = statistics.median(chat_tokens_per_s(srv.port, None, 4, 64, f"p{r}") for r in range(args.rounds))
         constrained = statistics.median(chat_tokens_per_s(srv.port, fmt, 4, 64, f"c{r}") for r in range(args.rounds))
     finally:
         srv.stop()
-    print("\ntidegate vs llama-server (same GGUF, same box, medians of", args.rounds, "runs)")
-    for n in (1, 4, 16):
-        print(f"  {n:2} streams: {tput[('tidegate', n)]:7.1f} vs {tput[('llama-server', n)]:7.1f} tokens/s = "
-              f"{tput[('tidegate', n)] / tput[('llama-server', n)]:.2f}x (target >= 1.0x)")
-    print(f"  TTFT interleaved tenants: {ttft['tidegate'] * 1000:.1f} vs {ttft['llama-server'] * 1000:.1f} ms = "
-          f"{ttft['tidegate'] / ttft['llama-server']:.2f}x (target <= 0.5x)")
+    for peer, target in (("llama-server", (">= 1.0x", "<= 0.5x")), ("llama-cpp-python", ("", ""))):
+        if peer not in peers:
+            continue
+        print(f"\ntidegate vs {peer} ({args.device}; same GGUF, same box, medians of {args.rounds} runs)")
+        for n in (1, 4, 16):
+            print(f"  {n:2} streams: {tput[('tidegate', n)]:7.1f} vs {tput[(peer, n)]:7.1f} tokens/s = "
+                  f"{tput[('tidegate', n)] / tput[(peer, n)]:.2f}x" + (f" (target {target[0]})" if target[0] else ""))
+        print(f"  TTFT interleaved tenants: {ttft['tidegate'] * 1000:.1f} vs {ttft[peer] * 1000:.1f} ms = "
+              f"{ttft['tidegate'] / ttft[peer]:.2f}x" + (f" (target {target[1]})" if target[1] else ""))
     print(f"  constrained (json_schema) vs unconstrained, tidegate: {constrained:.1f} vs {plain:.1f} tokens/s = "
           f"{constrained / plain:.2f}x (target >= 0.8x)")
 

@@ -38,7 +38,8 @@ class InferenceWorker(BlockingWorker):
         self.batcher = Batcher.open(path, self.model, self.inf, self.cfg["server"]["data_dir"], self.send,
                                     self.beat_if_due, disk=False)
         self.loaded = dict(model=self.name, path=path, demo=demo, n_ctx=self.model["n_ctx"],
-                           max_seqs=self.model["max_seqs"],
+                           max_seqs=self.model["max_seqs"], gpu_offload=self.batcher.engine.gpu,
+                           gpu_layers=self.batcher.engine.offloaded,
                            note="demo model: random weights, gibberish output" if demo else None)
         return endpoints.worker(self.cfg, "inference", self.name, self.spec["gen"])
 

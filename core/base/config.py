@@ -42,6 +42,12 @@ def _workers(v):
     return 'must be "auto" or an integer from 1 to 1024'
 
 
+def _gpu_layers(v):
+    if v == "auto" or (isinstance(v, int) and not isinstance(v, bool) and v >= 0):
+        return None
+    return 'must be "auto" (every layer when llama.cpp can offload to a GPU, else none) or an integer >= 0'
+
+
 def _bind(v):
     items = [v] if isinstance(v, str) else v
     if not items:
@@ -93,7 +99,7 @@ def _api_keys(v):
 
 
 CLASSES = ("critical", "standard", "background")  # traffic classes, highest priority first
-MODEL_FIELDS = {"name": str, "path": str, "n_ctx": int, "max_seqs": int, "threads": int, "n_gpu_layers": int,
+MODEL_FIELDS = {"name": str, "path": str, "n_ctx": int, "max_seqs": int, "threads": int, "n_gpu_layers": (int, str),
                 "chat_template": str, "embeddings": bool, "class": str, "fallback_text": str}
 
 
@@ -107,7 +113,9 @@ def _models(v):
             return f"item {i}: unknown field(s) {', '.join(sorted(unknown))}"
         for k, t in MODEL_FIELDS.items():
             if k in item and (not isinstance(item[k], t) or (t is int and isinstance(item[k], bool))):
-                return f"item {i}: {k} must be {t.__name__}"
+                return f"item {i}: {k} must be {getattr(t, '__name__', 'int or str')}"
+        if "n_gpu_layers" in item and _gpu_layers(item["n_gpu_layers"]):
+            return f"item {i}: n_gpu_layers {_gpu_layers(item['n_gpu_layers'])}"
         name = item.get("name")
         if not name or len(name) > 64 or name.startswith(".") or not all(c.isalnum() or c in "-_.:" for c in name):
             return f"item {i}: name must be 1 to 64 letters, digits and -_.: not starting with a dot"
@@ -291,7 +299,9 @@ SCHEMA: dict[str, dict[str, Key]] = {
         "max_seqs": Key(int, 8, "sequences decoded together (continuous batching slots)", positive),
         "n_batch": Key(int, 512, "tokens per llama_decode step (long prompts are prefilled in chunks)", positive),
         "threads": Key(int, 0, "llama.cpp threads (0 = all cores)", non_negative),
-        "n_gpu_layers": Key(int, 0, "layers offloaded to a GPU when llama.cpp was built with one", non_negative),
+        "n_gpu_layers": Key((int, str), "auto", "layers offloaded to a GPU: \"auto\" = every layer when llama.cpp "
+                            "was built with a GPU backend and sees a device (llama_supports_gpu_offload), else "
+                            "none; 0 = CPU only", _gpu_layers),
         "embeddings": Key(bool, True, "serve /v1/embeddings from the model (mean pooling)"),
         "default_max_tokens": Key(int, 256, "max_tokens when a request gives none", positive),
         "max_stop": Key(int, 4, "stop strings per request", positive),

@@ -23,9 +23,20 @@ class LlamaError(RuntimeError):
     pass
 
 
+ALL_LAYERS = 999  # an n_gpu_layers past the model's layer count offloads every one (as llama.cpp's tools do)
+
+
+def gpu_layers(setting, can_offload: bool) -> int:
+    """llama.cpp's n_gpu_layers for the config value: "auto" is every layer when this build can
+    offload to a GPU (llama_supports_gpu_offload: a CUDA/Metal/Vulkan backend with a device), else 0."""
+    if setting == "auto":
+        return ALL_LAYERS if can_offload else 0
+    return int(setting)
+
+
 class Engine:
     def __init__(self, path: str, n_ctx: int, n_seq: int, n_batch: int = 512, threads: int = 0,
-                 n_gpu_layers: int = 0, embeddings: bool = False):
+                 n_gpu_layers="auto", embeddings: bool = False):
         global _backend_ready
         if not _backend_ready:
             L.llama_backend_init()
@@ -34,7 +45,8 @@ class Engine:
         if not os.path.exists(path):
             raise LlamaError(f"model file not found: {path}")
         mp = L.llama_model_default_params()
-        mp.n_gpu_layers = n_gpu_layers
+        self.gpu = bool(L.llama_supports_gpu_offload())
+        mp.n_gpu_layers = gpu_layers(n_gpu_layers, self.gpu)
         self.model = L.llama_model_load_from_file(path.encode(), mp)
         if not self.model:
             raise LlamaError(f"llama.cpp could not load {path}")
@@ -42,6 +54,8 @@ class Engine:
         self.vocab = L.llama_model_get_vocab(self.model)
         self.n_vocab = L.llama_vocab_n_tokens(self.vocab)
         self.n_embd = L.llama_model_n_embd(self.model)
+        n_layer = L.llama_model_n_layer(self.model)
+        self.offloaded = min(mp.n_gpu_layers, n_layer) if self.gpu else 0  # layers that run on the GPU
         threads = threads or max(1, (os.cpu_count() or 2))
         cp = L.llama_context_default_params()
         cp.n_ctx = n_ctx * n_seq        # unified KV: n_ctx cells for each sequence

@@ -343,6 +343,15 @@ def test_unit_file_verifies():
     assert not problems, r.stderr
 
 
+def test_unit_file_lets_only_gpu_devices_through():
+    unit = open(os.path.join(os.path.dirname(__file__), "..", "..", "conf", "tidegate.service")).read()
+    lines = {l.strip() for l in unit.splitlines()}
+    # a CUDA inference worker needs /dev/nvidia*: not hidden by PrivateDevices, and nothing else let in
+    assert "PrivateDevices=yes" not in lines and "DevicePolicy=closed" in lines
+    assert {l.split("=", 1)[1].split()[0] for l in lines if l.startswith("DeviceAllow=")} == {
+        "char-nvidia-frontend", "char-nvidia-uvm", "char-nvidia-caps"}
+
+
 def test_control_socket_permissions(daemon_factory):
     d = daemon_factory(workers=1)
     run = d.dir / "run"

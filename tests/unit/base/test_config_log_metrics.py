@@ -32,6 +32,9 @@ def test_defaults_validate():
     ({"log": {"level": "loud"}}, "log.level"),
     ({"control": {"endpoint": "tcp://127.0.0.1:5555"}}, "control.endpoint: a tcp:// control socket needs"),
     ({"control": {"endpoint": "http://x"}}, "control.endpoint"),
+    ({"inference": {"n_gpu_layers": "all"}}, "inference.n_gpu_layers"),
+    ({"inference": {"n_gpu_layers": -1}}, "inference.n_gpu_layers"),
+    ({"inference": {"models": [{"name": "m", "n_gpu_layers": "max"}]}}, "n_gpu_layers must be \"auto\""),
 ])
 def test_bad_config_names_key(raw, needle):
     with pytest.raises(config.ConfigError) as e:
@@ -171,3 +174,11 @@ def test_view_declarations_are_checked_by_the_events_rule(view, needle):
     from tidegate.workers import CONFIG_RULES
     with pytest.raises(config.ConfigError, match=needle):
         config.validate({"events": {"views": [view]}}, CONFIG_RULES)
+
+
+def test_gpu_layers_auto_offloads_all_only_where_llama_cpp_can():
+    from tidegate.core.llm.engine import ALL_LAYERS, gpu_layers
+    assert config.validate({})["inference"]["n_gpu_layers"] == "auto"
+    assert config.validate({"inference": {"models": [{"name": "m", "n_gpu_layers": 12}]}})
+    assert gpu_layers("auto", True) == ALL_LAYERS and gpu_layers("auto", False) == 0
+    assert gpu_layers(12, True) == 12 and gpu_layers(0, True) == 0
