@@ -331,6 +331,11 @@ SCHEMA: dict[str, dict[str, Key]] = {
                          "requests queued per class before 503", _class_counts),
         "prefix_block": Key(int, 16, "tokens per prefix-cache block (hash chain granularity)", positive),
         "prefix_min_tokens": Key(int, 64, "new prompt tokens a prefix must add to be saved to RAM/disk", positive),
+        "prefix_live_tokens": Key(int, 8192, "live tier past the slots: KV cells (tokens) kept for prompt "
+                                  "prefixes a slot held before it went to another prompt; a hit shares the cells, "
+                                  "no copy (costs this many more KV cells of memory; 0 = off)", non_negative),
+        "prefix_live_entries": Key(int, 8, "live tier past the slots: prefixes kept (spare sequence ids)",
+                                   non_negative),
         "prefix_ram_bytes": Key(int, 1024 * MiB, "RAM tier: KV bytes kept (LRU)", non_negative),
         "prefix_disk_bytes": Key(int, 4096 * MiB, "disk tier under data_dir: KV bytes kept (LRU); 0 = off",
                                  non_negative),

@@ -24,7 +24,7 @@ import time
 from tidegate.core.base.jsonlog import log
 from tidegate.core.llm.chat_template import render_chat
 from tidegate.core.llm.engine import Engine, LlamaError, free_sampler, grammar_parses, make_sampler
-from tidegate.core.llm.prefix_cache import DiskTier, RamTier, block_names, common_blocks
+from tidegate.core.llm.prefix_cache import DiskTier, ParkedTier, RamTier, block_names, common_blocks
 from tidegate.core.base.config import CLASSES
 from tidegate.core.llm.scheduler import QueueFull, Scheduler
 from tidegate.core.messaging.protocol import DELTA, EMB, END, error_event
@@ -74,6 +74,9 @@ class Batcher:
         self.tick = tick or (lambda: None)  # called between the inputs of a long embeddings request
         self.block = inf["prefix_block"]
         self.slots = [Slot(i) for i in range(model["max_seqs"])]
+        n = len(self.slots)  # the park ids come after the slots'
+        self.parks = ParkedTier(list(range(n, n + getattr(engine, "park_seqs", 0))),
+                                getattr(engine, "park_cells", 0), self.block)
         self.sched = Scheduler(len(self.slots), inf["reserved"], inf["queue_max"], inf["fair_share"])
         self.steps = 0  # decode steps taken (shared_decode turns)
         self.shared = [engine.tokenize(p) for p in inf["shared_prefixes"]]
@@ -85,7 +88,8 @@ class Batcher:
         """Load the model at path and set up its prefix tiers (the disk one under data_dir, unless
         the caller opens it later with open_disk: it is a store with one writer)."""
         engine = Engine(path, model["n_ctx"], model["max_seqs"], inf["n_batch"], model["threads"],
-                        model["n_gpu_layers"], model["embeddings"])
+                        model["n_gpu_layers"], model["embeddings"], inf["prefix_live_entries"],
+                        inf["prefix_live_tokens"])
         template = model["chat_template"] or engine.chat_template()
         b = cls(engine, model, inf, template, RamTier(inf["prefix_ram_bytes"]), None, send, tick)
         if disk:
@@ -220,14 +224,21 @@ class Batcher:
         own = max(free, key=lambda s: (common_blocks(s.names, want), -s.used_at))
         slot = own if common_blocks(own.names, want) else min(free, key=lambda s: s.used_at)
         got, how = common_blocks(slot.names, want), "live"
+        if got < len(slot.names):
+            self._park(slot)  # what the slot held beyond the shared part would be lost: keep it live
         donor = max((s for s in self.slots if s is not slot), key=lambda s: common_blocks(s.names, want),
                     default=None)
-        d = common_blocks(donor.names, want) if donor else 0
+        d, src = (common_blocks(donor.names, want), donor.idx) if donor else (0, -1)
+        p, pid = self.parks.longest(want)
+        if p > d:
+            d, src = p, pid
         ram_n, ram_key = self.ram.longest(want)
         disk_n, disk_key = self.disk.longest(want) if self.disk else (0, None)
         eng = self.engine
         if d > got and d >= ram_n and d >= disk_n:
-            eng.seq_copy(donor.idx, slot.idx, d * B)
+            eng.seq_copy(src, slot.idx, d * B)
+            if src == pid:
+                self.parks.touch(pid)
             got = d
         elif ram_n > got and ram_n >= disk_n:
             got, how = (ram_n, "ram") if eng.state_set(slot.idx, self.ram.get(ram_key)) else (0, "")
@@ -249,6 +260,16 @@ class Batcher:
         seq.slot, seq.n_cached, seq.n_past = slot.idx, got * B, got * B
         seq.pending = seq.prompt[got * B:]
         seq.sampler = self._sampler(seq)
+
+    def _park(self, slot: Slot) -> None:
+        """Keep the prompt prefix slot holds in the KV under a park id (shared cells, no copy)."""
+        if len(slot.names) * self.block < self.inf["prefix_min_tokens"]:
+            return
+        pid, evicted = self.parks.admit(slot.names)
+        for e in evicted:
+            self.engine.seq_clear(e)
+        if pid >= 0:
+            self.engine.seq_copy(slot.idx, pid, len(slot.names) * self.block)
 
     def _sampler(self, seq: Seq):
         p, eng = seq.params, self.engine

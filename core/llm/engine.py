@@ -36,7 +36,9 @@ def gpu_layers(setting, can_offload: bool) -> int:
 
 class Engine:
     def __init__(self, path: str, n_ctx: int, n_seq: int, n_batch: int = 512, threads: int = 0,
-                 n_gpu_layers="auto", embeddings: bool = False):
+                 n_gpu_layers="auto", embeddings: bool = False, park_seqs: int = 0, park_cells: int = 0):
+        """n_seq sequences of up to n_ctx tokens each, plus park_seqs ids that only hold prefixes
+        (in park_cells more cells): see prefix_cache.ParkedTier."""
         global _backend_ready
         if not _backend_ready:
             L.llama_backend_init()
@@ -51,6 +53,7 @@ class Engine:
         if not self.model:
             raise LlamaError(f"llama.cpp could not load {path}")
         self.path, self.n_ctx, self.n_seq, self.n_batch = path, n_ctx, n_seq, n_batch
+        self.park_seqs, self.park_cells = (park_seqs, park_cells) if park_seqs and park_cells else (0, 0)
         self.vocab = L.llama_model_get_vocab(self.model)
         self.n_vocab = L.llama_vocab_n_tokens(self.vocab)
         self.n_embd = L.llama_model_n_embd(self.model)
@@ -58,9 +61,9 @@ class Engine:
         self.offloaded = min(mp.n_gpu_layers, n_layer) if self.gpu else 0  # layers that run on the GPU
         threads = threads or max(1, (os.cpu_count() or 2))
         cp = L.llama_context_default_params()
-        cp.n_ctx = n_ctx * n_seq        # unified KV: n_ctx cells for each sequence
+        cp.n_ctx = n_ctx * n_seq + self.park_cells  # unified KV: n_ctx cells for each sequence
         cp.n_batch = cp.n_ubatch = n_batch
-        cp.n_seq_max = n_seq
+        cp.n_seq_max = n_seq + self.park_seqs
         cp.n_threads = cp.n_threads_batch = threads
         cp.kv_unified = True
         cp.no_perf = True
@@ -68,7 +71,7 @@ class Engine:
         if not self.ctx:
             raise LlamaError("llama.cpp could not create a context (out of memory?)")
         self.mem = L.llama_get_memory(self.ctx)
-        self.batch = L.llama_batch_init(n_batch, 0, n_seq)
+        self.batch = L.llama_batch_init(n_batch, 0, n_seq + self.park_seqs)
         self.embed_ctx = None
         if embeddings:
             ep = L.llama_context_default_params()

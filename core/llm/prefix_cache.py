@@ -12,8 +12,9 @@ system prompt) are hashed without salt up to the end of the shared part; the cha
 tenant in from there on.
 
 Tiers (the inference worker moves the bytes; this module only keeps the books):
-  1. live: blocks resident in a sequence slot's KV (running or finished-but-not-reused); a hit
-     copies the cells (llama_memory_seq_cp) or reuses the slot.
+  1. live: blocks resident in the KV cache: in a sequence slot (running or finished-but-not-
+     reused), or parked under a spare sequence id (ParkedTier) when its slot went to another
+     prompt; a hit shares the cells (llama_memory_seq_cp: no copy, no compute) or reuses the slot.
   2. RAM: llama_state_seq bytes per entry, LRU bounded by bytes.
   3. disk: the same bytes in files under data_dir with a header (magic, format version, model
      fingerprint, block names, CRC32 of the payload); written behind the request path; a stale,
@@ -54,6 +55,48 @@ def common_blocks(a: list[bytes], b: list[bytes]) -> int:
     while i < n and a[i] == b[i]:
         i += 1
     return i
+
+
+class ParkedTier:
+    """Tier 1 past the slots: prefixes kept in the KV cache under spare sequence ids. A slot given
+    to a different prompt first parks the prefix it holds (its cells gain the park's id, nothing
+    is copied), so more prefixes stay live than there are slots, as long as they fit: at most
+    len(ids) entries and max_tokens cells, least recently used out first. The batcher does the
+    KV operations; this keeps the books."""
+
+    def __init__(self, ids: list[int], max_tokens: int, block: int):
+        self.free, self.max_tokens, self.block = list(ids), max_tokens, block
+        self.entries: OrderedDict[int, list[bytes]] = OrderedDict()  # park id -> block names (LRU first)
+        self.tokens = 0
+
+    def longest(self, names: list[bytes]) -> tuple[int, int]:
+        """(blocks of names a parked entry holds, its id), (0, -1) when none."""
+        best, pid = 0, -1
+        for i, have in self.entries.items():
+            n = common_blocks(have, names)
+            if n > best:
+                best, pid = n, i
+        return best, pid
+
+    def touch(self, pid: int) -> None:
+        self.entries.move_to_end(pid)
+
+    def admit(self, names: list[bytes]) -> tuple[int, list[int]]:
+        """(the id to park names under, the ids evicted to make room: clear their KV first);
+        (-1, []) when it cannot fit or is held already."""
+        n = len(names) * self.block
+        if not n or n > self.max_tokens or not (self.free or self.entries) or self.longest(names)[0] >= len(names):
+            return -1, []
+        evicted = []
+        while not self.free or self.tokens + n > self.max_tokens:
+            pid, old = self.entries.popitem(last=False)
+            self.tokens -= len(old) * self.block
+            self.free.append(pid)
+            evicted.append(pid)
+        pid = self.free.pop()
+        self.entries[pid] = list(names)
+        self.tokens += n
+        return pid, evicted
 
 
 class RamTier:

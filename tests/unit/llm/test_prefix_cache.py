@@ -6,7 +6,7 @@ import os
 import pytest
 
 from helpers.llm import batcher as worker, generate
-from tidegate.core.llm.prefix_cache import RamTier, block_names
+from tidegate.core.llm.prefix_cache import ParkedTier, RamTier, block_names
 
 SYSTEM = ("You are a careful assistant for a shipping company. Answer questions about parcels, "
           "delivery windows, customs forms and returns. Keep answers short and polite. ") * 4
@@ -20,7 +20,7 @@ def cold(w, prompt: str) -> str:
 
 
 def test_every_tier_gives_the_tokens_of_a_cold_computation(tmp_path, demo_model):
-    w = worker(tmp_path, demo_model)
+    w = worker(tmp_path, demo_model, prefix_live_tokens=0)  # (the parked live tier has its own test)
     first = generate(w, SYSTEM + "Where is my parcel?", "acme")
     assert first["usage"]["cached_tokens"] == 0 and w.stats["prefix_misses"] == 1
 
@@ -92,6 +92,38 @@ def test_damaged_or_foreign_cache_files_are_removed_not_fatal(tmp_path, demo_mod
     w3.disk.files.clear()
     w3.disk._scan()
     assert len(w3.disk.files) == 0 and w3.disk.removed_bad == n
+
+
+def test_prefixes_stay_live_past_the_slots(tmp_path, demo_model):
+    """More tenants' system prompts than slots, asked round-robin: each prompt a slot gave up is
+    parked in the KV cache (no RAM tier here), so every later ask is a live hit, sharing cells,
+    with exactly the tokens of a cold computation."""
+    w = worker(tmp_path, demo_model, prefix_ram_bytes=0, prefix_disk_bytes=0, reserved={})
+    systems = [f"[{t}] " + SYSTEM for t in range(6)]  # 6 tenants, 4 slots
+    for t, system in enumerate(systems):
+        generate(w, system + "First question?", f"tenant-{t}")
+    assert w.stats["prefix_misses"] == 6 and len(w.parks.entries) == 2
+    for t, system in enumerate(systems):
+        q = system + "Where is my parcel?"
+        hit = generate(w, q, f"tenant-{t}")
+        assert hit["usage"]["cached_tokens"] >= 64, t
+        assert hit["text"] == cold(w, q)
+    assert w.stats["prefix_hits_live"] == 6 and w.stats["prefix_hits_ram"] == 0
+
+
+def test_parked_tier_is_bounded_by_ids_and_tokens_lru_first():
+    parks = ParkedTier([10, 11, 12], max_tokens=64, block=16)
+    a, b, c = [b"a1", b"a2"], [b"b1"], [b"c1", b"c2"]
+    assert parks.admit(a) == (12, []) and parks.admit(b) == (11, [])
+    assert parks.admit(a) == (-1, [])  # held already
+    assert parks.longest([b"a1", b"zz"]) == (1, 12) and parks.longest([b"q"]) == (0, -1)
+    parks.touch(12)  # a is now more recent than b
+    assert parks.admit(c) == (11, [11])  # 32 + 16 + 32 > 64 tokens: b (least recent) goes, its id reused
+    assert parks.tokens == 64 and set(parks.entries) == {11, 12}
+    assert parks.admit([b"x"] * 5) == (-1, [])  # more than the whole tier
+    one = ParkedTier([7], max_tokens=1000, block=16)
+    one.admit(a)
+    assert one.admit(b) == (7, [7])  # out of ids: the oldest goes
 
 
 def test_ram_tier_is_bounded_by_bytes_and_lru():
