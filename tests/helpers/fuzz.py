@@ -41,6 +41,26 @@ def llm_body(draw):
 
 
 @st.composite
+def responses_body(draw):
+    """/v1/responses: input as text or items (messages, calls, outputs, odd ones), tools, formats."""
+    body = draw(st.dictionaries(st.sampled_from(["instructions", "temperature", "top_p", "tools", "tool_choice",
+                                                 "text", "include", "top_logprobs", "metadata", "store",
+                                                 "parallel_tool_calls", "stream", "truncation", "x"]), JSON,
+                                max_size=3))
+    if draw(st.booleans()):
+        body["model"] = MODEL
+    item = st.one_of(st.fixed_dictionaries({"role": st.sampled_from(["user", "developer", "assistant", "x"]),
+                                            "content": JSON}),
+                     st.fixed_dictionaries({"type": st.sampled_from(["function_call", "function_call_output",
+                                                                     "message", "input_image", "x"])},
+                                           optional={"call_id": JSON, "name": JSON, "arguments": JSON,
+                                                     "output": JSON, "content": JSON, "role": JSON}))
+    body["input"] = draw(st.one_of(st.text(max_size=40), st.lists(item, max_size=3), JSON))
+    body["max_output_tokens"] = draw(st.one_of(st.integers(1, 4), JSON))  # valid ones stay short
+    return body
+
+
+@st.composite
 def event_body(draw):
     ev = st.fixed_dictionaries({"key": st.one_of(st.text(max_size=300), ODD_STRINGS), "type": st.text(max_size=70)},
                                optional={"ts": JSON, "payload": JSON, "extra": JSON})
@@ -73,6 +93,7 @@ ROUTES = {
     "chat": ("POST", "/v1/chat/completions", llm_body()),
     "completions": ("POST", "/v1/completions", llm_body().map(lambda b: {**b, "prompt": b.get("prompt", "hi")})),
     "embeddings": ("POST", "/v1/embeddings", llm_body().map(lambda b: {**b, "input": b.get("input", "hi")})),
+    "responses": ("POST", "/v1/responses", responses_body()),
     "events": ("POST", "/v1/events", event_body()),
     "sessions": ("POST", "/v1/sessions", st.one_of(st.fixed_dictionaries({"user": JSON, "attributes": JSON}), JSON)),
     "echo": ("POST", "/v1/echo", JSON),
