@@ -35,32 +35,30 @@ SCHEMA = {"type": "object", "additionalProperties": False, "required": ["name", 
                          "tags": {"type": "array", "items": {"type": "string", "maxLength": 12}, "maxItems": 6}}}
 
 
-def start_llama_server(tmp: str, model: str, slots: int, n_ctx: int, dev) -> S.Server:
+def _peer(name: str, tmp: str, dev, cmd) -> S.Server:
+    """Start a peer server on the cores tidegate gets; cmd(port) is its command line."""
     os.makedirs(tmp, exist_ok=True)
-    S.SERVER_CPU = dev.cpus  # the cores tidegate gets
+    S.SERVER_CPU = dev.cpus
     port = S.free_port()
-    exe = llama_server.binary(cuda=dev.gpu)
-    srv = S.Server("llama-server", [exe, "-m", model, "--host", "127.0.0.1", "--port", str(port), "-np", str(slots),
-                                    "-c", str(slots * n_ctx), "-t", str(dev.threads), "--no-warmup",
-                                    "-ngl", "999" if dev.gpu else "0"], port, tmp)
+    srv = S.Server(name, cmd(port), port, tmp)
     srv.start()
     B.wait_model(port)
     return srv
+
+
+def start_llama_server(tmp: str, model: str, slots: int, n_ctx: int, dev) -> S.Server:
+    exe = llama_server.binary(cuda=dev.gpu)
+    return _peer("llama-server", tmp, dev, lambda port: [
+        exe, "-m", model, "--host", "127.0.0.1", "--port", str(port), "-np", str(slots), "-c", str(slots * n_ctx),
+        "-t", str(dev.threads), "--no-warmup", "-ngl", "999" if dev.gpu else "0"])
 
 
 def start_llama_cpp_python(tmp: str, model: str, slots: int, n_ctx: int, dev) -> S.Server:
     """llama-cpp-python's own server (one context: requests take turns; slots does not apply)."""
-    os.makedirs(tmp, exist_ok=True)
-    S.SERVER_CPU = dev.cpus
-    port = S.free_port()
-    srv = S.Server("llama-cpp-python", [sys.executable, "-m", "llama_cpp.server", "--model", model,
-                                        "--model_alias", "bench", "--host", "127.0.0.1", "--port", str(port),
-                                        "--n_ctx", str(n_ctx), "--n_threads", str(dev.threads),
-                                        "--n_threads_batch", str(dev.threads),
-                                        "--n_gpu_layers", "-1" if dev.gpu else "0"], port, tmp)
-    srv.start()
-    B.wait_model(port)
-    return srv
+    return _peer("llama-cpp-python", tmp, dev, lambda port: [
+        sys.executable, "-m", "llama_cpp.server", "--model", model, "--model_alias", "bench", "--host", "127.0.0.1",
+        "--port", str(port), "--n_ctx", str(n_ctx), "--n_threads", str(dev.threads),
+        "--n_threads_batch", str(dev.threads), "--n_gpu_layers", "-1" if dev.gpu else "0"])
 
 
 def start_tidegate(tmp: str, model: str, slots: int, n_ctx: int, dev) -> S.Server:

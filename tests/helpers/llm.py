@@ -29,6 +29,12 @@ def sse(d, path, body):
     return r.status, dict(r.getheaders()), events, raw
 
 
+def demo_llm(daemon_factory, demo_model, exact: bool = False):
+    """A daemon serving the demo model as "demo" (n_ctx 1024), no semantic cache; the exact one if asked."""
+    return daemon_factory(cache={"exact_enabled": exact, "semantic_enabled": False},
+                          inference={"enabled": True, "models": [{"name": "demo", "path": demo_model, "n_ctx": 1024}]})
+
+
 def client(d):
     return openai.OpenAI(base_url=f"http://127.0.0.1:{d.port}/v1", api_key="unused", max_retries=0, timeout=30)
 

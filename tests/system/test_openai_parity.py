@@ -5,15 +5,14 @@ a 400 naming it (never dropped)."""
 import openai
 import pytest
 
-from helpers.llm import client, post
+from helpers.llm import client, demo_llm, post
 
 MSG = [{"role": "user", "content": "Tell me a story about the sea"}]
 
 
 @pytest.fixture
 def llm(daemon_factory, demo_model):
-    return daemon_factory(cache={"exact_enabled": False, "semantic_enabled": False},
-                          inference={"enabled": True, "models": [{"name": "demo", "path": demo_model, "n_ctx": 1024}]})
+    return demo_llm(daemon_factory, demo_model, exact=False)
 
 
 def test_models_retrieve(llm):

@@ -8,7 +8,7 @@ import jsonschema
 import openai
 import pytest
 
-from helpers.llm import client, sse
+from helpers.llm import client, demo_llm, sse
 
 SCHEMA = {"type": "object", "additionalProperties": False, "required": ["city", "unit"],
           "properties": {"city": {"type": "string", "maxLength": 16}, "unit": {"enum": ["c", "f"]}}}
@@ -17,8 +17,7 @@ WEATHER = {"type": "function", "name": "get_weather", "description": "Weather in
 
 @pytest.fixture
 def llm(daemon_factory, demo_model):
-    return daemon_factory(cache={"exact_enabled": True, "semantic_enabled": False},
-                          inference={"enabled": True, "models": [{"name": "demo", "path": demo_model, "n_ctx": 1024}]})
+    return demo_llm(daemon_factory, demo_model, exact=True)
 
 
 def test_text_answers_match_chat_and_stream_the_same(llm):
