@@ -61,10 +61,18 @@ class Seq:
 class Slot:
     """A sequence id in the llama context. `names` are the prompt blocks its KV holds, kept
     after its sequence finishes so a later prompt can reuse or copy them (tier 1)."""
-    __slots__ = ("idx", "seq", "names", "used_at")
+    __slots__ = ("idx", "seq", "names", "used_at", "tokens", "tenant")
 
     def __init__(self, idx: int):
         self.idx, self.seq, self.names, self.used_at = idx, None, [], 0.0
+        self.tokens, self.tenant = [], ""  # once free: the tokens its KV holds (prompt and answer), and whose
+
+    def held(self) -> tuple[list[int], str]:
+        """(the tokens at positions 0.. of this slot's KV, their tenant)."""
+        s = self.seq
+        if s is None:
+            return self.tokens, self.tenant
+        return (s.prompt + s.generated)[:s.n_past], s.tenant
 
 
 class Batcher:
@@ -228,18 +236,23 @@ class Batcher:
             self._park(slot)  # what the slot held beyond the shared part would be lost: keep it live
         donor = max((s for s in self.slots if s is not slot), key=lambda s: common_blocks(s.names, want),
                     default=None)
-        d, src = (common_blocks(donor.names, want), donor.idx) if donor else (0, -1)
+        d, src = (common_blocks(donor.names, want), donor) if donor else (0, None)
         p, pid = self.parks.longest(want)
         if p > d:
             d, src = p, pid
         ram_n, ram_key = self.ram.longest(want)
         disk_n, disk_key = self.disk.longest(want) if self.disk else (0, None)
         eng = self.engine
+        n = got * B  # tokens cached: whole blocks, then (live) token by token
         if d > got and d >= ram_n and d >= disk_n:
-            eng.seq_copy(src, slot.idx, d * B)
+            held = src.held() if src is donor else self.parks.held(pid)
+            n = self._extend(d * B, held, seq)
+            eng.seq_copy(src.idx if src is donor else pid, slot.idx, n)
             if src == pid:
                 self.parks.touch(pid)
             got = d
+        elif got and got >= ram_n and got >= disk_n:
+            n = self._extend(n, slot.held(), seq)
         elif ram_n > got and ram_n >= disk_n:
             got, how = (ram_n, "ram") if eng.state_set(slot.idx, self.ram.get(ram_key)) else (0, "")
         elif disk_n > got:
@@ -249,27 +262,45 @@ class Batcher:
                 self.ram.put(self.disk.files.get(disk_key, (want[:disk_n], 0))[0], data)
             else:
                 got = 0
+        if how != "live":
+            n = got * B
         if got:
-            eng.seq_keep(slot.idx, got * B)
+            eng.seq_keep(slot.idx, n)
             self.stats[f"prefix_hits_{how}"] += 1
         else:
             eng.seq_clear(slot.idx)
             self.stats["prefix_misses"] += 1
         slot.names = want[:got]
         slot.seq, slot.used_at = seq, time.monotonic()
-        seq.slot, seq.n_cached, seq.n_past = slot.idx, got * B, got * B
-        seq.pending = seq.prompt[got * B:]
+        seq.slot, seq.n_cached, seq.n_past = slot.idx, n, n
+        seq.pending = seq.prompt[n:]
         seq.sampler = self._sampler(seq)
 
+    @staticmethod
+    def _extend(n: int, held: tuple[list[int], str], seq: Seq) -> int:
+        """n tokens matched in whole blocks, extended token by token while the source's KV (held:
+        its tokens and tenant) agrees with seq's prompt, so a prompt that continues a cached one
+        recomputes only what is new; at least one prompt token is left to compute. Only within a
+        tenant: a block match may come from a shared (unsalted) prefix, and what follows it must
+        not be learnable by timing from another tenant's prompt."""
+        tokens, tenant = held
+        if tenant != seq.tenant:
+            return n
+        prompt, end = seq.prompt, min(len(tokens), len(seq.prompt) - 1)
+        while n < end and tokens[n] == prompt[n]:
+            n += 1
+        return n
+
     def _park(self, slot: Slot) -> None:
-        """Keep the prompt prefix slot holds in the KV under a park id (shared cells, no copy)."""
+        """Keep what slot's KV holds (its prompt blocks' tokens and what followed) under a park id
+        (shared cells, no copy)."""
         if len(slot.names) * self.block < self.inf["prefix_min_tokens"]:
             return
-        pid, evicted = self.parks.admit(slot.names)
+        pid, evicted = self.parks.admit(slot.names, slot.tokens, slot.tenant)
         for e in evicted:
             self.engine.seq_clear(e)
         if pid >= 0:
-            self.engine.seq_copy(slot.idx, pid, len(slot.names) * self.block)
+            self.engine.seq_copy(slot.idx, pid, len(slot.tokens))
 
     def _sampler(self, seq: Seq):
         p, eng = seq.params, self.engine
@@ -479,4 +510,5 @@ class Batcher:
         self.sched.finished(seq.cls, seq.tenant)
         if len(slot.names) * self.block > seq.n_past:  # cut short before its prompt was in
             slot.names = slot.names[: seq.n_past // self.block]
+        slot.tokens, slot.tenant = (seq.prompt + seq.generated)[:seq.n_past], seq.tenant
         slot.used_at = time.monotonic()

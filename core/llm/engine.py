@@ -207,7 +207,7 @@ def make_sampler(n_vocab: int, temperature: float, top_p: float, top_k: int, min
             L.llama_sampler_free(chain)
             raise LlamaError("the grammar does not parse")
         _fill_chain(chain, n_vocab, temperature, top_p, top_k, min_p, seed, logit_bias, presence, frequency, repeat)
-        return LazyGrammar(chain, g, n_vocab)
+        return LazyGrammar(chain, g, n_vocab, greedy=temperature <= 0)
     return _fill_chain(chain, n_vocab, temperature, top_p, top_k, min_p, seed, logit_bias, presence, frequency,
                        repeat)
 
@@ -242,10 +242,21 @@ class LazyGrammar:
     """A sampler chain and a grammar applied lazily, as llama.cpp's common sampler does: the chain
     picks from the raw logits, and only when the grammar rejects that token are the candidates
     filtered by the grammar and the chain applied again. Checking one token instead of the whole
-    vocabulary each step is what keeps constrained decoding near unconstrained speed."""
+    vocabulary each step is what keeps constrained decoding near unconstrained speed.
 
-    def __init__(self, chain, grammar, n_vocab: int):
-        self.chain, self.grammar, self.n = chain, grammar, n_vocab
+    Greedy chains choose again without filtering the whole vocabulary: the best candidates (by
+    the logits the chain left, penalties and biases applied) go to the grammar in growing chunks,
+    and the best one it allows is the answer, exactly the argmax of the filtered vocabulary. A
+    sampling chain filters everything and samples again (its distribution needs every token)."""
+    CHUNKS = (64, 1024)  # then the whole vocabulary
+
+    def __init__(self, chain, grammar, n_vocab: int, greedy: bool = False):
+        self.chain, self.grammar, self.n, self.greedy = chain, grammar, n_vocab, greedy
+        k = max(self.CHUNKS)
+        self.part = (L.llama_token_data * k)()
+        self.part_view = np.frombuffer(self.part, dtype=_TOKEN_DATA)
+        self.arr_part = L.llama_token_data_array(ctypes.cast(self.part, ctypes.POINTER(L.llama_token_data)), k, -1,
+                                                 False)
         self.buf = (L.llama_token_data * n_vocab)()
         self.view = np.frombuffer(self.buf, dtype=_TOKEN_DATA)
         self.ids = np.arange(n_vocab, dtype=np.int32)
@@ -268,13 +279,34 @@ class LazyGrammar:
         self.arr1.size, self.arr1.selected, self.arr1.sorted = 1, -1, False
         L.llama_sampler_apply(self.grammar, ctypes.byref(self.arr1))
         if not math.isfinite(self.one[0].logit):  # rejected: choose again among what the grammar allows
-            self._candidates(logits)
-            L.llama_sampler_apply(self.grammar, ctypes.byref(self.arr))
-            L.llama_sampler_apply(self.chain, ctypes.byref(self.arr))
-            tok = self.buf[self.arr.selected].id
+            best = self._best_allowed() if self.greedy else None
+            if best is None:
+                self._candidates(logits)
+                L.llama_sampler_apply(self.grammar, ctypes.byref(self.arr))
+                L.llama_sampler_apply(self.chain, ctypes.byref(self.arr))
+                best = self.buf[self.arr.selected].id
+            tok = best
         L.llama_sampler_accept(self.grammar, tok)
         L.llama_sampler_accept(self.chain, tok)
         return tok
+
+    def _best_allowed(self):
+        """Greedy: the highest-logit token the grammar allows, searched among the top candidates
+        of the chain's logits (None: none of them is allowed; filter the vocabulary)."""
+        logits = self.view["logit"]  # as the chain left them (penalties, biases)
+        for k in self.CHUNKS:
+            if k >= self.n:
+                return None
+            idx = np.argpartition(-logits, k)[:k]
+            part = self.part_view[:k]
+            part["id"], part["logit"], part["p"] = idx, logits[idx], 0.0
+            self.arr_part.size, self.arr_part.selected, self.arr_part.sorted = k, -1, False
+            L.llama_sampler_apply(self.grammar, ctypes.byref(self.arr_part))
+            allowed = part["logit"]
+            top = float(allowed.max())
+            if math.isfinite(top):  # (ties: the lowest id, as the greedy sampler over the vocabulary picks)
+                return int(part["id"][allowed == top].min())
+        return None
 
     def free(self) -> None:
         L.llama_sampler_free(self.grammar)

@@ -59,42 +59,49 @@ def common_blocks(a: list[bytes], b: list[bytes]) -> int:
 
 class ParkedTier:
     """Tier 1 past the slots: prefixes kept in the KV cache under spare sequence ids. A slot given
-    to a different prompt first parks the prefix it holds (its cells gain the park's id, nothing
-    is copied), so more prefixes stay live than there are slots, as long as they fit: at most
+    to a different prompt first parks what its KV holds (its cells gain the park's id, nothing is
+    copied), so more prefixes stay live than there are slots, as long as they fit: at most
     len(ids) entries and max_tokens cells, least recently used out first. The batcher does the
-    KV operations; this keeps the books."""
+    KV operations; this keeps the books: per id, the prompt's block names, the tokens the cells
+    hold (prompt and answer, for token-level matching) and their tenant."""
 
     def __init__(self, ids: list[int], max_tokens: int, block: int):
         self.free, self.max_tokens, self.block = list(ids), max_tokens, block
-        self.entries: OrderedDict[int, list[bytes]] = OrderedDict()  # park id -> block names (LRU first)
+        self.entries: OrderedDict[int, tuple[list[bytes], list[int], str]] = OrderedDict()  # LRU first
         self.tokens = 0
 
     def longest(self, names: list[bytes]) -> tuple[int, int]:
         """(blocks of names a parked entry holds, its id), (0, -1) when none."""
         best, pid = 0, -1
-        for i, have in self.entries.items():
+        for i, (have, _, _) in self.entries.items():
             n = common_blocks(have, names)
             if n > best:
                 best, pid = n, i
         return best, pid
 
+    def held(self, pid: int) -> tuple[list[int], str]:
+        """(the tokens park pid's cells hold, their tenant)."""
+        _, tokens, tenant = self.entries[pid]
+        return tokens, tenant
+
     def touch(self, pid: int) -> None:
         self.entries.move_to_end(pid)
 
-    def admit(self, names: list[bytes]) -> tuple[int, list[int]]:
-        """(the id to park names under, the ids evicted to make room: clear their KV first);
-        (-1, []) when it cannot fit or is held already."""
-        n = len(names) * self.block
-        if not n or n > self.max_tokens or not (self.free or self.entries) or self.longest(names)[0] >= len(names):
+    def admit(self, names: list[bytes], tokens: list[int], tenant: str) -> tuple[int, list[int]]:
+        """(the id to park under, the ids evicted to make room: clear their KV first); (-1, [])
+        when it cannot fit or its blocks are held already."""
+        n = len(tokens)
+        if not names or n > self.max_tokens or not (self.free or self.entries) \
+                or self.longest(names)[0] >= len(names):
             return -1, []
         evicted = []
         while not self.free or self.tokens + n > self.max_tokens:
-            pid, old = self.entries.popitem(last=False)
-            self.tokens -= len(old) * self.block
+            pid, (_, old, _) = self.entries.popitem(last=False)
+            self.tokens -= len(old)
             self.free.append(pid)
             evicted.append(pid)
         pid = self.free.pop()
-        self.entries[pid] = list(names)
+        self.entries[pid] = (list(names), list(tokens), tenant)
         self.tokens += n
         return pid, evicted
 

@@ -114,16 +114,35 @@ def test_prefixes_stay_live_past_the_slots(tmp_path, demo_model):
 def test_parked_tier_is_bounded_by_ids_and_tokens_lru_first():
     parks = ParkedTier([10, 11, 12], max_tokens=64, block=16)
     a, b, c = [b"a1", b"a2"], [b"b1"], [b"c1", b"c2"]
-    assert parks.admit(a) == (12, []) and parks.admit(b) == (11, [])
-    assert parks.admit(a) == (-1, [])  # held already
+    assert parks.admit(a, list(range(32)), "t") == (12, []) and parks.admit(b, list(range(16)), "t") == (11, [])
+    assert parks.admit(a, list(range(40)), "t") == (-1, [])  # held already
     assert parks.longest([b"a1", b"zz"]) == (1, 12) and parks.longest([b"q"]) == (0, -1)
+    assert parks.held(12) == (list(range(32)), "t")
     parks.touch(12)  # a is now more recent than b
-    assert parks.admit(c) == (11, [11])  # 32 + 16 + 32 > 64 tokens: b (least recent) goes, its id reused
+    assert parks.admit(c, list(range(32)), "u") == (11, [11])  # 32 + 16 + 32 > 64: b (least recent) goes
     assert parks.tokens == 64 and set(parks.entries) == {11, 12}
-    assert parks.admit([b"x"] * 5) == (-1, [])  # more than the whole tier
+    assert parks.admit([b"x"], list(range(65)), "t") == (-1, [])  # more than the whole tier
     one = ParkedTier([7], max_tokens=1000, block=16)
-    one.admit(a)
-    assert one.admit(b) == (7, [7])  # out of ids: the oldest goes
+    one.admit(a, list(range(32)), "t")
+    assert one.admit(b, list(range(16)), "t") == (7, [7])  # out of ids: the oldest goes
+
+
+def test_a_live_hit_matches_token_by_token_within_a_tenant(tmp_path, demo_model):
+    """A prompt that continues a cached one (same tenant) recomputes only its new tokens, past the
+    last whole block, and its tokens are those of a cold computation; another tenant behind a
+    declared shared prefix gets only the shared blocks."""
+    shared = SYSTEM[:200]
+    w = worker(tmp_path, demo_model, shared_prefixes=[shared])
+    first = SYSTEM + "Where is my parcel? It was sent on Monday"
+    generate(w, first, "acme")
+    longer = first + " from Paris."
+    hit = generate(w, longer, "acme")
+    n_prompt = hit["usage"]["prompt_tokens"]
+    assert n_prompt - hit["usage"]["cached_tokens"] <= 6, hit["usage"]  # only the new words
+    assert hit["usage"]["cached_tokens"] % 16 != 0 or n_prompt - hit["usage"]["cached_tokens"] < 16
+    assert hit["text"] == cold(worker(tmp_path / "cold", demo_model, prefix_disk_bytes=0), longer)
+    other = generate(w, longer, "globex")  # the shared system prefix only: whole blocks of it
+    assert other["usage"]["cached_tokens"] % 16 == 0 and other["usage"]["cached_tokens"] < n_prompt - 16
 
 
 def test_ram_tier_is_bounded_by_bytes_and_lru():
