@@ -291,21 +291,27 @@ class LazyGrammar:
         return tok
 
     def _best_allowed(self):
-        """Greedy: the highest-logit token the grammar allows, searched among the top candidates
-        of the chain's logits (None: none of them is allowed; filter the vocabulary)."""
+        """Greedy: the highest-logit token the grammar allows, searched among the chain's best
+        candidates in chunks of growing size (None: none of them is allowed; filter the vocabulary)."""
         logits = self.view["logit"]  # as the chain left them (penalties, biases)
-        for k in self.CHUNKS:
-            if k >= self.n:
-                return None
-            idx = np.argpartition(-logits, k)[:k]
-            part = self.part_view[:k]
-            part["id"], part["logit"], part["p"] = idx, logits[idx], 0.0
-            self.arr_part.size, self.arr_part.selected, self.arr_part.sorted = k, -1, False
+        k = min(self.CHUNKS[-1], self.n - 1)
+        idx = np.argpartition(-logits, k)[:k]
+        idx = idx[np.argsort(-logits[idx], kind="stable")]  # best first
+        start = 0
+        for end in (*self.CHUNKS[:-1], k):
+            end = min(end, k)
+            m = end - start
+            part = self.part_view[:m]
+            part["id"], part["logit"], part["p"] = idx[start:end], logits[idx[start:end]], 0.0
+            last = float(part["logit"][-1])
+            self.arr_part.size, self.arr_part.selected, self.arr_part.sorted = m, -1, False
             L.llama_sampler_apply(self.grammar, ctypes.byref(self.arr_part))
             allowed = part["logit"]
             top = float(allowed.max())
-            if math.isfinite(top):  # (ties: the lowest id, as the greedy sampler over the vocabulary picks)
-                return int(part["id"][allowed == top].min())
+            # (a tie with the chunk's last logit may continue past it: then the filter decides)
+            if math.isfinite(top):
+                return int(part["id"][allowed == top].min()) if top > last or end == self.n else None
+            start = end
         return None
 
     def free(self) -> None:
