@@ -2,11 +2,12 @@
 
     python bench/semantic_eval.py [--threshold 0.90] [--min-overlap 0.8]
 
-Data: ../shared/data/paraphrase/paws_wiki_dev.tsv (PAWS-Wiki dev: 8,000 word-swap pairs, the
-adversarial case) and bench/data/gateway_pairs.tsv (pairs of our own making, in the shape of
-gateway traffic: rephrasings vs changed numbers, negation, entities and roles). A pair is a hit
-when the cosine of the WordLlama embeddings reaches the threshold and the verifier accepts it;
-precision = share of hits labelled same-meaning, recall = share of same-meaning pairs hit.
+Data: every labelled set in ../shared/data/paraphrase (bench/paraphrase_sets.py: PAWS-Wiki dev,
+MRPC train, the Twitter URL corpus, SICK; a missing one is named, not skipped silently) and
+bench/data/gateway_pairs.tsv (pairs of our own making, in the shape of gateway traffic:
+rephrasings vs changed numbers, negation, entities and roles). Pair mode: a pair is a hit when the
+cosine of the WordLlama embeddings reaches the threshold and the verifier accepts it; precision =
+share of hits labelled same-meaning, recall = share of same-meaning pairs hit.
 """
 from __future__ import annotations
 
@@ -23,7 +24,8 @@ sys.path.insert(0, HERE)
 from tidegate.core.cache.embedders import WordLlamaEmbedder  # noqa: E402
 from tidegate.core.cache.verifier import verify  # noqa: E402
 
-PAWS = os.path.join(HERE, "..", "..", "shared", "data", "paraphrase", "paws_wiki_dev.tsv")
+import paraphrase_sets as P  # noqa: E402
+
 OURS = os.path.join(HERE, "data", "gateway_pairs.tsv")
 
 
@@ -58,11 +60,18 @@ def main() -> None:
     ap = argparse.ArgumentParser(description=__doc__, formatter_class=argparse.RawDescriptionHelpFormatter)
     ap.add_argument("--threshold", type=float, default=0.90)
     ap.add_argument("--min-overlap", type=float, default=0.8)
+    ap.add_argument("--max-pairs", type=int, default=10000, help="pairs per set at most")
     args = ap.parse_args()
     emb = WordLlamaEmbedder()
     print(f"threshold {args.threshold}, min_overlap {args.min_overlap}:")
-    if os.path.exists(PAWS):
-        evaluate("PAWS-Wiki dev", load(PAWS), emb, args.threshold, args.min_overlap)
+    for name in P.SETS:
+        if not P.available(name):
+            print(f"  {name:14} MISSING: {P.ROOT}/{P.FILES[name]} not found (this set is not evaluated)")
+            continue
+        pairs = P.load(name)
+        if len(pairs) > args.max_pairs:  # (a fixed sample of the larger sets)
+            pairs = pairs[:: len(pairs) // args.max_pairs + 1]
+        evaluate(name, pairs, emb, args.threshold, args.min_overlap)
     evaluate("gateway pairs", load(OURS), emb, args.threshold, args.min_overlap)
 
 

@@ -8,7 +8,10 @@ also pass every check below (each is cheap: the texts are one user message each)
 * numbers, dates and quantities: the same digit groups ("3x4" is not "3/4");
 * negation: the same count of negators (not, no, never, n't, without…);
 * named entities: the same capitalised non-function words, in the same order;
-* opposites: a substitution of one word by its opposite (before/after, buy/sell, allow/deny…);
+* opposites: a substitution of one word by its opposite (before/after, buy/sell, allow/deny,
+  adults/children, safe/dangerous, create/delete…);
+* substitution: one content word traded for another that is not a form of it ("bleach and
+  ammonia" / "bleach and water"): the thing asked about changed;
 * word order: align the token sequences (longest common subsequence). The unaligned tokens
   must either be substitutions in one place (a synonym, a rephrasing: no word moved), or one
   clause of three or more tokens moved as a block. Anything else — two words or phrases trading
@@ -34,7 +37,10 @@ more/less max/min maximum/minimum yes/no true/false start/stop enable/disable ad
 upload/download win/lose won/lost north/south east/west left/right up/down in/out on/off hot/cold high/low
 first/last early/late fast/slow big/small cheap/expensive increase/decrease increase/reduce inside/outside
 include/exclude accept/reject allow/deny allow/block lock/unlock encrypt/decrypt push/pull send/receive
-import/export best/worst older/younger old/new longer/shorter higher/lower larger/smaller over/under""".split()]
+import/export best/worst older/younger old/new longer/shorter higher/lower larger/smaller over/under
+adult/child adults/children adult/children adults/child safe/dangerous safe/unsafe safe/harmful create/delete
+add/delete create/remove legal/illegal always/never all/none positive/negative male/female men/women man/woman
+boy/girl boys/girls day/night morning/evening success/failure pass/fail love/hate like/dislike""".split()]
 ANTONYMS = frozenset(_ANTONYMS) | frozenset((b, a) for a, b in _ANTONYMS)
 _CONTRACTIONS = [(re.compile(p, re.I), r) for p, r in (
     (r"\bcan't\b", "can not"), (r"\bwon't\b", "will not"), (r"n't\b", " not"), (r"'re\b", " are"),
@@ -92,6 +98,35 @@ def _gaps(used: list[bool]) -> int:
     return runs
 
 
+def _content_swap(a: str, b: str) -> bool:
+    """One content word traded for another that is not a form of it ("ammonia" / "water"): the
+    thing asked about changed. Function-word swaps ("do" / "can") and forms of one word
+    ("deliver" / "delivery") are rephrasings."""
+    if a in FUNCTION_WORDS or b in FUNCTION_WORDS or a.isdigit() or b.isdigit():
+        return False
+    n = 0
+    while n < min(len(a), len(b)) and a[n] == b[n]:
+        n += 1
+    return n < 4
+
+
+def conflicts(query: str, candidate: str) -> str:
+    """The hard conflict between two texts, "" when none: different numbers, a different count
+    of negators, different named entities, or one word traded for its opposite."""
+    q, c = _normal(query), _normal(candidate)
+    if sorted(_NUMBER.findall(q)) != sorted(_NUMBER.findall(c)):
+        return "numbers"
+    tq, tc = _tokens(q), _tokens(c)
+    if sum(t in NEGATORS for t in tq) != sum(t in NEGATORS for t in tc):
+        return "negation"
+    if sorted(_entities(q)) != sorted(_entities(c)):
+        return "entities"
+    only_q, only_c = set(tq) - set(tc), set(tc) - set(tq)
+    if any((x, y) in ANTONYMS for x in only_q for y in only_c):
+        return "antonym"
+    return ""
+
+
 def verify(query: str, candidate: str, min_overlap: float = 0.8, max_tokens: int = 256) -> tuple[bool, str]:
     """(True, "") if candidate may be served for query, else (False, the reason)."""
     q, c = _normal(query), _normal(candidate)
@@ -118,6 +153,8 @@ def verify(query: str, candidate: str, min_overlap: float = 0.8, max_tokens: int
     moved = set(left_q) & set(left_c)
     if any((x, y) in ANTONYMS for x in left_q for y in left_c):
         return False, "antonym"
+    if len(left_q) == 1 and len(left_c) == 1 and _content_swap(left_q[0], left_c[0]):
+        return False, "substitution"
     if _gaps(used_q) > 1 or _gaps(used_c) > 1:
         return False, "order"
     if moved and len(left_q) < 3:  # a word or two moved: possibly swapped roles

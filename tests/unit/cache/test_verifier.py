@@ -7,6 +7,7 @@ SAME = [
     ("How do I reset my password?", "How can I reset my password?"),
     ("What is the capital of France?", "What's the capital of France?"),
     ("Translate good morning into Spanish.", "Translate good morning to Spanish."),
+    ("When will you deliver my order?", "When will you delivery my order?"),  # a form of one word
     ("In the morning, the support team answered all of the open tickets about delayed parcels and refunds.",
      "The support team answered all of the open tickets about delayed parcels and refunds in the morning."),
 ]
@@ -22,6 +23,10 @@ DIFFERENT = [
     ("In August, Higgins left Southampton for Cape Town.", "Higgins left Southampton for Cape Town in August.",
      "entities"),  # entities in a new order: possibly new roles, so not served
     ("Should I take the medicine before eating?", "Should I take the medicine after eating?", "antonym"),
+    ("What is the maximum dose for adults?", "What is the maximum dose for children?", "antonym"),
+    ("Is it safe to take ibuprofen daily?", "Is it dangerous to take ibuprofen daily?", "antonym"),
+    ("How do I delete the file from the terminal?", "How do I create the file from the terminal?", "antonym"),
+    ("Is it safe to mix bleach and ammonia?", "Is it safe to mix bleach and water?", "substitution"),
 ]
 
 
