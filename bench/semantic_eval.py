@@ -1,6 +1,6 @@
 """Precision and recall of the semantic cache's hit decision (cosine threshold + verifier).
 
-    python bench/semantic_eval.py [--threshold 0.90] [--min-overlap 0.8]
+    python bench/semantic_eval.py [--threshold 0.90] [--min-overlap 0.8] [--lookup 1000]
 
 Data: every labelled set in ../shared/data/paraphrase (bench/paraphrase_sets.py: PAWS-Wiki dev,
 MRPC train, the Twitter URL corpus, SICK; a missing one is named, not skipped silently) and
@@ -8,12 +8,20 @@ bench/data/gateway_pairs.tsv (pairs of our own making, in the shape of gateway t
 rephrasings vs changed numbers, negation, entities and roles). Pair mode: a pair is a hit when the
 cosine of the WordLlama embeddings reaches the threshold and the verifier accepts it; precision =
 share of hits labelled same-meaning, recall = share of same-meaning pairs hit.
+
+Lookup mode (--lookup N, the issue-15 measure): a daemon on its defaults (demo model, WordLlama,
+verifier) in one tenant; the first text of N held-out pairs is asked once to prime the cache,
+then every second text is asked; a hit is right only when it returns the answer primed for its
+own pair and the pair means the same. Here each query meets N near neighbours, not one.
 """
 from __future__ import annotations
 
 import argparse
+import http.client
+import json
 import os
 import sys
+import tempfile
 import time
 
 import numpy as np
@@ -25,6 +33,7 @@ from tidegate.core.cache.embedders import WordLlamaEmbedder  # noqa: E402
 from tidegate.core.cache.verifier import verify  # noqa: E402
 
 import paraphrase_sets as P  # noqa: E402
+import servers as S  # noqa: E402
 
 OURS = os.path.join(HERE, "data", "gateway_pairs.tsv")
 
@@ -56,23 +65,99 @@ def evaluate(name: str, pairs, emb, threshold: float, min_overlap: float) -> Non
     print(f"  {name:14} verifier cost {per_pair_us:.1f} us per pair")
 
 
+def _chat(port: int, text: str, max_tokens: int) -> tuple[str, str, float]:
+    """(answer text, x-tidegate-cache, seconds) of one chat completion through the gateway."""
+    conn = http.client.HTTPConnection("127.0.0.1", port, timeout=60)
+    t0 = time.perf_counter()
+    conn.request("POST", "/v1/chat/completions", json.dumps({
+        "model": "tidegate-demo", "messages": [{"role": "user", "content": text}], "max_tokens": max_tokens,
+        "temperature": 0}), {"Content-Type": "application/json"})
+    r = conn.getresponse()
+    body = json.loads(r.read())
+    took = time.perf_counter() - t0
+    conn.close()
+    if r.status != 200:
+        raise RuntimeError(f"{r.status}: {body}")
+    return body["choices"][0]["message"]["content"], r.getheader("x-tidegate-cache", ""), took
+
+
+def _wait(port: int, timeout: float = 120.0) -> None:
+    deadline = time.time() + timeout
+    while True:
+        try:
+            _chat(port, "ping", 1)
+            return
+        except (OSError, RuntimeError):
+            if time.time() > deadline:
+                raise
+            time.sleep(0.3)
+
+
+def lookup_mode(name: str, pairs, port: int, max_tokens: int = 8) -> None:
+    """Through a running gateway, one tenant and one namespace: every pair's first text is asked
+    once (the model's answer is cached), then every second text. A semantic hit is right only
+    when it returns the answer cached for its own pair and the pair means the same; a hit on
+    another pair's entry, or on its own entry when the pair differs in meaning, is wrong."""
+    answers = [_chat(port, a, max_tokens)[0] for a, _, _ in pairs]
+    right = wrong_meaning = wrong_entry = exact = 0
+    hit_s = []
+    for (a, b, y), own in zip(pairs, answers):
+        text, kind, took = _chat(port, b, max_tokens)
+        if kind == "exact":  # (the same text as a primed one: not the semantic decision's)
+            exact += 1
+            continue
+        if kind != "semantic":
+            continue
+        hit_s.append(took)
+        if text != own:
+            wrong_entry += 1
+        elif y == 1:
+            right += 1
+        else:
+            wrong_meaning += 1
+    hits = right + wrong_meaning + wrong_entry
+    pos = sum(1 for p in pairs if p[2] == 1 and p[0] != p[1])
+    prec = right / hits if hits else float("nan")
+    lat = (f"hit latency over HTTP p50 {np.percentile(hit_s, 50) * 1000:.1f} ms p99 "
+           f"{np.percentile(hit_s, 99) * 1000:.1f} ms" if hit_s else "no hits")
+    print(f"  {name:14} lookup mode        hits {hits:5d}  precision {prec:.3f}  recall {right / max(1, pos):.3f}  "
+          f"wrong: {wrong_meaning} meaning, {wrong_entry} another pair's entry; {exact} exact; {lat}", flush=True)
+
+
 def main() -> None:
     ap = argparse.ArgumentParser(description=__doc__, formatter_class=argparse.RawDescriptionHelpFormatter)
     ap.add_argument("--threshold", type=float, default=0.90)
     ap.add_argument("--min-overlap", type=float, default=0.8)
-    ap.add_argument("--max-pairs", type=int, default=10000, help="pairs per set at most")
+    ap.add_argument("--max-pairs", type=int, default=10000, help="pairs per set at most (pair mode)")
+    ap.add_argument("--lookup", type=int, default=1000, metavar="N",
+                    help="lookup mode over HTTP on N held-out pairs per set against a daemon started here "
+                         "on its defaults (0 = pair mode only)")
     args = ap.parse_args()
     emb = WordLlamaEmbedder()
-    print(f"threshold {args.threshold}, min_overlap {args.min_overlap}:")
+    print(f"pair mode, threshold {args.threshold}, min_overlap {args.min_overlap}:")
+    sets = {}
     for name in P.SETS:
         if not P.available(name):
             print(f"  {name:14} MISSING: {P.ROOT}/{P.FILES[name]} not found (this set is not evaluated)")
             continue
         pairs = P.load(name)
+        sets[name] = P.load(name, "test")
         if len(pairs) > args.max_pairs:  # (a fixed sample of the larger sets)
             pairs = pairs[:: len(pairs) // args.max_pairs + 1]
         evaluate(name, pairs, emb, args.threshold, args.min_overlap)
     evaluate("gateway pairs", load(OURS), emb, args.threshold, args.min_overlap)
+    if not args.lookup:
+        return
+    print(f"\nlookup mode over HTTP, the daemon's defaults, {args.lookup} held-out pairs per set:")
+    for name, pairs in sets.items():
+        tmp = tempfile.mkdtemp(prefix="tidegate-semantic-")
+        srv = S.tidegate(tmp, workers=1, inference=True).start()  # a fresh cache per set
+        try:
+            _wait(srv.port)
+            step = max(1, len(pairs) // args.lookup)
+            lookup_mode(name, pairs[::step][:args.lookup], srv.port)
+        finally:
+            srv.stop()
 
 
 if __name__ == "__main__":
