@@ -15,6 +15,10 @@ from prometheus_client.core import CounterMetricFamily, GaugeMetricFamily, Histo
 LATENCY_BUCKETS = (0.0005, 0.001, 0.0025, 0.005, 0.01, 0.025, 0.05, 0.1, 0.25, 0.5, 1.0, 2.5, 5.0, 10.0)
 COUNTERS = ("bytes_in", "bytes_out", "connections_accepted")
 # named counters and gauges that other parts of a worker report (help texts for /metrics)
+# why the semantic cache's verifier did not serve a neighbour above the threshold (its reasons;
+# "ambiguous": two different cached texts both passed, and serving either would be a guess)
+SEMANTIC_VETOES = ("numbers", "negation", "entities", "too_long", "overlap", "antonym", "substitution", "order",
+                   "ambiguous")
 EXTRA_HELP = {
     "connections_evicted": ("counter", "Idle or slow connections closed to make room while at max_connections"),
     "ratelimit_admitted": ("counter", "Requests admitted by the rate limiter"),
@@ -41,6 +45,7 @@ EXTRA_HELP = {
     "semantic_lookups": ("counter", "Semantic-cache lookups"),
     "semantic_hits": ("counter", "Semantic-cache hits (nearest neighbour passed threshold and verifier)"),
     "semantic_verifier_rejections": ("counter", "Neighbours above the threshold that the verifier rejected"),
+    **{f"semantic_veto_{r}": ("counter", f"Semantic neighbours not served, reason: {r}") for r in SEMANTIC_VETOES},
     "semantic_inserts": ("counter", "Answers stored in the semantic cache"),
     "semantic_evictions": ("counter", "Semantic entries evicted because a namespace was full"),
     "semantic_namespaces_evicted": ("counter", "Semantic namespaces dropped at the namespace caps (LRU)"),

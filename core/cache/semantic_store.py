@@ -30,7 +30,7 @@ import numpy as np
 import orjson
 
 from tidegate.core.base.filelock import StoreLock
-from tidegate.core.cache.verifier import verify
+from tidegate.core.cache.verifier import VETOES, verify
 
 _ID = struct.Struct(">Q")
 
@@ -85,6 +85,7 @@ class SemanticStore:
                                      "semantic_inserts", "semantic_evictions", "semantic_expired",
                                      "semantic_index_rebuilds", "semantic_namespaces_evicted",
                                      "semantic_approximate")}
+        self.stats.update({f"semantic_veto_{r}": 0 for r in VETOES})
         self._load()
 
     # ---- start-up -----------------------------------------------------------------------------
@@ -156,7 +157,7 @@ class SemanticStore:
         if space is None or not space.ids:
             return None, "empty"
         labels, dists = space.index.knn_query(vec.reshape(1, -1), k=min(k, len(space.ids)))
-        now, why = time.time(), "threshold"
+        now, why, best = time.time(), "threshold", None
         for eid, dist in zip(labels[0], dists[0]):
             score = 1.0 - float(dist)
             if score < threshold:
@@ -171,12 +172,22 @@ class SemanticStore:
             if approximate:
                 self.stats["semantic_approximate"] += 1
                 return self._answer(int(eid)), score
+            if best is not None and meta[2] == best[2]:
+                continue  # (the same text cached twice: no second opinion)
             ok, reason = verify(text, meta[2], min_overlap)
-            if ok:
-                self.stats["semantic_hits"] += 1
-                return self._answer(int(eid)), score
+            if ok and best is None:
+                best = (int(eid), score, meta[2])
+                continue  # the other neighbours above the threshold may contest it
+            if ok:  # a second, different text passes too: which one was meant is a guess
+                reason = "ambiguous"
             self.stats["semantic_verifier_rejections"] += 1
+            self.stats[f"semantic_veto_{reason}"] += 1
+            if reason == "ambiguous":
+                return None, "verifier:ambiguous"
             why = f"verifier:{reason}"
+        if best is not None:
+            self.stats["semantic_hits"] += 1
+            return self._answer(best[0]), best[1]
         return None, why
 
     def insert(self, ns: str, tenant: str, vec: np.ndarray, text: str, entry: dict, ttl: float,

@@ -26,6 +26,8 @@ from __future__ import annotations
 
 import re
 
+from tidegate.core.base.metrics import SEMANTIC_VETOES
+
 NEGATORS = frozenset("not no never none nobody nothing neither nor without cannot nowhere".split())
 FUNCTION_WORDS = frozenset("""a an the in on at after before from to of and but or he she it they we you i this that
 these those there his her its their our your during when while with for by as since until although however then
@@ -49,6 +51,9 @@ _CONTRACTIONS = [(re.compile(p, re.I), r) for p, r in (
 _WORD = re.compile(r"[A-Za-z0-9]+")
 _NUMBER = re.compile(r"\d+(?:[.,:/x-]\d+)*")
 _CAPWORD = re.compile(r"[A-Za-z][A-Za-z'-]*")
+
+
+VETOES = SEMANTIC_VETOES  # verify's reasons, and the store's "ambiguous" (one counter each)
 
 
 def _normal(text: str) -> str:

@@ -33,6 +33,19 @@ def test_paraphrase_hits_and_changed_meaning_does_not(tmp_path, emb):
     assert ask(s, emb, "other-namespace", "How can I reset my password?") == (None, "empty")
 
 
+def test_two_different_cached_texts_that_both_pass_are_a_miss(tmp_path, emb):
+    """Serving either of two entries the verifier accepts would be a guess at which was meant."""
+    s = SemanticStore(str(tmp_path), emb.dim)
+    put(s, emb, "ns", "How can I reset my password?", "Use the reset link.")
+    assert ask(s, emb, "ns", "How do I reset my password?")[0] == {"text": "Use the reset link."}
+    put(s, emb, "ns", "How should I reset my password?", "Ask the admin.")
+    assert ask(s, emb, "ns", "How do I reset my password?") == (None, "verifier:ambiguous")
+    assert s.stats["semantic_veto_ambiguous"] == 1
+    put(s, emb, "ns2", "Where is my parcel?", "On its way.")
+    put(s, emb, "ns2", "Where is my parcel?", "On its way.")  # the same text twice: no contest
+    assert ask(s, emb, "ns2", "Where's my parcel?")[0] == {"text": "On its way."}
+
+
 def test_ttl_and_capacity(tmp_path, emb):
     s = SemanticStore(str(tmp_path), emb.dim)
     put(s, emb, "ns", "What is the capital of France?", "Paris", ttl=0.1)
