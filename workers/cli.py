@@ -57,11 +57,14 @@ def _parser() -> argparse.ArgumentParser:
     lg.add_argument("action", choices=["stats", "tail", "repair"])
     lg.add_argument("--key", help="tail: only this key's events")
     lg.add_argument("-n", type=int, default=10, help="tail: how many events (default 10)")
-    c = asub.add_parser("cache", help="response caches: stats | purge [--tenant T]",
+    c = asub.add_parser("cache", help="response caches: stats | purge [--tenant T] | explain TEXT [--tenant T]",
                         description="stats: exact and semantic cache counters, summed over all workers. "
-                                    "purge: drop cached answers (all, or one tenant's) in every worker.")
-    c.add_argument("action", choices=["stats", "purge"])
-    c.add_argument("--tenant", help="purge only this tenant's entries")
+                                    "purge: drop cached answers (all, or one tenant's) in every worker. "
+                                    "explain TEXT: the nearest semantic-cache entries and why each would or "
+                                    "would not be served.")
+    c.add_argument("action", choices=["stats", "purge", "explain"])
+    c.add_argument("text", nargs="?", help="explain: the user message to look up")
+    c.add_argument("--tenant", help="purge / explain: only this tenant's entries")
 
     asub.add_parser("breakers", help="every worker's circuit breakers: state, calls, failure and slow rates",
                     description="The circuit breakers of each ingress worker, per downstream (redis, "
@@ -281,7 +284,7 @@ def admin(args) -> int:
         print(orjson.dumps(out, option=orjson.OPT_INDENT_2).decode() if args.json else _human("log", {"body": out}))
         return ADMIN_OK if code == 0 else ADMIN_FAILED
     try:
-        fields = ({"action": args.action, "tenant": args.tenant} if args.admin_command == "cache" else
+        fields = ({"action": args.action, "tenant": args.tenant, "text": args.text} if args.admin_command == "cache" else
                   {"action": args.action, "cls": args.cls} if args.admin_command == "shed" else {})
         reply = control.call(cfg, args.admin_command, timeout=args.timeout, **fields)
     except control.NoDaemon as e:
@@ -316,6 +319,10 @@ def _human(cmd: str, reply: dict) -> str:
                       if c in ("partition", "seq", "view") else 9)
         return _table(cols, [[r.get(c) if not isinstance(r.get(c), (dict, list)) else orjson.dumps(r[c]).decode()
                               for c in cols] for r in body])
+    if cmd == "cache" and isinstance(body, dict) and "nearest" in body:
+        head = body.get("message") or f"threshold {body.get('threshold')}"
+        rows = [[r["score"], r["verdict"], r["tenant"], r["text"][:70]] for r in body["nearest"]]
+        return head + ("\n" + _table(["score", "verdict", "tenant", "text"], rows) if rows else "\nno cached entries")
     if cmd == "config":
         rows = [[f"{sec}.{k}", orjson.dumps(v).decode()] for sec, keys in body["config"].items() for k, v in keys.items()]
         return f"# {body['path'] or '(built-in defaults)'}\n" + _table(["key", "value"], rows)

@@ -9,6 +9,7 @@ on timers between turns.
     ingress -> [LOOKUP, rid, {ns, text, threshold, min_overlap}] -> [HIT, rid, {entry, score}]
                                                                   | [MISS, rid, {why}]
     ingress -> [INSERT, 0, {ns, tenant, text, entry, ttl, max_entries}]   (no answer)
+    supervisor -> [EXPLAIN, rid, {tenant, text, threshold, min_overlap, k}] -> [EXPLAIN, rid, {nearest}]
 
 Counters go to the supervisor with each heartbeat; purges come from it (`tidegate admin cache`).
 """
@@ -24,6 +25,7 @@ from tidegate.core.messaging import endpoints, protocol
 from tidegate.core.runtime.loop import BlockingWorker, run_blocking_worker
 
 SWEEP_S, SAVE_S = 5.0, 30.0
+EMBEDS = (protocol.LOOKUP, protocol.INSERT, protocol.EXPLAIN)  # the ops whose text is embedded
 
 
 class EmbedderWorker(BlockingWorker):
@@ -63,7 +65,7 @@ class EmbedderWorker(BlockingWorker):
 
     def on_messages(self, msgs: list) -> None:
         """Embed every text of this turn in one batch, then answer."""
-        texts = [m[2]["text"] for _, m in msgs if m[0] in (protocol.LOOKUP, protocol.INSERT)]
+        texts = [m[2]["text"] for _, m in msgs if m[0] in EMBEDS]
         vecs = None
         if texts:
             t0 = time.perf_counter()
@@ -77,7 +79,9 @@ class EmbedderWorker(BlockingWorker):
                 if self.store is None:  # released to the next generation: a miss, nothing stored
                     if op == protocol.LOOKUP:
                         self.send(peer, [protocol.MISS, rid, {"why": "released"}])
-                    i += op in (protocol.LOOKUP, protocol.INSERT)
+                    if op == protocol.EXPLAIN:
+                        self.send(peer, [protocol.EXPLAIN, rid, {"nearest": [], "note": "released"}])
+                    i += op in EMBEDS
                     continue
                 if op == protocol.LOOKUP:
                     entry, score = self.store.lookup(body["ns"], vecs[i], body["text"], body["threshold"],
@@ -85,6 +89,11 @@ class EmbedderWorker(BlockingWorker):
                     i += 1
                     self.send(peer, [protocol.HIT, rid, {"entry": entry, "score": score}] if entry is not None
                               else [protocol.MISS, rid, {"why": score}])
+                elif op == protocol.EXPLAIN:
+                    nearest = self.store.explain(body.get("tenant"), vecs[i], body["text"], body["threshold"],
+                                                 body["min_overlap"], int(body.get("k") or 5))
+                    i += 1
+                    self.send(peer, [protocol.EXPLAIN, rid, {"nearest": nearest}])
                 elif op == protocol.INSERT:
                     self.store.insert(body["ns"], body["tenant"], vecs[i], body["text"], body["entry"], body["ttl"],
                                       body["max_entries"])

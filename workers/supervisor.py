@@ -23,6 +23,7 @@ import sys
 import time
 from dataclasses import dataclass, field
 
+import orjson
 import psutil
 import zmq
 from setproctitle import setproctitle
@@ -38,6 +39,7 @@ from tidegate.core.runtime.process import (EXIT_BIND, EXIT_BOOT, EXIT_CONFIG, EX
                                            WORKER_BOOT_ERROR, spec_fd)
 from tidegate.workers import EMBEDDER, INFERENCE, INGRESS, Slot, load_config, slots
 SIGNALS = (signal.SIGHUP, signal.SIGTERM, signal.SIGINT, signal.SIGQUIT, signal.SIGCHLD)
+EXPLAIN_TIMEOUT_MS = 2000  # admin cache explain: how long the supervisor waits for the embedder
 
 
 class BindError(OSError):
@@ -583,6 +585,8 @@ class Supervisor:
                 "exact_hits", "exact_misses", "exact_inserts", "exact_evictions", "exact_bytes", "semantic_lookups",
                 "semantic_hits", "semantic_verifier_rejections", "semantic_timeouts", "semantic_inserts",
                 "semantic_evictions", "semantic_expired", "semantic_entries", "embed_batches", "embed_texts")}
+        if msg.get("action") == "explain":
+            return self._explain(msg)
         if msg.get("action") == "purge":
             tenant = msg.get("tenant")
             told = 0
@@ -593,6 +597,33 @@ class Supervisor:
             log.info("cache purge", tenant=tenant or "(all)", workers=told)
             return {"message": f"purge of {tenant or 'all tenants'} sent to {told} workers"}
         return None
+
+    def _explain(self, msg: dict) -> dict:
+        """admin cache explain TEXT [--tenant T]: ask the embedder for the nearest cached texts and
+        the verdict a lookup would reach on each (at the tenant's threshold)."""
+        text, tenant = msg.get("text"), msg.get("tenant")
+        if not isinstance(text, str) or not text.strip():
+            return {"message": "cache explain needs a text", "nearest": []}
+        emb = next((w for w in self.workers.values() if w.state == "ready" and w.slot.kind == EMBEDDER), None)
+        if emb is None:
+            return {"message": "the semantic cache is off or its embedder is not running", "nearest": []}
+        c = self.cfg["cache"]
+        threshold = next((o.get("threshold", c["semantic_threshold"]) for o in c["semantic_tenants"]
+                          if o["tenant"] == tenant), c["semantic_threshold"])
+        sock = self.ctx.socket(zmq.DEALER)
+        sock.setsockopt(zmq.LINGER, 0)
+        try:
+            sock.connect(endpoints.worker(self.cfg, "embedder", "", emb.gen))
+            sock.send(orjson.dumps([[protocol.EXPLAIN, 1, {"tenant": tenant, "text": text, "threshold": threshold,
+                                                           "min_overlap": c["semantic_min_overlap"], "k": 5}]]))
+            if not sock.poll(EXPLAIN_TIMEOUT_MS):  # (an admin call: the supervisor waits at most this long)
+                return {"message": "the embedder did not answer in time", "nearest": []}
+            event = orjson.loads(sock.recv())[0]
+        finally:
+            sock.close()
+        if event[0] != protocol.EXPLAIN:
+            return {"message": f"the embedder refused: {event[2]}", "nearest": []}
+        return {"threshold": threshold, "tenant": tenant, **event[2]}
 
     def _shed(self, msg: dict) -> dict | None:
         """admin shed on|off CLASS: force shedding of a class for a drill (classes whose policy is

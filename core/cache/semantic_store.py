@@ -190,6 +190,38 @@ class SemanticStore:
             return self._answer(best[0]), best[1]
         return None, why
 
+    def explain(self, tenant: str | None, vec: np.ndarray, text: str, threshold: float, min_overlap: float = 0.8,
+                k: int = 5) -> list[dict]:
+        """The k nearest entries to text in a tenant's namespaces (every tenant's when None), best
+        first, each with the verdict a lookup in its namespace would reach: hit, below the
+        threshold, the verifier's veto, or ambiguous (two different texts pass). For operators
+        (`tidegate admin cache explain`), not the request path."""
+        rows = []
+        for ns, space in self.spaces.items():
+            if not space.ids or (tenant is not None and self.used.get(ns) != tenant):
+                continue
+            labels, dists = space.index.knn_query(vec.reshape(1, -1), k=min(k, len(space.ids)))
+            passed = []
+            for eid, dist in zip(labels[0], dists[0]):
+                meta = self.meta.get(int(eid))
+                if meta is None:
+                    continue
+                score = 1.0 - float(dist)
+                ok, reason = verify(text, meta[2], min_overlap)
+                verdict = ("below_threshold" if score < threshold else "expired" if meta[3] < time.time()
+                           else "hit" if ok else f"veto:{reason}")
+                row = {"namespace": ns, "tenant": meta[1], "text": meta[2], "score": round(score, 4),
+                       "verdict": verdict}
+                if verdict == "hit":
+                    passed.append(row)
+                rows.append(row)
+            if len({r["text"] for r in passed}) > 1:  # what lookup() would say: a guess, so a miss
+                for r in passed[1:]:
+                    r["verdict"] = "veto:ambiguous" if r["text"] != passed[0]["text"] else "hit"
+                passed[0]["verdict"] = "miss:ambiguous"
+        rows.sort(key=lambda r: -r["score"])
+        return rows[:k]
+
     def insert(self, ns: str, tenant: str, vec: np.ndarray, text: str, entry: dict, ttl: float,
                max_entries: int) -> None:
         space = self.spaces.get(ns)

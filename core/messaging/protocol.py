@@ -52,6 +52,7 @@ CANCEL = "cancel"        # inference: the client left      (no answer)
 EMBED = "embed"          # inference: embeddings           -> EMB | ERR
 LOOKUP = "lookup"        # embedder: semantic lookup       -> HIT | MISS | ERR
 INSERT = "insert"        # embedder: store an answer       (no answer; rid 0)
+EXPLAIN = "explain"      # embedder: a tenant's nearest entries and why each is or is not served -> EXPLAIN
 SCORE = "score"          # model worker: score a batch     -> SCORES | ERR
 
 # ---- blocking worker -> ingress: [kind, rid, payload] ------------------------------------------

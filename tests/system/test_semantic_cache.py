@@ -82,3 +82,23 @@ def test_admin_cache_stats_and_purge(daemon_factory, demo_model):
     assert ask(d, "How do I reset my password?").headers["x-tidegate-cache"] == "miss"  # acme: gone everywhere
     assert ask(d, "How do I reset my password?", tenant="globex").headers["x-tidegate-cache"] == "exact"
     assert ask(d, "How can I reset my password?", tenant="globex").headers["x-tidegate-cache"] == "semantic"
+
+
+def test_admin_cache_explain_shows_the_nearest_entries_and_why(daemon_factory, demo_model):
+    keys = [{"key_sha256": hash_key(k), "tenant": t, "name": t} for t, k in KEYS.items()]
+    d = daemon_factory(workers=1, auth={"keys": keys}, cache={"semantic_timeout": 1.0},
+                       inference={"enabled": True, "models": [{"name": "demo", "path": demo_model, "n_ctx": 512}]})
+    ask(d, "Transfer 500 dollars to savings.")
+    ask(d, "How do I reset my password?")
+    ask(d, "How do I reset my password?", tenant="globex")
+    wait_inserts(d, 3)
+    body = d.admin_json("cache", "explain", "Transfer 50 dollars to savings.", "--tenant", "acme")["body"]
+    assert body["tenant"] == "acme" and body["threshold"] == 0.9
+    top = body["nearest"][0]
+    assert top["text"] == "Transfer 500 dollars to savings." and top["verdict"] == "veto:numbers" and top["score"] > 0.9
+    assert {r["tenant"] for r in body["nearest"]} == {"acme"}  # another tenant's entries are not shown
+    body = d.admin_json("cache", "explain", "How can I reset my password?", "--tenant", "acme")["body"]
+    assert body["nearest"][0]["verdict"] == "hit" and body["nearest"][0]["text"] == "How do I reset my password?"
+    assert any(r["verdict"] == "below_threshold" for r in body["nearest"])  # the transfer, far away
+    text = d.admin("cache", "explain", "How can I reset my password?").stdout  # every tenant, as a table
+    assert "hit" in text and "globex" in text and "acme" in text
