@@ -129,6 +129,8 @@ def main() -> None:
     ap.add_argument("--threshold", type=float, default=0.90)
     ap.add_argument("--min-overlap", type=float, default=0.8)
     ap.add_argument("--max-pairs", type=int, default=10000, help="pairs per set at most (pair mode)")
+    ap.add_argument("--decision", choices=["verifier", "model"], default="verifier",
+                    help="lookup mode: the daemon's cache.semantic_decision")
     ap.add_argument("--lookup", type=int, default=1000, metavar="N",
                     help="lookup mode over HTTP on N held-out pairs per set against a daemon started here "
                          "on its defaults (0 = pair mode only)")
@@ -148,10 +150,12 @@ def main() -> None:
     evaluate("gateway pairs", load(OURS), emb, args.threshold, args.min_overlap)
     if not args.lookup:
         return
-    print(f"\nlookup mode over HTTP, the daemon's defaults, {args.lookup} held-out pairs per set:")
+    print(f"\nlookup mode over HTTP, decision {args.decision}, threshold {args.threshold}, {args.lookup} held-out "
+          f"pairs per set:")
     for name, pairs in sets.items():
         tmp = tempfile.mkdtemp(prefix="tidegate-semantic-")
-        srv = S.tidegate(tmp, workers=1, inference=True).start()  # a fresh cache per set
+        extra = f'[cache]\nsemantic_decision = "{args.decision}"\nsemantic_threshold = {args.threshold}\n'
+        srv = S.tidegate(tmp, workers=1, inference=True, extra=extra).start()  # a fresh cache per set
         try:
             _wait(srv.port)
             step = max(1, len(pairs) // args.lookup)

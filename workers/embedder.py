@@ -47,7 +47,8 @@ class EmbedderWorker(BlockingWorker):
     def open_stores(self) -> None:
         self.store = SemanticStore(os.path.join(self.cfg["server"]["data_dir"], "semantic"), self.embedder.dim, log,
                                    max_namespaces=self.c["semantic_max_namespaces"],
-                                   max_namespaces_per_tenant=self.c["semantic_max_namespaces_per_tenant"])
+                                   max_namespaces_per_tenant=self.c["semantic_max_namespaces_per_tenant"],
+                                   decision=self.c["semantic_decision"])
         log.info("embedder ready", embedder=self.embedder.name, dim=self.embedder.dim,
                  entries=len(self.store.meta), rebuilt=self.store.stats["semantic_index_rebuilds"])
 

@@ -353,6 +353,11 @@ SCHEMA: dict[str, dict[str, Key]] = {
         "semantic_enabled": Key(bool, True, "answer paraphrases from the semantic cache (embedder process)"),
         "semantic_threshold": Key(float, 0.90, "cosine a neighbour needs before the verifier sees it",
                                   lambda v: None if 0 < v <= 1 else "must be in (0, 1]"),
+        "semantic_decision": Key(str, "model", "what a neighbour above the threshold must pass: \"verifier\" "
+                                 "(rules: numbers, negation, entities, opposites, substitutions, word order) or "
+                                 "\"model\" (the hard conflicts, then gradient-boosted trees trained on labelled "
+                                 "paraphrase sets: more recall)", lambda v: None if v in ("verifier", "model")
+                                 else 'must be "verifier" or "model"'),
         "semantic_min_overlap": Key(float, 0.8, "verifier: share of the longer text the aligned words must cover",
                                     lambda v: None if 0 < v <= 1 else "must be in (0, 1]"),
         "semantic_ttl": Key(float, 86400.0, "seconds a semantic entry lives", positive),

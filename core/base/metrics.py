@@ -18,7 +18,7 @@ COUNTERS = ("bytes_in", "bytes_out", "connections_accepted")
 # why the semantic cache's verifier did not serve a neighbour above the threshold (its reasons;
 # "ambiguous": two different cached texts both passed, and serving either would be a guess)
 SEMANTIC_VETOES = ("numbers", "negation", "entities", "too_long", "overlap", "antonym", "substitution", "order",
-                   "ambiguous")
+                   "model", "ambiguous")  # (model: the learned decision said no)
 EXTRA_HELP = {
     "connections_evicted": ("counter", "Idle or slow connections closed to make room while at max_connections"),
     "ratelimit_admitted": ("counter", "Requests admitted by the rate limiter"),

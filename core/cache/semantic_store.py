@@ -66,7 +66,16 @@ class Namespace:
 
 class SemanticStore:
     def __init__(self, root: str, dim: int, log=None, max_bytes: int = 1 << 30, max_namespaces: int = 10000,
-                 max_namespaces_per_tenant: int = 1000, lock: StoreLock | None = None):
+                 max_namespaces_per_tenant: int = 1000, lock: StoreLock | None = None, decision: str = "verifier"):
+        """decision: what a neighbour above the cosine threshold must pass: "verifier" (its rules,
+        core/cache/verifier.py) or "model" (the hard conflicts, then the learned trees,
+        core/cache/hitmodel.py)."""
+        if decision == "model":
+            from tidegate.core.cache.hitmodel import decide, model
+            model()  # loaded now: a missing or stale model file fails the start, not a lookup
+            self._decide = lambda q, c, cos, min_overlap: decide(q, c, cos)
+        else:
+            self._decide = lambda q, c, cos, min_overlap: verify(q, c, min_overlap)
         os.makedirs(root, mode=0o700, exist_ok=True)
         self.lock = lock or StoreLock(root).acquire()  # one writer: a second one fails here
         self.root, self.dim, self.log = root, dim, log
@@ -174,7 +183,7 @@ class SemanticStore:
                 return self._answer(int(eid)), score
             if best is not None and meta[2] == best[2]:
                 continue  # (the same text cached twice: no second opinion)
-            ok, reason = verify(text, meta[2], min_overlap)
+            ok, reason = self._decide(text, meta[2], score, min_overlap)
             if ok and best is None:
                 best = (int(eid), score, meta[2])
                 continue  # the other neighbours above the threshold may contest it
@@ -207,7 +216,7 @@ class SemanticStore:
                 if meta is None:
                     continue
                 score = 1.0 - float(dist)
-                ok, reason = verify(text, meta[2], min_overlap)
+                ok, reason = self._decide(text, meta[2], score, min_overlap)
                 verdict = ("below_threshold" if score < threshold else "expired" if meta[3] < time.time()
                            else "hit" if ok else f"veto:{reason}")
                 row = {"namespace": ns, "tenant": meta[1], "text": meta[2], "score": round(score, 4),

@@ -117,7 +117,8 @@ def _content_swap(a: str, b: str) -> bool:
 
 def conflicts(query: str, candidate: str) -> str:
     """The hard conflict between two texts, "" when none: different numbers, a different count
-    of negators, different named entities, or one word traded for its opposite."""
+    of negators, different named entities, one word traded for its opposite, or the one word
+    that differs traded for another content word (the learned decision's vetoes)."""
     q, c = _normal(query), _normal(candidate)
     if sorted(_NUMBER.findall(q)) != sorted(_NUMBER.findall(c)):
         return "numbers"
@@ -129,6 +130,8 @@ def conflicts(query: str, candidate: str) -> str:
     only_q, only_c = set(tq) - set(tc), set(tc) - set(tq)
     if any((x, y) in ANTONYMS for x in only_q for y in only_c):
         return "antonym"
+    if len(only_q) == 1 and len(only_c) == 1 and _content_swap(next(iter(only_q)), next(iter(only_c))):
+        return "substitution"
     return ""
 
 
