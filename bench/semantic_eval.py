@@ -143,7 +143,7 @@ def main() -> None:
             print(f"  {name:14} MISSING: {P.ROOT}/{P.FILES[name]} not found (this set is not evaluated)")
             continue
         pairs = P.load(name)
-        sets[name] = P.load(name, "test")
+        sets[name] = [p for p in pairs if P.split_of(p[0], p[1]) == "test"]
         if len(pairs) > args.max_pairs:  # (a fixed sample of the larger sets)
             pairs = pairs[:: len(pairs) // args.max_pairs + 1]
         evaluate(name, pairs, emb, args.threshold, args.min_overlap)

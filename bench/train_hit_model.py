@@ -5,7 +5,8 @@ bench/paraphrase_sets.py), and report it per set on their held-out splits.
     python bench/train_hit_model.py [--precision 0.96] [--write]
 
 Each set's "train" split is cut again: three quarters fit gradient-boosted trees (scikit-learn,
-the bench extra; every set weighs the same, positives and negatives alike), the last quarter
+the bench extra; every set weighs the same, positives and negatives alike; pairs with a hard
+conflict are left out, since those are vetoed before the trees are asked), the last quarter
 picks the decision threshold: the lowest probability at which every set keeps the precision
 asked for. The "test" splits, seen by neither, are reported per set in pair mode (each pair
 decided alone, after the verifier's hard conflicts); bench/semantic_eval.py --lookup measures
@@ -84,7 +85,8 @@ def main() -> None:
     names = sorted({n for n, _ in data})
     xs, ys, ws = [], [], []
     for n in names:
-        x, y, _ = data[(n, "fit")]
+        x, y, hard = data[(n, "fit")]
+        x, y = x[~hard], y[~hard]  # (a hard conflict is vetoed before the trees are asked)
         pos = max(1, int(y.sum()))
         xs.append(x), ys.append(y), ws.append(np.where(y == 1, 0.5 / pos, 0.5 / max(1, len(y) - pos)) * 1000.0)
     t0 = time.perf_counter()

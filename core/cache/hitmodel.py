@@ -6,12 +6,14 @@ A cosine threshold alone cannot tell "flights from New York to Florida" from the
 verifier's alignment rules alone refuse most real rephrasings (they move words). The trees weigh,
 for each neighbour above the cosine threshold: the embedding cosine, how much of each text the
 word alignment covers, the unaligned content words, moved words and gaps, character trigram
-overlap, length ratio and the verifier's conflict signals. The hard conflicts (numbers, negation,
-entities, opposites: core/cache/verifier.conflicts) still veto before the trees are asked.
+overlap and length ratio. The hard conflicts (numbers, negation, entities, opposites, a content
+word traded for another: core/cache/verifier.conflicts) veto before the trees are asked, so the
+trees are trained on pairs without them.
 Evaluated here in plain Python (a few hundred shallow trees: well under a millisecond).
 """
 from __future__ import annotations
 
+import functools
 import json
 import math
 import os
@@ -19,8 +21,8 @@ import os
 from tidegate.core.cache.verifier import FUNCTION_WORDS, _align, _gaps, _normal, _tokens, conflicts
 
 MODEL_PATH = os.path.join(os.path.dirname(os.path.abspath(__file__)), "hit_model.json")
-NAMES = ("bias", "cos", "cos2", "cover_long", "cover_short", "jaccard", "len_ratio", "gaps", "moved",
-         "content_left", "content_left_share", "trigram", "conflict", "exact", "cos_x_cover")
+NAMES = ("cos", "cover_long", "cover_short", "jaccard", "len_ratio", "gaps", "moved", "content_left",
+         "content_left_share", "trigram", "exact")
 
 
 def _trigrams(text: str) -> set[str]:
@@ -43,15 +45,13 @@ def features(query: str, candidate: str, cos: float, max_tokens: int = 256) -> l
     content = [t for t in left_q + left_c if t not in FUNCTION_WORDS]
     sq, sc = set(tq), set(tc)
     tg_q, tg_c = _trigrams(q), _trigrams(c)
-    cover = common / n_long
     return [
-        1.0, cos, cos * cos, cover, common / n_short,
+        cos, common / n_long, common / n_short,
         len(sq & sc) / max(len(sq | sc), 1), n_short / n_long,
         min(_gaps(used_q) + _gaps(used_c), 6) / 6.0, min(moved, 4) / 4.0,
         min(len(content), 8) / 8.0, len(content) / (len(tq) + len(tc) or 1),
         len(tg_q & tg_c) / max(len(tg_q | tg_c), 1),
-        1.0 if conflicts(query, candidate) else 0.0,
-        1.0 if tq == tc else 0.0, cos * cover]
+        1.0 if tq == tc else 0.0]
 
 
 class HitModel:
@@ -90,14 +90,10 @@ class HitModel:
         return 1.0 / (1.0 + math.exp(-max(-40.0, min(40.0, self.raw(features(query, candidate, cos))))))
 
 
-_MODEL: list = []
-
-
+@functools.cache
 def model() -> HitModel:
     """The shipped model, loaded once per process."""
-    if not _MODEL:
-        _MODEL.append(HitModel.load())
-    return _MODEL[0]
+    return HitModel.load()
 
 
 def decide(query: str, candidate: str, cos: float) -> tuple[bool, str]:

@@ -30,7 +30,8 @@ import numpy as np
 import orjson
 
 from tidegate.core.base.filelock import StoreLock
-from tidegate.core.cache.verifier import VETOES, verify
+from tidegate.core.base.metrics import SEMANTIC_VETOES
+from tidegate.core.cache.verifier import verify
 
 _ID = struct.Struct(">Q")
 
@@ -94,7 +95,7 @@ class SemanticStore:
                                      "semantic_inserts", "semantic_evictions", "semantic_expired",
                                      "semantic_index_rebuilds", "semantic_namespaces_evicted",
                                      "semantic_approximate")}
-        self.stats.update({f"semantic_veto_{r}": 0 for r in VETOES})
+        self.stats.update({f"semantic_veto_{r}": 0 for r in SEMANTIC_VETOES})
         self._load()
 
     # ---- start-up -----------------------------------------------------------------------------

@@ -310,7 +310,7 @@ class LazyGrammar:
             top = float(allowed.max())
             # (a tie with the chunk's last logit may continue past it: then the filter decides)
             if math.isfinite(top):
-                return int(part["id"][allowed == top].min()) if top > last or end == self.n else None
+                return int(part["id"][allowed == top].min()) if top > last else None
             start = end
         return None
 

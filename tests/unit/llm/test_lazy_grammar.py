@@ -29,13 +29,17 @@ def _run(eng, prompt, grammar, chunked: bool, **kw):
     return out
 
 
-def test_chunked_greedy_choice_equals_the_full_filter(demo_model):
+def test_chunked_greedy_choice_equals_the_full_filter(demo_model, monkeypatch):
     eng = E.Engine(demo_model, 512, 1, 512, 0, 0, False)
+    chosen = []  # what the chunked search returned (None: it fell back to the full filter)
+    best = E.LazyGrammar._best_allowed
+    monkeypatch.setattr(E.LazyGrammar, "_best_allowed", lambda self: chosen.append(best(self)) or chosen[-1])
     g = grammar_for({"type": "json_schema", "json_schema": {"name": "x", "schema": SCHEMA}})
     for prompt, kw in (("A person:", {}), ("Tags please", {"frequency": 1.5}),
                        ("Colours", {"logit_bias": {13: 5.0, 29908: -3.0}})):
         fast, full = _run(eng, prompt, g, True, **kw), _run(eng, prompt, g, False, **kw)
         assert fast == full, (prompt, kw)
         assert len(fast) > 5
+    assert any(c is not None for c in chosen)  # the chunked search really chose tokens
     text = b"".join(eng.piece(t) for t in _run(eng, "A person:", g, True)).decode()
     json.loads(text)  # (when it ended: the grammar closed the object)
