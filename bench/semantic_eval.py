@@ -1,16 +1,16 @@
-"""Precision and recall of the semantic cache's hit decision (cosine threshold + verifier).
+"""Precision and recall of the semantic cache's hit decision (cosine threshold + the decision).
 
-    python bench/semantic_eval.py [--threshold 0.90] [--min-overlap 0.8] [--lookup 1000]
+    python bench/semantic_eval.py [--decision model|verifier] [--threshold 0.90] [--lookup 1000]
 
 Data: every labelled set in ../shared/data/paraphrase (bench/paraphrase_sets.py: PAWS-Wiki dev,
 MRPC train, the Twitter URL corpus, SICK; a missing one is named, not skipped silently) and
 bench/data/gateway_pairs.tsv (pairs of our own making, in the shape of gateway traffic:
 rephrasings vs changed numbers, negation, entities and roles). Pair mode: a pair is a hit when the
-cosine of the WordLlama embeddings reaches the threshold and the verifier accepts it; precision =
+cosine of the WordLlama embeddings reaches the threshold and the decision accepts it; precision =
 share of hits labelled same-meaning, recall = share of same-meaning pairs hit.
 
 Lookup mode (--lookup N, the issue-15 measure): a daemon on its defaults (demo model, WordLlama,
-verifier) in one tenant; the first text of N held-out pairs is asked once to prime the cache,
+the chosen decision) in one tenant; the first text of N held-out pairs is asked once to prime the cache,
 then every second text is asked; a hit is right only when it returns the answer primed for its
 own pair and the pair means the same. Here each query meets N near neighbours, not one.
 """
@@ -48,21 +48,26 @@ def load(path: str) -> list[tuple[str, str, int]]:
     return out
 
 
-def evaluate(name: str, pairs, emb, threshold: float, min_overlap: float) -> None:
+def evaluate(name: str, pairs, emb, threshold: float, min_overlap: float, decision: str = "verifier") -> None:
     a = emb.embed([p[0] for p in pairs])
     b = emb.embed([p[1] for p in pairs])
     cos = (a * b).sum(1)
     y = np.array([p[2] for p in pairs])
     t0 = time.perf_counter()
-    ok = np.array([c >= threshold and verify(p[0], p[1], min_overlap)[0] for c, p in zip(cos, pairs)])
+    if decision == "model":
+        from tidegate.core.cache.hitmodel import decide
+        check = lambda a, b, c: decide(a, b, c)[0]  # noqa: E731
+    else:
+        check = lambda a, b, c: verify(a, b, min_overlap)[0]  # noqa: E731
+    ok = np.array([c >= threshold and check(p[0], p[1], float(c)) for c, p in zip(cos, pairs)])
     per_pair_us = (time.perf_counter() - t0) / len(pairs) * 1e6
     by_cos = cos >= threshold
-    for label, hit in (("cosine alone", by_cos), ("cosine + verifier", ok)):
+    for label, hit in (("cosine alone", by_cos), (f"cosine + {decision}", ok)):
         n = int(hit.sum())
         prec = float(y[hit].mean()) if n else float("nan")
         rec = float((hit & (y == 1)).sum() / max(1, (y == 1).sum()))
         print(f"  {name:14} {label:18} hits {n:5d}  precision {prec:.3f}  recall {rec:.3f}")
-    print(f"  {name:14} verifier cost {per_pair_us:.1f} us per pair")
+    print(f"  {name:14} decision cost {per_pair_us:.1f} us per pair")
 
 
 def _chat(port: int, text: str, max_tokens: int) -> tuple[str, str, float]:
@@ -129,14 +134,14 @@ def main() -> None:
     ap.add_argument("--threshold", type=float, default=0.90)
     ap.add_argument("--min-overlap", type=float, default=0.8)
     ap.add_argument("--max-pairs", type=int, default=10000, help="pairs per set at most (pair mode)")
-    ap.add_argument("--decision", choices=["verifier", "model"], default="verifier",
-                    help="lookup mode: the daemon's cache.semantic_decision")
+    ap.add_argument("--decision", choices=["verifier", "model"], default="model",
+                    help="the hit decision (in lookup mode the daemon's cache.semantic_decision)")
     ap.add_argument("--lookup", type=int, default=1000, metavar="N",
                     help="lookup mode over HTTP on N held-out pairs per set against a daemon started here "
                          "on its defaults (0 = pair mode only)")
     args = ap.parse_args()
     emb = WordLlamaEmbedder()
-    print(f"pair mode, threshold {args.threshold}, min_overlap {args.min_overlap}:")
+    print(f"pair mode, decision {args.decision}, threshold {args.threshold}, min_overlap {args.min_overlap}:")
     sets = {}
     for name in P.SETS:
         if not P.available(name):
@@ -146,8 +151,8 @@ def main() -> None:
         sets[name] = [p for p in pairs if P.split_of(p[0], p[1]) == "test"]
         if len(pairs) > args.max_pairs:  # (a fixed sample of the larger sets)
             pairs = pairs[:: len(pairs) // args.max_pairs + 1]
-        evaluate(name, pairs, emb, args.threshold, args.min_overlap)
-    evaluate("gateway pairs", load(OURS), emb, args.threshold, args.min_overlap)
+        evaluate(name, pairs, emb, args.threshold, args.min_overlap, args.decision)
+    evaluate("gateway pairs", load(OURS), emb, args.threshold, args.min_overlap, args.decision)
     if not args.lookup:
         return
     print(f"\nlookup mode over HTTP, decision {args.decision}, threshold {args.threshold}, {args.lookup} held-out "

@@ -321,8 +321,9 @@ def _human(cmd: str, reply: dict) -> str:
                               for c in cols] for r in body])
     if cmd == "cache" and isinstance(body, dict) and "nearest" in body:
         head = body.get("message") or f"threshold {body.get('threshold')}"
-        rows = [[r["score"], r["verdict"], r["tenant"], r["text"][:70]] for r in body["nearest"]]
-        return head + ("\n" + _table(["score", "verdict", "tenant", "text"], rows) if rows else "\nno cached entries")
+        rows = [[r["score"], r["decision"], r["verdict"], r["tenant"], r["text"][:64]] for r in body["nearest"]]
+        return head + ("\n" + _table(["score", "decision", "verdict", "tenant", "text"], rows) if rows
+                       else "\nno cached entries")
     if cmd == "config":
         rows = [[f"{sec}.{k}", orjson.dumps(v).decode()] for sec, keys in body["config"].items() for k, v in keys.items()]
         return f"# {body['path'] or '(built-in defaults)'}\n" + _table(["key", "value"], rows)

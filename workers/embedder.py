@@ -48,7 +48,9 @@ class EmbedderWorker(BlockingWorker):
         self.store = SemanticStore(os.path.join(self.cfg["server"]["data_dir"], "semantic"), self.embedder.dim, log,
                                    max_namespaces=self.c["semantic_max_namespaces"],
                                    max_namespaces_per_tenant=self.c["semantic_max_namespaces_per_tenant"],
-                                   decision=self.c["semantic_decision"])
+                                   decision=self.c["semantic_decision"],
+                                   contest_window=self.c["semantic_contest_window"],
+                                   neighbours=self.c["semantic_neighbours"])
         log.info("embedder ready", embedder=self.embedder.name, dim=self.embedder.dim,
                  entries=len(self.store.meta), rebuilt=self.store.stats["semantic_index_rebuilds"])
 

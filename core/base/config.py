@@ -358,6 +358,11 @@ SCHEMA: dict[str, dict[str, Key]] = {
                                  "\"model\" (the hard conflicts, then gradient-boosted trees trained on labelled "
                                  "paraphrase sets: more recall)", lambda v: None if v in ("verifier", "model")
                                  else 'must be "verifier" or "model"'),
+        "semantic_contest_window": Key(float, 0.15, "a hit needs no other cached text within this much cosine "
+                                       "below the threshold (near variants: which one was meant is a guess); 0 = "
+                                       "only above the threshold", lambda v: None if 0 <= v < 1 else "must be in [0, 1)"),
+        "semantic_neighbours": Key(int, 10, "nearest entries a lookup looks at (the contest window's reach)",
+                                   lambda v: None if 1 <= v <= 100 else "must be in 1..100"),
         "semantic_min_overlap": Key(float, 0.8, "verifier: share of the longer text the aligned words must cover",
                                     lambda v: None if 0 < v <= 1 else "must be in (0, 1]"),
         "semantic_ttl": Key(float, 86400.0, "seconds a semantic entry lives", positive),

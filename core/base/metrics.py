@@ -16,9 +16,9 @@ LATENCY_BUCKETS = (0.0005, 0.001, 0.0025, 0.005, 0.01, 0.025, 0.05, 0.1, 0.25, 0
 COUNTERS = ("bytes_in", "bytes_out", "connections_accepted")
 # named counters and gauges that other parts of a worker report (help texts for /metrics)
 # why the semantic cache's verifier did not serve a neighbour above the threshold (its reasons;
-# "ambiguous": two different cached texts both passed, and serving either would be a guess)
+# "contested": another cached text lies within the contest window, and serving either would be a guess)
 SEMANTIC_VETOES = ("numbers", "negation", "entities", "too_long", "overlap", "antonym", "substitution", "order",
-                   "model", "ambiguous")  # (model: the learned decision said no)
+                   "model", "contested")  # (model: the learned decision said no)
 EXTRA_HELP = {
     "connections_evicted": ("counter", "Idle or slow connections closed to make room while at max_connections"),
     "ratelimit_admitted": ("counter", "Requests admitted by the rate limiter"),

@@ -4,8 +4,9 @@ A namespace is tenant × model × system-prompt hash × conversation-so-far hash
 ingress worker), so a hit never crosses tenants and a multi-turn answer is only reused in the
 same conversation context. What is indexed is the embedding of the last user message.
 
-Lookup: the k nearest neighbours above the namespace's cosine threshold, best first, each put
-to the verifier (core/verifier.py); the first it accepts is the hit. Inserts come after the
+Lookup: the nearest neighbour is the hit when it reaches the namespace's cosine threshold, the
+decision accepts it (core/cache/verifier.py or hitmodel.py), and no other cached text lies within
+the contest window below the threshold: a query among several near variants is a miss. Inserts come after the
 model answered, off the request path. TTL: expired entries are skipped on lookup and swept
 periodically; capacity: the oldest entry of a full namespace is evicted (hnswlib
 mark_deleted); an index with more deleted than live elements is rebuilt (compaction).
@@ -67,10 +68,13 @@ class Namespace:
 
 class SemanticStore:
     def __init__(self, root: str, dim: int, log=None, max_bytes: int = 1 << 30, max_namespaces: int = 10000,
-                 max_namespaces_per_tenant: int = 1000, lock: StoreLock | None = None, decision: str = "verifier"):
-        """decision: what a neighbour above the cosine threshold must pass: "verifier" (its rules,
-        core/cache/verifier.py) or "model" (the hard conflicts, then the learned trees,
-        core/cache/hitmodel.py)."""
+                 max_namespaces_per_tenant: int = 1000, lock: StoreLock | None = None, decision: str = "verifier",
+                 contest_window: float = 0.15, neighbours: int = 10):
+        """decision: what the nearest neighbour above the cosine threshold must pass: "verifier"
+        (its rules, core/cache/verifier.py) or "model" (the hard conflicts, then the learned
+        trees, core/cache/hitmodel.py). contest_window: no other cached text may lie within this
+        much cosine below the threshold (of the `neighbours` nearest looked at)."""
+        self.contest_window, self.neighbours = contest_window, neighbours
         if decision == "model":
             from tidegate.core.cache.hitmodel import decide, model
             model()  # loaded now: a missing or stale model file fails the start, not a lookup
@@ -158,77 +162,83 @@ class SemanticStore:
         return space
 
     # ---- lookups and inserts ------------------------------------------------------------------
+    def _near(self, space: Namespace, vec: np.ndarray, floor: float) -> list[tuple[int, float, str]]:
+        """(id, score, text) of the distinct live texts at cosine >= floor, best first."""
+        labels, dists = space.index.knn_query(vec.reshape(1, -1), k=min(self.neighbours, len(space.ids)))
+        now, near, seen = time.time(), [], set()
+        for eid, dist in zip(labels[0], dists[0]):
+            score, eid = 1.0 - float(dist), int(eid)
+            if score < floor:
+                break
+            meta = self.meta.get(eid)
+            if meta is None or meta[2] in seen:
+                continue  # (the same text cached twice: one candidate)
+            if meta[3] < now:
+                self._delete(eid)
+                self.stats["semantic_expired"] += 1
+                continue
+            seen.add(meta[2])
+            near.append((eid, score, meta[2]))
+        return near
+
+    def _verdict(self, text: str, near: list, threshold: float, min_overlap: float) -> tuple[bool, str]:
+        """Whether near[0] may be served: it reaches the threshold, passes the decision, and no
+        other cached text lies within the contest window. Where two near variants are cached
+        (flights to Paris and to Rome, X and not X) the embedding cannot say which one a query
+        meant, and a wrong hit is worse than a miss."""
+        if not near or near[0][1] < threshold:
+            return False, "threshold"
+        ok, reason = self._decide(text, near[0][2], near[0][1], min_overlap)
+        if ok and len(near) > 1:
+            return False, "contested"
+        return ok, reason
+
     def lookup(self, ns: str, vec: np.ndarray, text: str, threshold: float, min_overlap: float = 0.8,
-               k: int = 4, approximate: bool = False):
-        """(entry, score) of the best verified neighbour, or (None, why). approximate: the nearest
-        live neighbour at threshold or more, not verified (only ever served marked approximate)."""
+               approximate: bool = False):
+        """(entry, score) of the hit, or (None, why). approximate: the nearest live neighbour at
+        threshold or more, not verified (only ever served marked approximate)."""
         self.stats["semantic_lookups"] += 1
         space = self.spaces.get(ns)
         if space is None or not space.ids:
             return None, "empty"
-        labels, dists = space.index.knn_query(vec.reshape(1, -1), k=min(k, len(space.ids)))
-        now, why, best = time.time(), "threshold", None
-        for eid, dist in zip(labels[0], dists[0]):
-            score = 1.0 - float(dist)
-            if score < threshold:
-                break
-            meta = self.meta.get(int(eid))
-            if meta is None:
-                continue
-            if meta[3] < now:
-                self._delete(int(eid))
-                self.stats["semantic_expired"] += 1
-                continue
-            if approximate:
-                self.stats["semantic_approximate"] += 1
-                return self._answer(int(eid)), score
-            if best is not None and meta[2] == best[2]:
-                continue  # (the same text cached twice: no second opinion)
-            ok, reason = self._decide(text, meta[2], score, min_overlap)
-            if ok and best is None:
-                best = (int(eid), score, meta[2])
-                continue  # the other neighbours above the threshold may contest it
-            if ok:  # a second, different text passes too: which one was meant is a guess
-                reason = "ambiguous"
-            self.stats["semantic_verifier_rejections"] += 1
-            self.stats[f"semantic_veto_{reason}"] += 1
-            if reason == "ambiguous":
-                return None, "verifier:ambiguous"
-            why = f"verifier:{reason}"
-        if best is not None:
+        near = self._near(space, vec, threshold if approximate else threshold - self.contest_window)
+        if approximate:
+            if not near:
+                return None, "threshold"
+            self.stats["semantic_approximate"] += 1
+            return self._answer(near[0][0]), near[0][1]
+        ok, why = self._verdict(text, near, threshold, min_overlap)
+        if ok:
             self.stats["semantic_hits"] += 1
-            return self._answer(best[0]), best[1]
+            return self._answer(near[0][0]), near[0][1]
+        if why != "threshold":
+            self.stats["semantic_verifier_rejections"] += 1
+            self.stats[f"semantic_veto_{why}"] += 1
+            why = f"verifier:{why}"
         return None, why
 
     def explain(self, tenant: str | None, vec: np.ndarray, text: str, threshold: float, min_overlap: float = 0.8,
                 k: int = 5) -> list[dict]:
         """The k nearest entries to text in a tenant's namespaces (every tenant's when None), best
-        first, each with the verdict a lookup in its namespace would reach: hit, below the
-        threshold, the verifier's veto, or ambiguous (two different texts pass). For operators
-        (`tidegate admin cache explain`), not the request path."""
+        first, each with its score and what the decision says of it alone ("decision"); "verdict"
+        is what a lookup reaches: for a namespace's nearest hit, below_threshold or veto:REASON
+        (veto:contested when another text lies in the window), for the others "contests" (in
+        the window) or below_threshold. For operators (`tidegate admin cache explain`)."""
         rows = []
         for ns, space in self.spaces.items():
             if not space.ids or (tenant is not None and self.used.get(ns) != tenant):
                 continue
-            labels, dists = space.index.knn_query(vec.reshape(1, -1), k=min(k, len(space.ids)))
-            passed = []
-            for eid, dist in zip(labels[0], dists[0]):
-                meta = self.meta.get(int(eid))
-                if meta is None:
-                    continue
-                score = 1.0 - float(dist)
-                ok, reason = self._decide(text, meta[2], score, min_overlap)
-                verdict = ("below_threshold" if score < threshold else "expired" if meta[3] < time.time()
-                           else "hit" if ok else f"veto:{reason}")
-                row = {"namespace": ns, "tenant": meta[1], "text": meta[2], "score": round(score, 4),
-                       "verdict": verdict}
-                if verdict == "hit":
-                    passed.append(row)
-                rows.append(row)
-            if len({r["text"] for r in passed}) > 1:  # what lookup() would say: a guess, so a miss
-                for r in passed[1:]:
-                    r["verdict"] = "veto:ambiguous" if r["text"] != passed[0]["text"] else "hit"
-                passed[0]["verdict"] = "miss:ambiguous"
+            near = self._near(space, vec, -1.0)
+            window = [n for n in near if n[1] >= threshold - self.contest_window]
+            ok, why = self._verdict(text, window, threshold, min_overlap)
+            for i, (eid, score, cand) in enumerate(near[:k]):
+                alone, reason = self._decide(text, cand, score, min_overlap)
+                verdict = ("hit" if ok else "below_threshold" if why == "threshold" else f"veto:{why}") if i == 0 \
+                    else "contests" if score >= threshold - self.contest_window else "below_threshold"
+                rows.append({"namespace": ns, "tenant": self.meta[eid][1], "text": cand, "score": round(score, 4),
+                             "decision": "pass" if score >= threshold and alone else
+                             "below_threshold" if score < threshold else f"veto:{reason}",
+                             "verdict": verdict})
         rows.sort(key=lambda r: -r["score"])
         return rows[:k]
 

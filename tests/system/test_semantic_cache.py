@@ -96,6 +96,7 @@ def test_admin_cache_explain_shows_the_nearest_entries_and_why(daemon_factory, d
     assert body["tenant"] == "acme" and body["threshold"] == 0.9
     top = body["nearest"][0]
     assert top["text"] == "Transfer 500 dollars to savings." and top["verdict"] == "veto:numbers" and top["score"] > 0.9
+    assert top["decision"] == "veto:numbers"
     assert {r["tenant"] for r in body["nearest"]} == {"acme"}  # another tenant's entries are not shown
     body = d.admin_json("cache", "explain", "How can I reset my password?", "--tenant", "acme")["body"]
     assert body["nearest"][0]["verdict"] == "hit" and body["nearest"][0]["text"] == "How do I reset my password?"

@@ -33,17 +33,26 @@ def test_paraphrase_hits_and_changed_meaning_does_not(tmp_path, emb):
     assert ask(s, emb, "other-namespace", "How can I reset my password?") == (None, "empty")
 
 
-def test_two_different_cached_texts_that_both_pass_are_a_miss(tmp_path, emb):
-    """Serving either of two entries the verifier accepts would be a guess at which was meant."""
+def test_a_query_among_near_variants_is_a_miss(tmp_path, emb):
+    """Another cached text within the contest window below the threshold makes the nearest one a
+    guess: a miss counted as contested (the same text cached twice is no contest)."""
     s = SemanticStore(str(tmp_path), emb.dim)
     put(s, emb, "ns", "How can I reset my password?", "Use the reset link.")
     assert ask(s, emb, "ns", "How do I reset my password?")[0] == {"text": "Use the reset link."}
     put(s, emb, "ns", "How should I reset my password?", "Ask the admin.")
-    assert ask(s, emb, "ns", "How do I reset my password?") == (None, "verifier:ambiguous")
-    assert s.stats["semantic_veto_ambiguous"] == 1
+    assert ask(s, emb, "ns", "How do I reset my password?") == (None, "verifier:contested")
+    assert s.stats["semantic_veto_contested"] == 1
     put(s, emb, "ns2", "Where is my parcel?", "On its way.")
-    put(s, emb, "ns2", "Where is my parcel?", "On its way.")  # the same text twice: no contest
+    put(s, emb, "ns2", "Where is my parcel?", "On its way.")
     assert ask(s, emb, "ns2", "Where's my parcel?")[0] == {"text": "On its way."}
+    # a variant below the threshold but inside the window contests too; a window of 0 lets it be
+    q, near_text = "Book a flight from New York to Florida.", "Book a cheap flight from New York to Florida today."
+    cos = float(emb.embed([q])[0] @ emb.embed([near_text])[0])
+    for window, want in ((0.0, {"text": "NY->FL"}), (0.2, None)):
+        t = SemanticStore(str(tmp_path / f"w{window}"), emb.dim, contest_window=window)
+        put(t, emb, "ns", q, "NY->FL")
+        put(t, emb, "ns", near_text, "cheap")
+        assert t.lookup("ns", emb.embed([q + " "])[0], q, threshold=min(0.99, cos + 0.05))[0] == want
 
 
 def test_ttl_and_capacity(tmp_path, emb):

