@@ -64,6 +64,10 @@ def main() -> None:
     ap = argparse.ArgumentParser(description=__doc__, formatter_class=argparse.RawDescriptionHelpFormatter)
     ap.add_argument("--precision", type=float, default=0.96, help="precision every set's tuning quarter must keep")
     ap.add_argument("--write", action="store_true", help=f"save the model to {MODEL_PATH}")
+    ap.add_argument("--min-cos", type=float, default=0.0,
+                    help="fit and tune on pairs at this cosine or more only (the trees only ever see neighbours "
+                         "above the cache's threshold)")
+    ap.add_argument("--report-cos", type=float, default=0.90, help="the cosine threshold the test report applies")
     args = ap.parse_args()
     emb = WordLlamaEmbedder()
     rng = np.random.default_rng(0)
@@ -86,7 +90,8 @@ def main() -> None:
     xs, ys, ws = [], [], []
     for n in names:
         x, y, hard = data[(n, "fit")]
-        x, y = x[~hard], y[~hard]  # (a hard conflict is vetoed before the trees are asked)
+        keep = ~hard & (x[:, 0] >= args.min_cos)  # (a hard conflict is vetoed before the trees are asked)
+        x, y = x[keep], y[keep]
         pos = max(1, int(y.sum()))
         xs.append(x), ys.append(y), ws.append(np.where(y == 1, 0.5 / pos, 0.5 / max(1, len(y) - pos)) * 1000.0)
     t0 = time.perf_counter()
@@ -95,9 +100,9 @@ def main() -> None:
     model = export(gbm)
     print(f"{len(model.trees)} trees fit in {time.perf_counter() - t0:.1f} s")
 
-    def probs(key):
+    def probs(key, min_cos=args.min_cos):
         x, _, hard = data[key]
-        return np.where(hard, 0.0, gbm.predict_proba(x)[:, 1])
+        return np.where(hard | (x[:, 0] < min_cos), 0.0, gbm.predict_proba(x)[:, 1])
     tune = {n: probs((n, "tune")) for n in names}
     grid = np.linspace(0.5, 0.995, 100)
     ok = [t for t in grid if all(precision_recall(tune[n] >= t, data[(n, "tune")][1])[0] >= args.precision
@@ -109,9 +114,9 @@ def main() -> None:
     report = {}
     for n in names:
         _, y, _ = data[(n, "test")]
-        prec, rec, hits = precision_recall(probs((n, "test")) >= model.threshold, y)
+        prec, rec, hits = precision_recall(probs((n, "test"), args.report_cos) >= model.threshold, y)
         report[n] = {"precision": round(prec, 3), "recall": round(rec, 3), "hits": hits, "pairs": len(y)}
-        print(f"  {n:8} test, pair mode: precision {prec:.3f} recall {rec:.3f} ({hits} hits of {len(y)} pairs)")
+        print(f"  {n:8} test, pair mode at cosine {args.report_cos}: precision {prec:.3f} recall {rec:.3f} ({hits} hits of {len(y)} pairs)")
     model.info = {"trained_on": names, "tuning_precision": args.precision, "test_pair_mode": report,
                   "trees": len(model.trees), "max_depth": 5}
     if args.write:
