@@ -262,6 +262,24 @@ SCHEMA: dict[str, dict[str, Key]] = {
         "keys": Key(list, [], "API keys: [{key_sha256, tenant, name, class}]; none = API routes open", _api_keys),
         "keys_file": Key(str, "", "a TOML file with more `keys = [...]` (read at start and on reload)"),
     },
+    "state": {  # where sessions, rate-limit buckets and exact-cache entries live (core/state/cluster.py)
+        "backend": Key(str, "local", "local: each key at its ring owner among this box's workers; cluster: a "
+                       "Valkey/Redis Cluster shared by several tidegate nodes",
+                       lambda v: None if v in ("local", "cluster") else 'must be "local" or "cluster"'),
+        "seeds": Key(list, [], "cluster: host:port of one or more nodes (the rest are discovered)",
+                     lambda v: None if all(isinstance(s, str) and ":" in s for s in v) else "must be host:port strings"),
+        "username": Key(str, "", "cluster: ACL user (empty: the default user)"),
+        "password": Key(str, "", "cluster: password (empty: none)", secret=True),
+        "tls": Key(bool, False, "cluster: connect over TLS"),
+        "prefix": Key(str, "tg", "cluster: key prefix, so deployments can share a cluster",
+                      lambda v: None if v and "{" not in v and "}" not in v else "must be non-empty, without braces"),
+        "timeout": Key(float, 0.5, "cluster: seconds one command may take (then: the owner is unavailable)", positive),
+        "write_replicas": Key(int, 1, "cluster: replicas that must have a session write before it is acknowledged "
+                              "(WAIT; 0 = none: a failover may lose the last writes)", non_negative),
+        "write_ack_timeout": Key(float, 0.25, "cluster: seconds to wait for those replicas (then 503)", positive),
+        "lease_peers": Key(int, 8, "cluster: ingress workers across all nodes; a rate-limit lease takes at most "
+                           "1/(2 x this) of what a bucket holds", positive),
+    },
     "sessions": {
         "ttl": Key(float, 3600.0, "seconds a session lives after its last use (sliding)", positive),
         "max_per_worker": Key(int, 1000000, "sessions one owner holds; creating more answers 503", positive),
@@ -559,6 +577,8 @@ def _cross_checks(cfg: dict) -> None:
                               "control.curve_secret_key (generate them with `tidegate admin keygen`)")
         if not ctl["curve_client_keys"]:
             raise ConfigError("control.curve_client_keys: a tcp:// control socket needs at least one allowed client key")
+    if cfg["state"]["backend"] == "cluster" and not cfg["state"]["seeds"]:
+        raise ConfigError('state.seeds: state.backend = "cluster" needs at least one host:port')
     inf = cfg["inference"]
     reserved = sum(inf["reserved"].values())
     for m in inf["models"] or [{"name": "the demo model"}]:

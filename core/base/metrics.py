@@ -22,6 +22,8 @@ SEMANTIC_VETOES = ("numbers", "negation", "entities", "too_long", "overlap", "an
 EXTRA_HELP = {
     "connections_evicted": ("counter", "Idle or slow connections closed to make room while at max_connections"),
     "ratelimit_admitted": ("counter", "Requests admitted by the rate limiter"),
+    "state_cluster_calls": ("counter", "Calls to the shared state cluster (state.backend = cluster)"),
+    "state_cluster_errors": ("counter", "Calls to the state cluster that failed or timed out (answered 503 or failed open)"),
     "ratelimit_limited": ("counter", "Requests refused with 429 by the rate limiter"),
     "ratelimit_leased": ("counter", "Requests admitted from tokens leased by the bucket owner (no hop)"),
     "owner_unavailable": ("counter", "Owner calls that timed out (rate limits or sessions)"),

@@ -85,6 +85,11 @@ class Owners:
         self.mesh = mesh
 
     @property
+    def peers(self) -> int:
+        """How many owners share the keys (a rate-limit lease takes at most 1/(2 peers))."""
+        return len(self.ring.nodes)
+
+    @property
     def loop(self):
         return self.mesh.loop if self.mesh is not None else asyncio.get_event_loop()
 

@@ -68,7 +68,7 @@ class RateLimiter:
         # plan key -> Lease, for plans owned elsewhere: tokens granted by the owner, not yet spent
         self._leases: dict = {}
         self.lease_max, self.lease_ttl = rl["lease_max"], rl["lease_ttl"]
-        self.n_slots = len(owners.ring.nodes)
+        self.n_slots = owners.peers
         owners.register({RL_TAKE: self.table.take_list, RL_LEASE: self._lease_local, RL_REFUND: self._refund_local})
 
     @property

@@ -27,7 +27,7 @@ class RedisCluster:
         self.procs: dict[int, subprocess.Popen] = {}
         for port in self.ports:
             d = tmp_path / f"redis-{port}"
-            d.mkdir()
+            d.mkdir(parents=True)
             self.procs[port] = subprocess.Popen(
                 [server, "--port", str(port), "--bind", "127.0.0.1", "--cluster-enabled", "yes",
                  "--cluster-config-file", "nodes.conf", "--cluster-node-timeout", str(self.NODE_TIMEOUT_MS),
@@ -67,6 +67,19 @@ class RedisCluster:
                 return int(master[1])
         raise LookupError(slot)
 
+    def replica_of(self, master: int) -> int:
+        """The port of a replica of the master at this port."""
+        node_id = self.client(master).execute_command("CLUSTER", "MYID").decode()
+        line = self.client(master).execute_command("CLUSTER", "REPLICAS", node_id)[0]
+        line = line.decode() if isinstance(line, bytes) else line
+        return int(line.split()[1].split("@")[0].rsplit(":", 1)[1])
+
+    def pause(self, port: int) -> None:  # a node that stops answering (and replicating) but keeps its sockets
+        self.procs[port].send_signal(signal.SIGSTOP)
+
+    def resume(self, port: int) -> None:
+        self.procs[port].send_signal(signal.SIGCONT)
+
     def kill(self, port: int) -> None:
         self.procs[port].send_signal(signal.SIGKILL)
         self.procs[port].wait(5)
@@ -88,6 +101,7 @@ class RedisCluster:
     def stop(self) -> None:
         for proc in self.procs.values():
             if proc.poll() is None:
+                proc.send_signal(signal.SIGCONT)
                 proc.kill()
                 proc.wait(5)
 

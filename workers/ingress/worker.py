@@ -48,6 +48,7 @@ from tidegate.core.predict.pipeline import Predictor, plan_for
 from tidegate.core.runtime.process import WORKER_BOOT_ERROR, start_worker
 from tidegate.core.state.auth import ApiKeys
 from tidegate.core.state.owners import Owners
+from tidegate.core.state.cluster import ClusterOwners
 from tidegate.core.state.ratelimit import RateLimiter
 from tidegate.core.state.ring import HashRing
 from tidegate.core.state.sessions import SessionStore
@@ -77,9 +78,12 @@ class IngressWorker:
         # every piece of per-key state registers its owner-side ops with the one seam
         self.owners = Owners(self.slot, HashRing(range(self.n_slots)))
         self.keys = ApiKeys(self.cfg["auth"]["keys"], self.cfg["classes"])
-        self.ratelimit = RateLimiter(self.cfg, self.owners)
-        self.exact = ExactCache(self.cfg, self.owners)
-        self.guard = Guard(self.cfg, self.keys, self.owners, self.ratelimit)
+        # sessions, buckets and exact-cache entries: at this box's ring owners, or in a shared cluster
+        # (the same seam; event-log partitions always stay with this box's owners)
+        self.state = ClusterOwners(self.cfg) if self.cfg["state"]["backend"] == "cluster" else self.owners
+        self.ratelimit = RateLimiter(self.cfg, self.state)
+        self.exact = ExactCache(self.cfg, self.state)
+        self.guard = Guard(self.cfg, self.keys, self.state, self.ratelimit)
         self.sessions: SessionStore | None = None  # opened in boot(): LMDB after fork
         self.events: PartitionOwner | None = None  # this worker's event-log partition, opened in boot()
         self._event_stats: dict = {}
@@ -224,6 +228,10 @@ class IngressWorker:
                    "owner_unavailable": self.owners.stats["owner_unavailable"], "ratelimit_leased": rl["leased"],
                    "ratelimit_buckets": len(self.ratelimit.table),
                    "sessions_live": len(self.sessions.live) if self.sessions else 0}
+        if self.state is not self.owners:
+            st = self.state.stats
+            m.extra["owner_unavailable"] += st["owner_unavailable"]
+            m.extra.update(state_cluster_calls=st["cluster_calls"], state_cluster_errors=st["cluster_errors"])
         if self.events:
             self._event_stats = self.events.stats  # kept while released, so counters never go back
         m.extra.update(self._event_stats)
@@ -417,7 +425,11 @@ class IngressWorker:
                          self.cfg["server"]["max_frame_bytes"], ctx=self.zmq, gen=self.spec["gen"])
         self.mesh.start()
         self.owners.attach(self.mesh)
-        if self.n_slots > 1:
+        if self.state is not self.owners:
+            if not await self.state.start(min(2.0, srv["boot_timeout"])):
+                log.warning("state cluster not reachable yet: its calls answer 503 (or fail open) until it is",
+                            seeds=",".join(self.cfg["state"]["seeds"]), error=self.state.last_error)
+        if self.n_slots > 1 or self.state is not self.owners:
             self._spawn_periodic(self.ratelimit.sweep_leases, self.cfg["ratelimit"]["lease_ttl"])
         self.link.send(protocol.STANDBY)  # on a reload the old generation now lets go of the stores
         await self._open_stores(srv["boot_timeout"])
@@ -527,6 +539,8 @@ class IngressWorker:
         if self.remote is not None:
             await self.remote.close()
         self._close_stores()
+        if self.state is not self.owners:
+            await self.state.close()
         if self.pressure is not None:
             self.pressure.close()
         if self.shedder is not None and self.shedder.lag is not None:
