@@ -56,7 +56,7 @@ def slots(cfg: dict) -> list[Slot]:
     the embedder when the semantic cache is on, the view builder when views are declared, the
     model worker when a tabular model is declared with worker = true."""
     out = [Slot(INGRESS, i) for i in range(config.resolve_workers(cfg))]
-    out += [Slot(INFERENCE, 0, m["name"]) for m in config.models(cfg)]
+    out += [Slot(INFERENCE, 0, m["name"]) for m in config.local_models(cfg)]
     if config.semantic_enabled(cfg):
         out.append(Slot(EMBEDDER))
     if cfg["events"]["enabled"] and cfg["events"]["views"]:

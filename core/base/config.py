@@ -100,7 +100,28 @@ def _api_keys(v):
 
 CLASSES = ("critical", "standard", "background")  # traffic classes, highest priority first
 MODEL_FIELDS = {"name": str, "path": str, "n_ctx": int, "max_seqs": int, "threads": int, "n_gpu_layers": (int, str),
-                "chat_template": str, "embeddings": bool, "class": str, "fallback_text": str}
+                "chat_template": str, "embeddings": bool, "class": str, "fallback_text": str,
+                # served by remote OpenAI-compatible servers instead of a local worker (core/llm/remote.py)
+                "backends": list, "routing": str, "balance_slack": int, "health_path": str,
+                "health_interval": (int, float), "connect_timeout": (int, float)}
+BACKEND_FIELDS = {"url": str, "model": str, "weight": (int, float), "api_key": str, "max_inflight": int}
+ROUTINGS = ("prefix", "round_robin", "least_loaded")
+
+
+def _backends(i: int, v: list) -> str | None:
+    if not v:
+        return f"item {i}: backends must list at least one {{url}}"
+    for j, b in enumerate(v):
+        if not isinstance(b, dict) or set(b) - set(BACKEND_FIELDS):
+            return f"item {i}: backend {j} must be a table {{{', '.join(BACKEND_FIELDS)}}}"
+        for k, t in BACKEND_FIELDS.items():
+            if k in b and (not isinstance(b[k], t) or isinstance(b[k], bool)):
+                return f"item {i}: backend {j}: {k} must be {getattr(t, '__name__', 'a number')}"
+        if not str(b.get("url", "")).startswith(("http://", "https://")):
+            return f"item {i}: backend {j}: url must be http://host:port or https://…"
+        if b.get("weight", 1) <= 0 or b.get("max_inflight", 1) < 1:
+            return f"item {i}: backend {j}: weight must be > 0 and max_inflight >= 1"
+    return None
 
 
 def _models(v):
@@ -127,6 +148,14 @@ def _models(v):
                 return f"item {i}: {k} must be >= 1"
         if item.get("class", "") not in ("", *CLASSES):
             return f"item {i}: class must be critical, standard or background (or \"\": the caller's)"
+        if "backends" in item:
+            problem = _backends(i, item["backends"])
+            if problem:
+                return problem
+            if item.get("path"):
+                return f"item {i}: a model has a path (a local worker) or backends (remote servers), not both"
+        if item.get("routing", "prefix") not in ROUTINGS:
+            return f"item {i}: routing must be one of {', '.join(ROUTINGS)}"
     return None
 
 
@@ -312,7 +341,10 @@ SCHEMA: dict[str, dict[str, Key]] = {
         "models": Key(list, [], "models, one inference worker each: [{name, path, n_ctx, max_seqs, threads, "
                       "n_gpu_layers, chat_template, embeddings, class, fallback_text}]; empty = the built-in demo "
                       "model; class: every request to it is of that class; fallback_text: the answer a shed "
-                      "request of a cached class gets when no cached one is found", _models),
+                      "request of a cached class gets when no cached one is found; a model with backends = "
+                      "[{url, model, weight, api_key, max_inflight}] is served by those remote OpenAI-compatible "
+                      "servers instead (routing = prefix | round_robin | least_loaded, balance_slack, health_path, "
+                      "health_interval, connect_timeout)", _models),
         "n_ctx": Key(int, 4096, "context length per sequence (prompt + completion)", positive),
         "max_seqs": Key(int, 8, "sequences decoded together (continuous batching slots)", positive),
         "n_batch": Key(int, 512, "tokens per llama_decode step (long prompts are prefilled in chunks)", positive),
@@ -680,6 +712,11 @@ def models(cfg: dict) -> list[dict]:
             "n_gpu_layers": inf["n_gpu_layers"], "chat_template": "", "embeddings": inf["embeddings"]}
     listed = inf["models"] or [{"name": "tidegate-demo"}]
     return [{**base, **m} for m in listed]
+
+
+def local_models(cfg: dict) -> list[dict]:
+    """The models an inference worker of this box serves (not those of remote backends)."""
+    return [m for m in models(cfg) if not m.get("backends")]
 
 
 def semantic_enabled(cfg: dict) -> bool:

@@ -22,6 +22,11 @@ SEMANTIC_VETOES = ("numbers", "negation", "entities", "too_long", "overlap", "an
 EXTRA_HELP = {
     "connections_evicted": ("counter", "Idle or slow connections closed to make room while at max_connections"),
     "ratelimit_admitted": ("counter", "Requests admitted by the rate limiter"),
+    "remote_requests": ("counter", "Requests sent to remote model backends"),
+    "remote_connect_errors": ("counter", "Remote backends that refused or timed out the connection (the next one was tried)"),
+    "remote_failures": ("counter", "Remote generations cut off mid-answer (the client got an error event)"),
+    "remote_prefix_blocks": ("counter", "Prompt prefix blocks routed to remote backends"),
+    "remote_prefix_blocks_hit": ("counter", "Of those, blocks the chosen backend had been sent before (prefix-affinity hits)"),
     "state_cluster_calls": ("counter", "Calls to the shared state cluster (state.backend = cluster)"),
     "state_cluster_errors": ("counter", "Calls to the state cluster that failed or timed out (answered 503 or failed open)"),
     "ratelimit_limited": ("counter", "Requests refused with 429 by the rate limiter"),

@@ -48,6 +48,7 @@ from tidegate.core.predict.pipeline import Predictor, plan_for
 from tidegate.core.runtime.process import WORKER_BOOT_ERROR, start_worker
 from tidegate.core.state.auth import ApiKeys
 from tidegate.core.state.owners import Owners
+from tidegate.core.llm.remote import RemoteModel
 from tidegate.core.state.cluster import ClusterOwners
 from tidegate.core.state.ratelimit import RateLimiter
 from tidegate.core.state.ring import HashRing
@@ -113,7 +114,7 @@ class IngressWorker:
     def _routes(self) -> None:
         cfg, r, guard = self.cfg, self.router, self.guard
         gen = self.spec["gen"]
-        downstreams = {m["name"]: endpoints.pressure(cfg, "inference", m["name"], gen) for m in config.models(cfg)}
+        downstreams = {m["name"]: endpoints.pressure(cfg, "inference", m["name"], gen) for m in config.local_models(cfg)}
         if any(m.get("worker") for m in cfg["predict"]["models"]):
             downstreams["models"] = endpoints.pressure(cfg, "models", "", gen)
         self.pressure = PressureView(self.zmq, self.loop, downstreams)
@@ -135,8 +136,9 @@ class IngressWorker:
         self.http.early_bytes = cfg["overload"]["early_bytes"]
         if models:
             limit = cfg["server"]["max_frame_bytes"]
-            self.infer = {m["name"]: WorkerClient(self.zmq, endpoints.worker(cfg, "inference", m["name"], self.spec["gen"]),
-                                                 self.loop, limit) for m in models}
+            self.infer = {m["name"]: RemoteModel(m, cfg, self.loop) if m.get("backends") else
+                          WorkerClient(self.zmq, endpoints.worker(cfg, "inference", m["name"], self.spec["gen"]),
+                                       self.loop, limit) for m in models}
             if config.semantic_enabled(cfg):
                 self.embedder = WorkerClient(self.zmq, endpoints.worker(cfg, "embedder", "", self.spec["gen"]),
                                              self.loop, limit)
@@ -144,6 +146,8 @@ class IngressWorker:
                 self.breakers["embedder"] = self.semantic.breaker
             for m in models:
                 self.breakers[f"inference:{m['name']}"] = Breaker.from_config(cfg["breakers"], slow_call=1e9)
+                for b in getattr(self.infer[m["name"]], "backends", ()):  # a remote model: one breaker per backend
+                    self.breakers[f"backend:{m['name']}:{b.url}"] = b.breaker
             api = OpenAIRoutes(cfg, models, self.infer, self.ratelimit, self.exact, self.semantic,
                                self.shedder, self.breakers, classes)
             routes += [api, ResponsesRoute(api)]
@@ -228,6 +232,9 @@ class IngressWorker:
                    "owner_unavailable": self.owners.stats["owner_unavailable"], "ratelimit_leased": rl["leased"],
                    "ratelimit_buckets": len(self.ratelimit.table),
                    "sessions_live": len(self.sessions.live) if self.sessions else 0}
+        remote = [b.stats for c in self.infer.values() for b in getattr(c, "backends", ())]
+        if remote:
+            m.extra.update({f"remote_{k}": sum(st[k] for st in remote) for k in remote[0]})
         if self.state is not self.owners:
             st = self.state.stats
             m.extra["owner_unavailable"] += st["owner_unavailable"]
