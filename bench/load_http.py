@@ -49,6 +49,13 @@ def wrk(port: int, path: str, conns: int, duration: int, lua: str | None) -> dic
             "non2xx": int(non2xx.group(1)) if non2xx else 0}
 
 
+def wrk_many(runs: list[tuple]) -> list[dict]:
+    """wrk(*args) for each of runs at the same time (several nodes driven together)."""
+    from concurrent.futures import ThreadPoolExecutor
+    with ThreadPoolExecutor(len(runs)) as pool:
+        return list(pool.map(lambda a: wrk(*a), runs))
+
+
 def main() -> None:
     ap = argparse.ArgumentParser(description=__doc__, formatter_class=argparse.RawDescriptionHelpFormatter)
     ap.add_argument("--duration", type=int, default=8)

@@ -101,7 +101,12 @@ class Router:
         else:
             best = max(ok, key=lambda b: (b.matched(names), -(b.inflight + 1) / b.weight))
             least = by_load[0]
-            first = best if best.matched(names) and best.inflight <= least.inflight + self.slack else least
+            if best.matched(names) and best.inflight <= least.inflight + self.slack:
+                first = best
+            else:  # a prompt new to all: where the least is cached, among those not much busier (the
+                # caches fill evenly, so each holds its share of the prompts instead of thrashing)
+                near = [b for b in ok if b.inflight <= least.inflight + self.slack]
+                first = min(near, key=lambda b: (len(b.seen) / b.weight, (b.inflight + 1) / b.weight))
         return [first] + [b for b in by_load if b is not first]
 
 
