@@ -343,11 +343,33 @@ class ClusterOwners:
 
     async def _xc_put(self, owner: str, msg: list) -> bool:
         from glide import ExpirySet, ExpiryType
-        key, _tenant, entry = msg
-        live = self.xc_ttl + self.xc_stale
-        await self.client.set(self._key("x", owner), orjson.dumps([key, time.time() + self.xc_ttl, entry]),
-                              expiry=ExpirySet(ExpiryType.MILLSEC, max(1, math.ceil(live * 1000))))
+        key, tenant, entry = msg
+        live = max(1, math.ceil((self.xc_ttl + self.xc_stale) * 1000))
+        name = self._key("x", owner)
+        await self.client.set(name, orjson.dumps([key, time.time() + self.xc_ttl, entry]),
+                              expiry=ExpirySet(ExpiryType.MILLSEC, live))
+        index = self._key("xt", key_tag(tenant.encode()))  # the tenant's entries, for a purge
+        await self.client.sadd(index, [name])
+        await self.client.pexpire(index, live)
         return True
+
+    async def purge(self, tenant: str | None) -> int:
+        """Drop a tenant's exact-cache entries (every tenant's when None) from the cluster: the
+        tenant's index set, or a scan of every master for the prefix. For operators."""
+        from glide import ClusterScanCursor
+        if tenant is not None:
+            index = self._key("xt", key_tag(tenant.encode()))
+            names = list(await self.client.smembers(index))
+            for name in names:  # (one key at a time: each is in its own slot)
+                await self.client.delete([name])
+            await self.client.delete([index])
+            return len(names)
+        n, cursor = 0, ClusterScanCursor()
+        while not cursor.is_finished():
+            cursor, keys = await self.client.scan(cursor, match=f"{self.prefix}:x*", count=500)
+            for name in keys:
+                n += await self.client.delete([name])
+        return n
 
 
 def _consume(fut: asyncio.Future) -> None:

@@ -96,6 +96,14 @@ def test_sessions_and_exact_entries_in_the_cluster(cluster):
         assert await o.call(xo, XC_GET, key, 1.0) == {"text": "hi"}
         await asyncio.sleep(0.4)
         assert await o.call(xo, XC_GET, key, 1.0) is None and await o.call(xo, XC_STALE, key, 1.0) == {"text": "hi"}
+        others = [f"globex|m|{i}" for i in range(5)]
+        for k in others:
+            await o.call(o.owner_of(k.encode()), XC_PUT, [k, "globex", {"text": k}], 1.0)
+        assert await o.purge("acme") == 1  # one tenant's entries only
+        assert await o.call(xo, XC_STALE, key, 1.0) is None
+        assert await o.call(o.owner_of(others[0].encode()), XC_GET, others[0], 1.0) == {"text": others[0]}
+        assert await o.purge(None) >= 5  # every tenant's (a scan of every master)
+        assert await o.call(o.owner_of(others[0].encode()), XC_GET, others[0], 1.0) is None
         await o.close()
     run(go())
 

@@ -265,11 +265,20 @@ class IngressWorker:
         snap["breakers"] = {name: b.describe() for name, b in self.breakers.items()}
         return snap
 
+    async def _purge_cluster(self, tenant: str | None) -> None:
+        try:
+            n = await self.state.purge(tenant)
+            log.info("exact cache purged in the state cluster", tenant=tenant or "(all)", entries=n)
+        except Exception as e:
+            log.warning("exact cache purge in the state cluster failed", tenant=tenant or "(all)", error=repr(e))
+
     def _on_command(self, msg: dict) -> None:
         op = msg["op"]
         if op == protocol.PURGE:
             n = self.exact.store.purge(msg.get("tenant"))
             log.info("exact cache purged", tenant=msg.get("tenant") or "(all)", entries=n)
+            if self.state is not self.owners and self.slot == 0:  # the shared entries: one worker asks
+                asyncio.ensure_future(self._purge_cluster(msg.get("tenant")))
         elif op == protocol.RELEASE:
             self._release(msg["gen"])
         elif op == protocol.RESUME:
