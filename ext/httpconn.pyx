@@ -84,6 +84,7 @@ cdef class Stream:
     cdef public bytes content_type
     cdef public object headers, on_close
     cdef public bint finished
+    cdef public object sink  # set when the stream goes elsewhere than an HTTP answer (a WebSocket reply)
     cdef HttpConnection conn
     cdef Request req
     cdef bint chunked
@@ -96,10 +97,15 @@ cdef class Stream:
     @property
     def closed(self):
         """True once the client is gone (or the stream ended): stop producing."""
+        if self.sink is not None:
+            return self.finished or self.sink.closed
         return self.finished or (self.conn is not None and self.conn.closing)
 
     def write(self, bytes data):
         if self.finished or not data:
+            return
+        if self.sink is not None:  # .write(data) / .end() / .closed: e.g. one WebSocket request's replies
+            self.sink.write(data)
             return
         if self.conn is None:
             self.early.append(data)
@@ -116,7 +122,9 @@ cdef class Stream:
         if self.finished:
             return
         self.finished = True
-        if self.conn is not None:
+        if self.sink is not None:
+            self.sink.end()
+        elif self.conn is not None:
             self._close_out()
 
     cdef _attached(self, HttpConnection conn, Request req):
@@ -134,6 +142,19 @@ cdef class Stream:
         if self.chunked:
             conn.transport.write(b"0\r\n\r\n")
         conn._end_stream(self.req, self)
+
+
+@cython.final
+cdef class Upgrade:
+    """What a handler returns to take the connection over (a WebSocket): the connection writes
+    `101 Switching Protocols` with these headers, then hands its transport to
+    `protocol_factory(transport, request, tail)` (tail: bytes that arrived after the request) and
+    leaves HTTP for good. Only for a request that asked to upgrade; else it is a 400."""
+    cdef public object protocol_factory
+    cdef public list headers
+
+    def __init__(self, protocol_factory, list headers):
+        self.protocol_factory, self.headers = protocol_factory, headers
 
 
 cdef bytes _head_bytes(bytes status_line, bytes content_type, Py_ssize_t length):
@@ -236,7 +257,7 @@ cdef class HttpConnection:
     cdef public double since, paused_since
     cdef public unsigned long long serial  # accept order: the lowest still sending its head is the slowest
     cdef public bint busy, closing, read_paused
-    cdef object metrics, _url, _headers, _body, _started, _version, _parked, _stream
+    cdef object metrics, _url, _headers, _body, _started, _version, _parked, _stream, _upgrade_tail
     cdef bint _in_message
     cdef Py_ssize_t _nheaders, _hbytes, _blen, _raw_head
     cdef Py_ssize_t max_request_line, max_header_bytes, max_headers, max_body_bytes, max_pipelined
@@ -265,7 +286,7 @@ cdef class HttpConnection:
         srv.connections_accepted += 1
         self.serial = srv.connections_accepted
         if srv.on_count_change is not None:
-            srv.on_count_change(len(srv.conns), self)
+            srv.on_count_change(len(srv.conns) + srv.upgraded, self)
 
     def connection_lost(self, exc):
         self.closing = True
@@ -279,7 +300,7 @@ cdef class HttpConnection:
         srv.conns.discard(self)
         self.pending.clear()
         if srv.on_count_change is not None:
-            srv.on_count_change(len(srv.conns), None)
+            srv.on_count_change(len(srv.conns) + srv.upgraded, None)
 
     def eof_received(self):
         return False  # close our side too
@@ -292,10 +313,12 @@ cdef class HttpConnection:
             self.parser.feed_data(data)
         except HttpError as e:
             self._fail(e)
-        except _HttpParserUpgrade:
-            # Upgrades (WebSocket) are not served yet: answer the request, then close.
-            if self.pending:
-                self.pending[-1].keep_alive = False
+        except _HttpParserUpgrade as e:
+            # the request asked to switch protocols: its handler may take the connection over
+            # (returns an Upgrade); otherwise it is answered and the connection closes
+            self._upgrade_tail = data[e.args[0]:] if e.args else b""
+            if self.pending:  # (wraparound is off here: no [-1])
+                self.pending[len(self.pending) - 1].keep_alive = False
             self._stop_reading()
         except _HttpParserError as e:
             # an HttpError raised in one of our callbacks comes back wrapped as its __context__
@@ -458,6 +481,9 @@ cdef class HttpConnection:
             if type(resp) is Stream:
                 self._start_stream(req, resp)
                 return
+            if type(resp) is Upgrade:
+                self._start_upgrade(req, resp)
+                return
             if type(resp) is not Response:
                 # park until it resolves: a future directly (no Task), a coroutine as a Task
                 self.busy = True
@@ -488,6 +514,9 @@ cdef class HttpConnection:
         if type(resp) is Stream:
             self._start_stream(req, resp)
             return
+        if type(resp) is Upgrade:
+            self._start_upgrade(req, resp)
+            return
         self._send(req, resp)
         self._process()
 
@@ -506,6 +535,32 @@ cdef class HttpConnection:
         self.transport.write(data)
         self.srv.bytes_out += len(data)
         st._attached(self, req)
+
+    cdef _start_upgrade(self, Request req, Upgrade up):
+        """101, then the transport belongs to the new protocol; this connection is done."""
+        if self._upgrade_tail is None or self.pending:
+            self._send(req, HttpError(400, "this request did not ask to upgrade the connection (or was pipelined)",
+                                      "bad_upgrade").response())
+            return
+        parts = [b"HTTP/1.1 101 Switching Protocols\r\n"]
+        for name, value in up.headers:
+            parts += (name, b": ", value, b"\r\n")
+        parts += (self.srv.date_line, b"x-request-id: ", req.request_id, b"\r\n\r\n")
+        data = b"".join(parts)
+        self.transport.write(data)
+        srv = self.srv
+        srv.bytes_out += len(data)
+        observe(self.metrics, req.route, 101, _perf() - req.started)
+        tail, self._upgrade_tail = self._upgrade_tail, None
+        transport = self.transport
+        self.closing = True  # (no more HTTP here: the new protocol hears connection_lost)
+        self.parser = None
+        srv.conns.discard(self)
+        proto = up.protocol_factory(transport, req, tail)
+        transport.set_protocol(proto)
+        if self.read_paused:
+            self.read_paused = False
+            transport.resume_reading()
 
     def _end_stream(self, Request req, Stream st):
         self._stream = None
@@ -581,6 +636,7 @@ cdef class HttpServer:
     cdef public object dispatch, metrics, on_count_change, log, early
     cdef public Py_ssize_t early_bytes
     cdef public Py_ssize_t max_connections
+    cdef public Py_ssize_t upgraded  # connections handed to another protocol (WebSockets), still open
     cdef public set conns
     cdef public bint draining, access_log, no_keepalive
     cdef public double now

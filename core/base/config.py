@@ -309,6 +309,21 @@ SCHEMA: dict[str, dict[str, Key]] = {
         "lease_peers": Key(int, 8, "cluster: ingress workers across all nodes; a rate-limit lease takes at most "
                            "1/(2 x this) of what a bucket holds", positive),
     },
+    "websocket": {  # GET /v1/ws (core/http/websocket.py, workers/ingress/routes/ws.py)
+        "enabled": Key(bool, True, "serve GET /v1/ws: requests as JSON messages over one WebSocket"),
+        "max_message_bytes": Key(int, 1 * MiB, "a message (all its fragments) larger than this closes with 1009",
+                                 positive),
+        "max_fragments": Key(int, 64, "frames one message may come in (then 1009)", positive),
+        "max_outstanding": Key(int, 16, "requests in flight per socket (one more closes with 1008)", positive),
+        "max_control_per_s": Key(int, 20, "ping/pong frames a peer may send per second (then 1008: a ping flood)",
+                                 positive),
+        "send_buffer_bytes": Key(int, 1 * MiB, "bytes queued for a peer that does not read before it is closed "
+                                 "(1008)", positive),
+        "ping_interval": Key(float, 20.0, "seconds of silence before the server pings (0 = never)", non_negative),
+        "ping_timeout": Key(float, 20.0, "seconds a ping may go unanswered before the socket is closed", positive),
+        "permessage_deflate": Key(bool, False, "accept permessage-deflate when offered (compression state costs "
+                                  "memory per socket)"),
+    },
     "sessions": {
         "ttl": Key(float, 3600.0, "seconds a session lives after its last use (sliding)", positive),
         "max_per_worker": Key(int, 1000000, "sessions one owner holds; creating more answers 503", positive),
@@ -316,7 +331,8 @@ SCHEMA: dict[str, dict[str, Key]] = {
                                     "(400 above)", positive),
         "map_bytes": Key(int, 4096 * MiB, "most disk one owner's sessions LMDB may grow to (it starts at 64 MiB "
                          "and doubles when full); beyond it creating or patching answers 503", positive),
-        "owner_timeout": Key(float, 0.5, "seconds to wait for a session's owner (then 503: fails closed)", positive),
+        "owner_timeout": Key(float, 2.0, "seconds to wait for a session's owner (then 503: fails closed); as long "
+                             "as a reload's store hand-off may hold calls (Owners.HOLD_S)", positive),
     },
     "ratelimit": {
         "key_rps": Key(float, 0.0, "requests/s per API key (0 = no limit)", non_negative),

@@ -16,7 +16,7 @@ from __future__ import annotations
 
 # the request/response types live with the connection in the compiled hot path
 from tidegate.ext.httpconn import (BODY, ERROR_TYPES, HEAD, IDLE_KEEPALIVE, IDLE_NEW, HttpError,  # noqa: F401
-                                   HttpServer, Request, Response, Stream, json_response)
+                                   HttpServer, Request, Response, Stream, Upgrade, json_response)
 
 
 def service_unavailable(message: str, code: str, retry_after: int = 1, param: str | None = None) -> HttpError:

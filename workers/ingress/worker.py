@@ -48,6 +48,7 @@ from tidegate.core.predict.pipeline import Predictor, plan_for
 from tidegate.core.runtime.process import WORKER_BOOT_ERROR, start_worker
 from tidegate.core.state.auth import ApiKeys
 from tidegate.core.state.owners import Owners
+from tidegate.core.http.websocket import WsHub
 from tidegate.core.llm.remote import RemoteModel
 from tidegate.core.state.cluster import ClusterOwners
 from tidegate.core.state.ratelimit import RateLimiter
@@ -64,6 +65,7 @@ from tidegate.workers.ingress.routes.ops import OpsRoutes
 from tidegate.workers.ingress.routes.predict import ModelError, PredictRoutes
 from tidegate.workers.ingress.routes.sessions import SessionRoutes
 from tidegate.workers.ingress.routes.views import ViewRoutes
+from tidegate.workers.ingress.routes.ws import WsRoutes
 
 FAILPOINTS = frozenset(os.environ.get("TIDEGATE_FAILPOINTS", "").split(","))  # fault injection for tests
 
@@ -93,6 +95,7 @@ class IngressWorker:
         self.http = HttpServer(self.cfg["limits"], self.router.dispatch, self.metrics, log, self.cfg["log"]["access"],
                                routes=self.router.exact)
         self.http.on_count_change = self._on_count_change
+        self.ws = WsHub(self.cfg["websocket"], self.loop, log, server=self.http)  # the WebSocket sessions
         self.http.max_connections = self.cfg["server"]["max_connections"]
         self.servers: list = []
         self.accepting = False
@@ -151,6 +154,7 @@ class IngressWorker:
             api = OpenAIRoutes(cfg, models, self.infer, self.ratelimit, self.exact, self.semantic,
                                self.shedder, self.breakers, classes)
             routes += [api, ResponsesRoute(api)]
+        routes.append(WsRoutes(cfg, self.ws, r))
         for group in routes:
             group.add_to(r, guard)
 
@@ -232,6 +236,9 @@ class IngressWorker:
                    "owner_unavailable": self.owners.stats["owner_unavailable"], "ratelimit_leased": rl["leased"],
                    "ratelimit_buckets": len(self.ratelimit.table),
                    "sessions_live": len(self.sessions.live) if self.sessions else 0}
+        m.extra.update(self.ws.stats, ws_open=len(self.ws.sessions))
+        m.bytes_in += self.ws.bytes_in
+        m.bytes_out += self.ws.bytes_out
         remote = [b.stats for c in self.infer.values() for b in getattr(c, "backends", ())]
         if remote:
             m.extra.update({f"remote_{k}": sum(st[k] for st in remote) for k in remote[0]})
@@ -456,6 +463,7 @@ class IngressWorker:
         self.link.send(protocol.READY, pid=os.getpid())
         self._spawn_periodic(self._heartbeat, srv["heartbeat_interval"])
         self._spawn_periodic(self.http.tick, 1.0)
+        self._spawn_periodic(self.ws.tick, 1.0)
         if self.remote is not None:
             asyncio.ensure_future(self.remote.warm())
         self._spawn_periodic(lambda: self.sessions and self.sessions.expire(), 60.0)
@@ -528,14 +536,17 @@ class IngressWorker:
         for s in self.listen_socks:  # the last copies: the port now refuses instead of queueing
             s.close()
         self.http.drain()
+        self.ws.drain()  # each socket closes with 1001 once its replies are done
         asyncio.ensure_future(self._finish_drain())
 
     async def _finish_drain(self) -> None:
         deadline = time.monotonic() + self.cfg["server"]["graceful_timeout"]
-        while self.http.conns and time.monotonic() < deadline:
+        while (self.http.conns or self.ws.sessions) and time.monotonic() < deadline:
             await asyncio.sleep(0.05)
-        if self.http.conns:
-            log.warning("graceful timeout: closing connections", open=len(self.http.conns))
+        if self.http.conns or self.ws.sessions:
+            log.warning("graceful timeout: closing connections", open=len(self.http.conns),
+                        websockets=len(self.ws.sessions))
+            self.ws.close_all()
         self.link.send(protocol.HEARTBEAT, snap=self.snapshot())  # final counters
         await asyncio.sleep(0.05)
         self.stopped.set()
@@ -547,6 +558,7 @@ class IngressWorker:
             task.cancel()
         for conn in list(self.http.conns):
             conn.abort("worker stopping")
+        self.ws.close_all("worker stopping")
         self.owners.restore(())  # closes a forwarding mesh left from a RELEASE
         if self.mesh:
             self.mesh.close()

@@ -1,0 +1,272 @@
+"""WebSockets (RFC 6455) after an HTTP upgrade: framing by wsproto (sans-IO), limits, pings, close.
+
+`handshake(req, cfg)` checks an upgrade request and returns the 101's headers (and the
+permessage-deflate extension when configured and offered); `WsSession` is the asyncio Protocol
+the connection switches to (ext/httpconn.pyx `Upgrade`). A session turns complete text messages
+into `on_message(session, text)` calls on its delegate, and sends what the delegate gives it.
+Behaviour stays in the delegate (workers/ingress/routes/ws.py maps messages to the HTTP routes),
+so this module knows frames, limits and closing, nothing about the API.
+
+Limits (config [websocket]), each closing with a code and reason: a message over
+`max_message_bytes` or more than `max_fragments` frames (1009), more control frames than
+`max_control_per_s` in a second (1008: ping floods), a peer that does not answer the server's
+pings within `ping_timeout` (closed), more than `send_buffer_bytes` queued for a reader that
+does not read (1008). `WsHub` keeps the worker's sessions: one sweep a second sends pings and
+closes dead peers (no timer per socket); drain() closes each with 1001 once its in-flight
+replies are done.
+"""
+from __future__ import annotations
+
+import base64
+import hashlib
+import time
+
+import orjson
+from wsproto.connection import Connection, ConnectionState, ConnectionType
+from wsproto.events import BytesMessage, CloseConnection, Message, Ping, Pong, TextMessage
+from wsproto.extensions import PerMessageDeflate
+from wsproto.frame_protocol import CloseReason
+
+from tidegate.core.http.http11 import HttpError
+
+GUID = b"258EAFA5-E914-47DA-95CA-C5AB0DC85B11"
+TOO_BIG, POLICY, GOING_AWAY, INTERNAL = CloseReason.MESSAGE_TOO_BIG, CloseReason.POLICY_VIOLATION, \
+    CloseReason.GOING_AWAY, CloseReason.INTERNAL_ERROR
+
+
+def handshake(req, cfg: dict) -> tuple[list, list]:
+    """(101 headers, extensions) for a valid RFC 6455 upgrade request, else HttpError 400/426."""
+    h = req.headers
+    if req.method != "GET":
+        raise HttpError(405, "a WebSocket upgrade is a GET", "method_not_allowed")
+    if b"websocket" not in h.get(b"upgrade", b"").lower() or b"upgrade" not in h.get(b"connection", b"").lower():
+        raise HttpError(426, "this route speaks WebSocket only: send Upgrade: websocket", "upgrade_required",
+                        headers=[(b"upgrade", b"websocket")])
+    if h.get(b"sec-websocket-version") != b"13":
+        raise HttpError(426, "only WebSocket version 13 is supported", "unsupported_version",
+                        headers=[(b"sec-websocket-version", b"13")])
+    key = h.get(b"sec-websocket-key", b"")
+    try:
+        if len(base64.b64decode(key, validate=True)) != 16:
+            raise ValueError
+    except ValueError:
+        raise HttpError(400, "Sec-WebSocket-Key must be 16 random bytes, base64", "bad_upgrade") from None
+    accept = base64.b64encode(hashlib.sha1(key + GUID).digest())
+    headers = [(b"upgrade", b"websocket"), (b"connection", b"Upgrade"), (b"sec-websocket-accept", accept)]
+    extensions = []
+    offer = h.get(b"sec-websocket-extensions", b"").decode("latin-1")
+    if cfg["permessage_deflate"]:
+        for one in offer.split(","):
+            if one.strip().split(";")[0].strip() == "permessage-deflate":
+                ext = PerMessageDeflate()
+                params = ext.accept(one.strip())
+                if params is not None:
+                    headers.append((b"sec-websocket-extensions",
+                                    ("permessage-deflate; " + params if params else "permessage-deflate").encode()))
+                    extensions.append(ext)
+                break
+    return headers, extensions
+
+
+class WsSession:
+    """One WebSocket connection (an asyncio Protocol). The delegate has on_message(session,
+    text), on_close(session); session.send(bytes of JSON) and session.close(code, reason)."""
+    __slots__ = ("ws", "transport", "delegate", "hub", "req", "_parts", "_nparts", "_nbytes", "_ctl", "_ctl_at",
+                 "last_seen", "ping_sent", "closed", "inflight", "state", "__weakref__")
+
+    def __init__(self, transport, req, tail: bytes, delegate, hub: "WsHub", extensions: list):
+        self.transport, self.req, self.delegate, self.hub = transport, req, delegate, hub
+        self.ws = Connection(ConnectionType.SERVER, extensions=extensions or None)
+        self._parts, self._nparts, self._nbytes = None, 0, 0
+        self._ctl, self._ctl_at = 0, 0.0
+        self.last_seen, self.ping_sent, self.closed = hub.now, 0.0, False
+        self.inflight = {}  # request id -> what cancels it (the delegate's)
+        self.state = None   # the delegate's per-socket state
+        hub.add(self)
+        if tail:
+            hub.loop.call_soon(self.data_received, tail)
+
+    # ---- asyncio Protocol ---------------------------------------------------------------------
+    def connection_made(self, transport) -> None:  # (set_protocol does not call it; kept for the interface)
+        self.transport = transport
+
+    def connection_lost(self, exc) -> None:
+        if not self.closed:
+            self.closed = True
+        self.hub.discard(self)
+        self.delegate.on_close(self)
+
+    def eof_received(self):
+        return False
+
+    def pause_writing(self) -> None:
+        pass
+
+    def resume_writing(self) -> None:
+        pass
+
+    def data_received(self, data: bytes) -> None:
+        if self.closed:
+            return
+        self.last_seen = self.hub.now
+        self.hub.bytes_in += len(data)
+        try:
+            self.ws.receive_data(data)
+            for event in self.ws.events():
+                if self.closed:
+                    return
+                if isinstance(event, Message):
+                    self._on_frame(event)
+                elif isinstance(event, Ping):
+                    if self._control():
+                        self._write(self.ws.send(event.response()))
+                elif isinstance(event, Pong):
+                    self._control()
+                    self.ping_sent = 0.0
+                elif isinstance(event, CloseConnection):
+                    if self.ws.state not in (ConnectionState.CLOSED, ConnectionState.LOCAL_CLOSING):
+                        self._write(self.ws.send(event.response()))
+                    self.closed = True
+                    self.transport.close()
+        except Exception as e:  # a protocol error from the peer (bad frame, bad UTF-8...) closes it
+            self.close(POLICY if "UTF-8" not in str(e) else CloseReason.INVALID_FRAME_PAYLOAD_DATA,
+                       f"protocol error: {e}"[:120])
+
+    def _control(self) -> bool:
+        """Count a control frame; past the rate the peer is flooding: 1008."""
+        now = self.hub.now
+        if now - self._ctl_at >= 1.0:
+            self._ctl, self._ctl_at = 0, now
+        self._ctl += 1
+        if self._ctl > self.hub.cfg["max_control_per_s"]:
+            self.close(POLICY, f"more than {self.hub.cfg['max_control_per_s']} control frames a second")
+            return False
+        return True
+
+    def _on_frame(self, event) -> None:
+        cfg = self.hub.cfg
+        data = event.data
+        self._nbytes += len(data)
+        self._nparts += 1
+        if self._nbytes > cfg["max_message_bytes"]:
+            self.close(TOO_BIG, f"message larger than {cfg['max_message_bytes']} bytes")
+            return
+        if self._nparts > cfg["max_fragments"]:
+            self.close(TOO_BIG, f"message in more than {cfg['max_fragments']} fragments")
+            return
+        if not event.message_finished:
+            if self._parts is None:
+                self._parts = []
+            self._parts.append(data)
+            return
+        if self._parts is not None:
+            self._parts.append(data)
+            data = "".join(self._parts) if isinstance(event, TextMessage) else b"".join(self._parts)
+        self._parts, self._nparts, self._nbytes = None, 0, 0
+        if isinstance(event, BytesMessage):
+            try:
+                data = data.decode("utf-8")
+            except UnicodeDecodeError:
+                self.close(CloseReason.INVALID_FRAME_PAYLOAD_DATA, "binary messages must be UTF-8 JSON")
+                return
+        try:
+            self.delegate.on_message(self, data)
+        except Exception as e:  # a delegate bug must not take the worker down
+            self.hub.log.error("websocket message failed", error=repr(e))
+            self.close(INTERNAL, "internal error")
+
+    # ---- sending ------------------------------------------------------------------------------
+    def _write(self, data: bytes) -> None:
+        if data and not self.transport.is_closing():
+            self.transport.write(data)
+            self.hub.bytes_out += len(data)
+
+    def send(self, payload: bytes) -> bool:
+        """One text message (JSON bytes). False once closed, or when the reader fell behind by
+        more than send_buffer_bytes (then the socket closes with 1008)."""
+        if self.closed:
+            return False
+        if self.transport.get_write_buffer_size() > self.hub.cfg["send_buffer_bytes"]:
+            self.close(POLICY, "the client is not reading: send buffer full")
+            return False
+        self._write(self.ws.send(TextMessage(data=payload.decode())))
+        return True
+
+    def close(self, code: int = CloseReason.NORMAL_CLOSURE, reason: str = "") -> None:
+        if self.closed:
+            return
+        self.closed = True
+        try:
+            if self.ws.state == ConnectionState.OPEN:
+                self._write(self.ws.send(CloseConnection(code=code, reason=reason)))
+        except Exception:
+            pass
+        self.transport.close()
+
+    def ping(self) -> None:
+        self.ping_sent = self.hub.now
+        self._write(self.ws.send(Ping(payload=b"tg")))
+
+    @property
+    def draining(self) -> bool:
+        return self.hub.draining
+
+
+class WsHub:
+    """The worker's WebSocket sessions: the ping/dead-peer sweep, drain, counters."""
+
+    def __init__(self, cfg: dict, loop, log, server=None):
+        self.cfg, self.loop, self.log, self.server = cfg, loop, log, server
+        self.sessions: set[WsSession] = set()
+        self.now = time.monotonic()
+        self.draining = False
+        self.bytes_in = self.bytes_out = 0
+        self.stats = {"ws_opened": 0, "ws_closed_dead": 0}
+
+    def __len__(self) -> int:
+        return len(self.sessions)
+
+    def add(self, s: WsSession) -> None:
+        self.sessions.add(s)
+        self.stats["ws_opened"] += 1
+        self._count()
+
+    def discard(self, s: WsSession) -> None:
+        self.sessions.discard(s)
+        self._count()
+
+    def _count(self) -> None:
+        srv = self.server
+        if srv is not None:
+            srv.upgraded = len(self.sessions)
+            if srv.on_count_change is not None:
+                srv.on_count_change(len(srv.conns) + srv.upgraded, None)
+
+    def tick(self) -> None:
+        """Once a second: ping sessions quiet for ping_interval, close those that did not answer
+        within ping_timeout; while draining, close the ones with nothing in flight (1001)."""
+        self.now = now = time.monotonic()
+        every, wait = self.cfg["ping_interval"], self.cfg["ping_timeout"]
+        for s in list(self.sessions):
+            if s.closed:
+                continue
+            if self.draining and not s.inflight:
+                s.close(GOING_AWAY, "server shutting down")
+            elif s.ping_sent and now - s.ping_sent > wait:
+                self.stats["ws_closed_dead"] += 1
+                s.close(GOING_AWAY, "no pong within the ping timeout")
+            elif not s.ping_sent and every and now - s.last_seen > every:
+                s.ping()
+
+    def drain(self) -> None:
+        self.draining = True
+        self.tick()
+
+    def close_all(self, reason: str = "server shutting down") -> None:
+        for s in list(self.sessions):
+            s.close(GOING_AWAY, reason)
+
+
+def message(rid, **fields) -> bytes:
+    """A reply: {"id": rid, ...} as JSON bytes."""
+    return orjson.dumps({"id": rid, **fields})
