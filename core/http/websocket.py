@@ -30,6 +30,7 @@ from wsproto.frame_protocol import CloseReason
 from tidegate.core.http.http11 import HttpError
 
 GUID = b"258EAFA5-E914-47DA-95CA-C5AB0DC85B11"
+CLOSE_WAIT_S = 1.0  # after our close frame, how long the peer has to answer with its own
 TOO_BIG, POLICY, GOING_AWAY, INTERNAL = CloseReason.MESSAGE_TOO_BIG, CloseReason.POLICY_VIOLATION, \
     CloseReason.GOING_AWAY, CloseReason.INTERNAL_ERROR
 
@@ -107,6 +108,7 @@ class WsSession:
 
     def data_received(self, data: bytes) -> None:
         if self.closed:
+            self._closing_data(data)
             return
         self.last_seen = self.hub.now
         self.hub.bytes_in += len(data)
@@ -193,6 +195,8 @@ class WsSession:
         return True
 
     def close(self, code: int = CloseReason.NORMAL_CLOSURE, reason: str = "") -> None:
+        """Send the close frame, then wait (at most CLOSE_WAIT_S) for the peer's before closing
+        the TCP connection, so a peer still sending reads our reason rather than a reset."""
         if self.closed:
             return
         self.closed = True
@@ -200,8 +204,20 @@ class WsSession:
             if self.ws.state == ConnectionState.OPEN:
                 self._write(self.ws.send(CloseConnection(code=code, reason=reason)))
         except Exception:
-            pass
-        self.transport.close()
+            self.transport.close()
+            return
+        self.hub.loop.call_later(CLOSE_WAIT_S, self.transport.close)
+
+    def _closing_data(self, data: bytes) -> None:
+        """After our close frame: only the peer's close matters (the rest is dropped)."""
+        try:
+            self.ws.receive_data(data)
+            for event in self.ws.events():
+                if isinstance(event, CloseConnection):
+                    self.transport.close()
+                    return
+        except Exception:
+            self.transport.close()
 
     def ping(self) -> None:
         self.ping_sent = self.hub.now

@@ -80,7 +80,9 @@ class Guard:
             raise UNAUTHORIZED  # unknown, expired, or opened with an API key that has since been removed
         req.identity = Identity(rec["key_id"], rec["user"], rec["tenant"], rec["class"], rec["user"], sid, rec)
         resp = handler(req)
-        return resp if resp.__class__ is Response else await resp
+        if resp.__class__ is Response or not (asyncio.isfuture(resp) or asyncio.iscoroutine(resp)):
+            return resp  # (a Response, a Stream or an Upgrade)
+        return await resp
 
     async def session_call(self, sid: str, op: str, payload):
         """Run a session op at the session's owner; 503 when it does not answer."""

@@ -1,0 +1,196 @@
+"""GET /v1/ws end to end with a real client (the `websockets` package): credentials before the
+upgrade, requests by id through the same routes as HTTP, streams and cancel, the limits that
+close a socket (1009, 1008), server pings and dead peers, drain with 1001."""
+import base64
+import json
+import os
+import signal
+import socket
+import time
+
+import pytest
+from websockets.exceptions import ConnectionClosed, InvalidStatus
+from websockets.sync.client import connect
+
+from helpers.keys import ALPHA, KEYS
+from helpers.llm import metric
+
+NO_CACHE = {"exact_enabled": False, "semantic_enabled": False}
+
+
+def ws(d, token=ALPHA, **kw):
+    headers = {"Authorization": f"Bearer {token}"} if token else {}
+    return connect(f"ws://127.0.0.1:{d.port}/v1/ws", additional_headers=headers, open_timeout=10, **kw)
+
+
+def ask(sock, **msg):
+    sock.send(json.dumps(msg))
+
+
+def replies(sock, until, timeout=20.0):
+    """Messages until `until(message)` is true (inclusive)."""
+    out = []
+    deadline = time.monotonic() + timeout
+    while True:
+        m = json.loads(sock.recv(timeout=max(0.1, deadline - time.monotonic())))
+        out.append(m)
+        if until(m):
+            return out
+
+
+@pytest.fixture
+def llm(daemon_factory, demo_model):
+    return daemon_factory(auth={"keys": KEYS}, cache=NO_CACHE, ratelimit={"key_rps": 1000.0},
+                          inference={"enabled": True, "models": [{"name": "demo", "path": demo_model, "n_ctx": 2048}]},
+                          websocket={"ping_interval": 1.0, "ping_timeout": 2.0, "max_message_bytes": 65536,
+                                     "max_outstanding": 4, "max_control_per_s": 10})
+
+
+def test_credentials_before_the_upgrade_and_the_same_routes_after(llm):
+    with pytest.raises(InvalidStatus) as e:
+        ws(llm, token=None)
+    assert e.value.response.status_code == 401
+    with pytest.raises(InvalidStatus) as e:
+        ws(llm, token="sk-wrong-0123456789")
+    assert e.value.response.status_code == 401
+    with ws(llm) as s:
+        ask(s, id=1, type="echo", body={"x": 1})
+        assert json.loads(s.recv(timeout=10)) == {"id": 1, "status": 200, "body": {"object": "echo", "data": {"x": 1}}}
+        # several in flight at once, answered by id: a stream and a whole answer
+        ask(s, id="s", type="chat.completions", body={"model": "demo", "max_tokens": 6, "stream": True,
+                                                      "messages": [{"role": "user", "content": "hi"}]})
+        ask(s, id="w", type="chat.completions", body={"model": "demo", "max_tokens": 6,
+                                                      "messages": [{"role": "user", "content": "hello"}]})
+        seen = []
+        while not ({"s", "w"} <= {m["id"] for m in seen if m.get("done") or "body" in m}):
+            seen.append(json.loads(s.recv(timeout=20)))
+        stream = [m for m in seen if m["id"] == "s"]
+        assert stream[-1] == {"id": "s", "done": True}
+        chunks = [m["event"] for m in stream[:-1]]
+        assert chunks[-1]["choices"][0]["finish_reason"] in ("stop", "length")
+        whole = next(m for m in seen if m["id"] == "w")
+        assert whole["status"] == 200 and whole["body"]["object"] == "chat.completion"
+        # the same validation as HTTP: a 400 naming the parameter, and the socket stays open
+        ask(s, id=2, type="chat.completions", body={"model": "demo", "messages": [], "temperature": 9})
+        err = json.loads(s.recv(timeout=10))
+        assert err["id"] == 2 and err["status"] == 400 and err["error"]["param"]
+        ask(s, id=3, type="nope")
+        assert json.loads(s.recv(timeout=10))["error"]["param"] == "type"
+        s.send("not json")
+        assert json.loads(s.recv(timeout=10))["error"]["code"] == "invalid_json"
+        # events and session updates go through their routes too
+        ask(s, id=4, type="events", body={"key": "u1", "type": "click"})
+        assert json.loads(s.recv(timeout=10))["status"] == 202
+    assert metric(llm, "tidegate_ws_opened_total") >= 1
+
+
+def test_a_session_token_opens_a_socket_and_patches_its_session(llm):
+    from helpers.http import request
+    r = request(llm.port, "POST", "/v1/sessions", json.dumps({"user": "u1", "attributes": {"n": 1}}).encode(),
+                headers={"Authorization": f"Bearer {ALPHA}"})
+    token = r.json()["token"]
+    with ws(llm, token=token) as s:
+        ask(s, id="p", type="session.patch", body={"attributes": {"n": 2}})
+        assert json.loads(s.recv(timeout=10))["body"]["attributes"] == {"n": 2}
+        ask(s, id="g", type="session.get")
+        assert json.loads(s.recv(timeout=10))["body"]["attributes"] == {"n": 2}
+
+
+def test_cancel_stops_the_generation(llm):
+    before = metric(llm, "tidegate_llm_cancelled_total")
+    with ws(llm) as s:
+        ask(s, id="long", type="chat.completions", body={"model": "demo", "max_tokens": 1500, "stream": True,
+                                                         "messages": [{"role": "user", "content": "go on"}]})
+        first = json.loads(s.recv(timeout=20))
+        assert first["id"] == "long" and "event" in first
+        ask(s, id="c", type="cancel", target="long")
+        msgs = replies(s, lambda m: m["id"] == "c")
+        assert msgs[-1] == {"id": "c", "status": 200, "body": {"cancelled": "long"}}
+        ask(s, id="e", type="echo", body={})  # nothing more of the cancelled stream after the answer
+        after = replies(s, lambda m: m["id"] == "e")
+        assert all(m["id"] == "e" for m in after)
+    deadline = time.monotonic() + 10
+    while metric(llm, "tidegate_llm_cancelled_total") <= before:
+        assert time.monotonic() < deadline, "the generation was not cancelled"
+        time.sleep(0.2)
+
+
+def test_limits_close_with_1009_and_1008(llm):
+    with ws(llm) as s:
+        s.send(json.dumps({"id": 1, "type": "echo", "body": {"x": "y" * 70000}}))
+        with pytest.raises(ConnectionClosed) as e:
+            s.recv(timeout=10)
+        assert e.value.rcvd.code == 1009
+    with ws(llm) as s:  # more in flight than max_outstanding
+        for i in range(6):
+            ask(s, id=i, type="chat.completions", body={"model": "demo", "max_tokens": 300, "stream": True,
+                                                        "messages": [{"role": "user", "content": f"q{i}"}]})
+        with pytest.raises(ConnectionClosed) as e:
+            while True:
+                s.recv(timeout=20)
+        assert e.value.rcvd.code == 1008 and "in flight" in e.value.rcvd.reason
+    with ws(llm) as s:  # a ping flood
+        with pytest.raises(ConnectionClosed) as e:
+            for _ in range(50):
+                s.ping()
+            while True:
+                s.recv(timeout=10)
+        assert e.value.rcvd.code == 1008
+
+
+def _raw_upgrade(port: int) -> socket.socket:
+    """A peer that upgrades and then never answers anything (a dead client)."""
+    sock = socket.create_connection(("127.0.0.1", port), timeout=10)
+    key = base64.b64encode(os.urandom(16)).decode()
+    sock.sendall((f"GET /v1/ws HTTP/1.1\r\nHost: t\r\nUpgrade: websocket\r\nConnection: Upgrade\r\n"
+                  f"Sec-WebSocket-Key: {key}\r\nSec-WebSocket-Version: 13\r\nAuthorization: Bearer {ALPHA}\r\n\r\n")
+                 .encode())
+    assert sock.recv(4096).startswith(b"HTTP/1.1 101")
+    return sock
+
+
+def test_server_pings_keep_live_peers_and_close_dead_ones(llm):
+    with ws(llm) as live:  # the client answers pings by itself
+        dead = _raw_upgrade(llm.port)
+        dead.settimeout(10)
+        data = b""
+        t0 = time.monotonic()
+        while True:  # a ping comes, goes unanswered, then the close frame and EOF
+            chunk = dead.recv(4096)
+            if not chunk:
+                break
+            data += chunk
+        assert time.monotonic() - t0 < 8 and b"\x89" in data[:1] + data  # a ping (opcode 9) was sent
+        ask(live, id=1, type="echo", body={})
+        assert json.loads(live.recv(timeout=5))["id"] == 1  # the live one is still open
+    assert metric(llm, "tidegate_ws_closed_dead_total") >= 1
+
+
+def test_drain_closes_sockets_with_1001_after_their_replies(llm):
+    idle = ws(llm)
+    busy = ws(llm)
+    ask(busy, id="b", type="chat.completions", body={"model": "demo", "max_tokens": 200, "stream": True,
+                                                     "messages": [{"role": "user", "content": "tell"}]})
+    assert "event" in json.loads(busy.recv(timeout=20))
+    llm.signal(signal.SIGTERM)
+    with pytest.raises(ConnectionClosed) as e:
+        idle.recv(timeout=10)
+    assert e.value.rcvd.code == 1001
+    msgs = []
+    with pytest.raises(ConnectionClosed) as e:
+        while True:
+            msgs.append(json.loads(busy.recv(timeout=20)))
+    assert e.value.rcvd.code == 1001
+    assert msgs and msgs[-1] == {"id": "b", "done": True}  # its stream finished first
+    assert llm.wait_exit(20) == 0
+
+
+def test_permessage_deflate_when_configured(daemon_factory):
+    d = daemon_factory(auth={"keys": KEYS}, websocket={"permessage_deflate": True})
+    with ws(d) as s:  # the client offers permessage-deflate
+        assert "permessage-deflate" in (s.response.headers.get("Sec-WebSocket-Extensions") or "")
+        ask(s, id=1, type="echo", body={"text": "z" * 5000})
+        assert json.loads(s.recv(timeout=10))["body"]["data"]["text"] == "z" * 5000
+    off = daemon_factory(auth={"keys": KEYS})
+    with ws(off) as s:
+        assert not s.response.headers.get("Sec-WebSocket-Extensions")
