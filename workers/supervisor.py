@@ -189,7 +189,7 @@ class Supervisor:
             return EXIT_BIND
         log.info("starting", version=__version__, bind=self.listeners.bound(),
                  workers=config.resolve_workers(self.cfg), config=self.cfg_path or "(built-in defaults)",
-                 control=endpoints.control(self.cfg))
+                 control=endpoints.control(self.cfg), open_files=raise_nofile())
         self.notifier.status("starting workers")
         for slot in slots(self.cfg):
             self._spawn(slot, self.gen, self.cfg)
@@ -698,6 +698,20 @@ def _running_pid(pidfile: str) -> int | None:
     except psutil.Error:
         pass
     return None
+
+
+def raise_nofile() -> int:
+    """Raise this process's soft open-files limit to the hard one (workers inherit it): every
+    connection is a descriptor. Returns what it got (the unit sets LimitNOFILE)."""
+    import resource
+    soft, hard = resource.getrlimit(resource.RLIMIT_NOFILE)
+    if hard == resource.RLIM_INFINITY or hard > soft:
+        try:
+            resource.setrlimit(resource.RLIMIT_NOFILE, (hard, hard))
+            soft = hard
+        except (ValueError, OSError):
+            pass
+    return int(soft)
 
 
 def serve(cfg_path: str | None, overrides: dict) -> int:

@@ -69,15 +69,27 @@ def handshake(req, cfg: dict) -> tuple[list, list]:
     return headers, extensions
 
 
+def text_frame(payload: bytes) -> bytes:
+    """One unfragmented, unmasked text frame from the server (RFC 6455 5.2), built directly:
+    the reply path's cost, checked against wsproto's own parser in tests/unit/http."""
+    n = len(payload)
+    if n < 126:
+        return bytes((0x81, n)) + payload
+    if n < 65536:
+        return b"\x81\x7e" + n.to_bytes(2, "big") + payload
+    return b"\x81\x7f" + n.to_bytes(8, "big") + payload
+
+
 class WsSession:
     """One WebSocket connection (an asyncio Protocol). The delegate has on_message(session,
     text), on_close(session); session.send(bytes of JSON) and session.close(code, reason)."""
     __slots__ = ("ws", "transport", "delegate", "hub", "req", "_parts", "_nparts", "_nbytes", "_ctl", "_ctl_at",
-                 "last_seen", "ping_sent", "closed", "inflight", "state", "__weakref__")
+                 "last_seen", "ping_sent", "closed", "inflight", "state", "deflate", "__weakref__")
 
     def __init__(self, transport, req, tail: bytes, delegate, hub: "WsHub", extensions: list):
         self.transport, self.req, self.delegate, self.hub = transport, req, delegate, hub
         self.ws = Connection(ConnectionType.SERVER, extensions=extensions or None)
+        self.deflate = bool(extensions)
         self._parts, self._nparts, self._nbytes = None, 0, 0
         self._ctl, self._ctl_at = 0, 0.0
         self.last_seen, self.ping_sent, self.closed = hub.now, 0.0, False
@@ -191,7 +203,10 @@ class WsSession:
         if self.transport.get_write_buffer_size() > self.hub.cfg["send_buffer_bytes"]:
             self.close(POLICY, "the client is not reading: send buffer full")
             return False
-        self._write(self.ws.send(TextMessage(data=payload.decode())))
+        if self.deflate:  # (permessage-deflate: wsproto compresses and frames it)
+            self._write(self.ws.send(TextMessage(data=payload.decode())))
+        else:
+            self._write(text_frame(payload))
         return True
 
     def close(self, code: int = CloseReason.NORMAL_CLOSURE, reason: str = "") -> None:
