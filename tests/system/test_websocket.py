@@ -160,7 +160,7 @@ def test_server_pings_keep_live_peers_and_close_dead_ones(llm):
             if not chunk:
                 break
             data += chunk
-        assert time.monotonic() - t0 < 8 and b"\x89" in data[:1] + data  # a ping (opcode 9) was sent
+        assert time.monotonic() - t0 < 15 and data[:1] == b"\x89"  # a ping (opcode 9) came first, then the close
         ask(live, id=1, type="echo", body={})
         assert json.loads(live.recv(timeout=5))["id"] == 1  # the live one is still open
     assert metric(llm, "tidegate_ws_closed_dead_total") >= 1
