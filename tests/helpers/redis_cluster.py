@@ -33,12 +33,16 @@ class RedisCluster:
                  "--cluster-config-file", "nodes.conf", "--cluster-node-timeout", str(self.NODE_TIMEOUT_MS),
                  "--save", "", "--appendonly", "no", "--dir", str(d)],
                 stdout=subprocess.DEVNULL, stderr=subprocess.DEVNULL)
-        for port in self.ports:
-            _wait_ping(port)
-        subprocess.run([cli, "--cluster", "create", *[f"127.0.0.1:{p}" for p in self.ports],
-                        "--cluster-replicas", str(replicas), "--cluster-yes"],
-                       check=True, stdout=subprocess.DEVNULL, stderr=subprocess.DEVNULL, timeout=60)
-        self.wait_ok()
+        try:
+            for port in self.ports:
+                _wait_ping(port)
+            subprocess.run([cli, "--cluster", "create", *[f"127.0.0.1:{p}" for p in self.ports],
+                            "--cluster-replicas", str(replicas), "--cluster-yes"],
+                           check=True, stdout=subprocess.DEVNULL, stderr=subprocess.DEVNULL, timeout=60)
+            self.wait_ok()
+        except BaseException:
+            self.stop()  # (no servers left behind by a cluster that did not form)
+            raise
         self.seeds = [f"127.0.0.1:{p}" for p in self.ports[:masters]]
 
     def client(self, port: int) -> redis.Redis:
