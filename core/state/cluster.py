@@ -128,7 +128,7 @@ class ClusterOwners:
         self.xc_ttl, self.xc_stale = xc["exact_ttl"], xc["exact_stale_ttl"]
         self.client = client
         self.stats = {"owner_unavailable": 0, "cluster_calls": 0, "cluster_errors": 0}
-        self._failing_since = None  # monotonic time of the first error of a run of them
+        self._failing: dict = {}  # owner (hash tag; None: the connection) -> when its run of errors began
         self._scripts = None
         self._connector = None
         self.last_error = ""
@@ -154,7 +154,7 @@ class ClusterOwners:
                 await self.connect()
             except Exception as e:
                 self.last_error = repr(e)
-                self._failed()
+                self._failed(None)
                 await asyncio.sleep(0.5)
 
     async def connect(self) -> None:
@@ -193,9 +193,11 @@ class ClusterOwners:
         return False
 
     def is_down(self, owner) -> bool:
-        """The cluster has failed every call for more than a second: a node down or a failover
-        under way (limits may then fail open), not one slow answer."""
-        return self._failing_since is not None and time.monotonic() - self._failing_since > 1.0
+        """Every call for this owner's slot (or every call, while not connected) has failed for
+        more than a second: its master is down or failing over (limits may then fail open), not
+        one slow answer."""
+        since = self._failing.get(owner) or self._failing.get(None)
+        return since is not None and time.monotonic() - since > 1.0
 
     def call(self, owner: str, op: str, payload, timeout: float) -> asyncio.Future:
         return asyncio.ensure_future(self._run(owner, op, payload, timeout))
@@ -206,26 +208,29 @@ class ClusterOwners:
     async def _run(self, owner: str, op: str, payload, timeout: float):
         self.stats["cluster_calls"] += 1
         if self.client is None or self._scripts is None:
-            self._failed()
+            self._failed(None)
             raise OwnerUnavailable(f"the state cluster is not connected yet ({self.last_error or 'connecting'})")
         try:
             result = await asyncio.wait_for(self.ops[op](owner, payload), timeout)
         except (OwnerUnavailable, asyncio.TimeoutError, OSError) as e:
-            self._failed()
+            self._failed(owner)
             raise OwnerUnavailable(f"the state cluster did not answer {op!r}: {e!r}") from None
         except Exception as e:
             if type(e).__module__.startswith("glide"):  # connection, timeout, CLUSTERDOWN, TRYAGAIN
-                self._failed()
+                self._failed(owner)
                 raise OwnerUnavailable(f"the state cluster failed {op!r}: {e}") from None
             raise
-        self._failing_since = None
+        if self._failing:
+            self._failing.pop(owner, None)
+            self._failing.pop(None, None)
         return result
 
-    def _failed(self) -> None:
+    def _failed(self, owner) -> None:
         self.stats["cluster_errors"] += 1
         self.stats["owner_unavailable"] += 1
-        if self._failing_since is None:
-            self._failing_since = time.monotonic()
+        self._failing.setdefault(owner, time.monotonic())
+        if len(self._failing) > 10000:  # (bounded: a storm of failing tags forgets the oldest)
+            self._failing.pop(next(iter(self._failing)))
 
     def _key(self, kind: str, owner: str, rest: str = "") -> str:
         return f"{self.prefix}:{kind}:{{{owner}}}{rest}"

@@ -15,10 +15,12 @@ import socket
 from helpers.redis_server import redis_binary
 
 
-class RedisCluster:
-    NODE_TIMEOUT_MS = 1000
+NODE_TIMEOUT_MS = 1000
 
-    def __init__(self, tmp_path, masters: int = 3, replicas: int = 1):
+
+class RedisCluster:
+
+    def __init__(self, tmp_path, masters: int = 3, replicas: int = 1, node_timeout_ms: int = NODE_TIMEOUT_MS):
         server = redis_binary()
         cli = os.path.join(os.path.dirname(server), "redis-cli")
         if not os.path.exists(cli):
@@ -30,7 +32,7 @@ class RedisCluster:
             d.mkdir(parents=True)
             self.procs[port] = subprocess.Popen(
                 [server, "--port", str(port), "--bind", "127.0.0.1", "--cluster-enabled", "yes",
-                 "--cluster-config-file", "nodes.conf", "--cluster-node-timeout", str(self.NODE_TIMEOUT_MS),
+                 "--cluster-config-file", "nodes.conf", "--cluster-node-timeout", str(node_timeout_ms),
                  "--save", "", "--appendonly", "no", "--dir", str(d)],
                 stdout=subprocess.DEVNULL, stderr=subprocess.DEVNULL)
         try:

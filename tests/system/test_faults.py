@@ -56,7 +56,7 @@ class Load:
             if r is not None and r.status == 202:
                 self.acked.extend((b["key"], n) for b in batch)
             else:
-                self.refused[r.status if r is not None else "conn"] += 1
+                self.refused[_why(r, "events")] += 1
             n += 1
 
     def session_client(self):
@@ -78,7 +78,18 @@ class Load:
             if r is not None and r.status == 200:
                 self.sessions[token] = i
             else:
-                self.refused[f"session {r.status if r is not None else 'conn'}"] += 1
+                self.refused[_why(r, "session")] += 1
+
+
+def _why(r, what: str) -> str:
+    """What a refusal was, for the failure message: the route, the status and the error code."""
+    if r is None:
+        return f"{what} conn"
+    try:
+        code = r.json()["error"]["code"]
+    except Exception:
+        code = ""
+    return f"{what} {r.status} {code}".strip()
 
 
 def check_log(d, load: Load) -> None:
