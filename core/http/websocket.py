@@ -84,7 +84,7 @@ class WsSession:
     """One WebSocket connection (an asyncio Protocol). The delegate has on_message(session,
     text), on_close(session); session.send(bytes of JSON) and session.close(code, reason)."""
     __slots__ = ("ws", "transport", "delegate", "hub", "req", "_parts", "_nparts", "_nbytes", "_ctl", "_ctl_at",
-                 "last_seen", "ping_sent", "closed", "inflight", "state", "deflate", "__weakref__")
+                 "last_seen", "ping_sent", "closed", "inflight", "deflate", "__weakref__")
 
     def __init__(self, transport, req, tail: bytes, delegate, hub: "WsHub", extensions: list):
         self.transport, self.req, self.delegate, self.hub = transport, req, delegate, hub
@@ -94,7 +94,6 @@ class WsSession:
         self._ctl, self._ctl_at = 0, 0.0
         self.last_seen, self.ping_sent, self.closed = hub.now, 0.0, False
         self.inflight = {}  # request id -> what cancels it (the delegate's)
-        self.state = None   # the delegate's per-socket state
         hub.add(self)
         if tail:
             hub.loop.call_soon(self.data_received, tail)
@@ -238,10 +237,6 @@ class WsSession:
         self.ping_sent = self.hub.now
         self._write(self.ws.send(Ping(payload=b"tg")))
 
-    @property
-    def draining(self) -> bool:
-        return self.hub.draining
-
 
 class WsHub:
     """The worker's WebSocket sessions: the ping/dead-peer sweep, drain, counters."""
@@ -253,9 +248,6 @@ class WsHub:
         self.draining = False
         self.bytes_in = self.bytes_out = 0
         self.stats = {"ws_opened": 0, "ws_closed_dead": 0}
-
-    def __len__(self) -> int:
-        return len(self.sessions)
 
     def add(self, s: WsSession) -> None:
         self.sessions.add(s)

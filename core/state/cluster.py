@@ -36,7 +36,7 @@ import orjson
 from tidegate.core.messaging.mesh import OwnerUnavailable
 from tidegate.core.messaging.protocol import (RL_LEASE, RL_REFUND, RL_TAKE, SESS_CREATE, SESS_DELETE, SESS_GET,
                                               SESS_PATCH, XC_GET, XC_PUT, XC_STALE)
-from tidegate.core.state.sessions import FULL, TOO_LARGE
+from tidegate.core.state.sessions import FULL, TOO_LARGE, merge_attributes, new_record
 
 # ---- server-side scripts (KEYS share one hash tag: one slot, one atomic call) -----------------
 # buckets: KEYS = bucket keys; ARGV = want, peers, then n, capacity, rate per key.
@@ -87,11 +87,16 @@ end
 return 1
 """
 # a session read that slides its expiry: KEYS[1]; ARGV = now, ttl (s). Returns HGETALL or nil.
+# The touch is written only once the expiry moved by more than ttl/10 (as the local store
+# persists touches): most authenticated requests cost the cluster a read, not a replicated write.
 SESSION_TOUCH = """
-if redis.call('EXISTS', KEYS[1]) == 0 then return nil end
-local exp = tonumber(ARGV[1]) + tonumber(ARGV[2])
-redis.call('HSET', KEYS[1], 'last_seen', ARGV[1], 'expires_at', string.format('%.17g', exp))
-redis.call('PEXPIRE', KEYS[1], math.ceil(tonumber(ARGV[2]) * 1000))
+local cur = redis.call('HGET', KEYS[1], 'expires_at')
+if not cur then return nil end
+local now, ttl = tonumber(ARGV[1]), tonumber(ARGV[2])
+if now + ttl - tonumber(cur) > ttl / 10 then
+  redis.call('HSET', KEYS[1], 'last_seen', ARGV[1], 'expires_at', string.format('%.17g', now + ttl))
+  redis.call('PEXPIRE', KEYS[1], math.ceil(ttl * 1000))
+end
 return redis.call('HGETALL', KEYS[1])
 """
 # a patch as compare-and-set: KEYS[1]; ARGV = version read, attributes JSON, now, ttl.
@@ -272,9 +277,7 @@ class ClusterOwners:
 
     # ---- sessions -----------------------------------------------------------------------------
     async def _sess_create(self, owner: str, p: dict):
-        now = time.time()
-        rec = {"tenant": p["tenant"], "user": p["user"], "key_id": p["key_id"], "class": p["class"],
-               "created_at": now, "last_seen": now, "expires_at": now + self.ttl, "attributes": p["attributes"]}
+        rec = new_record(p["tenant"], p["user"], p["key_id"], p["class"], p["attributes"], self.ttl)
         key = self._key("s", owner)
         await self.client.hset(key, {**{f: str(rec[f]) for f in FIELDS}, **{f: repr(rec[f]) for f in NUMBERS},
                                      "attributes": orjson.dumps(rec["attributes"]).decode(), "v": "1"})
@@ -306,15 +309,11 @@ class ClusterOwners:
             rec, version = await self._read(key, touch=False)
             if rec is None or rec["expires_at"] <= time.time():
                 return None
-            merged = dict(rec["attributes"])
-            for k, v in p["attributes"].items():
-                if v is None:
-                    merged.pop(k, None)
-                else:
-                    merged[k] = v
-            blob = orjson.dumps(merged)
-            if len(blob) > self.max_attributes:
+            try:
+                merged = merge_attributes(rec["attributes"], p["attributes"], self.max_attributes)
+            except ValueError:
                 return TOO_LARGE
+            blob = orjson.dumps(merged)
             now = time.time()
             done = await self._script("cas", [key], [version, blob.decode(), repr(now), repr(self.ttl)])
             if int(done) == 1:

@@ -36,6 +36,26 @@ def token_id(token: bytes) -> str:
     return hashlib.sha256(token).hexdigest()
 
 
+def new_record(tenant: str, user: str, key_id: str, klass: str, attributes: dict, ttl: float) -> dict:
+    """A new session's record (the shape every backend stores and answers)."""
+    now = time.time()
+    return {"tenant": tenant, "user": user, "key_id": key_id, "class": klass, "created_at": now,
+            "last_seen": now, "expires_at": now + ttl, "attributes": attributes}
+
+
+def merge_attributes(current: dict, patch: dict, max_bytes: int) -> dict:
+    """A PATCH applied to attributes (null removes a key); ValueError past max_bytes of JSON."""
+    merged = dict(current)
+    for k, v in patch.items():
+        if v is None:
+            merged.pop(k, None)
+        else:
+            merged[k] = v
+    if len(orjson.dumps(merged)) > max_bytes:
+        raise ValueError(f"attributes would exceed {max_bytes} bytes")
+    return merged
+
+
 class SessionsFull(Exception):
     """The store reached sessions.map_bytes: creating or patching answers 503."""
 
@@ -120,9 +140,7 @@ class SessionStore:
             self.expire()
             if len(self.live) >= self.max_sessions:
                 raise OverflowError(f"this worker holds the maximum of {self.max_sessions} sessions")
-        now = time.time()
-        rec = {"tenant": tenant, "user": user, "key_id": key_id, "class": klass, "created_at": now,
-               "last_seen": now, "expires_at": now + self.ttl, "attributes": attributes}
+        rec = new_record(tenant, user, key_id, klass, attributes, self.ttl)
         self._write(sid, rec)
         self.live[sid] = rec
         self._persisted_expiry[sid] = rec["expires_at"]
@@ -149,15 +167,7 @@ class SessionStore:
         rec = self.get(sid)
         if rec is None:
             return None
-        merged = dict(rec["attributes"])
-        for k, v in attributes.items():
-            if v is None:
-                merged.pop(k, None)
-            else:
-                merged[k] = v
-        if len(orjson.dumps(merged)) > self.max_attributes:
-            raise ValueError(f"attributes would exceed {self.max_attributes} bytes")
-        rec = dict(rec, attributes=merged)
+        rec = dict(rec, attributes=merge_attributes(rec["attributes"], attributes, self.max_attributes))
         self._write(sid, rec)
         self.live[sid] = rec
         return rec

@@ -194,3 +194,17 @@ def test_permessage_deflate_when_configured(daemon_factory):
     off = daemon_factory(auth={"keys": KEYS})
     with ws(off) as s:
         assert not s.response.headers.get("Sec-WebSocket-Extensions")
+
+
+def test_a_reload_closes_sockets_with_1001_and_the_next_generation_takes_new_ones(llm):
+    old = ws(llm)
+    ask(old, id=1, type="echo", body={})
+    assert json.loads(old.recv(timeout=10))["id"] == 1
+    llm.signal(signal.SIGHUP)
+    with pytest.raises(ConnectionClosed) as e:
+        old.recv(timeout=20)
+    assert e.value.rcvd.code == 1001
+    llm.wait_event("reloaded", timeout=30)
+    with ws(llm) as new:
+        ask(new, id=2, type="echo", body={})
+        assert json.loads(new.recv(timeout=10))["id"] == 2

@@ -416,6 +416,7 @@ class IngressWorker:
         log.info("releasing stores to the next generation", slot=self.slot, gen=gen)
         self._stop_accepting()
         self.http.drain()
+        self.ws.drain()  # sockets close with 1001 after their replies: clients reconnect to gen
         self._close_stores()
         forward = Mesh(-1, self.n_slots, self.cfg["server"]["run_dir"], {}, self.cfg["server"]["max_frame_bytes"],
                        ctx=self.zmq, gen=gen, bind=False)
@@ -428,7 +429,7 @@ class IngressWorker:
         log.warning("reload failed: resuming with the stores", slot=self.slot)
         self.owners.restore(self.STORE_OPS)
         await self._open_stores(self.cfg["server"]["boot_timeout"])
-        self.http.draining = False
+        self.http.draining = self.ws.draining = False
         await self._start_accepting()
 
     async def boot(self) -> None:

@@ -22,6 +22,7 @@ drains, new requests get 503 and each socket closes with 1001 once its replies a
 """
 from __future__ import annotations
 
+import asyncio
 import time
 
 import orjson
@@ -146,7 +147,6 @@ class WsRoutes:
             s.inflight.pop(rid, None)
             s.send(_error(rid, HttpError(400, "an upgrade inside a WebSocket", "bad_upgrade")))
         else:  # a future or coroutine: answer when it resolves
-            import asyncio
             fut = resp if isinstance(resp, asyncio.Future) else asyncio.ensure_future(resp)
             fut.add_done_callback(lambda f: self._resolved(s, rid, req, f))
 
