@@ -10,6 +10,7 @@ EXTENSIONS = [
     Extension("tidegate.ext.jsonguard", ["ext/jsonguard.pyx"], extra_compile_args=["-O3"]),
     Extension("tidegate.ext.httpconn", ["ext/httpconn.pyx"], extra_compile_args=["-O3"]),
     Extension("tidegate.ext.tokenbucket", ["ext/tokenbucket.pyx"], extra_compile_args=["-O3"]),
+    Extension("tidegate.ext.wsframe", ["ext/wsframe.pyx"], extra_compile_args=["-O3"]),
     Extension("tidegate.ext.ringbuf", ["ext/ringbuf.pyx"], extra_compile_args=["-O3"]),
     Extension("tidegate.ext.logwriter", ["ext/logwriter.pyx"], include_dirs=["ext"], extra_compile_args=["-O3"]),
 ]

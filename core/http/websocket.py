@@ -1,4 +1,5 @@
-"""WebSockets (RFC 6455) after an HTTP upgrade: framing by wsproto (sans-IO), limits, pings, close.
+"""WebSockets (RFC 6455) after an HTTP upgrade: limits, pings, close, over a codec (wscodec.py:
+frames parsed in C by ext/wsframe.pyx, or by wsproto when permessage-deflate was negotiated).
 
 `handshake(req, cfg)` checks an upgrade request and returns the 101's headers (and the
 permessage-deflate extension when configured and offered); `WsSession` is the asyncio Protocol
@@ -18,21 +19,21 @@ replies are done.
 from __future__ import annotations
 
 import base64
+import codecs
 import hashlib
 import time
 
 import orjson
-from wsproto.connection import Connection, ConnectionState, ConnectionType
-from wsproto.events import BytesMessage, CloseConnection, Message, Ping, Pong, TextMessage
 from wsproto.extensions import PerMessageDeflate
 from wsproto.frame_protocol import CloseReason
 
 from tidegate.core.http.http11 import HttpError
+from tidegate.core.http.wscodec import BINARY, CLOSE, ERROR, PING, PONG, TEXT, FrameCodec, WsprotoCodec
 
 GUID = b"258EAFA5-E914-47DA-95CA-C5AB0DC85B11"
 CLOSE_WAIT_S = 1.0  # after our close frame, how long the peer has to answer with its own
-TOO_BIG, POLICY, GOING_AWAY, INTERNAL = CloseReason.MESSAGE_TOO_BIG, CloseReason.POLICY_VIOLATION, \
-    CloseReason.GOING_AWAY, CloseReason.INTERNAL_ERROR
+TOO_BIG, POLICY, GOING_AWAY, INTERNAL, BAD_DATA = CloseReason.MESSAGE_TOO_BIG, CloseReason.POLICY_VIOLATION, \
+    CloseReason.GOING_AWAY, CloseReason.INTERNAL_ERROR, CloseReason.INVALID_FRAME_PAYLOAD_DATA
 
 
 def handshake(req, cfg: dict) -> tuple[list, list]:
@@ -69,28 +70,16 @@ def handshake(req, cfg: dict) -> tuple[list, list]:
     return headers, extensions
 
 
-def text_frame(payload: bytes) -> bytes:
-    """One unfragmented, unmasked text frame from the server (RFC 6455 5.2), built directly:
-    the reply path's cost, checked against wsproto's own parser in tests/unit/http."""
-    n = len(payload)
-    if n < 126:
-        return bytes((0x81, n)) + payload
-    if n < 65536:
-        return b"\x81\x7e" + n.to_bytes(2, "big") + payload
-    return b"\x81\x7f" + n.to_bytes(8, "big") + payload
-
-
 class WsSession:
     """One WebSocket connection (an asyncio Protocol). The delegate has on_message(session,
     text), on_close(session); session.send(bytes of JSON) and session.close(code, reason)."""
-    __slots__ = ("ws", "transport", "delegate", "hub", "req", "_parts", "_nparts", "_nbytes", "_ctl", "_ctl_at",
-                 "last_seen", "ping_sent", "closed", "inflight", "deflate", "__weakref__")
+    __slots__ = ("codec", "transport", "delegate", "hub", "req", "_parts", "_utf8", "_nbytes", "_ctl", "_ctl_at",
+                 "last_seen", "ping_sent", "closed", "inflight", "__weakref__")
 
     def __init__(self, transport, req, tail: bytes, delegate, hub: "WsHub", extensions: list):
         self.transport, self.req, self.delegate, self.hub = transport, req, delegate, hub
-        self.ws = Connection(ConnectionType.SERVER, extensions=extensions or None)
-        self.deflate = bool(extensions)
-        self._parts, self._nparts, self._nbytes = None, 0, 0
+        self.codec = WsprotoCodec(extensions) if extensions else FrameCodec(hub.cfg["max_message_bytes"])
+        self._parts, self._utf8, self._nbytes = None, None, 0  # a fragmented message's pieces so far
         self._ctl, self._ctl_at = 0, 0.0
         self.last_seen, self.ping_sent, self.closed = hub.now, 0.0, False
         self.inflight = {}  # request id -> what cancels it (the delegate's)
@@ -103,8 +92,7 @@ class WsSession:
         self.transport = transport
 
     def connection_lost(self, exc) -> None:
-        if not self.closed:
-            self.closed = True
+        self.closed = True
         self.hub.discard(self)
         self.delegate.on_close(self)
 
@@ -123,27 +111,24 @@ class WsSession:
             return
         self.last_seen = self.hub.now
         self.hub.bytes_in += len(data)
-        try:
-            self.ws.receive_data(data)
-            for event in self.ws.events():
-                if self.closed:
-                    return
-                if isinstance(event, Message):
-                    self._on_frame(event)
-                elif isinstance(event, Ping):
-                    if self._control():
-                        self._write(self.ws.send(event.response()))
-                elif isinstance(event, Pong):
-                    self._control()
-                    self.ping_sent = 0.0
-                elif isinstance(event, CloseConnection):
-                    if self.ws.state not in (ConnectionState.CLOSED, ConnectionState.LOCAL_CLOSING):
-                        self._write(self.ws.send(event.response()))
-                    self.closed = True
-                    self.transport.close()
-        except Exception as e:  # a protocol error from the peer (bad frame, bad UTF-8...) closes it
-            self.close(POLICY if "UTF-8" not in str(e) else CloseReason.INVALID_FRAME_PAYLOAD_DATA,
-                       f"protocol error: {e}"[:120])
+        for event in self.codec.receive(data):
+            if self.closed:
+                return
+            op = event[0]
+            if op == TEXT or op == BINARY:
+                self._on_frame(event)
+            elif op == PING:
+                if self._control():
+                    self._write(self.codec.pong(event[2]))
+            elif op == PONG:
+                self._control()
+                self.ping_sent = 0.0
+            elif op == CLOSE:  # the peer's: answer with its code, then end the connection
+                self._write(self.codec.close(event[1], ""))
+                self.closed = True
+                self.transport.close()
+            else:  # a protocol error from the peer (bad frame, bad close, a frame over the limit)
+                self.close(event[1], f"protocol error: {event[2]}"[:120])
 
     def _control(self) -> bool:
         """Count a control frame; past the rate the peer is flooding: 1008."""
@@ -156,34 +141,35 @@ class WsSession:
             return False
         return True
 
-    def _on_frame(self, event) -> None:
+    def _on_frame(self, event: tuple) -> None:
+        """A text or binary frame (or, with deflate, a piece of one): the message's limits, and
+        the whole message, as UTF-8 text, to the delegate. A fragmented message is checked as
+        UTF-8 fragment by fragment, so a bad one closes as soon as it arrives (as wsproto does)."""
+        op, fin, data = event
         cfg = self.hub.cfg
-        data = event.data
         self._nbytes += len(data)
-        self._nparts += 1
         if self._nbytes > cfg["max_message_bytes"]:
             self.close(TOO_BIG, f"message larger than {cfg['max_message_bytes']} bytes")
             return
-        if self._nparts > cfg["max_fragments"]:
-            self.close(TOO_BIG, f"message in more than {cfg['max_fragments']} fragments")
-            return
-        if not event.message_finished:
-            if self._parts is None:
-                self._parts = []
-            self._parts.append(data)
-            return
-        if self._parts is not None:
-            self._parts.append(data)
-            data = "".join(self._parts) if isinstance(event, TextMessage) else b"".join(self._parts)
-        self._parts, self._nparts, self._nbytes = None, 0, 0
-        if isinstance(event, BytesMessage):
-            try:
-                data = data.decode("utf-8")
-            except UnicodeDecodeError:
-                self.close(CloseReason.INVALID_FRAME_PAYLOAD_DATA, "binary messages must be UTF-8 JSON")
-                return
         try:
-            self.delegate.on_message(self, data)
+            if self._parts is None and fin:  # (the common case: one whole frame)
+                text = data.decode("utf-8")
+            else:
+                if self._parts is None:
+                    self._parts, self._utf8 = [], codecs.getincrementaldecoder("utf-8")()
+                if len(self._parts) >= cfg["max_fragments"]:
+                    self.close(TOO_BIG, f"message in more than {cfg['max_fragments']} fragments")
+                    return
+                self._parts.append(self._utf8.decode(data, fin))
+                if not fin:
+                    return
+                text = "".join(self._parts)
+        except UnicodeDecodeError:
+            self.close(BAD_DATA, "text messages must be UTF-8" if op == TEXT else "binary messages must be UTF-8 JSON")
+            return
+        self._parts, self._utf8, self._nbytes = None, None, 0
+        try:
+            self.delegate.on_message(self, text)
         except Exception as e:  # a delegate bug must not take the worker down
             self.hub.log.error("websocket message failed", error=repr(e))
             self.close(INTERNAL, "internal error")
@@ -202,10 +188,7 @@ class WsSession:
         if self.transport.get_write_buffer_size() > self.hub.cfg["send_buffer_bytes"]:
             self.close(POLICY, "the client is not reading: send buffer full")
             return False
-        if self.deflate:  # (permessage-deflate: wsproto compresses and frames it)
-            self._write(self.ws.send(TextMessage(data=payload.decode())))
-        else:
-            self._write(text_frame(payload))
+        self._write(self.codec.text(payload))
         return True
 
     def close(self, code: int = CloseReason.NORMAL_CLOSURE, reason: str = "") -> None:
@@ -215,27 +198,22 @@ class WsSession:
             return
         self.closed = True
         try:
-            if self.ws.state == ConnectionState.OPEN:
-                self._write(self.ws.send(CloseConnection(code=code, reason=reason)))
+            self._write(self.codec.close(code, reason))
         except Exception:
             self.transport.close()
             return
         self.hub.loop.call_later(CLOSE_WAIT_S, self.transport.close)
 
     def _closing_data(self, data: bytes) -> None:
-        """After our close frame: only the peer's close matters (the rest is dropped)."""
-        try:
-            self.ws.receive_data(data)
-            for event in self.ws.events():
-                if isinstance(event, CloseConnection):
-                    self.transport.close()
-                    return
-        except Exception:
-            self.transport.close()
+        """After our close frame: only the peer's close (or garbage) matters; the rest is dropped."""
+        for event in self.codec.receive(data):
+            if event[0] == CLOSE or event[0] == ERROR:
+                self.transport.close()
+                return
 
     def ping(self) -> None:
         self.ping_sent = self.hub.now
-        self._write(self.ws.send(Ping(payload=b"tg")))
+        self._write(self.codec.ping(b"tg"))
 
 
 class WsHub:

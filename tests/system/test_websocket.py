@@ -138,6 +138,49 @@ def test_limits_close_with_1009_and_1008(llm):
         assert e.value.rcvd.code == 1008
 
 
+def _close_code(sock: socket.socket) -> int:
+    """Read to EOF; the code of the server's close frame (unmasked, short)."""
+    data = b""
+    while chunk := sock.recv(4096):
+        data += chunk
+    at = data.index(b"\x88")  # (the close frame: opcode 8, FIN)
+    return int.from_bytes(data[at + 2:at + 4], "big")
+
+
+def _client_frame(opcode: int, payload: bytes, fin: bool = True, mask: bool = True) -> bytes:
+    key = os.urandom(4) if mask else b""
+    body = bytes(b ^ key[i % 4] for i, b in enumerate(payload)) if mask else payload
+    n = len(payload)
+    size = bytes([(0x80 if mask else 0) | n]) if n < 126 else bytes([(0x80 if mask else 0) | 126]) + n.to_bytes(2, "big")
+    return bytes([(0x80 if fin else 0) | opcode]) + size + key + body
+
+
+def test_fragments_and_protocol_errors(llm):
+    """A message in fragments (with a ping between them) is one request; more fragments than
+    max_fragments close with 1009; an unmasked frame with 1002; text that is not UTF-8 with 1007."""
+    with ws(llm) as s:
+        body = json.dumps({"id": "f", "type": "echo", "body": {"x": "y" * 3000}})
+        s.send(iter([body[i:i + 100] for i in range(0, len(body), 100)]))  # 31 fragments
+        assert json.loads(s.recv(timeout=10))["body"]["data"]["x"] == "y" * 3000
+    with ws(llm) as s:
+        with pytest.raises(ConnectionClosed) as e:
+            s.send(iter(["{"] + ["  "] * 70 + ['"id": 1}']))
+            s.recv(timeout=10)
+        assert e.value.rcvd.code == 1009 and "fragments" in e.value.rcvd.reason
+    raw = _raw_upgrade(llm.port)
+    raw.sendall(_client_frame(1, b'{"id": 1, ', fin=False) + _client_frame(9, b"p")
+                + _client_frame(0, b'"type": "echo", "body": {}}'))
+    got = raw.recv(4096)
+    while b'"id":1' not in got:  # (the pong comes first, then the reply)
+        got += raw.recv(4096)
+    assert got.startswith(b"\x8a\x01p")
+    raw.sendall(_client_frame(1, b'{"id": 2}', mask=False))
+    assert _close_code(raw) == 1002
+    raw = _raw_upgrade(llm.port)
+    raw.sendall(_client_frame(1, b'{"id": "\xff"}'))
+    assert _close_code(raw) == 1007
+
+
 def _raw_upgrade(port: int) -> socket.socket:
     """A peer that upgrades and then never answers anything (a dead client)."""
     sock = socket.create_connection(("127.0.0.1", port), timeout=10)

@@ -44,7 +44,7 @@ def test_text_frames_parse_as_wsproto_reads_them(size):
     from wsproto.connection import Connection, ConnectionType
     from wsproto.events import TextMessage
 
-    from tidegate.core.http.websocket import text_frame
+    from tidegate.core.http.wscodec import text_frame
     payload = ("é" * (size // 2) + "x" * (size % 2)).encode()
     client = Connection(ConnectionType.CLIENT)
     client.receive_data(text_frame(payload))
