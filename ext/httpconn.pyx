@@ -79,10 +79,12 @@ cdef class Stream:
     writes the head with chunked framing, then the producer calls write() per chunk and end()
     once. Writes before the connection has taken the stream are kept and sent after the head.
     While it streams, the connection is busy: pipelined requests wait their turn. on_close()
-    runs if the client goes away first, so the producer can stop (cancel a sequence)."""
+    runs if the client goes away first, so the producer can stop (cancel a sequence).
+    Flow control: `backed_up` is true while the client's connection holds more unsent bytes than
+    its high-water mark; a producer that waits sets on_drain, called once when it drains."""
     cdef public int status
     cdef public bytes content_type
-    cdef public object headers, on_close
+    cdef public object headers, on_close, on_drain
     cdef public bint finished
     cdef public object sink  # set when the stream goes elsewhere than an HTTP answer (a WebSocket reply)
     cdef HttpConnection conn
@@ -100,6 +102,18 @@ cdef class Stream:
         if self.sink is not None:
             return self.finished or self.sink.closed
         return self.finished or (self.conn is not None and self.conn.closing)
+
+    @property
+    def backed_up(self):
+        if self.sink is not None:
+            return self.sink.backed_up
+        return self.conn is not None and self.conn.paused_since != 0.0
+
+    def drained(self):
+        """The connection drained below its low-water mark: wake a producer that waits."""
+        cb, self.on_drain = self.on_drain, None
+        if cb is not None and not self.finished:
+            cb()
 
     def write(self, bytes data):
         if self.finished or not data:
@@ -339,6 +353,8 @@ cdef class HttpConnection:
 
     def resume_writing(self):
         self.paused_since = 0.0
+        if self._stream is not None:
+            self._stream.drained()
         if not self.busy:
             self._process()
 

@@ -57,13 +57,15 @@ class InferenceWorker(BlockingWorker):
             b.submit(peer, rid, body)
         elif op == protocol.CANCEL:
             b.cancel(peer, rid)
+        elif op == protocol.CREDIT:
+            b.credit(peer, rid, body)
         elif op == protocol.EMBED:
             b.embed(peer, rid, body)
         else:
             super().handle(peer, op, rid, body)
 
     def busy(self) -> bool:
-        return self.batcher.active > 0
+        return self.batcher.runnable()  # (sequences paused for their readers wait for a CREDIT message)
 
     def work(self) -> None:
         self.batcher.admit()
@@ -92,7 +94,8 @@ class InferenceWorker(BlockingWorker):
 
     def counters(self) -> dict:
         b = self.batcher
-        return dict(b.stats, llm_active_sequences=b.active, llm_queued=b.queued, prefix_ram_bytes=b.ram.bytes,
+        return dict(b.stats, llm_active_sequences=b.active, llm_paused_sequences=b.paused, llm_queued=b.queued,
+                    prefix_ram_bytes=b.ram.bytes,
                     prefix_disk_bytes=b.disk.bytes if b.disk else 0)
 
     def drained(self, now: float) -> bool:

@@ -318,7 +318,11 @@ SCHEMA: dict[str, dict[str, Key]] = {
         "max_control_per_s": Key(int, 20, "ping/pong frames a peer may send per second (then 1008: a ping flood)",
                                  positive),
         "send_buffer_bytes": Key(int, 1 * MiB, "bytes queued for a peer that does not read before it is closed "
-                                 "(1008)", positive),
+                                 "(1008); streams pause at half of it (their generations stop until it drains)",
+                                 positive),
+        "kernel_send_buffer": Key(int, 256 * 1024, "SO_SNDBUF of an upgraded socket: what the kernel may hold for a "
+                                  "slow reader before send_buffer_bytes counts (0 = the kernel's autotuning, up to "
+                                  "net.ipv4.tcp_wmem's maximum, 4 MiB by default)", non_negative),
         "ping_interval": Key(float, 20.0, "seconds of silence before the server pings (0 = never)", non_negative),
         "ping_timeout": Key(float, 20.0, "seconds a ping may go unanswered before the socket is closed", positive),
         "permessage_deflate": Key(bool, False, "accept permessage-deflate when offered (compression state costs "
@@ -380,6 +384,9 @@ SCHEMA: dict[str, dict[str, Key]] = {
                               lambda v: _class_seconds(v)),
         "idle_timeout": Key(float, 60.0, "seconds the ingress worker waits for the next event of a generation "
                             "before it gives up on it (504, or an error event mid-stream) and cancels it", positive),
+        "stream_window": Key(int, 32, "deltas a streamed generation may run ahead of its reader: credit goes back "
+                             "while the client's connection keeps up, so a slow reader's generation pauses (keeping "
+                             "its slot) instead of buffering; 0 = no flow control", non_negative),
         "reserved": Key(dict, {"critical": 1}, "sequence slots only a class (or one above it) may take", _class_counts),
         "fair_share": Key(bool, True, "tenants of one class share it by tokens served (virtual token counters); "
                           "false: arrival order"),

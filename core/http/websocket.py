@@ -21,6 +21,7 @@ from __future__ import annotations
 import base64
 import codecs
 import hashlib
+import socket
 import time
 
 import orjson
@@ -74,7 +75,7 @@ class WsSession:
     """One WebSocket connection (an asyncio Protocol). The delegate has on_message(session,
     text), on_close(session); session.send(bytes of JSON) and session.close(code, reason)."""
     __slots__ = ("codec", "transport", "delegate", "hub", "req", "_parts", "_utf8", "_nbytes", "_ctl", "_ctl_at",
-                 "last_seen", "ping_sent", "closed", "inflight", "__weakref__")
+                 "last_seen", "ping_sent", "closed", "inflight", "backed_up", "__weakref__")
 
     def __init__(self, transport, req, tail: bytes, delegate, hub: "WsHub", extensions: list):
         self.transport, self.req, self.delegate, self.hub = transport, req, delegate, hub
@@ -83,6 +84,14 @@ class WsSession:
         self._ctl, self._ctl_at = 0, 0.0
         self.last_seen, self.ping_sent, self.closed = hub.now, 0.0, False
         self.inflight = {}  # request id -> what cancels it (the delegate's)
+        self.backed_up = False  # the transport holds more than its high-water mark: streams wait
+        # streams pause at half the send buffer (their generations stop); a reply that would
+        # take a non-reader past all of it closes the socket instead (send)
+        transport.set_write_buffer_limits(high=hub.cfg["send_buffer_bytes"] // 2)
+        if hub.cfg["kernel_send_buffer"]:  # (else the kernel's autotuning may hold MiBs for a non-reader)
+            sock = transport.get_extra_info("socket")
+            if sock is not None:
+                sock.setsockopt(socket.SOL_SOCKET, socket.SO_SNDBUF, hub.cfg["kernel_send_buffer"])
         hub.add(self)
         if tail:
             hub.loop.call_soon(self.data_received, tail)
@@ -100,10 +109,12 @@ class WsSession:
         return False
 
     def pause_writing(self) -> None:
-        pass
+        self.backed_up = True
 
     def resume_writing(self) -> None:
-        pass
+        """Drained: the streams that stopped giving credit to their generations give it again."""
+        self.backed_up = False
+        self.delegate.on_drain(self)
 
     def data_received(self, data: bytes) -> None:
         if self.closed:

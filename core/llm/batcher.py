@@ -6,6 +6,7 @@ with it, and what the tests drive:
 
     submit(peer, rid, body)   render, tokenize, check the context, queue (RequestError to refuse)
     cancel(peer, rid)         the client left: leaves at the next step
+    credit(peer, rid, n)      a stream's reader took n more deltas: it may run n further ahead
     embed(peer, rid, body)    embeddings, answered at once
     admit()                   queued requests into free slots (classes, deadlines), cached prefixes restored
     step()                    one llama_decode over every running sequence, then sample each
@@ -31,7 +32,7 @@ from tidegate.core.messaging.protocol import DELTA, EMB, END, error_event
 from tidegate.core.runtime.loop import RequestError
 
 STATS = ("llm_requests", "llm_prompt_tokens", "llm_cached_tokens", "llm_completion_tokens", "llm_expired",
-         "llm_cancelled", "prefix_hits_live", "prefix_hits_ram", "prefix_hits_disk", "prefix_misses")
+         "llm_cancelled", "llm_stream_pauses", "prefix_hits_live", "prefix_hits_ram", "prefix_hits_disk", "prefix_misses")
 
 RANK = {c: i for i, c in enumerate(CLASSES)}  # 0 = the highest
 
@@ -40,7 +41,7 @@ class Seq:
     __slots__ = ("peer", "rid", "cls", "deadline", "stream", "tenant", "prompt", "names", "params", "stop",
                  "max_tokens", "sampler", "slot", "pending", "n_past", "generated", "buf", "text", "sent",
                  "n_cached", "cancelled", "logit_index", "started", "first_token_at", "last", "last_step",
-                 "logprobs", "lp", "choice", "n", "lead", "wait_lead", "left")
+                 "logprobs", "lp", "choice", "n", "lead", "wait_lead", "left", "flow")
 
     def __init__(self, peer, rid, body, prompt, max_tokens, deadline):
         self.peer, self.rid = peer, rid
@@ -56,6 +57,12 @@ class Seq:
         self.lp: list = []  # logprob entries not sent yet
         self.choice, self.n, self.lead, self.wait_lead = 0, 1, None, False  # n > 1: choice i of n; lead: choice 0
         self.left = None
+        self.flow = None  # a stream with a window: [deltas sent, deltas it may send] (shared by its n choices)
+
+    @property
+    def paused(self) -> bool:
+        """Its reader is behind by the whole window: it keeps its slot but does not decode."""
+        return self.flow is not None and self.flow[0] >= self.flow[1]
 
 
 class Slot:
@@ -155,8 +162,10 @@ class Batcher:
         n = body["params"].get("n") or 1
         seqs = [Seq(peer, rid, body, prompt, max_tokens, time.monotonic() + wait) for _ in range(n)]  # dropped
         left = [n]  # choices not finished yet: only the last one's END closes the request
+        window = body.get("window") or 0
+        flow = [0, window] if window and body["stream"] else None
         for i, seq in enumerate(seqs):                                                            # unserved after wait
-            seq.choice, seq.n, seq.lead, seq.left = i, n, seqs[0] if i else None, left
+            seq.choice, seq.n, seq.lead, seq.left, seq.flow = i, n, seqs[0] if i else None, left, flow
         try:
             self.sched.submit_all(seqs, seqs[0].cls)
         except QueueFull:
@@ -169,6 +178,22 @@ class Batcher:
                 s.seq.cancelled = True
         for seq in self.sched.remove(lambda q: q.rid == rid and q.peer == peer):
             self.stats["llm_cancelled"] += 1
+
+    def credit(self, peer: bytes, rid, n) -> None:
+        if not isinstance(n, int) or n <= 0:
+            return
+        for s in self.slots:
+            if s.seq and s.seq.rid == rid and s.seq.peer == peer and s.seq.flow is not None:
+                s.seq.flow[1] += n
+                return  # (the choices share one flow; a credit only follows deltas: never for a queued one)
+
+    def runnable(self) -> bool:
+        """Some sequence can decode now (not every running one is paused for its reader)."""
+        return any(s.seq and (not s.seq.paused or s.seq.pending or s.seq.cancelled) for s in self.slots)
+
+    @property
+    def paused(self) -> int:
+        return sum(1 for s in self.slots if s.seq and s.seq.paused)
 
     def embed(self, peer: bytes, rid, body: dict) -> None:
         if self.engine.embed_ctx is None:
@@ -366,6 +391,8 @@ class Batcher:
         for seq in sorted(running, key=lambda s: (RANK[s.cls] > top, s.last_step)):
             seq.logit_index = -1
             if not seq.pending and not seq.wait_lead:
+                if seq.paused:
+                    continue
                 if per_tenant is not None:
                     key = (seq.cls, seq.tenant)
                     if per_tenant.get(key, 1) <= 0:
@@ -398,6 +425,8 @@ class Batcher:
                 if not seq.pending:  # the prompt is in: sample its first token
                     seq.logit_index = len(items) - 1
                     items[-1] = (items[-1][0], items[-1][1], items[-1][2], True)
+        if not items:  # every running sequence is paused for its reader (or waits its turn)
+            return
         self.engine.decode(items)
         now = time.monotonic()
         for seq in running:
@@ -478,6 +507,10 @@ class Batcher:
                 else:
                     self.send(seq.peer, [DELTA, seq.rid, text])
                 seq.sent = upto
+                if seq.flow is not None:
+                    seq.flow[0] += 1
+                    if seq.flow[0] == seq.flow[1]:
+                        self.stats["llm_stream_pauses"] += 1
 
     def _finish(self, seq: Seq, slot: Slot, reason: str) -> None:
         if seq.buf:

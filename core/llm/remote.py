@@ -123,6 +123,7 @@ class RemoteModel:
         self.health_path, self.health_interval = model.get("health_path", "/v1/models"), model.get("health_interval", 2.0)
         self._ids = itertools.count(1)
         self.tasks: dict[int, asyncio.Task] = {}
+        self.flows: dict[int, Flow] = {}
         self._session = None
         self._health = loop.create_task(self._check_health())
         self.connected = True
@@ -143,13 +144,21 @@ class RemoteModel:
         if run is None:
             handler(ERR, [400, f"{op!r} is not served by remote models", "unsupported", None])
             return rid
-        task = self.loop.create_task(run(body, handler))
+        flow = Flow(body.get("window") or 0) if op == GEN and body.get("stream", True) else None
+        task = self.loop.create_task(run(body, handler) if flow is None else run(body, handler, flow))
         self.tasks[rid] = task
-        task.add_done_callback(lambda _t, rid=rid: self.tasks.pop(rid, None))
+        if flow is not None and flow.window:
+            self.flows[rid] = flow
+        task.add_done_callback(lambda _t, rid=rid: (self.tasks.pop(rid, None), self.flows.pop(rid, None)))
         return rid
 
     def send(self, op: str, body) -> None:
         """Nothing a remote model expects without an answer."""
+
+    def credit(self, rid: int, n: int) -> None:
+        flow = self.flows.get(rid)
+        if flow is not None:
+            flow.give(n)
 
     def cancel(self, rid: int) -> None:
         task = self.tasks.pop(rid, None)
@@ -233,15 +242,15 @@ class RemoteModel:
                       "backend_unavailable", None])
         return None, None
 
-    async def _generate(self, body: dict, handler) -> None:
+    async def _generate(self, body: dict, handler, flow=None) -> None:
         try:
-            await self._generate_one(body, handler)
+            await self._generate_one(body, handler, flow)
         except asyncio.CancelledError:
             raise
         except Exception as e:  # (every generation ends with an event: a bug here is a 500, not a hang)
             handler(ERR, [500, f"model {self.name!r}: remote generation failed ({e!r})", "internal", None])
 
-    async def _generate_one(self, body: dict, handler) -> None:
+    async def _generate_one(self, body: dict, handler, flow) -> None:
         names = self._names(body)
         b, resp = await self._connect(body, self._request, names, body.get("cls", "standard"), handler)
         if b is None:
@@ -257,7 +266,7 @@ class RemoteModel:
                     b.breaker.record(resp.status < 500)
                     handler(ERR, await _error_of(resp, self.name))
                     return
-                ended = await self._relay(resp, "messages" in body, body.get("stream", True), handler, t0)
+                ended = await self._relay(resp, "messages" in body, body.get("stream", True), handler, t0, flow)
         except asyncio.CancelledError:
             raise
         except Exception as e:  # the connection broke mid-answer
@@ -274,10 +283,11 @@ class RemoteModel:
         else:
             b.breaker.record(True, time.monotonic() - t0)
 
-    async def _relay(self, resp, chat: bool, stream: bool, handler, t0: float) -> bool:
+    async def _relay(self, resp, chat: bool, stream: bool, handler, t0: float, flow=None) -> bool:
         """Backend SSE -> DELTA events, then END (not streamed: the whole text in END, as the
         inference worker sends it); True only when the stream really ended (its finish_reason
-        seen, then [DONE] or EOF)."""
+        seen, then [DONE] or EOF). A stream a window ahead of its reader stops reading the
+        backend's answer until credit comes back (TCP pushes back on the backend)."""
         finish, usage, first, held, deltas = None, None, None, [], 0
         buf = b""
         async for chunk in resp.content.iter_any():
@@ -306,6 +316,8 @@ class RemoteModel:
                             first = time.monotonic()
                         if stream:
                             handler(DELTA, text)
+                            if flow is not None:
+                                await flow.sent()
                         else:
                             held.append(text)
                     if c.get("finish_reason"):
@@ -361,6 +373,25 @@ class RemoteModel:
                 except Exception:
                     b.healthy = False
             await asyncio.sleep(self.health_interval)
+
+
+class Flow:
+    """A stream's credit: deltas it may send before its reader gives more (window 0: unbounded)."""
+    __slots__ = ("window", "count", "limit", "_more")
+
+    def __init__(self, window: int):
+        self.window, self.count, self.limit, self._more = window, 0, window, None
+
+    async def sent(self) -> None:
+        self.count += 1
+        if self.window and self.count >= self.limit:
+            self._more = asyncio.get_running_loop().create_future()
+            await self._more
+
+    def give(self, n: int) -> None:
+        self.limit += n
+        if self._more is not None and self.count < self.limit and not self._more.done():
+            self._more.set_result(None)
 
 
 def _never_sent(e: Exception) -> bool:

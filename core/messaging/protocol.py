@@ -49,6 +49,7 @@ EV_APPEND = "ev.append"                                                  # event
 # ---- ingress -> blocking worker: [op, rid, body] -----------------------------------------------
 GEN = "gen"              # inference: generate            -> DELTA*, END | ERR
 CANCEL = "cancel"        # inference: the client left      (no answer)
+CREDIT = "credit"        # inference: a stream's reader took n more deltas (body: n; no answer)
 EMBED = "embed"          # inference: embeddings           -> EMB | ERR
 LOOKUP = "lookup"        # embedder: semantic lookup       -> HIT | MISS | ERR
 INSERT = "insert"        # embedder: store an answer       (no answer; rid 0)

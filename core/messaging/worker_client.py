@@ -14,7 +14,7 @@ import itertools
 import zmq
 from zmq.utils.monitor import recv_monitor_message
 
-from tidegate.core.messaging.protocol import CANCEL, DELTA, ERR, pack
+from tidegate.core.messaging.protocol import CANCEL, CREDIT, DELTA, ERR, pack
 from tidegate.core.messaging.zmqfd import decoded
 
 
@@ -59,6 +59,11 @@ class WorkerClient:
     def cancel(self, rid: int) -> None:
         if self.handlers.pop(rid, None) is not None and self.connected:
             self._queue([CANCEL, rid, None])
+
+    def credit(self, rid: int, n: int) -> None:
+        """A stream's reader took n more deltas: its sequence may run n further ahead."""
+        if rid in self.handlers and self.connected:
+            self._queue([CREDIT, rid, n])
 
     def _queue(self, msg: list) -> None:
         if not self._outbox:

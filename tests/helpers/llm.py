@@ -60,10 +60,11 @@ def batcher(tmp_path, model: str, **inference) -> Batcher:
     return b
 
 
-def submit(b: Batcher, prompt: str, tenant: str, n: int, stream: bool = False, cls: str = "standard") -> int:
+def submit(b: Batcher, prompt: str, tenant: str, n: int, stream: bool = False, cls: str = "standard",
+           window: int = 0) -> int:
     rid = next(_ids)
     b.submit(b"peer", rid, {"prompt": prompt, "params": {"max_tokens": n, "temperature": 0}, "tenant": tenant,
-                            "cls": cls, "stream": stream})
+                            "cls": cls, "stream": stream, "window": window})
     return rid
 
 

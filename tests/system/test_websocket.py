@@ -181,9 +181,70 @@ def test_fragments_and_protocol_errors(llm):
     assert _close_code(raw) == 1007
 
 
-def _raw_upgrade(port: int) -> socket.socket:
+def _server_frames(sock: socket.socket):
+    """(opcode, payload) of each frame the server sends (unmasked), until EOF."""
+    buf = b""
+    while True:
+        while len(buf) >= 2:
+            n, at = buf[1] & 0x7F, 2
+            if n == 126:
+                n, at = int.from_bytes(buf[2:4], "big"), 4
+            elif n == 127:
+                n, at = int.from_bytes(buf[2:10], "big"), 10
+            if len(buf) < at + n:
+                break
+            yield buf[0] & 0x0F, buf[at:at + n]
+            buf = buf[at + n:]
+        chunk = sock.recv(65536)
+        if not chunk:
+            return
+        buf += chunk
+
+
+def test_a_slow_readers_stream_pauses_its_generation(daemon_factory, demo_model):
+    """A client that stops reading mid-stream: the stream runs a window ahead, then its sequence
+    pauses (keeping its slot) rather than filling the send buffer; it is not closed, and once the
+    client reads again the generation resumes and ends whole. Without the pause these 1,500
+    tokens (~300 KB of messages) would pass send_buffer_bytes and close the socket with 1008."""
+    d = daemon_factory(auth={"keys": KEYS}, cache=NO_CACHE,
+                       inference={"enabled": True, "models": [{"name": "demo", "path": demo_model, "n_ctx": 2048}]},
+                       websocket={"kernel_send_buffer": 16384, "send_buffer_bytes": 65536})
+    sock = _raw_upgrade(d.port, rcvbuf=4096)
+    sock.sendall(_client_frame(1, json.dumps({"id": "s", "type": "chat.completions", "body": {
+        "model": "demo", "max_tokens": 1500, "stream": True,
+        "messages": [{"role": "user", "content": "go on"}]}}).encode()))
+    deadline = time.monotonic() + 60
+    while metric(d, "tidegate_llm_paused_sequences") < 1:
+        assert time.monotonic() < deadline, "the sequence never paused"
+        time.sleep(0.3)
+    done = metric(d, "tidegate_llm_completion_tokens_total")
+    time.sleep(2)
+    assert metric(d, "tidegate_llm_paused_sequences") == 1  # still paused: the client still does not read
+    assert metric(d, "tidegate_llm_completion_tokens_total") == done == 0  # (nothing finished)
+    events, finish = 0, None
+    sock.settimeout(30)
+    for op, payload in _server_frames(sock):
+        assert op == 1, (op, payload[:80])  # never a close frame (1008)
+        msg = json.loads(payload)
+        if msg.get("done"):
+            break
+        events += 1
+        finish = msg["event"]["choices"][0]["finish_reason"] or finish
+    assert finish == "length" and events > 1000
+    deadline = time.monotonic() + 10
+    while metric(d, "tidegate_llm_paused_sequences") or metric(d, "tidegate_llm_stream_pauses_total") < 1:
+        assert time.monotonic() < deadline
+        time.sleep(0.3)
+    sock.close()
+
+
+def _raw_upgrade(port: int, rcvbuf: int = 0) -> socket.socket:
     """A peer that upgrades and then never answers anything (a dead client)."""
-    sock = socket.create_connection(("127.0.0.1", port), timeout=10)
+    sock = socket.socket()
+    if rcvbuf:  # (a small receive window: the server's buffers fill sooner)
+        sock.setsockopt(socket.SOL_SOCKET, socket.SO_RCVBUF, rcvbuf)
+    sock.settimeout(10)
+    sock.connect(("127.0.0.1", port))
     key = base64.b64encode(os.urandom(16)).decode()
     sock.sendall((f"GET /v1/ws HTTP/1.1\r\nHost: t\r\nUpgrade: websocket\r\nConnection: Upgrade\r\n"
                   f"Sec-WebSocket-Key: {key}\r\nSec-WebSocket-Version: 13\r\nAuthorization: Bearer {ALPHA}\r\n\r\n")

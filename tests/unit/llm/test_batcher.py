@@ -38,6 +38,38 @@ def test_cancel_frees_the_slot_at_the_next_step(tmp_path, demo_model):
     assert w.sched.running["standard"] == 0
 
 
+def test_a_stream_a_window_ahead_of_its_reader_pauses_until_credit_comes(tmp_path, demo_model):
+    """window 4: four deltas, then the sequence keeps its slot but decodes nothing (and the
+    worker may sleep) while another runs on; credit lets it go exactly that much further, and
+    its text is what it would have been unpaused."""
+    w = batcher(tmp_path, demo_model)
+    alone = generate(w, "Go on and on", "t", 40)["text"]
+    rid = submit(w, "Go on and on", "t", 40, stream=True, window=4)
+    other = submit(w, "Something else", "u", 30, stream=True)
+
+    def deltas(r):
+        return [p for k, q, p in w.events.get(b"peer", []) if q == r and k == "d"]
+    for _ in range(20):
+        turn(w)
+    assert len(deltas(rid)) == 4 and w.active == 2 and w.paused == 1
+    assert len(deltas(other)) > 4  # the other sequence ran on meanwhile
+    while w.runnable():
+        turn(w)
+    assert w.paused == 1 and not w.runnable() and len(deltas(rid)) == 4
+    turn(w)  # (a step with every sequence paused decodes nothing and fails nothing)
+    w.credit(b"peer", rid, 3)
+    assert w.runnable()
+    for _ in range(10):
+        turn(w)
+    assert len(deltas(rid)) == 7 and w.stats["llm_stream_pauses"] == 2
+    w.credit(b"peer", rid, 1000)
+    end = None
+    while end is None:
+        turn(w)
+        end = next((p for k, q, p in w.events.get(b"peer", []) if q == rid and k == "end"), None)
+    assert "".join(deltas(rid)) + end["text"] == alone
+
+
 @pytest.mark.parametrize("top", ["critical", "standard"])
 def test_while_a_higher_class_runs_lower_classes_take_bounded_turns(tmp_path, demo_model, top):
     """shared_decode 2, shared_prefill 32: while the highest class running (critical, or standard

@@ -59,3 +59,32 @@ def test_reserved_slots_and_unhealthy_or_open_backends_are_skipped():
     for _ in range(20):
         bs[0].breaker.record(False)
     assert r.order([], "critical") == []  # its breaker is open
+
+
+def test_a_remote_stream_stops_reading_a_window_ahead_until_credit_comes():
+    """Flow: the relay awaits sent() after each delta; at the window it waits (so the backend's
+    answer is not read and TCP pushes back on it) until give() returns credit."""
+    import asyncio
+
+    from tidegate.core.llm.remote import Flow
+
+    async def main():
+        flow, sent = Flow(3), []
+
+        async def relay():
+            for i in range(10):
+                sent.append(i)
+                await flow.sent()
+        task = asyncio.ensure_future(relay())
+        await asyncio.sleep(0.01)
+        assert sent == [0, 1, 2] and not task.done()
+        flow.give(2)
+        await asyncio.sleep(0.01)
+        assert sent == [0, 1, 2, 3, 4] and not task.done()
+        flow.give(100)
+        await asyncio.wait_for(task, 1)
+        assert len(sent) == 10
+        unbounded = Flow(0)
+        for _ in range(1000):
+            await asyncio.wait_for(unbounded.sent(), 0.1)
+    asyncio.run(main())

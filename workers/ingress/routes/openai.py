@@ -462,7 +462,8 @@ class OpenAIRoutes:
             return await self._fallback(req, call, body, params, model, tenant, what, chat, cls, lambda: service_unavailable(
                 f"model {model!r} is failing; its circuit breaker is open (retry after {retry_s}s)", "circuit_open",
                 retry_after=retry_s))
-        msg = dict(what, params=params, tenant=tenant, cls=cls, stream=stream, timeout=self.inf["request_timeout"])
+        msg = dict(what, params=params, tenant=tenant, cls=cls, stream=stream, timeout=self.inf["request_timeout"],
+                   window=call.window)
         call.reservation = reservation
         req.on_close = call.client_left
         handler = call.on_event if breaker is None else _counted(call.on_event, breaker)

@@ -41,6 +41,9 @@ class Generation:
         self.last_event = 0.0  # loop time of the last inference event (the watchdog reads it)
         self.done = False
         self.counted = False  # in api.inflight while True
+        # flow control (streams): deltas taken since credit last went back to the sequence
+        self.window = api.inf["stream_window"] if stream else 0
+        self.unacked = 0
 
     @staticmethod
     def id_prefix(chat: bool) -> str:
@@ -59,6 +62,9 @@ class Generation:
 
         def check():
             if self.done:
+                return
+            if self.sse is not None and self.sse.on_drain is not None:  # (we hold its credit: the reader is slow)
+                loop.call_later(idle, check)
                 return
             limit = idle if self.last_event > started else first
             late = loop.time() - self.last_event
@@ -88,6 +94,28 @@ class Generation:
             self.reservation = None
 
     def on_event(self, kind: str, payload) -> None:
+        self._handle(kind, payload)
+        if kind == DELTA and self.window and (self.n == 1 or "end" not in payload):
+            self._took()
+
+    def _took(self) -> None:
+        """Flow control: a delta reached the client's connection (or was held here). Credit goes
+        back in halves of the window while the connection keeps up; while it is backed up the
+        credit is kept, so the sequence pauses a window ahead, until the connection drains."""
+        self.unacked += 1
+        if self.unacked < max(1, self.window // 2) or self.done:
+            return
+        if self.sse is not None and self.sse.backed_up:
+            self.sse.on_drain = self._give_credit
+        else:
+            self._give_credit()
+
+    def _give_credit(self) -> None:
+        if self.unacked and not self.done and self.rid:
+            self.api.clients[self.model].credit(self.rid, self.unacked)
+        self.unacked = 0
+
+    def _handle(self, kind: str, payload) -> None:
         if self.done:
             return
         if self.n > 1 and kind != ERR:

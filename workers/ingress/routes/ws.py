@@ -51,6 +51,10 @@ class StreamReply:
     def closed(self) -> bool:
         return self.cancelled or self.session.closed
 
+    @property
+    def backed_up(self) -> bool:
+        return self.session.backed_up
+
     def write(self, data: bytes) -> None:
         for frame in data.split(b"\n\n"):
             if frame.startswith(b"data: ") and frame != b"data: [DONE]":
@@ -170,6 +174,11 @@ class WsRoutes:
             return
         _stop(what)
         s.send(message(rid, status=200, body={"cancelled": target}))
+
+    def on_drain(self, s: WsSession) -> None:
+        for what in list(s.inflight.values()):
+            if isinstance(what, tuple):  # a stream: (request, Stream, StreamReply)
+                what[1].drained()
 
     def on_close(self, s: WsSession) -> None:
         """The socket is gone: stop whatever it still had in flight."""
