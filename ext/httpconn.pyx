@@ -109,6 +109,16 @@ cdef class Stream:
             return self.sink.backed_up
         return self.conn is not None and self.conn.paused_since != 0.0
 
+    def to_sink(self, sink):
+        """Send the stream elsewhere than an HTTP answer (sink.write/end/closed/backed_up: one
+        WebSocket request's replies), with what was written before it was attached."""
+        self.sink = sink
+        early, self.early = self.early, None
+        for data in early or ():
+            sink.write(data)
+        if self.finished:
+            sink.end()
+
     def drained(self):
         """The connection drained below its low-water mark: wake a producer that waits."""
         cb, self.on_drain = self.on_drain, None

@@ -383,7 +383,8 @@ SCHEMA: dict[str, dict[str, Key]] = {
                               "(504 deadline_exceeded; a cached class gets its stale answer)",
                               lambda v: _class_seconds(v)),
         "idle_timeout": Key(float, 60.0, "seconds the ingress worker waits for the next event of a generation "
-                            "before it gives up on it (504, or an error event mid-stream) and cancels it", positive),
+                            "before it gives up on it (504, or an error event mid-stream) and cancels it; also how long "
+                            "a stream may stay paused for a reader that reads nothing", positive),
         "stream_window": Key(int, 32, "deltas a streamed generation may run ahead of its reader: credit goes back "
                              "while the client's connection keeps up, so a slow reader's generation pauses (keeping "
                              "its slot) instead of buffering; 0 = no flow control", non_negative),

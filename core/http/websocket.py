@@ -12,7 +12,8 @@ Limits (config [websocket]), each closing with a code and reason: a message over
 `max_message_bytes` or more than `max_fragments` frames (1009), more control frames than
 `max_control_per_s` in a second (1008: ping floods), a peer that does not answer the server's
 pings within `ping_timeout` (closed), more than `send_buffer_bytes` queued for a reader that
-does not read (1008). `WsHub` keeps the worker's sessions: one sweep a second sends pings and
+does not read (1008). Streams do not get there: past half of it the session is `backed_up`, its
+streams stop giving credit to their generations (which pause), and resume_writing wakes them. `WsHub` keeps the worker's sessions: one sweep a second sends pings and
 closes dead peers (no timer per socket); drain() closes each with 1001 once its in-flight
 replies are done.
 """

@@ -63,15 +63,16 @@ class Generation:
         def check():
             if self.done:
                 return
-            if self.sse is not None and self.sse.on_drain is not None:  # (we hold its credit: the reader is slow)
-                loop.call_later(idle, check)
-                return
             limit = idle if self.last_event > started else first
             late = loop.time() - self.last_event
             if late < limit:
                 loop.call_later(limit - late, check)
                 return
             self.client_left()
+            if self.sse is not None and self.sse.on_drain is not None:  # paused: it is the reader that stalled
+                self.on_event(ERR, [504, f"the client read nothing for {idle:g} s while its stream was paused; "
+                                    "the generation was cancelled", "reader_stalled", None])
+                return
             self.on_event(ERR, [504, f"the model sent nothing for {idle:g} s; the generation was cancelled",
                                 "generation_timeout", None])
         loop.call_later(first, check)

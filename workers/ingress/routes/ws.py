@@ -16,7 +16,9 @@ limits), validation, classes, shedding and handlers as HTTP, not a copy. Replies
     {"id": "c1", "status": 429, "error": {...OpenAI error...}}  a refusal
     {"id": "c2", "status": 200, "body": {"cancelled": "c1"}}
 
-Several requests may be in flight per socket (`websocket.max_outstanding`, then 1008). Cancel
+A stream's generation runs at most `inference.stream_window` deltas ahead of what the socket
+has sent: a client that stops reading pauses it (the slot is kept) rather than having it
+buffered, and it resumes as the socket drains. Several requests may be in flight per socket (`websocket.max_outstanding`, then 1008). Cancel
 stops a generation as a client leaving does (the sequence is cancelled). While the worker
 drains, new requests get 503 and each socket closes with 1001 once its replies are done.
 """
@@ -146,7 +148,7 @@ class WsRoutes:
         elif type(resp) is Stream:
             reply = StreamReply(s, rid)
             s.inflight[rid] = (req, resp, reply)
-            resp.sink = reply
+            resp.to_sink(reply)
         elif type(resp) is Upgrade:
             s.inflight.pop(rid, None)
             s.send(_error(rid, HttpError(400, "an upgrade inside a WebSocket", "bad_upgrade")))
