@@ -154,17 +154,13 @@ def main() -> None:
     ap.add_argument("--probe-seconds", type=float, default=10.0)
     args = ap.parse_args()
     tmp = tempfile.mkdtemp(prefix="tidegate-scale-")
-    per_worker = args.connections // args.workers + 1000  # (SO_REUSEPORT spreads them about evenly)
     # 18,000 a worker is 90% of this box's 20,000 open-files cap, where the box-level overload
     # actions (defaults 0.80 / 0.90 / 0.95 of the fd limit) would end keep-alives and shed: a box
     # meant to hold this many raises LimitNOFILE (the unit: 1,048,576); here the thresholds move up
     srv = S.tidegate(tmp, workers=args.workers, extra=(
         "[websocket]\nping_interval = 600.0\n"
         "[overload]\nbox_actions = {keepalive = 0.97, shed = 0.98, accept = 0.99}\n"))
-    # (max_connections per worker: the open-files cap, less what the worker needs for itself)
-    conf = os.path.join(tmp, "tidegate.toml")
-    text = open(conf).read().replace("max_connections = 20000", f"max_connections = {min(19500, per_worker)}")
-    open(conf, "w").write(text)
+    # (each worker caps its connections below its open-files limit by itself: server.fd_reserve)
     S.SERVER_CPU = "0-1"
     srv.start()
     try:

@@ -28,10 +28,10 @@ def demo_model(tmp_path_factory):
 def daemon_factory(tmp_path):
     started = []
 
-    def make(workers: int = 1, start: bool = True, env: dict | None = None, **sections) -> Daemon:
+    def make(workers: int = 1, start: bool = True, env: dict | None = None, nofile: int = 0, **sections) -> Daemon:
         sub = tmp_path / f"d{len(started)}"
         sub.mkdir()
-        d = Daemon(sub, workers=workers, env=env, **sections)
+        d = Daemon(sub, workers=workers, env=env, nofile=nofile, **sections)
         started.append(d)
         return d.start() if start else d
 

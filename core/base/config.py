@@ -248,6 +248,10 @@ SCHEMA: dict[str, dict[str, Key]] = {
         "workers": Key((str, int), "auto", 'ingress workers: "auto" = one per core', _workers),
         "backlog": Key(int, 2048, "listen backlog per socket", positive),
         "max_connections": Key(int, 10000, "open connections per worker; above it the worker stops accepting", positive),
+        "fd_reserve": Key(int, 64, "descriptors each worker keeps free below its open-files limit: its connection "
+                          "cap is the smaller of max_connections and that limit less what it holds for itself and "
+                          "this reserve, so at the limit it stops accepting (new connections wait in the backlog) "
+                          "instead of meeting EMFILE, where the event loop accepts and drops them", non_negative),
         "run_dir": Key(str, "./var/run", "sockets and pid file (created mode 0700)"),
         "data_dir": Key(str, "./var/data", "durable state"),
         "heartbeat_interval": Key(float, 1.0, "seconds between worker heartbeats", positive),

@@ -51,3 +51,23 @@ def start_worker(name_of) -> dict:
     setproctitle(f"tidegate: {name}")
     log.configure(process=name.replace(" ", "-"), level=spec["config"]["log"]["level"])
     return spec
+
+
+def open_fds() -> int | None:
+    """Descriptors this process holds now (Linux /proc; None elsewhere)."""
+    try:
+        return len(os.listdir("/proc/self/fd")) - 1  # (less the one listdir itself opened)
+    except OSError:
+        return None
+
+
+def connection_cap(max_connections: int, held_for_self: int | None, reserve: int) -> int:
+    """How many connections a worker may hold: max_connections, or fewer where the open-files
+    limit less what the worker holds for itself (sockets, stores, pipes) and a reserve is lower.
+    Past it accept() would fail with EMFILE, and libuv then accepts and closes the connections
+    waiting in the backlog to drain it: stopping at the cap leaves them queued instead."""
+    import resource
+    soft = resource.getrlimit(resource.RLIMIT_NOFILE)[0]
+    if soft == resource.RLIM_INFINITY or held_for_self is None:
+        return max_connections
+    return max(1, min(max_connections, soft - held_for_self - reserve))

@@ -29,8 +29,9 @@ def write_config(path, sections: dict) -> None:
 class Daemon:
     """One `tidegate serve` process with its own run/data dirs and config file."""
 
-    def __init__(self, tmp_path, workers: int = 1, env: dict | None = None, **sections):
+    def __init__(self, tmp_path, workers: int = 1, env: dict | None = None, nofile: int = 0, **sections):
         self.dir = tmp_path
+        self.nofile = nofile  # > 0: the daemon's open-files limit (soft and hard)
         self.port = free_port()
         self.config_path = tmp_path / "tidegate.toml"
         self.sections = {"server": {"bind": f"127.0.0.1:{self.port}", "workers": workers,
@@ -52,10 +53,14 @@ class Daemon:
         self.log = open(self.log_path, "ab")
         self.proc = subprocess.Popen([sys.executable, "-m", "tidegate.workers.cli", "serve", "--config",
                                       str(self.config_path)], stdout=self.log, stderr=self.log, env=self.env,
-                                     cwd=self.dir)
+                                     cwd=self.dir, preexec_fn=self._limits if self.nofile else None)
         if wait:
             self.wait_ready()
         return self
+
+    def _limits(self) -> None:
+        import resource
+        resource.setrlimit(resource.RLIMIT_NOFILE, (self.nofile, self.nofile))
 
     def wait_ready(self, timeout: float = 20.0) -> None:
         deadline = time.time() + timeout

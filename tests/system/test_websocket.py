@@ -315,3 +315,48 @@ def test_a_reload_closes_sockets_with_1001_and_the_next_generation_takes_new_one
     with ws(llm) as new:
         ask(new, id=2, type="echo", body={})
         assert json.loads(new.recv(timeout=10))["id"] == 2
+
+
+def test_at_the_open_files_limit_new_connections_wait_in_the_backlog(daemon_factory):
+    """A worker whose open-files limit is 400 caps its connections below it (less what it holds
+    for itself and server.fd_reserve) and stops accepting there: WebSockets past the cap wait in
+    the listen backlog, none is accepted and dropped (what libuv does at EMFILE), and once some
+    close the worker accepts again and every waiting one is upgraded."""
+    import resource
+    import selectors
+    soft, hard = resource.getrlimit(resource.RLIMIT_NOFILE)
+    resource.setrlimit(resource.RLIMIT_NOFILE, (min(hard, 4096), hard))  # (this process opens 450)
+    d = daemon_factory(nofile=400, auth={"keys": KEYS}, server={"backlog": 1024})
+    cap = next(e["cap"] for e in d.events() if e.get("event") == "connection cap set by the open-files limit")
+    assert 200 < cap < 400 - 64
+    sel, upgraded, dropped = selectors.DefaultSelector(), [], []
+    key = base64.b64encode(os.urandom(16)).decode()
+    head = (f"GET /v1/ws HTTP/1.1\r\nHost: t\r\nUpgrade: websocket\r\nConnection: Upgrade\r\nSec-WebSocket-Key: "
+            f"{key}\r\nSec-WebSocket-Version: 13\r\nAuthorization: Bearer {ALPHA}\r\n\r\n").encode()
+    for _ in range(450):
+        s = socket.create_connection(("127.0.0.1", d.port), timeout=5)
+        s.sendall(head)  # (past the cap: queued in the kernel until the worker accepts it)
+        s.setblocking(False)
+        sel.register(s, selectors.EVENT_READ)
+
+    def collect(seconds):
+        end = time.monotonic() + seconds
+        while time.monotonic() < end and len(sel.get_map()):
+            for k, _ in sel.select(timeout=0.2):
+                data = k.fileobj.recv(4096)
+                sel.unregister(k.fileobj)
+                (upgraded if data.startswith(b"HTTP/1.1 101") else dropped).append(k.fileobj)
+    try:
+        collect(5)
+        assert not dropped and cap - 5 <= len(upgraded) <= cap
+        assert any(e.get("event") == "connection cap reached; not accepting" for e in d.events())
+        waiting = len(sel.get_map())
+        assert waiting == 450 - len(upgraded)
+        for s in upgraded[:150]:  # below 90% of the cap: accepting again
+            s.close()
+        collect(10)
+        assert not dropped and not sel.get_map() and len(upgraded) == 450
+    finally:
+        for s in upgraded + dropped + [k.fileobj for k in sel.get_map().values()]:
+            s.close()
+        resource.setrlimit(resource.RLIMIT_NOFILE, (soft, hard))

@@ -45,7 +45,7 @@ from tidegate.core.overload.classes import Classes
 from tidegate.core.overload.shedding import Shedder
 from tidegate.core.predict.models import Model, check_inputs, version_of
 from tidegate.core.predict.pipeline import Predictor, plan_for
-from tidegate.core.runtime.process import WORKER_BOOT_ERROR, start_worker
+from tidegate.core.runtime.process import WORKER_BOOT_ERROR, connection_cap, open_fds, start_worker
 from tidegate.core.state.auth import ApiKeys
 from tidegate.core.state.owners import Owners
 from tidegate.core.http.websocket import WsHub
@@ -96,7 +96,7 @@ class IngressWorker:
                                routes=self.router.exact)
         self.http.on_count_change = self._on_count_change
         self.ws = WsHub(self.cfg["websocket"], self.loop, log, server=self.http)  # the WebSocket sessions
-        self.http.max_connections = self.cfg["server"]["max_connections"]
+        self.http.max_connections = self.conn_cap = self.cfg["server"]["max_connections"]
         self.servers: list = []
         self.accepting = False
         self.link: SupervisorLink | None = None
@@ -305,7 +305,7 @@ class IngressWorker:
         if "accept" in actions and self.accepting:
             self._stop_accepting()
         elif "accept" not in actions and not self.accepting and not self.draining and \
-                len(self.http.conns) < self.cfg["server"]["max_connections"]:
+                len(self.http.conns) + self.http.upgraded < self.conn_cap:
             asyncio.ensure_future(self._start_accepting())
             self.accepting = True  # now: a second BOX before it runs must not start a second server
         log.warning("box-level overload", actions=", ".join(sorted(actions)) or "none")
@@ -458,6 +458,7 @@ class IngressWorker:
         self.link.send(protocol.STANDBY)  # on a reload the old generation now lets go of the stores
         await self._open_stores(srv["boot_timeout"])
         self.listen_socks = [socket.socket(fileno=fd) for fd in self.spec["fds"]]
+        self._fd_cap()
         await self._start_accepting()
         self.loop.add_signal_handler(signal.SIGTERM, self.drain)
         self.loop.add_signal_handler(signal.SIGQUIT, self.stopped.set)
@@ -465,6 +466,7 @@ class IngressWorker:
         self._spawn_periodic(self._heartbeat, srv["heartbeat_interval"])
         self._spawn_periodic(self.http.tick, 1.0)
         self._spawn_periodic(self.ws.tick, 1.0)
+        self._spawn_periodic(self._fd_cap, 5.0)
         if self.remote is not None:
             asyncio.ensure_future(self.remote.warm())
         self._spawn_periodic(lambda: self.sessions and self.sessions.expire(), 60.0)
@@ -510,10 +512,22 @@ class IngressWorker:
             server.close()
         self.servers = []
 
+    def _fd_cap(self) -> None:
+        """The connection cap: max_connections, or less where the open-files limit is nearer
+        (what the worker holds besides its connections is counted again every few seconds)."""
+        fds, conns = open_fds(), len(self.http.conns) + self.http.upgraded
+        cap = connection_cap(self.cfg["server"]["max_connections"], None if fds is None else fds - conns,
+                             self.cfg["server"]["fd_reserve"])
+        if cap < self.cfg["server"]["max_connections"] == self.conn_cap:
+            log.info("connection cap set by the open-files limit", cap=cap, open_files=fds,
+                     max_connections=self.cfg["server"]["max_connections"])
+        self.conn_cap = self.http.max_connections = cap
+
     def _on_count_change(self, n: int, new) -> None:
-        """Over max_connections a new connection evicts an idle or slow one (so a normal client
-        still gets in during a slowloris); only when every connection is busy does accepting pause."""
-        limit = self.cfg["server"]["max_connections"]
+        """Over the connection cap (max_connections, or the open-files limit's) a new connection
+        evicts an idle or slow one (so a normal client still gets in during a slowloris); only
+        when every connection is busy does accepting pause: new ones wait in the backlog."""
+        limit = self.conn_cap
         if new is None or n < limit:
             if not self.accepting and not self.http.draining and n <= limit * 9 // 10 and "accept" not in self.box:
                 log.info("accepting again", open=n)
@@ -525,7 +539,7 @@ class IngressWorker:
         if n > limit and self.http.evict(new, max(1, limit // 20)):  # a batch: the next ones find room at once
             return
         if self.accepting:  # every connection is busy: new ones wait in the kernel backlog
-            log.warning("max_connections reached; not accepting", open=n)
+            log.warning("connection cap reached; not accepting", open=n, cap=limit)
             self._stop_accepting()
 
     def drain(self) -> None:
