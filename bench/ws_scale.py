@@ -108,7 +108,7 @@ class Probe:
         assert self.ws.recv(4096).startswith(b"HTTP/1.1 101")
         self.msg = ws_frame(json.dumps({"id": 1, "type": "echo", "body": {}}).encode())
 
-    def once(self) -> tuple[float, float]:
+    def _http(self) -> float:
         t0 = time.perf_counter()
         self.http.sendall(HTTP_REQ)
         buf = b""
@@ -119,18 +119,29 @@ class Probe:
             buf += chunk
             head, sep, body = buf.partition(b"\r\n\r\n")
             if sep and len(body) >= int(head.split(b"content-length: ", 1)[1].split(b"\r\n", 1)[0]):
-                break
-        t1 = time.perf_counter()
+                return time.perf_counter() - t0
+
+    def _ws(self) -> float:
+        t0 = time.perf_counter()
         self.ws.sendall(self.msg)
         if not self.ws.recv(4096):  # (one small unfragmented frame)
             raise ConnectionError("the server closed the probe's WebSocket")
-        return t1 - t0, time.perf_counter() - t1
+        return time.perf_counter() - t0
+
+    def once(self, ws_first: bool) -> tuple[float, float]:
+        """(HTTP, WebSocket) round trips, one after the other: the first after a pause, the second
+        right behind it, so the order alternates (neither always finds the server warm)."""
+        if ws_first:
+            w = self._ws()
+            return self._http(), w
+        h = self._http()
+        return h, self._ws()
 
     def run(self, seconds: float) -> dict:
         http, ws = [], []
         end = time.monotonic() + seconds
         while time.monotonic() < end:
-            h, w = self.once()
+            h, w = self.once(len(http) % 2 == 1)
             http.append(h)
             ws.append(w)
             time.sleep(0.005)
