@@ -18,6 +18,7 @@ import asyncio
 import heapq
 import http
 import os
+import socket
 import time
 from collections import deque
 
@@ -282,7 +283,7 @@ cdef class HttpConnection:
     cdef public unsigned long long serial  # accept order: the lowest still sending its head is the slowest
     cdef public bint busy, closing, read_paused
     cdef object metrics, _url, _headers, _body, _started, _version, _parked, _stream, _upgrade_tail
-    cdef bint _in_message
+    cdef bint _in_message, kernel_capped
     cdef Py_ssize_t _nheaders, _hbytes, _blen, _raw_head
     cdef Py_ssize_t max_request_line, max_header_bytes, max_headers, max_body_bytes, max_pipelined
 
@@ -560,7 +561,19 @@ cdef class HttpConnection:
         data = b"".join(parts)
         self.transport.write(data)
         self.srv.bytes_out += len(data)
+        self._cap_kernel_buffer()
         st._attached(self, req)
+
+    cdef _cap_kernel_buffer(self):
+        """A connection that streams (SSE, an upgrade) gets a fixed SO_SNDBUF of
+        limits.stream_send_buffer: else the kernel's autotuning may hold MiBs for a slow reader
+        before the transport's high-water mark, and so the stream's flow control, sees any."""
+        n = self.srv.limits.get("stream_send_buffer", 0)
+        if n and not self.kernel_capped:
+            self.kernel_capped = True
+            sock = self.transport.get_extra_info("socket")
+            if sock is not None:
+                sock.setsockopt(socket.SOL_SOCKET, socket.SO_SNDBUF, n)
 
     cdef _start_upgrade(self, Request req, Upgrade up):
         """101, then the transport belongs to the new protocol; this connection is done."""
@@ -578,6 +591,7 @@ cdef class HttpConnection:
         srv.bytes_out += len(data)
         observe(self.metrics, req.route, 101, _perf() - req.started)
         tail, self._upgrade_tail = self._upgrade_tail, None
+        self._cap_kernel_buffer()
         transport = self.transport
         self.closing = True  # (no more HTTP here: the new protocol hears connection_lost)
         self.parser = None

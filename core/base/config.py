@@ -281,6 +281,10 @@ SCHEMA: dict[str, dict[str, Key]] = {
         "keepalive_timeout": Key(float, 75.0, "idle keep-alive connection lifetime", positive),
         "send_timeout": Key(float, 60.0, "seconds a client may leave its write buffer full before it is cut", positive),
         "write_buffer_bytes": Key(int, 256 * KiB, "per-connection write buffer before reading pauses", positive),
+        "stream_send_buffer": Key(int, 256 * KiB, "SO_SNDBUF of a connection once it streams (an SSE answer, an "
+                                  "upgraded WebSocket): what the kernel may hold for a slow reader before the "
+                                  "stream's flow control sees it (0 = the kernel's autotuning, up to "
+                                  "net.ipv4.tcp_wmem's maximum, 4 MiB by default)", non_negative),
     },
     "control": {
         "endpoint": Key(str, "", 'admin socket; "" = ipc://RUN_DIR/control.sock', _endpoint),
@@ -324,9 +328,6 @@ SCHEMA: dict[str, dict[str, Key]] = {
         "send_buffer_bytes": Key(int, 1 * MiB, "bytes queued for a peer that does not read before it is closed "
                                  "(1008); streams pause at half of it (their generations stop until it drains)",
                                  positive),
-        "kernel_send_buffer": Key(int, 256 * 1024, "SO_SNDBUF of an upgraded socket: what the kernel may hold for a "
-                                  "slow reader before send_buffer_bytes counts (0 = the kernel's autotuning, up to "
-                                  "net.ipv4.tcp_wmem's maximum, 4 MiB by default)", non_negative),
         "ping_interval": Key(float, 20.0, "seconds of silence before the server pings (0 = never)", non_negative),
         "ping_timeout": Key(float, 20.0, "seconds a ping may go unanswered before the socket is closed", positive),
         "permessage_deflate": Key(bool, False, "accept permessage-deflate when offered (compression state costs "

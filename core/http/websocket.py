@@ -22,7 +22,6 @@ from __future__ import annotations
 import base64
 import codecs
 import hashlib
-import socket
 import time
 
 import orjson
@@ -89,10 +88,7 @@ class WsSession:
         # streams pause at half the send buffer (their generations stop); a reply that would
         # take a non-reader past all of it closes the socket instead (send)
         transport.set_write_buffer_limits(high=hub.cfg["send_buffer_bytes"] // 2)
-        if hub.cfg["kernel_send_buffer"]:  # (else the kernel's autotuning may hold MiBs for a non-reader)
-            sock = transport.get_extra_info("socket")
-            if sock is not None:
-                sock.setsockopt(socket.SOL_SOCKET, socket.SO_SNDBUF, hub.cfg["kernel_send_buffer"])
+        # (the connection capped the kernel's send buffer at the upgrade: limits.stream_send_buffer)
         hub.add(self)
         if tail:
             hub.loop.call_soon(self.data_received, tail)

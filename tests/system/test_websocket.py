@@ -202,38 +202,55 @@ def _server_frames(sock: socket.socket):
         buf += chunk
 
 
-def test_a_slow_readers_stream_pauses_its_generation(daemon_factory, demo_model):
+@pytest.mark.parametrize("transport", ["websocket", "sse"])
+def test_a_slow_readers_stream_pauses_its_generation(daemon_factory, demo_model, transport):
     """A client that stops reading mid-stream: the stream runs a window ahead, then its sequence
     pauses (keeping its slot) rather than filling the send buffer; it is not closed, and once the
     client reads again the generation resumes and ends whole. Without the pause these 1,500
-    tokens (~300 KB of messages) would pass send_buffer_bytes and close the socket with 1008."""
+    tokens (~300 KB of messages) would pass send_buffer_bytes and close the socket with 1008
+    (or, over HTTP, sit in the connection's buffer)."""
     d = daemon_factory(auth={"keys": KEYS}, cache=NO_CACHE,
                        inference={"enabled": True, "models": [{"name": "demo", "path": demo_model, "n_ctx": 2048}]},
-                       websocket={"kernel_send_buffer": 16384, "send_buffer_bytes": 65536})
-    sock = _raw_upgrade(d.port, rcvbuf=4096)
-    sock.sendall(_client_frame(1, json.dumps({"id": "s", "type": "chat.completions", "body": {
-        "model": "demo", "max_tokens": 1500, "stream": True,
-        "messages": [{"role": "user", "content": "go on"}]}}).encode()))
+                       websocket={"send_buffer_bytes": 65536},
+                       limits={"stream_send_buffer": 16384, "write_buffer_bytes": 32768})
+    chat = {"model": "demo", "max_tokens": 1500, "stream": True, "messages": [{"role": "user", "content": "go on"}]}
+    if transport == "websocket":
+        sock = _raw_upgrade(d.port, rcvbuf=4096)
+        sock.sendall(_client_frame(1, json.dumps({"id": "s", "type": "chat.completions", "body": chat}).encode()))
+    else:
+        sock = socket.socket()
+        sock.setsockopt(socket.SOL_SOCKET, socket.SO_RCVBUF, 4096)
+        sock.connect(("127.0.0.1", d.port))
+        body = json.dumps(chat).encode()
+        sock.sendall(b"POST /v1/chat/completions HTTP/1.1\r\nHost: t\r\nContent-Type: application/json\r\n"
+                     b"Authorization: Bearer " + ALPHA.encode() + b"\r\nContent-Length: %d\r\n\r\n" % len(body) + body)
     deadline = time.monotonic() + 60
     while metric(d, "tidegate_llm_paused_sequences") < 1:
         if time.monotonic() > deadline:
             sock.settimeout(1)
             raise AssertionError(f"the sequence never paused; the socket had {sock.recv(300)!r}")
         time.sleep(0.3)
-    done = metric(d, "tidegate_llm_completion_tokens_total")
     time.sleep(2)
     assert metric(d, "tidegate_llm_paused_sequences") == 1  # still paused: the client still does not read
-    assert metric(d, "tidegate_llm_completion_tokens_total") == done == 0  # (nothing finished)
-    events, finish = 0, None
+    assert metric(d, "tidegate_llm_completion_tokens_total") == 0  # (nothing finished)
     sock.settimeout(30)
-    for op, payload in _server_frames(sock):
-        assert op == 1, (op, payload[:80])  # never a close frame (1008)
-        msg = json.loads(payload)
-        if msg.get("done"):
-            break
-        events += 1
-        finish = msg["event"]["choices"][0]["finish_reason"] or finish
-    assert finish == "length" and events > 1000
+    chunks = []
+    if transport == "websocket":
+        for op, payload in _server_frames(sock):
+            assert op == 1, (op, payload[:80])  # never a close frame (1008)
+            msg = json.loads(payload)
+            if msg.get("done"):
+                break
+            chunks.append(msg["event"])
+    else:
+        data = b""
+        while b"data: [DONE]" not in data:
+            more = sock.recv(65536)
+            assert more, "the server closed the stream"
+            data += more
+        chunks = [json.loads(line[6:]) for line in data.split(b"\n") if line.startswith(b"data: {")]
+    assert all("error" not in c for c in chunks)
+    assert chunks[-1]["choices"][0]["finish_reason"] == "length" and len(chunks) > 1000
     deadline = time.monotonic() + 10
     while metric(d, "tidegate_llm_paused_sequences") or metric(d, "tidegate_llm_stream_pauses_total") < 1:
         assert time.monotonic() < deadline
