@@ -213,7 +213,8 @@ def test_a_slow_readers_stream_pauses_its_generation(daemon_factory, demo_model,
                        inference={"enabled": True, "models": [{"name": "demo", "path": demo_model, "n_ctx": 2048}]},
                        websocket={"send_buffer_bytes": 65536},
                        limits={"stream_send_buffer": 16384, "write_buffer_bytes": 32768})
-    chat = {"model": "demo", "max_tokens": 1500, "stream": True, "messages": [{"role": "user", "content": "go on"}]}
+    chat = {"model": "demo", "max_tokens": 1500, "stream": True, "temperature": 0,  # (greedy: no early EOS by chance)
+            "messages": [{"role": "user", "content": "go on"}]}
     if transport == "websocket":
         sock = _raw_upgrade(d.port, rcvbuf=4096)
         sock.sendall(_client_frame(1, json.dumps({"id": "s", "type": "chat.completions", "body": chat}).encode()))
