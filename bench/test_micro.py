@@ -85,3 +85,31 @@ def test_json_guard_and_orjson(benchmark):
 @pytest.mark.benchmark(group="json body")
 def test_json_stdlib(benchmark):
     assert benchmark(json.loads, BODY)["max_tokens"] == 16
+
+
+def _client_frame(payload: bytes) -> bytes:
+    mask = b"\x1f\x2e\x3d\x4c"
+    return bytes([0x81, 0x80 | len(payload)]) + mask + bytes(b ^ mask[i % 4] for i, b in enumerate(payload))
+
+
+WS_MESSAGE = _client_frame(b'{"id":1,"type":"echo","body":{"x":"hello"}}')
+
+
+@pytest.mark.benchmark(group="WebSocket frame in")
+def test_ws_frame_tidegate(benchmark):
+    """ext/wsframe: one small masked text frame parsed (what WsSession.data_received pays)."""
+    from tidegate.core.http.wscodec import FrameCodec
+    codec = FrameCodec(1 << 20)
+    assert benchmark(codec.receive, WS_MESSAGE)[0][0] == 1
+
+
+@pytest.mark.benchmark(group="WebSocket frame in")
+def test_ws_frame_wsproto(benchmark):
+    """The same frame through wsproto's server Connection (receive_data, then its events)."""
+    from wsproto.connection import Connection, ConnectionType
+    ws = Connection(ConnectionType.SERVER)
+
+    def run():
+        ws.receive_data(WS_MESSAGE)
+        return list(ws.events())
+    assert benchmark(run)[0].data.startswith('{"id":1')
