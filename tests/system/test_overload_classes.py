@@ -164,6 +164,10 @@ def test_prediction_fallbacks_and_the_model_worker_drops_what_waited_too_long(da
         return request(d.port, "POST", "/v1/predict/recommend", json.dumps({"entities": {"user": user}}).encode(),
                        headers=headers, timeout=timeout)
     assert recommend("u1").status == 200
+    deadline = time.time() + 5  # that batch is counted (a heartbeat later) before the worker stops,
+    while metric(d, "tidegate_model_batches_total") < 1:  # else `before` below would miss it
+        assert time.time() < deadline
+        time.sleep(0.1)
     pid = next(w["pid"] for w in d.admin_json("workers")["body"] if w["slot"] == "models")
     os.kill(pid, signal.SIGSTOP)  # scoring hangs past predict.worker_timeout (1 s)
     try:
