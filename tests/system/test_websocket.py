@@ -259,6 +259,36 @@ def test_a_slow_readers_stream_pauses_its_generation(daemon_factory, demo_model,
     sock.close()
 
 
+def test_a_reader_that_reads_nothing_for_idle_timeout_is_cut_off(daemon_factory, demo_model):
+    """A paused stream whose reader reads nothing for inference.idle_timeout: its generation is
+    cancelled (the slot is freed), and the stream ends with a reader_stalled error after what
+    was already sent."""
+    d = daemon_factory(auth={"keys": KEYS}, cache=NO_CACHE,
+                       inference={"enabled": True, "idle_timeout": 2.0,
+                                  "models": [{"name": "demo", "path": demo_model, "n_ctx": 2048}]},
+                       websocket={"send_buffer_bytes": 65536, "ping_interval": 0.0},
+                       limits={"stream_send_buffer": 16384})
+    sock = _raw_upgrade(d.port, rcvbuf=4096)
+    sock.sendall(_client_frame(1, json.dumps({"id": "s", "type": "chat.completions", "body": {
+        "model": "demo", "max_tokens": 1500, "stream": True, "temperature": 0,
+        "messages": [{"role": "user", "content": "go on"}]}}).encode()))
+    deadline = time.monotonic() + 30
+    while metric(d, "tidegate_llm_cancelled_total") < 1:  # paused, then cut off 2 s later
+        assert time.monotonic() < deadline, "the stalled stream was never cancelled"
+        time.sleep(0.3)
+    assert metric(d, "tidegate_llm_paused_sequences") == 0 and metric(d, "tidegate_llm_stream_pauses_total") >= 1
+    sock.settimeout(10)
+    msgs = []
+    for op, payload in _server_frames(sock):
+        assert op == 1
+        msgs.append(json.loads(payload))
+        if msgs[-1].get("done"):
+            break
+    assert msgs[-2]["event"]["error"]["code"] == "reader_stalled" and msgs[-1] == {"id": "s", "done": True}
+    assert not any(m.get("event", {}).get("choices", [{}])[0].get("finish_reason") for m in msgs[:-2])
+    sock.close()
+
+
 def _raw_upgrade(port: int, rcvbuf: int = 0) -> socket.socket:
     """A peer that upgrades and then never answers anything (a dead client)."""
     sock = socket.socket()

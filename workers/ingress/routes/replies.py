@@ -75,7 +75,9 @@ class Generation:
                 return
             self.on_event(ERR, [504, f"the model sent nothing for {idle:g} s; the generation was cancelled",
                                 "generation_timeout", None])
-        loop.call_later(first, check)
+        # first look after `idle`: armed at `first` only, a stall right after the first event
+        # went unseen until `first` (request_timeout + idle_timeout) had passed
+        loop.call_later(min(first, idle), check)
 
     async def replay(self, entry: dict, kind: bytes, extra_headers=()):
         """Answer from a cached entry, streamed or not, exactly as a generation would."""
