@@ -183,7 +183,14 @@ def test_model_worker_failure_serves_last_recommendation(demo_daemon):
 
 def test_shed_recommendations_get_the_last_one_served(demo_daemon):
     d = demo_daemon
-    first = post(d.port, "/v1/predict/recommend", {"entities": {"user": "u5"}}, headers=ACME).json()
+    deadline = time.time() + 10
+    while True:  # a served answer first (on a loaded box the first scoring may pass the worker's
+        r = post(d.port, "/v1/predict/recommend", {"entities": {"user": "u5"}}, headers=ACME)  # deadline)
+        if r.status == 200 and "fallback" not in r.json():
+            first = r.json()
+            break
+        assert time.time() < deadline, (r.status, r.body)
+        time.sleep(0.2)
     assert d.admin("shed", "on", "background").returncode == 0
     r = post(d.port, "/v1/predict/recommend", {"entities": {"user": "u5"}}, headers=ACME)
     assert r.status == 200 and r.headers["x-tidegate-cache"] == "fallback" and r.headers["x-tidegate-shed"] == "background"
