@@ -7,6 +7,16 @@ from helpers.http import request
 from helpers.llm import metric, post, sse
 
 
+def landed(d, inserts: int) -> None:
+    """Wait until the owner has stored `inserts` entries in all: the put travels to the key's
+    owner after the answer was written, so a request right behind it on the other worker may
+    reach the owner first (a miss there, then a semantic hit)."""
+    deadline = time.time() + 5
+    while metric(d, "tidegate_exact_inserts_total") < inserts:
+        assert time.time() < deadline, "the exact-cache entry never reached its owner"
+        time.sleep(0.05)
+
+
 def test_exact_hits_skip_the_model_and_replay_streams(daemon_factory, demo_model):
     d = daemon_factory(workers=2, inference={"enabled": True, "models": [{"name": "demo", "path": demo_model,
                                                                             "n_ctx": 512}]})
@@ -14,6 +24,7 @@ def test_exact_hits_skip_the_model_and_replay_streams(daemon_factory, demo_model
             "temperature": 0}
     first = post(d, "/v1/chat/completions", body)
     assert first.headers["x-tidegate-cache"] == "miss"
+    landed(d, 1)
     hits = [post(d, "/v1/chat/completions", body) for _ in range(4)]  # both workers: one owner
     assert all(h.headers["x-tidegate-cache"] == "exact" for h in hits)
     assert {h.json()["choices"][0]["message"]["content"] for h in hits} == {
@@ -39,7 +50,10 @@ def test_exact_hits_skip_the_model_and_replay_streams(daemon_factory, demo_model
     post(d, "/v1/chat/completions", sampled)
     assert post(d, "/v1/chat/completions", sampled).headers["x-tidegate-cache"] == "miss"
     seeded = dict(sampled, seed=3)
+    time.sleep(0.6)  # (heartbeats every 0.2 s: the count now includes every earlier insert)
+    inserts = metric(d, "tidegate_exact_inserts_total")
     post(d, "/v1/chat/completions", seeded)
+    landed(d, inserts + 1)
     assert post(d, "/v1/chat/completions", seeded).headers["x-tidegate-cache"] == "exact"
 
 
