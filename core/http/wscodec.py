@@ -11,7 +11,7 @@ text(payload), ping(payload), pong(payload) and close(code, reason) return the b
 from __future__ import annotations
 
 from wsproto.connection import Connection, ConnectionState, ConnectionType
-from wsproto.events import BytesMessage, CloseConnection, Message, Ping, Pong, TextMessage
+from wsproto.events import CloseConnection, Message, Ping, Pong, TextMessage
 from wsproto.frame_protocol import CloseReason
 from wsproto.utilities import LocalProtocolError, RemoteProtocolError
 
@@ -29,10 +29,6 @@ def frame(opcode: int, payload: bytes) -> bytes:
     if n < 65536:
         return bytes((0x80 | opcode, 126)) + n.to_bytes(2, "big") + payload
     return bytes((0x80 | opcode, 127)) + n.to_bytes(8, "big") + payload
-
-
-def text_frame(payload: bytes) -> bytes:
-    return frame(TEXT, payload)
 
 
 def close_payload(code: int, reason: str) -> bytes:

@@ -44,10 +44,10 @@ def test_text_frames_parse_as_wsproto_reads_them(size):
     from wsproto.connection import Connection, ConnectionType
     from wsproto.events import TextMessage
 
-    from tidegate.core.http.wscodec import text_frame
+    from tidegate.core.http.wscodec import TEXT, frame
     payload = ("é" * (size // 2) + "x" * (size % 2)).encode()
     client = Connection(ConnectionType.CLIENT)
-    client.receive_data(text_frame(payload))
+    client.receive_data(frame(TEXT, payload))
     events = list(client.events())
     assert len(events) >= 1 and all(isinstance(e, TextMessage) for e in events)
     assert "".join(e.data for e in events) == payload.decode() and events[-1].message_finished
