@@ -216,6 +216,7 @@ cdef class Request:
     cdef public str method, path, version, route
     cdef public bytes query, body, request_id
     cdef public dict headers
+    cdef public dict params  # a pattern route's {name} segments, %-decoded (core/http/router.py); else None
     cdef public bint keep_alive
     cdef public double started
     cdef public object identity  # set by the guard (workers/ingress/guard.py)

@@ -74,7 +74,7 @@ def _parser() -> argparse.ArgumentParser:
                                      "overloaded (overload.shed says what they get; a class whose policy is never "
                                      "is still served). Lasts until off, the daemon's restart, or forever on reloads.")
     sh.add_argument("action", choices=["on", "off", "status"])
-    sh.add_argument("cls", nargs="?", choices=["critical", "standard", "background"])
+    sh.add_argument("cls", nargs="?", choices=config.CLASSES)
 
     f = sub.add_parser("features", help="the feature registry: load | get | stats",
                        description="Load, read and count feature-view rows in DATA_DIR/features (needs no daemon; "

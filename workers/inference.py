@@ -53,7 +53,7 @@ class InferenceWorker(BlockingWorker):
 
     def handle(self, peer: bytes, op: str, rid, body) -> None:
         b = self.batcher
-        if op == protocol.GEN:
+        if op == protocol.GENERATE:
             b.submit(peer, rid, body)
         elif op == protocol.CANCEL:
             b.cancel(peer, rid)

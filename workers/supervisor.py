@@ -630,7 +630,7 @@ class Supervisor:
         never are still served); status: what is forced now. New ingress workers are told at READY."""
         action, cls = msg.get("action"), msg.get("cls")
         if action in ("on", "off"):
-            if cls not in ("critical", "standard", "background"):
+            if cls not in config.CLASSES:
                 return None
             (self.forced_shed.add if action == "on" else self.forced_shed.discard)(cls)
             for w in self.workers.values():

@@ -102,6 +102,12 @@ class ExactCache:
         self.store = ExactStore(c["exact_max_bytes"], c["exact_ttl"], c["exact_stale_ttl"])
         owners.register({XC_GET: self.store.get, XC_PUT: self.store.put, XC_STALE: self.store.get_stale})
 
+    def counters(self) -> dict:
+        """The entries this worker owns (the cluster's are counted there)."""
+        st = self.store.stats
+        return {"exact_hits": st["hits"], "exact_misses": st["misses"], "exact_inserts": st["inserts"],
+                "exact_evictions": st["evictions"], "exact_bytes": self.store.bytes}
+
     async def get(self, key: str, stale: bool = False):
         """The entry, or None: a miss also when the owner does not answer in time. stale: also an
         entry past its ttl (within exact_stale_ttl), for a request being shed."""

@@ -32,25 +32,11 @@ class SemanticClient:
         self.breaker = Breaker.from_config(cfg["breakers"], slow_call=self.timeout)
         self.stats = {"semantic_timeouts": 0, "semantic_skipped": 0}
 
+    def counters(self) -> dict:
+        return dict(self.stats)
+
     def policy(self, tenant: str) -> dict:
         return self.tenants.get(tenant, self.default)
-
-    @staticmethod
-    def key(tenant: str, model: str, what: dict, body: dict) -> tuple[str, str] | None:
-        """(namespace, text to embed), or None when the request has no last user message."""
-        if "prompt" in what:
-            context, text = [], what["prompt"]
-        else:
-            msgs = what["messages"]
-            if msgs[-1]["role"] != "user":
-                return None
-            context, text = msgs[:-1], msgs[-1]["content"]
-        system = [m["content"] for m in context if m["role"] in ("system", "developer")]
-        turns = [[m["role"], m["content"]] for m in context if m["role"] not in ("system", "developer")]
-        shape = {k: body[k] for k in OUTPUT_FIELDS if k in body and k not in ("messages", "prompt")}
-        h = hashlib.sha256(orjson.dumps([tenant, model, "prompt" in what, system, turns, shape],
-                                        option=orjson.OPT_SORT_KEYS)).hexdigest()[:32]
-        return h, text
 
     async def lookup(self, ns: str, text: str, threshold: float, approximate: bool = False):
         """The cached entry, or None (a miss, an unavailable embedder or a slow one). approximate:
@@ -90,3 +76,20 @@ class SemanticClient:
         p = self.policy(tenant)
         self.client.send(INSERT, {"ns": ns, "tenant": tenant, "text": text, "entry": entry, "ttl": p["ttl"],
                                     "max_entries": p["max_entries"]})
+
+
+def semantic_key(tenant: str, model: str, what: dict, body: dict) -> tuple[str, str] | None:
+    """(namespace, text to embed), or None when the request has no last user message."""
+    if "prompt" in what:
+        context, text = [], what["prompt"]
+    else:
+        msgs = what["messages"]
+        if msgs[-1]["role"] != "user":
+            return None
+        context, text = msgs[:-1], msgs[-1]["content"]
+    system = [m["content"] for m in context if m["role"] in ("system", "developer")]
+    turns = [[m["role"], m["content"]] for m in context if m["role"] not in ("system", "developer")]
+    shape = {k: body[k] for k in OUTPUT_FIELDS if k in body and k not in ("messages", "prompt")}
+    h = hashlib.sha256(orjson.dumps([tenant, model, "prompt" in what, system, turns, shape],
+                                    option=orjson.OPT_SORT_KEYS)).hexdigest()[:32]
+    return h, text

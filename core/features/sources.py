@@ -43,6 +43,9 @@ class RedisSource:
         self.inflight = 0
         self.stats = {"redis_reads": 0, "redis_late": 0, "redis_errors": 0}
 
+    def counters(self) -> dict:
+        return dict(self.stats, redis_breaker_opened=self.breaker.stats["opened"])
+
     def fetch(self, wants: list[tuple[str, str, str]], deadline: float) -> asyncio.Future:
         """A future of [packed row bytes or None] for wants [(view, tenant, entity)], read in one
         MGET; it fails with Late after deadline seconds, with Down when the store fails or its

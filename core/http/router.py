@@ -7,14 +7,11 @@ from urllib.parse import unquote
 from tidegate.core.http.http11 import HttpError, Request
 
 
-def path_params(req: Request, first: int) -> tuple[str, str]:
-    """The two %-decoded segments of a /v1/x/{a}/{b} path from segment index `first` (the guard
-    calls handlers with the request only, so routes with parameters read them here)."""
-    parts = req.path.split("/", first + 1)
-    return unquote(parts[first]), unquote(parts[first + 1]) if len(parts) > first + 1 else ""
-
-
 class Router:
+    """The HTTP route table. A handler takes the request alone; a pattern route's parameters
+    are in req.params (%-decoded), so handlers and the wrappers around them (the guard) share
+    one signature."""
+
     def __init__(self):
         self.exact: dict[str, dict[str, object]] = {}
         self.patterns: list[tuple[re.Pattern, str, dict[str, object]]] = []
@@ -33,12 +30,12 @@ class Router:
     def dispatch(self, req: Request):
         """Find the handler and call it; it returns a Response or an awaitable of one."""
         methods = self.exact.get(req.path)
-        params = None
         if methods is None:
             for regex, pattern, candidate in self.patterns:
                 m = regex.match(req.path)
                 if m:
-                    methods, params, req.route = candidate, m.groupdict(), pattern
+                    methods, req.route = candidate, pattern
+                    req.params = {k: unquote(v) for k, v in m.groupdict().items()}
                     break
             else:
                 raise HttpError(404, f"no route for {req.method} {req.path}", "not_found")
@@ -51,4 +48,4 @@ class Router:
             allow = ", ".join(sorted(set(methods) | ({"HEAD"} if "GET" in methods else set())))
             raise HttpError(405, f"method {req.method} not allowed on {req.route}; allowed: {allow}",
                             "method_not_allowed", headers=[(b"allow", allow.encode())])
-        return handler(req, **params) if params else handler(req)
+        return handler(req)

@@ -235,6 +235,9 @@ class WsHub:
         self.bytes_in = self.bytes_out = 0
         self.stats = {"ws_opened": 0, "ws_closed_dead": 0}
 
+    def counters(self) -> dict:
+        return dict(self.stats, ws_open=len(self.sessions))
+
     def add(self, s: WsSession) -> None:
         self.sessions.add(s)
         self.stats["ws_opened"] += 1

@@ -21,6 +21,7 @@ from __future__ import annotations
 
 import os
 import time
+from typing import NamedTuple
 
 from tidegate.core.base.jsonlog import log
 from tidegate.core.llm.chat_template import render_chat
@@ -28,7 +29,7 @@ from tidegate.core.llm.engine import Engine, LlamaError, free_sampler, grammar_p
 from tidegate.core.llm.prefix_cache import DiskTier, ParkedTier, RamTier, block_names, common_blocks
 from tidegate.core.base.config import CLASSES
 from tidegate.core.llm.scheduler import QueueFull, Scheduler
-from tidegate.core.messaging.protocol import DELTA, EMB, END, error_event
+from tidegate.core.messaging.protocol import DELTA, EMB, END, choice_end, delta, error_event
 from tidegate.core.runtime.loop import RequestError
 
 STATS = ("llm_requests", "llm_prompt_tokens", "llm_cached_tokens", "llm_completion_tokens", "llm_expired",
@@ -36,12 +37,61 @@ STATS = ("llm_requests", "llm_prompt_tokens", "llm_cached_tokens", "llm_completi
 
 RANK = {c: i for i, c in enumerate(CLASSES)}  # 0 = the highest
 
+
+class Choices:
+    """One request's n choices (n = 1: one): only the last to finish sends END, and a stream's
+    window is theirs together (the reader takes their deltas as they come)."""
+    __slots__ = ("left", "sent", "allowed", "windowed")
+
+    def __init__(self, n: int, window: int):
+        self.left = n              # choices not finished yet
+        self.windowed = window > 0
+        self.sent, self.allowed = 0, window  # deltas sent, deltas the reader's credit allows
+
+    @property
+    def paused(self) -> bool:
+        """Its reader is behind by the whole window."""
+        return self.windowed and self.sent >= self.allowed
+
+
+class BatchItem(NamedTuple):
+    """One token of a llama_decode batch."""
+    token: int
+    pos: int
+    seq_id: int
+    logits: bool  # sample from this position
+
+
+class Plan(NamedTuple):
+    """Where a sequence's cached prompt prefix comes from (`choose`)."""
+    tier: str       # "live": its slot's own KV, "slot": copied from another slot, "park": from a parked
+                    # KV, "ram" / "disk": a saved state, "none": computed from the start
+    blocks: int     # prompt blocks it brings
+    source: object  # the other KvSlot, the park id, the RAM or disk key; None for live and none
+
+
+def choose(own: int, slot: tuple, park: tuple, ram: tuple, disk: tuple) -> Plan:
+    """The prefix plan: the most blocks wins; at a tie the cheaper tier (live KV in place, then
+    a KV copy, then a state load from RAM, then disk). Each argument is (blocks, source)."""
+    copy = Plan("park", *park) if park[0] > slot[0] else Plan("slot", *slot)
+    best = max(copy.blocks, ram[0], disk[0])
+    if own >= best and own:
+        return Plan("live", own, None)
+    if copy.blocks > own and copy.blocks >= ram[0] and copy.blocks >= disk[0]:
+        return copy
+    if ram[0] > own and ram[0] >= disk[0]:
+        return Plan("ram", *ram)
+    if disk[0] > own:
+        return Plan("disk", *disk)
+    return Plan("none", 0, None)
+
+
 class Seq:
     """One generation request, from queue to finish."""
     __slots__ = ("peer", "rid", "cls", "deadline", "stream", "tenant", "prompt", "names", "params", "stop",
                  "max_tokens", "sampler", "slot", "pending", "n_past", "generated", "buf", "text", "sent",
                  "n_cached", "cancelled", "logit_index", "started", "first_token_at", "last", "last_step",
-                 "logprobs", "lp", "choice", "n", "lead", "wait_lead", "left", "flow")
+                 "logprobs", "lp", "choice", "n", "lead", "wait_lead", "group")
 
     def __init__(self, peer, rid, body, prompt, max_tokens, deadline):
         self.peer, self.rid = peer, rid
@@ -56,16 +106,15 @@ class Seq:
         self.logprobs = body["params"].get("logprobs")  # None, or how many top alternatives per token
         self.lp: list = []  # logprob entries not sent yet
         self.choice, self.n, self.lead, self.wait_lead = 0, 1, None, False  # n > 1: choice i of n; lead: choice 0
-        self.left = None
-        self.flow = None  # a stream with a window: [deltas sent, deltas it may send] (shared by its n choices)
+        self.group: Choices | None = None  # its request's choices (set by submit)
 
     @property
     def paused(self) -> bool:
         """Its reader is behind by the whole window: it keeps its slot but does not decode."""
-        return self.flow is not None and self.flow[0] >= self.flow[1]
+        return self.group.paused
 
 
-class Slot:
+class KvSlot:
     """A sequence id in the llama context. `names` are the prompt blocks its KV holds, kept
     after its sequence finishes so a later prompt can reuse or copy them (tier 1)."""
     __slots__ = ("idx", "seq", "names", "used_at", "tokens", "tenant")
@@ -88,7 +137,7 @@ class Batcher:
         self.ram, self.disk, self.send = ram, disk, send
         self.tick = tick or (lambda: None)  # called between the inputs of a long embeddings request
         self.block = inf["prefix_block"]
-        self.slots = [Slot(i) for i in range(model["max_seqs"])]
+        self.slots = [KvSlot(i) for i in range(model["max_seqs"])]
         n = len(self.slots)  # the park ids come after the slots'
         self.parks = ParkedTier(list(range(n, n + getattr(engine, "park_seqs", 0))),
                                 getattr(engine, "park_cells", 0), self.block)
@@ -161,11 +210,9 @@ class Batcher:
         wait = min(body.get("timeout") or 1e9, self.inf["request_timeout"], self.inf["queue_deadline"][body["cls"]])
         n = body["params"].get("n") or 1
         seqs = [Seq(peer, rid, body, prompt, max_tokens, time.monotonic() + wait) for _ in range(n)]  # dropped
-        left = [n]  # choices not finished yet: only the last one's END closes the request
-        window = body.get("window") or 0
-        flow = [0, window] if window and body["stream"] else None
+        group = Choices(n, (body.get("window") or 0) if body["stream"] else 0)
         for i, seq in enumerate(seqs):                                                            # unserved after wait
-            seq.choice, seq.n, seq.lead, seq.left, seq.flow = i, n, seqs[0] if i else None, left, flow
+            seq.choice, seq.n, seq.lead, seq.group = i, n, seqs[0] if i else None, group
         try:
             self.sched.submit_all(seqs, seqs[0].cls)
         except QueueFull:
@@ -183,9 +230,9 @@ class Batcher:
         if not isinstance(n, int) or n <= 0:
             return
         for s in self.slots:
-            if s.seq and s.seq.rid == rid and s.seq.peer == peer and s.seq.flow is not None:
-                s.seq.flow[1] += n
-                return  # (the choices share one flow; a credit only follows deltas: never for a queued one)
+            if s.seq and s.seq.rid == rid and s.seq.peer == peer and s.seq.group.windowed:
+                s.seq.group.allowed += n
+                return  # (the choices share one window; a credit only follows deltas: never for a queued one)
 
     def runnable(self) -> bool:
         """Some sequence can decode now (not every running one is paused for its reader)."""
@@ -261,32 +308,31 @@ class Batcher:
             self._park(slot)  # what the slot held beyond the shared part would be lost: keep it live
         donor = max((s for s in self.slots if s is not slot), key=lambda s: common_blocks(s.names, want),
                     default=None)
-        d, src = (common_blocks(donor.names, want), donor) if donor else (0, None)
-        p, pid = self.parks.longest(want)
-        if p > d:
-            d, src = p, pid
-        ram_n, ram_key = self.ram.longest(want)
-        disk_n, disk_key = self.disk.longest(want) if self.disk else (0, None)
+        plan = choose(got, (common_blocks(donor.names, want), donor) if donor else (0, None), self.parks.longest(want),
+                      self.ram.longest(want), self.disk.longest(want) if self.disk else (0, None))
         eng = self.engine
         n = got * B  # tokens cached: whole blocks, then (live) token by token
-        if d > got and d >= ram_n and d >= disk_n:
-            held = src.held() if src is donor else self.parks.held(pid)
-            n = self._extend(d * B, held, seq)
-            eng.seq_copy(src.idx if src is donor else pid, slot.idx, n)
-            if src == pid:
-                self.parks.touch(pid)
-            got = d
-        elif got and got >= ram_n and got >= disk_n:
+        if plan.tier in ("slot", "park"):
+            src = plan.source.idx if plan.tier == "slot" else plan.source
+            held = plan.source.held() if plan.tier == "slot" else self.parks.held(plan.source)
+            n = self._extend(plan.blocks * B, held, seq)
+            eng.seq_copy(src, slot.idx, n)
+            if plan.tier == "park":
+                self.parks.touch(plan.source)
+            got = plan.blocks
+        elif plan.tier == "live":
             n = self._extend(n, slot.held(), seq)
-        elif ram_n > got and ram_n >= disk_n:
-            got, how = (ram_n, "ram") if eng.state_set(slot.idx, self.ram.get(ram_key)) else (0, "")
-        elif disk_n > got:
-            data = self.disk.get(disk_key)
+        elif plan.tier == "ram":
+            got, how = (plan.blocks, "ram") if eng.state_set(slot.idx, self.ram.get(plan.source)) else (0, "")
+        elif plan.tier == "disk":
+            data = self.disk.get(plan.source)
             if data is not None and eng.state_set(slot.idx, data):
-                got, how = disk_n, "disk"
-                self.ram.put(self.disk.files.get(disk_key, (want[:disk_n], 0))[0], data)
+                got, how = plan.blocks, "disk"
+                self.ram.put(self.disk.files.get(plan.source, (want[:plan.blocks], 0))[0], data)
             else:
                 got = 0
+        else:
+            got = 0
         if how != "live":
             n = got * B
         if got:
@@ -316,7 +362,7 @@ class Batcher:
             n += 1
         return n
 
-    def _park(self, slot: Slot) -> None:
+    def _park(self, slot: KvSlot) -> None:
         """Keep what slot's KV holds (its prompt blocks' tokens and what followed) under a park id
         (shared cells, no copy)."""
         if len(slot.names) * self.block < self.inf["prefix_min_tokens"]:
@@ -380,51 +426,11 @@ class Batcher:
             if seq.wait_lead and self.slots[seq.lead.slot].seq is not seq.lead:
                 self.engine.seq_clear(seq.slot)
                 seq.wait_lead, seq.pending, seq.n_past = False, list(seq.prompt), 0
-        items, budget = [], self.inf["n_batch"]
-        # the highest class running is protected: while it runs, at most shared_decode sequences of
-        # lower classes decode in a step (taking turns, longest-waiting first), so what they add to
-        # each of its tokens stays bounded
         top = min(RANK[s.cls] for s in running)
-        below = any(RANK[s.cls] > top for s in running)
-        others = self.inf["shared_decode"] if below else len(running)
-        per_tenant = self._tenant_turns(running)
-        for seq in sorted(running, key=lambda s: (RANK[s.cls] > top, s.last_step)):
-            seq.logit_index = -1
-            if not seq.pending and not seq.wait_lead:
-                if seq.paused:
-                    continue
-                if per_tenant is not None:
-                    key = (seq.cls, seq.tenant)
-                    if per_tenant.get(key, 1) <= 0:
-                        continue
-                    if key in per_tenant:
-                        per_tenant[key] -= 1
-                if RANK[seq.cls] > top:
-                    if others <= 0:
-                        continue
-                    others -= 1
-                seq.last_step = self.steps
-                seq.logit_index = len(items)
-                items.append((seq.last, seq.n_past, seq.slot, True))
-                seq.n_past += 1
+        below = any(RANK[s.cls] > top for s in running)  # lower classes run beside the highest
+        items = self._decoding(running, top, below)
         self.steps += 1
-        budget -= len(items)
-        # and lower classes' prompts enter in small chunks: a step (and so each of its tokens)
-        # waits on at most shared_prefill tokens of theirs
-        shared = self.inf["shared_prefill"] if below else budget
-        for seq in sorted(running, key=lambda s: RANK[s.cls] > top):
-            room = budget if RANK[seq.cls] == top else min(budget, shared)
-            if seq.pending and room > 0:
-                chunk, seq.pending = seq.pending[:room], seq.pending[room:]
-                if RANK[seq.cls] > top:
-                    shared -= len(chunk)
-                for tok in chunk:
-                    items.append((tok, seq.n_past, seq.slot, False))
-                    seq.n_past += 1
-                budget -= len(chunk)
-                if not seq.pending:  # the prompt is in: sample its first token
-                    seq.logit_index = len(items) - 1
-                    items[-1] = (items[-1][0], items[-1][1], items[-1][2], True)
+        self._prefilling(running, top, below, items)
         if not items:  # every running sequence is paused for its reader (or waits its turn)
             return
         self.engine.decode(items)
@@ -441,7 +447,56 @@ class Batcher:
                     self._followers_join(seq, now)
             self._take(seq, slot, seq.logit_index)
 
-    def _take(self, seq: Seq, slot: Slot, index: int) -> None:
+    def _decoding(self, running: list, top: int, below: bool) -> list[BatchItem]:
+        """One token for each decoding sequence that may decode this step. The highest class
+        running is protected: while it runs, at most shared_decode sequences of lower classes
+        decode in a step (taking turns, longest-waiting first), so what they add to each of its
+        tokens stays bounded; fair_decode shares a step between a class's tenants."""
+        items: list[BatchItem] = []
+        others = self.inf["shared_decode"] if below else len(running)
+        per_tenant = self._tenant_turns(running)
+        for seq in sorted(running, key=lambda s: (RANK[s.cls] > top, s.last_step)):
+            seq.logit_index = -1
+            if seq.pending or seq.wait_lead or seq.paused:
+                continue
+            if per_tenant is not None:
+                key = (seq.cls, seq.tenant)
+                if per_tenant.get(key, 1) <= 0:
+                    continue
+                if key in per_tenant:
+                    per_tenant[key] -= 1
+            if RANK[seq.cls] > top:
+                if others <= 0:
+                    continue
+                others -= 1
+            seq.last_step = self.steps
+            seq.logit_index = len(items)
+            items.append(BatchItem(seq.last, seq.n_past, seq.slot, True))
+            seq.n_past += 1
+        return items
+
+    def _prefilling(self, running: list, top: int, below: bool, items: list) -> None:
+        """Prompt chunks in what is left of n_batch after the decoding tokens; lower classes'
+        prompts enter in small chunks (a step, and so each of its tokens, waits on at most
+        shared_prefill tokens of theirs)."""
+        budget = self.inf["n_batch"] - len(items)
+        shared = self.inf["shared_prefill"] if below else budget
+        for seq in sorted(running, key=lambda s: RANK[s.cls] > top):
+            room = budget if RANK[seq.cls] == top else min(budget, shared)
+            if not seq.pending or room <= 0:
+                continue
+            chunk, seq.pending = seq.pending[:room], seq.pending[room:]
+            if RANK[seq.cls] > top:
+                shared -= len(chunk)
+            for tok in chunk:
+                items.append(BatchItem(tok, seq.n_past, seq.slot, False))
+                seq.n_past += 1
+            budget -= len(chunk)
+            if not seq.pending:  # the prompt is in: sample its first token
+                seq.logit_index = len(items) - 1
+                items[-1] = items[-1]._replace(logits=True)
+
+    def _take(self, seq: Seq, slot: KvSlot, index: int) -> None:
         """Sample seq's next token from the logits at batch position index, note its logprobs, accept it."""
         tok = self.engine.sample(seq.sampler, index)
         if seq.logprobs is not None and not self.engine.is_eog(tok):
@@ -468,7 +523,7 @@ class Batcher:
         return [piece.decode("utf-8", "replace"), lp, list(piece),
                 [[(b := eng.piece(t)).decode("utf-8", "replace"), v, list(b)] for t, v in top]]
 
-    def _accept(self, seq: Seq, slot: Slot, tok: int) -> None:
+    def _accept(self, seq: Seq, slot: KvSlot, tok: int) -> None:
         eng = self.engine
         if eng.is_eog(tok):
             return self._finish(seq, slot, "stop")
@@ -497,22 +552,18 @@ class Batcher:
             upto = len(seq.text) - hold
             if upto > seq.sent:
                 text = seq.text[seq.sent:upto]
-                if seq.n > 1:
-                    self.send(seq.peer, [DELTA, seq.rid, {"index": seq.choice, "text": text,
-                                                          "logprobs": seq.lp if seq.logprobs is not None else None}])
-                    seq.lp = []
-                elif seq.logprobs is not None:  # the tokens decoded since the last delta travel with it
-                    self.send(seq.peer, [DELTA, seq.rid, [text, seq.lp]])
-                    seq.lp = []
-                else:
-                    self.send(seq.peer, [DELTA, seq.rid, text])
+                # the tokens decoded since the last delta travel with it (when logprobs were asked for)
+                self.send(seq.peer, [DELTA, seq.rid, delta(text, seq.lp if seq.logprobs is not None else None,
+                                                           seq.choice if seq.n > 1 else None)])
+                seq.lp = []
                 seq.sent = upto
-                if seq.flow is not None:
-                    seq.flow[0] += 1
-                    if seq.flow[0] == seq.flow[1]:
+                g = seq.group
+                if g.windowed:
+                    g.sent += 1
+                    if g.sent == g.allowed:
                         self.stats["llm_stream_pauses"] += 1
 
-    def _finish(self, seq: Seq, slot: Slot, reason: str) -> None:
+    def _finish(self, seq: Seq, slot: KvSlot, reason: str) -> None:
         if seq.buf:
             seq.text += seq.buf.decode("utf-8", "replace")
         usage = {"prompt_tokens": len(seq.prompt), "completion_tokens": len(seq.generated),
@@ -523,9 +574,9 @@ class Batcher:
             end["logprobs"] = seq.lp
         if seq.n > 1:
             end["index"] = seq.choice
-            seq.left[0] -= 1
-            if seq.left[0]:  # others still run: this choice's end travels as a delta
-                self.send(seq.peer, [DELTA, seq.rid, {"index": seq.choice, "end": end}])
+            seq.group.left -= 1
+            if seq.group.left:  # others still run: this choice's end travels as a delta
+                self.send(seq.peer, [DELTA, seq.rid, choice_end(seq.choice, end)])
             else:
                 self.send(seq.peer, [END, seq.rid, end])
         else:
@@ -537,7 +588,7 @@ class Batcher:
         st["llm_completion_tokens"] += len(seq.generated)
         self._release(slot)
 
-    def _release(self, slot: Slot) -> None:
+    def _release(self, slot: KvSlot) -> None:
         seq, slot.seq = slot.seq, None
         free_sampler(seq.sampler)
         self.sched.finished(seq.cls, seq.tenant)

@@ -32,7 +32,7 @@ import orjson
 from tidegate.core.base.breaker import Breaker
 from tidegate.core.base.config import CLASSES
 from tidegate.core.llm.prefix_cache import block_names
-from tidegate.core.messaging.protocol import DELTA, EMB, EMBED, END, ERR, GEN
+from tidegate.core.messaging.protocol import DELTA, EMB, EMBED, END, ERR, GENERATE, delta, failure
 
 # what a remote request can carry, by our param name -> the wire name (defaults are left out)
 PASSED = {"max_tokens": "max_tokens", "temperature": "temperature", "top_p": "top_p", "seed": "seed", "stop": "stop",
@@ -75,7 +75,7 @@ class Backend:
             self.seen.popitem(last=False)
 
 
-class Router:
+class BackendChooser:
     """Which backend first, then the others in the order connect errors fall back to."""
 
     def __init__(self, backends: list[Backend], mode: str, slack: int, reserved: dict):
@@ -117,7 +117,7 @@ class RemoteModel:
         self.block = model.get("block", 64)
         self.backends = [Backend(b, model["name"], cfg["breakers"], model.get("remember_blocks", 65536))
                          for b in model["backends"]]
-        self.router = Router(self.backends, model.get("routing", "prefix"), model.get("balance_slack", 4),
+        self.router = BackendChooser(self.backends, model.get("routing", "prefix"), model.get("balance_slack", 4),
                              cfg["inference"]["reserved"])
         self.connect_timeout = model.get("connect_timeout", 2.0)
         self.health_path, self.health_interval = model.get("health_path", "/v1/models"), model.get("health_interval", 2.0)
@@ -140,11 +140,11 @@ class RemoteModel:
     # ---- the worker client's interface --------------------------------------------------------
     def submit(self, op: str, body, handler) -> int:
         rid = next(self._ids)
-        run = self._generate if op == GEN else self._embed if op == EMBED else None
+        run = self._generate if op == GENERATE else self._embed if op == EMBED else None
         if run is None:
-            handler(ERR, [400, f"{op!r} is not served by remote models", "unsupported", None])
+            handler(ERR, failure(400, f"{op!r} is not served by remote models", "unsupported"))
             return rid
-        flow = Flow(body.get("window") or 0) if op == GEN and body.get("stream", True) else None
+        flow = Flow(body.get("window") or 0) if op == GENERATE and body.get("stream", True) else None
         task = self.loop.create_task(run(body, handler) if flow is None else run(body, handler, flow))
         self.tasks[rid] = task
         if flow is not None and flow.window:
@@ -173,8 +173,8 @@ class RemoteModel:
             self.loop.create_task(self._session.close())
 
     def counters(self) -> dict:
-        return {b.name: dict(b.stats, inflight=b.inflight, healthy=b.healthy, breaker=b.breaker.state)
-                for b in self.backends}
+        """Its backends' counters, summed (per backend: `tidegate admin breakers`)."""
+        return {f"remote_{k}": sum(b.stats[k] for b in self.backends) for k in self.backends[0].stats}
 
     # ---- one generation -----------------------------------------------------------------------
     def _request(self, body: dict, backend: Backend) -> tuple[str, dict] | tuple[None, list]:
@@ -182,11 +182,11 @@ class RemoteModel:
         for p in REFUSED:
             if params.get(p, 1) != 1 if p == "n" else p in params:
                 name = "response_format" if p == "grammar" else p  # (the grammar comes from response_format)
-                return None, [400, f"'{name}' is not supported for model {self.name!r}: it is served by remote "
-                                   "backends", "unsupported_parameter", name]
+                return None, failure(400, f"'{name}' is not supported for model {self.name!r}: it is served by remote "
+                                   "backends", "unsupported_parameter", name)
         if body.get("tools"):
-            return None, [400, f"'tools' are not supported for model {self.name!r}: it is served by remote backends",
-                          "unsupported_parameter", "tools"]
+            return None, failure(400, f"'tools' are not supported for model {self.name!r}: it is served by remote backends",
+                          "unsupported_parameter", "tools")
         out = {"model": backend.model, "stream": True, "stream_options": {"include_usage": True}}
         for ours, wire in PASSED.items():
             if params.get(ours) is not None:
@@ -209,8 +209,8 @@ class RemoteModel:
         move on to the next one (nothing was sent), anything later is the answer."""
         order = self.router.order(names, cls)
         if not order:
-            handler(ERR, [503, f"no backend of model {self.name!r} is available (down, failing or full)",
-                          "backend_unavailable", None])
+            handler(ERR, failure(503, f"no backend of model {self.name!r} is available (down, failing or full)",
+                          "backend_unavailable"))
             return None, None
         last = None
         for b in order:
@@ -230,16 +230,16 @@ class RemoteModel:
                 b.breaker.record(False)
                 if not _never_sent(e):  # it may have arrived: the answer is the client's, not a retry
                     b.stats["failures"] += 1
-                    handler(ERR, [502, f"model {self.name!r}: backend {b.name} failed the request ({e!r})",
-                                  "backend_error", None])
+                    handler(ERR, failure(502, f"model {self.name!r}: backend {b.name} failed the request ({e!r})",
+                                  "backend_error"))
                     return None, None
                 b.stats["connect_errors"] += 1
                 last = e
                 continue
             b.stats["requests"] += 1
             return b, resp
-        handler(ERR, [503, f"no backend of model {self.name!r} accepted the connection ({last!r})",
-                      "backend_unavailable", None])
+        handler(ERR, failure(503, f"no backend of model {self.name!r} accepted the connection ({last!r})",
+                      "backend_unavailable"))
         return None, None
 
     async def _generate(self, body: dict, handler, flow=None) -> None:
@@ -248,7 +248,7 @@ class RemoteModel:
         except asyncio.CancelledError:
             raise
         except Exception as e:  # (every generation ends with an event: a bug here is a 500, not a hang)
-            handler(ERR, [500, f"model {self.name!r}: remote generation failed ({e!r})", "internal", None])
+            handler(ERR, failure(500, f"model {self.name!r}: remote generation failed ({e!r})", "internal"))
 
     async def _generate_one(self, body: dict, handler, flow) -> None:
         names = self._names(body)
@@ -278,8 +278,8 @@ class RemoteModel:
         if not ended:
             b.stats["failures"] += 1
             b.breaker.record(False)
-            handler(ERR, [502, f"model {self.name!r}: the answer was cut off by backend {b.name} ({cause})",
-                          "backend_stream_cut", None])
+            handler(ERR, failure(502, f"model {self.name!r}: the answer was cut off by backend {b.name} ({cause})",
+                          "backend_stream_cut"))
         else:
             b.breaker.record(True, time.monotonic() - t0)
 
@@ -315,7 +315,7 @@ class RemoteModel:
                         if first is None:
                             first = time.monotonic()
                         if stream:
-                            handler(DELTA, text)
+                            handler(DELTA, delta(text))
                             if flow is not None:
                                 await flow.sent()
                         else:
@@ -354,8 +354,8 @@ class RemoteModel:
             b.breaker.record(True)
         except Exception as e:
             b.breaker.record(False)
-            handler(ERR, [502, f"model {self.name!r}: backend {b.name} failed the embedding ({e!r})",
-                          "backend_error", None])
+            handler(ERR, failure(502, f"model {self.name!r}: backend {b.name} failed the embedding ({e!r})",
+                          "backend_error"))
         finally:
             b.inflight -= 1
 
@@ -420,5 +420,5 @@ async def _error_of(resp, model: str) -> list:
         err = {"message": err}
     message = err.get("message") or f"backend answered {resp.status}"
     if resp.status < 500:
-        return [resp.status, message, err.get("code") or "backend_rejected", err.get("param")]
-    return [502, f"model {model!r}: a backend failed ({resp.status}: {message})", "backend_error", None]
+        return failure(resp.status, message, err.get("code") or "backend_rejected", err.get("param"))
+    return failure(502, f"model {model!r}: a backend failed ({resp.status}: {message})", "backend_error")

@@ -66,27 +66,26 @@ def check_schema(schema, path: str) -> None:
     _check(schema, path)
 
 
-def grammar_for(fmt) -> str | None:
-    """The GBNF for a response_format, None for plain text; SchemaError names what is wrong."""
+def grammar_for(fmt, where: str = "response_format", inner: str = "response_format.json_schema") -> str | None:
+    """The GBNF for a response_format, None for plain text; SchemaError names what is wrong, as
+    `where` (the format) and `inner` (its json_schema) name them to the client."""
     if fmt is None:
         return None
     if not isinstance(fmt, dict) or fmt.get("type") not in ("text", "json_object", "json_schema"):
-        raise SchemaError("'response_format' must be {\"type\": \"text\" | \"json_object\" | \"json_schema\"}",
-                          "response_format")
+        raise SchemaError(f"'{where}' must be {{\"type\": \"text\" | \"json_object\" | \"json_schema\"}}", where)
     if fmt["type"] == "text":
         return None
     if fmt["type"] == "json_object":
         return JSON_GBNF
     spec = fmt.get("json_schema")
     if not isinstance(spec, dict) or not isinstance(spec.get("name"), str) or "schema" not in spec:
-        raise SchemaError("'response_format.json_schema' needs a name and a schema", "response_format.json_schema")
+        raise SchemaError(f"'{inner}' needs a name and a schema", inner)
     schema = spec["schema"]
     text = json.dumps(schema)
     if len(text) > MAX_SCHEMA_BYTES:
-        raise SchemaError(f"the schema is larger than {MAX_SCHEMA_BYTES} bytes", "response_format.json_schema.schema")
-    check_schema(schema, "response_format.json_schema.schema")
+        raise SchemaError(f"the schema is larger than {MAX_SCHEMA_BYTES} bytes", f"{inner}.schema")
+    check_schema(schema, f"{inner}.schema")
     try:
         return schema_grammar(text)
     except (ValueError, KeyError, TypeError, RecursionError) as e:
-        raise SchemaError(f"the schema cannot be turned into a grammar: {e}", "response_format.json_schema.schema") \
-            from None
+        raise SchemaError(f"the schema cannot be turned into a grammar: {e}", f"{inner}.schema") from None

@@ -22,8 +22,9 @@ NAME = re.compile(r"^[A-Za-z0-9_-]{1,64}$")
 TAGGED = re.compile(r"<tool_call>\s*(\{.*?\})\s*</tool_call>", re.S)
 
 
-def check_tools(tools) -> list[dict]:
-    """[{name, description, parameters}] from the request's tools; SchemaError names what is wrong."""
+def check_tools(tools, fields: str = ".function") -> list[dict]:
+    """[{name, description, parameters}] from the request's tools; SchemaError names what is wrong
+    (`fields`: the path from a tool to its function's fields, as the client's API spells it)."""
     if not isinstance(tools, list) or not 0 < len(tools) <= MAX_TOOLS:
         raise SchemaError(f"'tools' must be an array of 1 to {MAX_TOOLS} tools", "tools")
     out, seen = [], set()
@@ -33,14 +34,14 @@ def check_tools(tools) -> list[dict]:
             raise SchemaError(f"tools[{i}] must be {{\"type\": \"function\", \"function\": {{...}}}}", f"tools[{i}]")
         name = fn.get("name")
         if not isinstance(name, str) or not NAME.match(name) or name in seen:
-            raise SchemaError(f"tools[{i}].function.name must be 1 to 64 letters, digits, _ or -, and unique",
-                              f"tools[{i}].function.name")
+            raise SchemaError(f"tools[{i}]{fields}.name must be 1 to 64 letters, digits, _ or -, and unique",
+                              f"tools[{i}]{fields}.name")
         seen.add(name)
         params = fn.get("parameters", {"type": "object", "properties": {}})
-        check_schema(params, f"tools[{i}].function.parameters")
+        check_schema(params, f"tools[{i}]{fields}.parameters")
         desc = fn.get("description", "")
         if not isinstance(desc, str):
-            raise SchemaError(f"tools[{i}].function.description must be a string", f"tools[{i}].function.description")
+            raise SchemaError(f"tools[{i}]{fields}.description must be a string", f"tools[{i}]{fields}.description")
         out.append({"name": name, "description": desc, "parameters": params})
     return out
 

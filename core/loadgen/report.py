@@ -5,7 +5,7 @@ from __future__ import annotations
 
 from hdrh.histogram import HdrHistogram
 
-from tidegate.core.loadgen.scenario import CLASSES
+from tidegate.core.base.config import CLASSES
 
 OUTCOMES = ("ok", "cached", "rejected", "error", "timeout")
 MAX_US = 3_600_000_000

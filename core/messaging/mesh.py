@@ -86,6 +86,11 @@ class Mesh:
         self._heard: dict[int, float] = {}  # peer -> when a reply frame last came from it
         self.stats = {"frames_out": 0, "messages_out": 0, "frames_in": 0, "expired": 0}
 
+    def counters(self) -> dict:
+        st = self.stats
+        return {"mesh_frames_sent": st["frames_out"], "mesh_messages_sent": st["messages_out"],
+                "mesh_expired": st["expired"]}
+
     def start(self) -> None:
         self.loop = asyncio.get_running_loop()
         if self.router is not None:

@@ -10,10 +10,21 @@ Four sockets carry messages, each with its own shape:
   [[op, rid, body], ...]; events come back as [[kind, rid, payload], ...].
 
 Sizes are capped on the sockets themselves (ZMQ_MAXMSGSIZE), so decode only has to reject what
-is not a JSON object. An error event's payload is [status, message, code, param]: `error_event`
-makes one and `http_error` turns one into the HTTP answer, the only two places that know it.
+is not a JSON object.
+
+Two payloads have a type here, and this module is the only place that knows their wire shape
+(tests/unit/test_layers.py fails if an error list is built anywhere else):
+
+* an error (ERR, and a blocking worker's refusal): `Failure(status, message, code, param)`,
+  a list [status, message, code, param] on the wire (`Failure.wire()` / `Failure.of(payload)`);
+* a token delta (DELTA): `delta(...)` builds it, `read_delta(payload)` reads it as a `Delta`.
+  n = 1 sends the text alone (or [text, logprobs] when they were asked for), the cheapest
+  shape on the hot path; n > 1 sends {index, text, logprobs}, and a choice that ends while
+  others still run sends {index, end} (`choice_end`).
 """
 from __future__ import annotations
+
+from typing import NamedTuple
 
 import orjson
 
@@ -47,7 +58,7 @@ XC_GET, XC_PUT, XC_STALE = "xc.get", "xc.put", "xc.stale"                # exact
 EV_APPEND = "ev.append"                                                  # event-log partition
 
 # ---- ingress -> blocking worker: [op, rid, body] -----------------------------------------------
-GEN = "gen"              # inference: generate            -> DELTA*, END | ERR
+GENERATE = "gen"         # inference: generate            -> DELTA*, END | ERR
 CANCEL = "cancel"        # inference: the client left      (no answer)
 CREDIT = "credit"        # inference: a stream's reader took n more deltas (body: n; no answer)
 EMBED = "embed"          # inference: embeddings           -> EMB | ERR
@@ -93,13 +104,88 @@ def pack(msgs: list, limit: int) -> tuple[list[bytes], list]:
     return a + b, too_big_a + too_big_b
 
 
+class Failure(NamedTuple):
+    """Why a request failed downstream: the HTTP status and OpenAI error fields it answers with."""
+    status: int
+    message: str
+    code: str
+    param: str | None = None
+
+    def wire(self) -> list:
+        return [self.status, self.message, self.code, self.param]
+
+    @classmethod
+    def of(cls, payload) -> "Failure":
+        """An ERR payload as a Failure (a malformed one is a 502: never trusted as it came)."""
+        if isinstance(payload, Failure):
+            return payload
+        if isinstance(payload, list) and len(payload) == 4 and isinstance(payload[0], int):
+            return cls(*payload)
+        return cls(502, f"malformed error from a downstream process: {str(payload)[:200]}", "bad_gateway")
+
+    def http(self) -> HttpError:
+        """The HTTP answer; a 503 tells the client when to retry."""
+        if self.status == 503:
+            return service_unavailable(self.message, self.code, param=self.param)
+        return HttpError(self.status, self.message, self.code, param=self.param)
+
+    @property
+    def is_load(self) -> bool:
+        """Refused for load (a full queue, a deadline passed waiting in it): shedding's business,
+        not a failure a circuit breaker counts."""
+        return self.code in LOAD_NOT_FAILURE
+
+    @property
+    def is_failure(self) -> bool:
+        """A server-side failure a circuit breaker counts."""
+        return self.status >= 500 and not self.is_load
+
+
+LOAD_NOT_FAILURE = ("queue_full", "deadline_exceeded")
+
+
+def failure(status: int, message: str, code: str, param: str | None = None) -> list:
+    """An ERR payload, as it travels."""
+    return [status, message, code, param]
+
+
 def error_event(rid, status: int, message: str, code: str, param: str | None = None) -> list:
     return [ERR, rid, [status, message, code, param]]
 
 
-def http_error(payload: list) -> HttpError:
-    """The HTTP answer to an ERR event's payload; a 503 tells the client when to retry."""
-    status, message, code, param = payload
-    if status == 503:
-        return service_unavailable(message, code, param=param)
-    return HttpError(status, message, code, param=param)
+def http_error(payload) -> HttpError:
+    """The HTTP answer to an ERR event's payload."""
+    return Failure.of(payload).http()
+
+
+# ---- token deltas -----------------------------------------------------------------------------
+class Delta(NamedTuple):
+    """One DELTA as the replies read it: a choice's text (and its tokens' logprobs when asked
+    for), or, with n > 1, the END of a choice that finished while others still run."""
+    text: str
+    logprobs: list | None = None
+    index: int = 0
+    end: dict | None = None
+
+
+def delta(text: str, logprobs: list | None = None, index: int | None = None):
+    """A DELTA payload: index None for n = 1 (the text alone, or [text, logprobs])."""
+    if index is None:
+        return text if logprobs is None else [text, logprobs]
+    return {"index": index, "text": text, "logprobs": logprobs}
+
+
+def choice_end(index: int, end: dict) -> dict:
+    """A DELTA payload carrying choice `index`'s END while other choices still run."""
+    return {"index": index, "end": end}
+
+
+def read_delta(payload) -> Delta:
+    cls = payload.__class__
+    if cls is str:
+        return Delta(payload)
+    if cls is list:
+        return Delta(payload[0], payload[1])
+    if "end" in payload:
+        return Delta("", None, payload["index"], payload["end"])
+    return Delta(payload["text"], payload["logprobs"], payload["index"])

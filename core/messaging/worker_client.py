@@ -14,12 +14,12 @@ import itertools
 import zmq
 from zmq.utils.monitor import recv_monitor_message
 
-from tidegate.core.messaging.protocol import CANCEL, CREDIT, DELTA, ERR, pack
+from tidegate.core.messaging.protocol import CANCEL, CREDIT, DELTA, ERR, failure, pack
 from tidegate.core.messaging.zmqfd import decoded
 
 
-class Unavailable(Exception):
-    pass
+class WorkerUnavailable(Exception):
+    """The blocking worker is down (crashed, restarting): answered 503 at once, never queued."""
 
 
 class WorkerClient:
@@ -43,9 +43,9 @@ class WorkerClient:
         loop.call_soon(self._on_monitor)
 
     def submit(self, op: str, body, handler) -> int:
-        """Send a request; handler(kind, payload) gets its events. Raises Unavailable."""
+        """Send a request; handler(kind, payload) gets its events. Raises WorkerUnavailable."""
         if self.was_connected and not self.connected:
-            raise Unavailable("the inference worker is not running (starting or restarting)")
+            raise WorkerUnavailable("the inference worker is not running (starting or restarting)")
         rid = next(self._ids)
         self.handlers[rid] = handler
         self._queue([op, rid, body])
@@ -78,8 +78,8 @@ class WorkerClient:
         for m in too_big:
             handler = self.handlers.pop(m[1], None)
             if handler is not None:
-                handler(ERR, [413, f"request larger than server.max_frame_bytes ({self.max_frame})",
-                              "request_too_large", None])
+                handler(ERR, failure(413, f"request larger than server.max_frame_bytes ({self.max_frame})",
+                              "request_too_large"))
         try:
             for frame in frames:
                 self.sock.send(frame, zmq.NOBLOCK)
@@ -113,7 +113,7 @@ class WorkerClient:
         for rid in rids:
             handler = self.handlers.pop(rid, None)
             if handler is not None:
-                handler(ERR, [503, why, "worker_unavailable", None])
+                handler(ERR, failure(503, why, "worker_unavailable"))
 
     def close(self) -> None:
         self.loop.remove_reader(self.sock.getsockopt(zmq.FD))

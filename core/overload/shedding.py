@@ -35,6 +35,9 @@ class Shedder:
         self.stats = {f"shed_{c}_{k}": 0 for c in CLASSES
                       for k in ("stale", "approximate", "fallback", "rejected")}
 
+    def counters(self) -> dict:
+        return dict(self.stats)
+
     def check(self, cls: str, source: str) -> int | None:
         """Retry-After seconds when a request of cls for downstream source is to be shed, else None."""
         if self.box and cls != "critical":

@@ -15,6 +15,8 @@ import os
 
 import numpy as np
 
+from tidegate.core.base.config import CLASSES
+
 KINDS = ("npz", "onnx")
 
 
@@ -127,7 +129,7 @@ def model_problem(models, cfg=None) -> str | None:
             return f"item {i}: unknown field(s) {', '.join(sorted(unknown))}"
         if not isinstance(m.get("path"), str) or not m["path"]:
             return f"item {i}: path (an .npz or .onnx file) is required"
-        if m.get("class", "standard") not in ("critical", "standard", "background"):
+        if m.get("class", "standard") not in CLASSES:
             return f"item {i}: class must be critical, standard or background"
         if not isinstance(m.get("worker", False), bool):
             return f"item {i}: worker must be true or false"

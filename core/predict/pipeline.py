@@ -13,6 +13,7 @@ import hashlib
 import numpy as np
 import orjson
 
+from tidegate.core.base.config import CLASSES
 from tidegate.core.features.hydrate import Hydrator, Instance, Plan
 from tidegate.core.features.registry import View
 from tidegate.core.predict.microbatch import MicroBatcher
@@ -47,7 +48,7 @@ class Predictor:
         self.remote = bool(hydrator.remote_views(plan))
         self.defaulted = 0  # inputs that took their default, for /metrics
         self.batchers = {c: MicroBatcher(loop, lambda items, c=c: self._run(items, c), pcfg["max_batch"],
-                                         pcfg["max_delay"]) for c in ("critical", "standard", "background")}
+                                         pcfg["max_delay"]) for c in CLASSES}
 
     def submit(self, inst: Instance, cls: str) -> asyncio.Future:
         """The answer's body (a dict) for one instance of class cls, once its batch is scored."""

@@ -184,6 +184,15 @@ class ClusterOwners:
             self.client = None
 
     # ---- the owners interface -----------------------------------------------------------------
+    def counters(self) -> dict:
+        st = self.stats
+        return {"owner_unavailable": st["owner_unavailable"], "state_cluster_calls": st["cluster_calls"],
+                "state_cluster_errors": st["cluster_errors"]}
+
+    @property
+    def shared(self) -> bool:
+        return True  # other nodes take leases from the same buckets
+
     def register(self, handlers: dict) -> None:
         """The local owner-side handlers are not ours to run: the cluster holds this state."""
 

@@ -4,7 +4,9 @@ Every piece of per-key state (rate-limit buckets, sessions, exact-cache entries,
 partitions) has exactly one owner: the ring owner of its key. The services register their
 owner-side handlers here, and every caller goes through `call` or `send`, so this is the only
 place that decides "a direct call, because this worker is the owner" or "one mesh hop". A
-Redis/Valkey Cluster backend for state shared past one box implements this same interface.
+Redis/Valkey Cluster backend for state shared past one box implements this same interface
+(start, close, purge, counters, shared, owner_of, call, send, is_local, is_down), and
+tests/unit/state/test_owner_ops.py runs one conformance suite over both.
 
 Handlers take one JSON-able payload and return a result, or a Future of one (an event append is
 answered after its fsync). Local calls return the handler's value as it is, with no future and
@@ -28,6 +30,27 @@ class Owners:
         self.stats = {"owner_unavailable": 0}
         self._held: list = []  # (op, payload, future) of calls waiting for a store (hold/open)
         self._home = None      # (slot, mesh) while redirected to the next generation
+
+    # ---- the interface both state backends keep (this one and core/state/cluster.py) ----------
+    async def start(self, wait: float) -> bool:
+        """Nothing to connect: the worker attaches the mesh (one worker: every key is local)."""
+        return True
+
+    async def close(self) -> None:
+        """Close a forwarding mesh left from a reload's release."""
+        self.restore(())
+
+    async def purge(self, tenant: str | None) -> int:
+        """Shared exact-cache entries to drop: none here, each worker drops those it owns."""
+        return 0
+
+    def counters(self) -> dict:
+        return dict(self.stats)
+
+    @property
+    def shared(self) -> bool:
+        """Other askers share these owners (rate-limit leases then expire and go back)."""
+        return self.peers > 1
 
     def register(self, handlers: dict) -> None:
         self.handlers.update(handlers)

@@ -71,6 +71,11 @@ class RateLimiter:
         self.n_slots = owners.peers
         owners.register({RL_TAKE: self.table.take_list, RL_LEASE: self._lease_local, RL_REFUND: self._refund_local})
 
+    def counters(self) -> dict:
+        st = self.stats
+        return {"ratelimit_admitted": st["admitted"], "ratelimit_limited": st["limited"],
+                "ratelimit_leased": st["leased"], "ratelimit_buckets": len(self.table)}
+
     @property
     def enabled(self) -> bool:
         return bool(self.limits)

@@ -87,3 +87,31 @@ def test_no_import_cycles():
 def _package_init(dep: str, mod: str) -> bool:
     """A module imports its own package's __init__ on the way in: not a cycle of ours."""
     return mod.startswith(dep + ".")
+
+
+def _error_lists(tree) -> list[int]:
+    """Lines of list literals shaped like an ERR payload: [status, message, code, param]."""
+    def status(n):
+        return isinstance(n, ast.Constant) and type(n.value) is int and 100 <= n.value < 600
+
+    def text(n):
+        return isinstance(n, (ast.JoinedStr, ast.Name, ast.Call)) or isinstance(n, ast.Constant) and isinstance(n.value, str)
+    return [node.lineno for node in ast.walk(tree)
+            if isinstance(node, ast.List) and len(node.elts) in (3, 4) and status(node.elts[0]) and text(node.elts[1])]
+
+
+def test_error_payloads_are_built_only_in_protocol():
+    """core/messaging/protocol.py is the one place that knows the error record's wire shape
+    (Failure, failure(), error_event()); a list built by hand elsewhere drifts from it."""
+    bad = []
+    for top in ("core", "workers"):
+        for path in (ROOT / top).rglob("*.py"):
+            if path.relative_to(ROOT).as_posix() == "core/messaging/protocol.py":
+                continue
+            bad += [f"{path.relative_to(ROOT)}:{line}" for line in _error_lists(ast.parse(path.read_text()))]
+    assert not bad, bad
+
+
+def test_the_error_list_check_finds_one():
+    tree = ast.parse('handler(ERR, [503, f"gone {x}", "worker_unavailable", None])\nok = [1, 2, 3]')
+    assert _error_lists(tree) == [1]

@@ -94,15 +94,15 @@ def test_gguf_embedder_is_the_second_plug(demo_model):
 
 
 def test_namespaces_split_tenants_conversations_and_answer_shapes():
-    from tidegate.core.cache.semantic_client import SemanticClient
+    from tidegate.core.cache.semantic_client import semantic_key
     msgs = [{"role": "system", "content": "S"}, {"role": "user", "content": "Q"}]
-    base = SemanticClient.key("acme", "m", {"messages": msgs}, {"max_tokens": 5})
+    base = semantic_key("acme", "m", {"messages": msgs}, {"max_tokens": 5})
     assert base[1] == "Q"
-    assert base != SemanticClient.key("globex", "m", {"messages": msgs}, {"max_tokens": 5})
-    assert base != SemanticClient.key("acme", "m", {"messages": msgs}, {"max_tokens": 6})
+    assert base != semantic_key("globex", "m", {"messages": msgs}, {"max_tokens": 5})
+    assert base != semantic_key("acme", "m", {"messages": msgs}, {"max_tokens": 6})
     longer = [msgs[0], {"role": "user", "content": "earlier"}, {"role": "assistant", "content": "A"}, msgs[1]]
-    assert base[0] != SemanticClient.key("acme", "m", {"messages": longer}, {"max_tokens": 5})[0]
-    assert SemanticClient.key("acme", "m", {"messages": msgs + [{"role": "assistant", "content": "x"}]}, {}) is None
+    assert base[0] != semantic_key("acme", "m", {"messages": longer}, {"max_tokens": 5})[0]
+    assert semantic_key("acme", "m", {"messages": msgs + [{"role": "assistant", "content": "x"}]}, {}) is None
 
 
 def test_per_tenant_policy_overrides_the_defaults():

@@ -1,8 +1,8 @@
-"""Which remote backend a prompt goes to (core/llm/remote.Router): prefix affinity, the balance
+"""Which remote backend a prompt goes to (core/llm/remote.BackendChooser): prefix affinity, the balance
 that overrides it, even cache filling, reserved slots per class, health and breakers."""
 from tidegate.core.base import config
 from tidegate.core.llm.prefix_cache import block_names
-from tidegate.core.llm.remote import Backend, Router
+from tidegate.core.llm.remote import Backend, BackendChooser
 
 BC = config.load(None)["breakers"]
 
@@ -17,7 +17,7 @@ def names(text: str) -> list[bytes]:
 
 def test_a_prompt_goes_back_to_the_backend_that_was_sent_its_prefix():
     bs = backends()
-    r = Router(bs, "prefix", slack=4, reserved={})
+    r = BackendChooser(bs, "prefix", slack=4, reserved={})
     long = names("system prompt " * 50 + "question 1")
     bs[1].remember(long)
     assert r.order(long, "standard")[0] is bs[1]
@@ -29,7 +29,7 @@ def test_a_prompt_goes_back_to_the_backend_that_was_sent_its_prefix():
 
 def test_new_prompts_fill_the_caches_evenly():
     bs = backends()
-    r = Router(bs, "prefix", slack=4, reserved={})
+    r = BackendChooser(bs, "prefix", slack=4, reserved={})
     for t in range(8):
         p = names(f"tenant {t} " * 80)
         first = r.order(p, "standard")[0]
@@ -39,7 +39,7 @@ def test_new_prompts_fill_the_caches_evenly():
 
 def test_round_robin_and_fallback_order():
     bs = backends(3)
-    r = Router(bs, "round_robin", slack=4, reserved={})
+    r = BackendChooser(bs, "round_robin", slack=4, reserved={})
     firsts = [r.order([], "standard")[0] for _ in range(6)]
     assert firsts == bs + bs
     order = r.order([], "standard")
@@ -48,7 +48,7 @@ def test_round_robin_and_fallback_order():
 
 def test_reserved_slots_and_unhealthy_or_open_backends_are_skipped():
     bs = backends(1, max_inflight=4)
-    r = Router(bs, "least_loaded", slack=4, reserved={"critical": 1})
+    r = BackendChooser(bs, "least_loaded", slack=4, reserved={"critical": 1})
     bs[0].inflight = 3  # the last slot is critical's
     assert r.order([], "standard") == [] and r.order([], "background") == []
     assert r.order([], "critical") == bs

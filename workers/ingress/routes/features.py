@@ -8,7 +8,6 @@ import asyncio
 
 from tidegate.core.features.sources import Down, Late
 from tidegate.core.http.http11 import HttpError, json_response, service_unavailable
-from tidegate.core.http.router import path_params
 from tidegate.core.predict.microbatch import MicroBatcher
 from tidegate.workers.ingress.guard import caller
 
@@ -25,11 +24,10 @@ class FeatureRoutes:
         return self.hydrator.remote.fetch(wants, self.hydrator.deadlines["standard"])
 
     def add_to(self, router, guard) -> None:
-        get = guard(self.get)
-        router.add("GET", "/v1/features/{view}/{entity}", lambda req, **_: get(req))
+        router.add("GET", "/v1/features/{view}/{entity}", guard(self.get))
 
     def get(self, req):
-        view, entity = path_params(req, 3)
+        view, entity = req.params["view"], req.params["entity"]
         v = self.registry.views.get(view)
         if v is None:
             raise HttpError(404, f"no feature view named {view!r} (declared: "

@@ -20,16 +20,11 @@ import math
 from tidegate.core.features.hydrate import Instance
 from tidegate.core.http.http11 import HttpError, json_response
 from tidegate.core.http.jsonbody import parse_json
-from tidegate.core.http.router import path_params
-from tidegate.core.messaging.protocol import http_error
 from tidegate.core.overload.classes import Classes
 from tidegate.workers.ingress.guard import caller
+from tidegate.workers.ingress.scoring import ModelError
 
 MAX_ID_CHARS = 256
-
-
-class ModelError(Exception):
-    """The model worker's ERR payload for one batch."""
 
 
 class PredictRoutes:
@@ -39,13 +34,12 @@ class PredictRoutes:
         self.max_instances = cfg["predict"]["max_instances"]
 
     def add_to(self, router, guard) -> None:
-        one, many, info = guard(self.predict), guard(self.predict_batch), guard(self.info)
-        router.add("POST", "/v1/predict/{model}", lambda req, **_: one(req))
-        router.add("GET", "/v1/predict/{model}", lambda req, **_: info(req))
-        router.add("POST", "/v1/predict/{model}/batch", lambda req, **_: many(req))
+        router.add("POST", "/v1/predict/{model}", guard(self.predict))
+        router.add("GET", "/v1/predict/{model}", guard(self.info))
+        router.add("POST", "/v1/predict/{model}/batch", guard(self.predict_batch))
 
     def _model(self, req):
-        name = path_params(req, 3)[0]
+        name = req.params["model"]
         p = self.predictors.get(name)
         if p is None:
             raise HttpError(404, f"no model named {name!r} (declared: {', '.join(self.predictors) or 'none'})",
@@ -113,7 +107,7 @@ async def _with_fallback(p, inst, cls: str):
     except ModelError as e:
         old = await p.fallback(inst, cls)
         if old is None:
-            raise http_error(e.args[0]) from None
+            raise e.failure.http() from None
         return json_response(old)
     p.remember(inst, answer)
     return json_response(answer)
@@ -129,7 +123,7 @@ def _answer(fut, shape):
         if e is None:
             out.set_result(json_response(shape(f.result())))
         elif isinstance(e, ModelError):
-            out.set_exception(http_error(e.args[0]))
+            out.set_exception(e.failure.http())
         else:
             out.set_exception(e)
     fut.add_done_callback(done)

@@ -16,38 +16,64 @@ import orjson
 
 from tidegate.core.http.http11 import Stream, json_response
 from tidegate.core.llm.tools import parse_calls
-from tidegate.core.messaging.protocol import DELTA, END, ERR, http_error
+from tidegate.core.messaging.protocol import DELTA, END, ERR, delta, failure, http_error, read_delta
+
+
+def sse(data, event: str | None = None) -> bytes:
+    """One server-sent event: `data: JSON` (or the bytes given, such as [DONE]), after an
+    `event:` line when it has a type (the Responses API's events)."""
+    body = data if data.__class__ is bytes else orjson.dumps(data)
+    return (b"event: " + event.encode() + b"\ndata: " if event else b"data: ") + body + b"\n\n"
+
+
+DONE = sse(b"[DONE]")
 
 
 class Generation:
-    """One generation in flight: turns inference events into the HTTP answer."""
+    """One generation in flight: turns inference events into the HTTP answer.
 
-    def __init__(self, api, model: str, chat: bool, stream: bool, include_usage: bool, n: int = 1):
-        self.api, self.model, self.chat, self.stream, self.include_usage = api, model, chat, stream, include_usage
-        self.n, self.ends = n, {}  # n > 1: the choices' END payloads by index
-        self.reservation = None
-        self.store = None  # (key, tenant): put the answer in the exact cache when it ends well
-        self.semantic_store = None  # (namespace, tenant, text): and in the semantic cache
+    The route hands it what it needs and nothing more: the request, its stream window, the
+    link its sequence runs over (`attach`), and `on_done(entry, used)`, called exactly once when
+    the generation is over: `entry` is the answer to cache (an END that stopped or ran to length,
+    when keep_text), `used` the tokens to settle a reservation on (0 on an error; None when the
+    client left, so what was reserved stays spent)."""
+
+    def __init__(self, req, window: int = 0, on_done=None, keep_text: bool = False):
+        self.model, self.chat, self.stream = req.model, req.chat, req.stream
+        self.include_usage, self.n = req.include_usage, req.n
+        self.ends = {}  # n > 1: the choices' END payloads by index
+        self.on_done, self.keep_text = on_done, keep_text
         self.cache_header = [(b"x-tidegate-cache", b"miss")]
         self.first = asyncio.get_running_loop().create_future()
-        self.id = self.id_prefix(chat) + os.urandom(12).hex()
+        self.id = self.id_prefix(req.chat) + os.urandom(12).hex()
         self.created = int(time.time())
         self.sse: Stream | None = None
-        self.rid = 0
-        self._full_text = ""  # streamed deltas so far, for the exact cache
+        self.link, self.rid = None, 0  # the WorkerClient (or RemoteModel) its sequence runs on
+        self._full_text = ""  # streamed deltas so far, for the caches
         self._offsets: dict[int, int] = {}  # completions logprobs: text_offset of each choice's next token
-        self.tools = None  # (forced, names) when the answer may be tool calls: the text is held and parsed at END
+        # (forced, names) when the answer may be tool calls: the text is held and parsed at END
+        plan = req.tools
+        self.tools = (plan.grammar is not None, {t["name"] for t in plan.tools}) \
+            if plan is not None and plan.choice != "none" else None
         self._held = ""
         self.last_event = 0.0  # loop time of the last inference event (the watchdog reads it)
         self.done = False
-        self.counted = False  # in api.inflight while True
         # flow control (streams): deltas taken since credit last went back to the sequence
-        self.window = api.inf["stream_window"] if stream else 0
+        self.window = window if req.stream else 0
         self.unacked = 0
 
     @staticmethod
     def id_prefix(chat: bool) -> str:
         return "chatcmpl-" if chat else "cmpl-"
+
+    def attach(self, link, rid: int) -> None:
+        self.link, self.rid = link, rid
+
+    def _over(self, used, entry=None) -> None:
+        """The request's bookkeeping, once (the route's on_done)."""
+        done, self.on_done = self.on_done, None
+        if done is not None:
+            done(entry, used)
 
     def watch(self, idle: float, first: float) -> None:
         """An ingress-side deadline: a generation whose first event does not come within `first`
@@ -57,8 +83,6 @@ class Generation:
         loop = asyncio.get_running_loop()
         self.last_event = loop.time()
         started = self.last_event
-        self.counted = True
-        self.api.inflight += 1
 
         def check():
             if self.done:
@@ -70,11 +94,11 @@ class Generation:
                 return
             self.client_left()
             if self.sse is not None and self.sse.on_drain is not None:  # paused: it is the reader that stalled
-                self.on_event(ERR, [504, f"the client read nothing for {idle:g} s while its stream was paused; "
-                                    "the generation was cancelled", "reader_stalled", None])
+                self.on_event(ERR, failure(504, f"the client read nothing for {idle:g} s while its stream was "
+                                           "paused; the generation was cancelled", "reader_stalled"))
                 return
-            self.on_event(ERR, [504, f"the model sent nothing for {idle:g} s; the generation was cancelled",
-                                "generation_timeout", None])
+            self.on_event(ERR, failure(504, f"the model sent nothing for {idle:g} s; the generation was cancelled",
+                                       "generation_timeout"))
         # first look after `idle`: armed at `first` only, a stall right after the first event
         # went unseen until `first` (request_timeout + idle_timeout) had passed
         loop.call_later(min(first, idle), check)
@@ -82,19 +106,14 @@ class Generation:
     async def replay(self, entry: dict, kind: bytes, extra_headers=()):
         """Answer from a cached entry, streamed or not, exactly as a generation would."""
         self.cache_header = [(b"x-tidegate-cache", kind), *extra_headers]
-        self.store = self.semantic_store = None  # a replayed answer is not stored again
+        self.on_done = None  # a replayed answer is not stored again, and holds no reservation
         usage = dict(entry["usage"], cached_tokens=entry["usage"]["prompt_tokens"])
         if self.stream:
-            self.on_event(DELTA, entry["text"])
+            self.on_event(DELTA, delta(entry["text"]))
             self.on_event(END, dict(entry, text="", usage=usage))
         else:
             self.on_event(END, dict(entry, usage=usage))
         return await self.first
-
-    def settle(self, used: int) -> None:
-        if self.reservation is not None:
-            self.api.limiter.settle(self.reservation, used)
-            self.reservation = None
 
     def on_event(self, kind: str, payload) -> None:
         self._handle(kind, payload)
@@ -115,61 +134,52 @@ class Generation:
 
     def _give_credit(self) -> None:
         if self.unacked and not self.done and self.rid:
-            self.api.clients[self.model].credit(self.rid, self.unacked)
+            self.link.credit(self.rid, self.unacked)
         self.unacked = 0
 
     def _handle(self, kind: str, payload) -> None:
         if self.done:
             return
-        if self.n > 1 and kind != ERR:
-            return self._choice_event(kind, payload)
-        if self.tools is not None and kind != ERR:
+        if kind == ERR:
+            return self._failed(http_error(payload))
+        d = read_delta(payload) if kind == DELTA else None
+        if self.n > 1:
+            return self._choice_event(kind, payload, d)
+        if self.tools is not None:
             if kind == DELTA:  # held: whether it is a call is known once the whole text is
-                self._held += payload[0] if payload.__class__ is list else payload
+                self._held += d.text
                 return
             payload = self._calls(payload)
         self.last_event = self.first.get_loop().time()
-        if kind != DELTA:
+        if kind == END:
             self.done = True
-            if self.counted:
-                self.counted = False
-                self.api.inflight -= 1
-        if kind == ERR:
-            self.settle(0)
-            err = http_error(payload)
-            if not self.first.done():
-                self.first.set_exception(err)
-            elif self.sse is not None:  # mid-stream: an error event, then the end
-                self._stream_error(err)
-                self.sse.end()
-            return
-        if kind == END and payload["finish_reason"] in ("stop", "length") and (self.store or self.semantic_store):
+            ok = payload["finish_reason"] in ("stop", "length") and self.keep_text
             entry = {"text": self._full_text + payload["text"], "finish_reason": payload["finish_reason"],
-                     "usage": payload["usage"]}
-            if self.store is not None:
-                self.api.exact.put(self.store[0], self.store[1], entry)
-            if self.semantic_store is not None:
-                ns, tenant, text = self.semantic_store
-                self.api.semantic.insert(ns, tenant, text, entry)
+                     "usage": payload["usage"]} if ok else None
+            self._over(payload["usage"]["total_tokens"], entry)
         if not self.stream:
-            if kind == END:
-                self.settle(payload["usage"]["total_tokens"])
-                if not self.first.done():
-                    self.first.set_result(json_response(self._whole([payload], payload["usage"]),
-                                                        headers=self.cache_header))
+            if kind == END and not self.first.done():
+                self.first.set_result(json_response(self._whole([payload], payload["usage"]),
+                                                    headers=self.cache_header))
             return
-        lp = None
-        if kind == DELTA and payload.__class__ is list:  # [text, logprob entries] (logprobs asked for)
-            payload, lp = payload
-        if kind == DELTA and (self.store or self.semantic_store):
-            self._full_text += payload
+        if kind == DELTA and self.keep_text:
+            self._full_text += d.text
         if self.sse is None:
             self._open_stream()
         if kind == DELTA:
-            self._stream_delta(payload, lp)
-        elif kind == END:
-            self.settle(payload["usage"]["total_tokens"])
+            self._stream_delta(d.text, d.logprobs)
+        else:
             self._stream_end(payload)
+            self.sse.end()
+
+    def _failed(self, err) -> None:
+        self.last_event = self.first.get_loop().time()
+        self.done = True
+        self._over(0)
+        if not self.first.done():
+            self.first.set_exception(err)
+        elif self.sse is not None:  # mid-stream: an error event, then the end
+            self._stream_error(err)
             self.sse.end()
 
     # ---- the answer's shape: chat.completion(.chunk) / text_completion; ResponseReply overrides these
@@ -183,31 +193,34 @@ class Generation:
             self._chunk(end["text"], None, end.get("logprobs"))
         self._chunk(None, end["finish_reason"])
         if self.include_usage:
-            self.sse.write(b"data: " + orjson.dumps(self._envelope([], _usage(end["usage"]))) + b"\n\n")
-        self.sse.write(b"data: [DONE]\n\n")
+            self.sse.write(sse(self._envelope([], _usage(end["usage"]))))
+        self.sse.write(DONE)
 
     def _stream_error(self, err) -> None:
-        self.sse.write(b"data: " + orjson.dumps(err.body()) + b"\n\n")
+        self.sse.write(sse(err.body()))
 
     def _open_stream(self) -> None:
         self.sse = Stream(on_close=self.client_left, headers=self.cache_header)
         if not self.first.done():
             self.first.set_result(self.sse)
+        self._stream_start()
+
+    def _stream_start(self) -> None:
         if self.chat:  # each choice's first chunk announces the role
             for j in range(self.n):
                 self._chunk({"role": "assistant", "content": ""}, None, index=j)
 
-    def _choice_event(self, kind: str, payload: dict) -> None:
-        """n > 1: DELTA/END of one choice ({index, …}); the answer is complete when all n ended."""
+    def _choice_event(self, kind: str, payload, d) -> None:
+        """n > 1: DELTA/END of one choice; the answer is complete when all n ended."""
         self.last_event = self.first.get_loop().time()
-        if kind == DELTA and "end" in payload:  # a choice that ended while others still run
-            kind, payload = END, payload["end"]
-        i = payload["index"]
+        if kind == DELTA and d.end is not None:  # a choice that ended while others still run
+            kind, payload = END, d.end
+        i = payload["index"] if kind == END else d.index
         if self.stream:
             if self.sse is None:
                 self._open_stream()
             if kind == DELTA:
-                self._chunk(payload["text"], None, payload["logprobs"], index=i)
+                self._chunk(d.text, None, d.logprobs, index=i)
             else:
                 if payload["text"] or payload.get("logprobs"):
                     self._chunk(payload["text"], None, payload.get("logprobs"), index=i)
@@ -218,32 +231,27 @@ class Generation:
         if len(self.ends) < self.n:
             return
         self.done = True
-        if self.counted:
-            self.counted = False
-            self.api.inflight -= 1
         ends = [self.ends[j] for j in range(self.n)]
         u = ends[0]["usage"]
         completion = sum(e["usage"]["completion_tokens"] for e in ends)
         usage = {"prompt_tokens": u["prompt_tokens"], "completion_tokens": completion,
                  "total_tokens": u["prompt_tokens"] + completion, "cached_tokens": u["cached_tokens"]}
-        self.settle(usage["total_tokens"])
+        self._over(usage["total_tokens"])  # (n choices are not cached: an entry holds one)
         if not self.stream:
             if not self.first.done():
                 self.first.set_result(json_response(self._whole(ends, usage), headers=self.cache_header))
             return
         if self.include_usage:
-            self.sse.write(b"data: " + orjson.dumps(self._envelope([], _usage(usage))) + b"\n\n")
-        self.sse.write(b"data: [DONE]\n\n")
+            self.sse.write(sse(self._envelope([], _usage(usage))))
+        self.sse.write(DONE)
         self.sse.end()
 
     def client_left(self) -> None:
         """The client went away: stop its sequence at the next step. What was reserved stays
         spent (part of it was generated, and a refund must never exceed what was unused)."""
-        self.api.clients[self.model].cancel(self.rid)
-        self.reservation = None
-        if self.counted:  # no END will come for a cancelled sequence
-            self.counted = False
-            self.api.inflight -= 1
+        if self.link is not None:
+            self.link.cancel(self.rid)
+        self._over(None)  # no END will come for a cancelled sequence
 
     def _envelope(self, choices: list, usage=None) -> dict:
         out = {"id": self.id, "object": "chat.completion.chunk" if self.chat else "text_completion",
@@ -259,7 +267,7 @@ class Generation:
             choice = {"index": index, "delta": d, "logprobs": logprobs, "finish_reason": finish}
         else:
             choice = {"index": index, "text": delta or "", "logprobs": logprobs, "finish_reason": finish}
-        self.sse.write(b"data: " + orjson.dumps(self._envelope([choice])) + b"\n\n")
+        self.sse.write(sse(self._envelope([choice])))
 
     def _logprobs(self, entries: list, index: int = 0) -> dict:
         """The inference worker's [token, logprob, bytes, top] entries in the route's shape."""

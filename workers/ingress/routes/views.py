@@ -5,7 +5,6 @@ HTTP; an operator reads any partition with `tidegate admin log tail`)."""
 from __future__ import annotations
 
 from tidegate.core.http.http11 import HttpError, json_response
-from tidegate.core.http.router import path_params
 from tidegate.workers.ingress.guard import caller
 
 
@@ -14,11 +13,10 @@ class ViewRoutes:
         self.views = reader
 
     def add_to(self, router, guard) -> None:
-        view = guard(self.view)
-        router.add("GET", "/v1/views/{view}/{key}", lambda req, **_: view(req))
+        router.add("GET", "/v1/views/{view}/{key}", guard(self.view))
 
     def view(self, req):
-        name, key = path_params(req, 3)
+        name, key = req.params["view"], req.params["key"]
         if name not in self.views.views:
             raise HttpError(404, f"no view named {name!r} (declared: {', '.join(self.views.views) or 'none'})",
                             "view_not_found", param="view")
