@@ -16,13 +16,13 @@ from tidegate.core.messaging.protocol import EV_APPEND
 
 class PartitionOwner:
     def __init__(self, cfg: dict, slot: int, views, lock=None):
-        self.cfg, self.slot, self.views = cfg["events"], slot, views
+        self.evc, self.slot, self.views = cfg["events"], slot, views
         self.name = f"p-{slot}"
         self.partition, self.corrupt = None, None
         try:
             self.partition = Partition(os.path.join(cfg["server"]["data_dir"], "events", self.name),
-                                       self.cfg["batch_bytes"], self.cfg["window"], self.cfg["segment_bytes"],
-                                       self.cfg["compress"], lock)
+                                       self.evc["batch_bytes"], self.evc["window"], self.evc["segment_bytes"],
+                                       self.evc["compress"], lock)
         except CorruptLog as e:  # this partition stays shut; the rest of the worker serves
             self.corrupt = f"{e}; run `tidegate admin log repair` (then `tidegate admin reload`)"
             log.error("event log partition refused", partition=self.name, error=self.corrupt)
@@ -49,7 +49,7 @@ class PartitionOwner:
 
     def retain(self) -> None:
         """Periodic: apply the retention limits, never past what the view builder has read."""
-        c = self.cfg
+        c = self.evc
         if self.partition is None or not (c["retention_bytes"] or c["retention_age"]):
             return
         applied = self.views.offset(self.name)[0] if c["views"] else None

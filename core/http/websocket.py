@@ -79,7 +79,7 @@ class WsSession:
 
     def __init__(self, transport, req, tail: bytes, delegate, hub: "WsHub", extensions: list):
         self.transport, self.req, self.delegate, self.hub = transport, req, delegate, hub
-        self.codec = WsprotoCodec(extensions) if extensions else FrameCodec(hub.cfg["max_message_bytes"])
+        self.codec = WsprotoCodec(extensions) if extensions else FrameCodec(hub.wsc["max_message_bytes"])
         self._parts, self._utf8, self._nbytes = None, None, 0  # a fragmented message's pieces so far
         self._ctl, self._ctl_at = 0, 0.0
         self.last_seen, self.ping_sent, self.closed = hub.now, 0.0, False
@@ -87,7 +87,7 @@ class WsSession:
         self.backed_up = False  # the transport holds more than its high-water mark: streams wait
         # streams pause at half the send buffer (their generations stop); a reply that would
         # take a non-reader past all of it closes the socket instead (send)
-        transport.set_write_buffer_limits(high=hub.cfg["send_buffer_bytes"] // 2)
+        transport.set_write_buffer_limits(high=hub.wsc["send_buffer_bytes"] // 2)
         # (the connection capped the kernel's send buffer at the upgrade: limits.stream_send_buffer)
         hub.add(self)
         if tail:
@@ -144,8 +144,8 @@ class WsSession:
         if now - self._ctl_at >= 1.0:
             self._ctl, self._ctl_at = 0, now
         self._ctl += 1
-        if self._ctl > self.hub.cfg["max_control_per_s"]:
-            self.close(POLICY, f"more than {self.hub.cfg['max_control_per_s']} control frames a second")
+        if self._ctl > self.hub.wsc["max_control_per_s"]:
+            self.close(POLICY, f"more than {self.hub.wsc['max_control_per_s']} control frames a second")
             return False
         return True
 
@@ -154,7 +154,7 @@ class WsSession:
         the whole message, as UTF-8 text, to the delegate. A fragmented message is checked as
         UTF-8 fragment by fragment, so a bad one closes as soon as it arrives (as wsproto does)."""
         op, fin, data = event
-        cfg = self.hub.cfg
+        cfg = self.hub.wsc
         self._nbytes += len(data)
         if self._nbytes > cfg["max_message_bytes"]:
             self.close(TOO_BIG, f"message larger than {cfg['max_message_bytes']} bytes")
@@ -193,7 +193,7 @@ class WsSession:
         more than send_buffer_bytes (then the socket closes with 1008)."""
         if self.closed:
             return False
-        if self.transport.get_write_buffer_size() > self.hub.cfg["send_buffer_bytes"]:
+        if self.transport.get_write_buffer_size() > self.hub.wsc["send_buffer_bytes"]:
             self.close(POLICY, "the client is not reading: send buffer full")
             return False
         self._write(self.codec.text(payload))
@@ -227,8 +227,8 @@ class WsSession:
 class WsHub:
     """The worker's WebSocket sessions: the ping/dead-peer sweep, drain, counters."""
 
-    def __init__(self, cfg: dict, loop, log, server=None):
-        self.cfg, self.loop, self.log, self.server = cfg, loop, log, server
+    def __init__(self, wsc: dict, loop, log, server=None):
+        self.wsc, self.loop, self.log, self.server = wsc, loop, log, server  # wsc: the [websocket] section
         self.sessions: set[WsSession] = set()
         self.now = time.monotonic()
         self.draining = False
@@ -258,7 +258,7 @@ class WsHub:
         """Once a second: ping sessions quiet for ping_interval, close those that did not answer
         within ping_timeout; while draining, close the ones with nothing in flight (1001)."""
         self.now = now = time.monotonic()
-        every, wait = self.cfg["ping_interval"], self.cfg["ping_timeout"]
+        every, wait = self.wsc["ping_interval"], self.wsc["ping_timeout"]
         for s in list(self.sessions):
             if s.closed:
                 continue

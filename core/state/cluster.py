@@ -126,7 +126,7 @@ class ClusterOwners:
 
     def __init__(self, cfg: dict, client=None):
         st = cfg["state"]
-        self.cfg, self.prefix = st, st["prefix"]
+        self.st, self.prefix = st, st["prefix"]
         self.peers = st["lease_peers"]
         self.ttl, self.max_attributes = cfg["sessions"]["ttl"], cfg["sessions"]["max_attributes_bytes"]
         xc = cfg["cache"]
@@ -167,7 +167,7 @@ class ClusterOwners:
         from glide import (GlideClusterClient, GlideClusterClientConfiguration, Logger, LogLevel, NodeAddress,
                            Script, ServerCredentials)
         Logger.set_logger_config(LogLevel.OFF)  # (its warnings go to stderr; failures reach us as errors)
-        st = self.cfg
+        st = self.st
         seeds = [NodeAddress(h, int(p)) for h, p in (s.rsplit(":", 1) for s in st["seeds"])]
         creds = ServerCredentials(st["password"], st["username"] or None) if st["password"] else None
         self._scripts = {name: Script(code) for name, code in
@@ -255,11 +255,11 @@ class ClusterOwners:
     async def _acked(self, key: str) -> None:
         """Return only once state.write_replicas replicas have the writes sent before (WAIT on the
         node's one connection), so a failover cannot drop an acknowledged write."""
-        need = self.cfg["write_replicas"]
+        need = self.st["write_replicas"]
         if not need:
             return
         from glide import SlotKeyRoute, SlotType
-        got = await self.client.custom_command(["WAIT", str(need), str(int(self.cfg["write_ack_timeout"] * 1000))],
+        got = await self.client.custom_command(["WAIT", str(need), str(int(self.st["write_ack_timeout"] * 1000))],
                                                route=SlotKeyRoute(SlotType.PRIMARY, key))
         if int(got) < need:
             raise OwnerUnavailable(f"only {got} of {need} replicas acknowledged the write")

@@ -25,7 +25,7 @@ from tidegate.workers.ingress.guard import caller
 
 class EventRoutes:
     def __init__(self, cfg: dict, owners):
-        self.cfg, self.limits, self.owners = cfg["events"], cfg["limits"], owners
+        self.evc, self.limits, self.owners = cfg["events"], cfg["limits"], owners
 
     def add_to(self, router, guard) -> None:
         router.add("POST", "/v1/events", guard(self.ingest))
@@ -48,8 +48,8 @@ class EventRoutes:
                     items = _ndjson(text)  # NDJSON sent as application/json
         except orjson.JSONDecodeError as e:
             raise HttpError(400, f"invalid JSON: {e}", "invalid_json") from None
-        if len(items) > self.cfg["max_events"]:
-            raise HttpError(413, f"more than {self.cfg['max_events']} events in one request", "too_many_events")
+        if len(items) > self.evc["max_events"]:
+            raise HttpError(413, f"more than {self.evc['max_events']} events in one request", "too_many_events")
         return items
 
     def _validate(self, items: list, tenant: str) -> list[tuple[str, str]]:
@@ -70,8 +70,8 @@ class EventRoutes:
             if why is None:
                 rec = orjson.dumps({"tenant": tenant, "key": ev["key"], "type": ev["type"], "ts": ev.get("ts"),
                                     "payload": ev.get("payload"), "ingest": now}).decode()
-                if len(rec) > self.cfg["max_event_bytes"]:
-                    why = f"event larger than {self.cfg['max_event_bytes']} bytes"
+                if len(rec) > self.evc["max_event_bytes"]:
+                    why = f"event larger than {self.evc['max_event_bytes']} bytes"
                 else:
                     out.append((ev["key"], rec))
             if why is not None:
@@ -91,7 +91,7 @@ class EventRoutes:
         waits = []
         for owner, recs in by_owner.items():
             try:
-                waits.append(owners.call(owner, EV_APPEND, [recs, buffered], self.cfg["owner_timeout"]))
+                waits.append(owners.call(owner, EV_APPEND, [recs, buffered], self.evc["owner_timeout"]))
             except LogUnavailable as e:  # this worker's own partition cannot acknowledge
                 raise service_unavailable(str(e), "log_unavailable") from None
         results = await asyncio.gather(*waits, return_exceptions=True)

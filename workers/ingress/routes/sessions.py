@@ -22,7 +22,7 @@ from tidegate.workers.ingress.guard import UNAUTHORIZED, caller
 
 class SessionRoutes:
     def __init__(self, cfg: dict, guard):
-        self.cfg, self.limits, self.guard = cfg["sessions"], cfg["limits"], guard
+        self.sc, self.limits, self.guard = cfg["sessions"], cfg["limits"], guard
 
     def add_to(self, router, guard) -> None:
         router.add("POST", "/v1/sessions", guard(self.create))
@@ -34,8 +34,8 @@ class SessionRoutes:
         attrs = body.get("attributes", {})
         if not isinstance(attrs, dict):
             raise HttpError(400, "attributes must be a JSON object", "invalid_attributes")
-        if len(orjson.dumps(attrs)) > self.cfg["max_attributes_bytes"]:
-            raise HttpError(400, f"attributes larger than {self.cfg['max_attributes_bytes']} bytes",
+        if len(orjson.dumps(attrs)) > self.sc["max_attributes_bytes"]:
+            raise HttpError(400, f"attributes larger than {self.sc['max_attributes_bytes']} bytes",
                             "attributes_too_large")
         return attrs
 
@@ -70,7 +70,7 @@ class SessionRoutes:
         if rec is None:
             raise UNAUTHORIZED
         if rec == TOO_LARGE:
-            raise HttpError(400, f"attributes would be larger than {self.cfg['max_attributes_bytes']} bytes once "
+            raise HttpError(400, f"attributes would be larger than {self.sc['max_attributes_bytes']} bytes once "
                             "merged", "attributes_too_large", param="attributes")
         if rec == FULL:
             raise service_unavailable("session storage is full; retry later", "session_capacity", retry_after=5)

@@ -70,16 +70,16 @@ class StreamReply:
 
 class WsRoutes:
     def __init__(self, cfg: dict, hub, router):
-        self.cfg, self.hub, self.router = cfg["websocket"], hub, router
+        self.wsc, self.hub, self.router = cfg["websocket"], hub, router
 
     def add_to(self, router, guard) -> None:
-        if self.cfg["enabled"]:
+        if self.wsc["enabled"]:
             router.add("GET", "/v1/ws", guard(self.upgrade))
 
     def upgrade(self, req) -> Upgrade:
         if self.hub.draining:
             raise HttpError(503, "the server is shutting down", "draining")
-        headers, extensions = handshake(req, self.cfg)
+        headers, extensions = handshake(req, self.wsc)
         return Upgrade(lambda transport, r, tail: WsSession(transport, r, tail, self, self.hub, extensions), headers)
 
     # ---- the session's delegate ---------------------------------------------------------------
@@ -114,8 +114,8 @@ class WsRoutes:
         if self.hub.draining:
             s.send(_error(rid, HttpError(503, "the server is shutting down", "draining")))
             return
-        if len(s.inflight) >= self.cfg["max_outstanding"]:
-            s.close(POLICY, f"more than {self.cfg['max_outstanding']} requests in flight")
+        if len(s.inflight) >= self.wsc["max_outstanding"]:
+            s.close(POLICY, f"more than {self.wsc['max_outstanding']} requests in flight")
             return
         body = msg.get("body")
         req = self._request(s, route, b"" if body is None else orjson.dumps(body))
