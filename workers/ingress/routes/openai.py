@@ -124,8 +124,8 @@ class OpenAIRoutes:
         except HttpError as e:  # refused for load before any byte went out: a cached class's fallback
             if e.code not in protocol.LOAD_NOT_FAILURE:
                 raise
-            refused = e
-        return await self._fallback(req, g, reply, lambda: refused)
+            load = e
+        return await self._fallback(req, g, reply, lambda: load)
 
     def _on_done(self, g: GenRequest, reservation):
         """The generation's bookkeeping, run once when it is over (replies.Generation calls it):
