@@ -382,6 +382,15 @@ SCHEMA: dict[str, dict[str, Key]] = {
         "max_stop": Key(int, 4, "stop strings per request", positive),
         "max_n": Key(int, 8, "choices per request (n); they share one prefill of the prompt", positive),
         "max_prompt_bytes": Key(int, 1 * MiB, "UTF-8 bytes of the rendered prompt (then 400)", positive),
+        # what a structured output (response_format, a forced tool call) may ask of llama.cpp's
+        # recursive grammar parser: a count unrolls into nesting, and too deep a grammar overflows
+        # the inference worker's stack (SIGSEGV: every tenant's streams cut)
+        "max_schema_repeat": Key(int, 1024, "largest minLength/maxLength/minItems/maxItems, or {n,m} in a pattern, a "
+                                 "schema may give (then 400 naming it)", positive),
+        "max_pattern_bytes": Key(int, 1024, "bytes of one schema pattern (then 400)", positive),
+        "max_grammar_depth": Key(int, 2048, "nesting depth of a grammar handed to llama.cpp (then 400); its parser "
+                                 "overflowed an 8 MiB stack at ~17,000", positive),
+        "max_grammar_bytes": Key(int, 256 * 1024, "bytes of a grammar handed to llama.cpp (then 400)", positive),
         "request_timeout": Key(float, 300.0, "seconds a request may wait and run before it is dropped (504)", positive),
         "queue_deadline": Key(dict, {"critical": 10.0, "standard": 30.0, "background": 30.0},
                               "per class, seconds a request may wait in the queue before it is dropped unserved "

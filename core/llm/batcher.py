@@ -29,6 +29,7 @@ from tidegate.core.llm.engine import Engine, LlamaError, free_sampler, grammar_p
 from tidegate.core.llm.prefix_cache import DiskTier, ParkedTier, RamTier, block_names, common_blocks
 from tidegate.core.base.config import CLASSES
 from tidegate.core.llm.scheduler import QueueFull, Scheduler
+from tidegate.core.llm.structured import Bounds, SchemaError, check_grammar
 from tidegate.core.messaging.protocol import DELTA, EMB, END, choice_end, delta, error_event
 from tidegate.core.runtime.loop import RequestError
 
@@ -146,6 +147,7 @@ class Batcher:
         self.shared = [engine.tokenize(p) for p in inf["shared_prefixes"]]
         self.stats = {k: 0 for k in STATS}
         self.to_save: list = []  # (seq, slot) whose prompt just went in: saved after the step's events leave
+        self.bounds = Bounds.of(inf)  # what a grammar may ask of llama.cpp's parser
 
     @classmethod
     def open(cls, path: str, model: dict, inf: dict, data_dir: str, send, tick=None, disk: bool = True) -> "Batcher":
@@ -200,6 +202,11 @@ class Batcher:
                                    "context_length_exceeded", "messages" if "messages" in body else "prompt")
             max_tokens = n_ctx - len(prompt)  # the default only: shorten it to what fits
         grammar = body["params"].get("grammar")
+        if grammar is not None:  # (checked at the ingress too: here, because a crash here is everyone's)
+            try:
+                check_grammar(grammar if isinstance(grammar, str) else "", "response_format", self.bounds)
+            except SchemaError as e:
+                raise RequestError(400, str(e), "invalid_parameter", e.param) from None
         if grammar is not None and (not isinstance(grammar, str) or not grammar_parses(self.engine.vocab, grammar)):
             raise RequestError(400, "'response_format' gives a grammar llama.cpp cannot parse", "invalid_parameter",
                                "response_format")

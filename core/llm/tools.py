@@ -15,14 +15,14 @@ import os
 import re
 
 
-from tidegate.core.llm.structured import SchemaError, check_schema, schema_grammar
+from tidegate.core.llm.structured import DEFAULT_BOUNDS, Bounds, SchemaError, check_grammar, check_schema, schema_grammar
 
 MAX_TOOLS, MAX_PARALLEL = 64, 4  # parallel: at most this many calls in one answer
 NAME = re.compile(r"^[A-Za-z0-9_-]{1,64}$")
 TAGGED = re.compile(r"<tool_call>\s*(\{.*?\})\s*</tool_call>", re.S)
 
 
-def check_tools(tools, fields: str = ".function") -> list[dict]:
+def check_tools(tools, fields: str = ".function", bounds: Bounds = DEFAULT_BOUNDS) -> list[dict]:
     """[{name, description, parameters}] from the request's tools; SchemaError names what is wrong
     (`fields`: the path from a tool to its function's fields, as the client's API spells it)."""
     if not isinstance(tools, list) or not 0 < len(tools) <= MAX_TOOLS:
@@ -38,7 +38,7 @@ def check_tools(tools, fields: str = ".function") -> list[dict]:
                               f"tools[{i}]{fields}.name")
         seen.add(name)
         params = fn.get("parameters", {"type": "object", "properties": {}})
-        check_schema(params, f"tools[{i}]{fields}.parameters")
+        check_schema(params, f"tools[{i}]{fields}.parameters", bounds)
         desc = fn.get("description", "")
         if not isinstance(desc, str):
             raise SchemaError(f"tools[{i}]{fields}.description must be a string", f"tools[{i}]{fields}.description")
@@ -67,15 +67,20 @@ def _call_schema(t: dict) -> dict:
             "properties": {"name": {"const": t["name"]}, "arguments": t["parameters"]}}
 
 
-def grammar_for_calls(tools: list[dict], choice: str, parallel: bool) -> str | None:
-    """The GBNF that forces a call ("required" or a named function), else None."""
+def grammar_for_calls(tools: list[dict], choice: str, parallel: bool, bounds: Bounds = DEFAULT_BOUNDS) -> str | None:
+    """The GBNF that forces a call ("required" or a named function), else None; SchemaError
+    (naming tools) when that grammar is past bounds."""
     if choice in ("none", "auto"):
         return None
     chosen = [t for t in tools if choice == "required" or t["name"] == choice]
     one = _call_schema(chosen[0]) if len(chosen) == 1 else {"anyOf": [_call_schema(t) for t in chosen]}
     schema = {"type": "array", "items": one, "minItems": 1, "maxItems": MAX_PARALLEL} if parallel and \
         choice == "required" else one
-    return schema_grammar(json.dumps(schema))
+    try:
+        gbnf = schema_grammar(json.dumps(schema))
+    except (ValueError, KeyError, TypeError, RecursionError) as e:
+        raise SchemaError(f"the tools' parameters cannot be turned into a grammar: {e}", "tools") from None
+    return check_grammar(gbnf, "tools", bounds)
 
 
 def parse_calls(text: str, forced: bool, names: set) -> list[dict] | None:

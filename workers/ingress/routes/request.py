@@ -20,7 +20,7 @@ from tidegate.core.cache.exact import cache_key, reproducible
 from tidegate.core.cache.semantic_client import semantic_key
 from tidegate.core.http.http11 import HttpError
 from tidegate.core.http.jsonbody import parse_json
-from tidegate.core.llm.structured import SchemaError, grammar_for
+from tidegate.core.llm.structured import Bounds, SchemaError, grammar_for
 from tidegate.core.llm.tools import check_choice, check_tools, grammar_for_calls
 
 ROLES = ("system", "developer", "user", "assistant", "tool")
@@ -141,7 +141,7 @@ def parse_chat(body: dict, ident, path: str, spec: Spec, names: Names = CHAT, kn
         check_known(body, CHAT_FIELDS)
     model = parse_model(body, spec)
     what = {"messages": _messages(body, names)}
-    plan = _tools(body, names)
+    plan = _tools(body, names, Bounds.of(spec.inf))
     if plan is not None:
         what["tools"] = plan.tools
     return _generation(body, ident, path, spec, names, model, what, plan, chat=True)
@@ -263,7 +263,7 @@ def _params(body: dict, n_ctx: int, inf: dict, names: Names, chat: bool) -> dict
         raise bad(f"'{names('user')}' must be a string", names("user"))
     try:  # structured outputs: a grammar the sampler enforces (core/llm/structured.py)
         grammar = grammar_for(body.get("response_format"), names("response_format"),
-                              names("response_format.json_schema"))
+                              names("response_format.json_schema"), Bounds.of(inf))
     except SchemaError as e:
         raise bad(str(e), e.param) from None
     if grammar is not None:
@@ -369,7 +369,7 @@ def _messages(body: dict, names: Names) -> list[dict]:
     return out
 
 
-def _tools(body: dict, names: Names) -> ToolPlan | None:
+def _tools(body: dict, names: Names, bounds: Bounds) -> ToolPlan | None:
     """The request's ToolPlan, else None."""
     if "tools" not in body:
         if body.get("tool_choice") is not None or body.get("parallel_tool_calls") is not None:
@@ -377,14 +377,14 @@ def _tools(body: dict, names: Names) -> ToolPlan | None:
                       "tool_choice" if body.get("tool_choice") is not None else "parallel_tool_calls")
         return None
     try:
-        tools = check_tools(body["tools"], names.tool_fields)
+        tools = check_tools(body["tools"], names.tool_fields, bounds)
         choice = check_choice(body.get("tool_choice"), tools)
+        parallel = body.get("parallel_tool_calls", True)
+        if not isinstance(parallel, bool):
+            raise bad("'parallel_tool_calls' must be true or false", "parallel_tool_calls")
+        grammar = grammar_for_calls(tools, choice, parallel, bounds)
     except SchemaError as e:
         raise bad(str(e), e.param) from None
-    parallel = body.get("parallel_tool_calls", True)
-    if not isinstance(parallel, bool):
-        raise bad("'parallel_tool_calls' must be true or false", "parallel_tool_calls")
-    grammar = grammar_for_calls(tools, choice, parallel)
     if grammar is not None and body.get("response_format") not in (None, {"type": "text"}):
         raise bad(f"'{names('response_format')}' cannot be combined with a forced tool call", names("response_format"))
     return ToolPlan(tools, choice, grammar)

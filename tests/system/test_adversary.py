@@ -1,0 +1,69 @@
+"""Hostile clients against one real daemon: each test is an attack from issue 26's review, an
+attacker and a victim on the same daemon, and what must hold (the attacker gets a clear error,
+no process restarts, the victim is served)."""
+import pytest
+
+from helpers.llm import demo_llm, post
+
+MSG = [{"role": "user", "content": "Tell me a story about the sea"}]
+
+
+@pytest.fixture
+def llm(daemon_factory, demo_model):
+    return demo_llm(daemon_factory, demo_model, exact=False)
+
+
+def respawns(d) -> int:
+    return d.admin_json("status")["body"]["respawns"]
+
+
+def served(d) -> None:
+    """A victim's plain request is answered."""
+    r = post(d, "/v1/chat/completions", {"model": "demo", "messages": MSG, "max_tokens": 4})
+    assert r.status == 200, r.body
+
+
+def schema_format(schema: dict) -> dict:
+    return {"type": "json_schema", "json_schema": {"name": "x", "schema": schema}}
+
+
+@pytest.mark.parametrize("route, body, param", [
+    ("/v1/chat/completions", {"response_format": schema_format({"type": "string", "maxLength": 20000})},
+     "response_format.json_schema.schema.maxLength"),
+    ("/v1/chat/completions", {"response_format": schema_format({"type": "array", "minItems": 5000})},
+     "response_format.json_schema.schema.minItems"),
+    ("/v1/chat/completions", {"response_format": schema_format({"type": "string", "pattern": "^a{1,20000}$"})},
+     "response_format.json_schema.schema.pattern"),
+    ("/v1/chat/completions", {"tools": [{"type": "function", "function": {
+        "name": "f", "parameters": {"type": "object", "properties": {"s": {"type": "string", "maxLength": 20000}}}}}],
+        "tool_choice": "required"}, "tools[0].function.parameters.properties.s.maxLength"),
+    ("/v1/responses", {"text": {"format": {"type": "json_schema", "name": "x",
+                                           "schema": {"type": "string", "maxLength": 20000}}}},
+     "text.format.schema.maxLength"),
+])
+def test_a_grammar_past_what_llama_cpp_parses_is_a_400_and_crashes_nothing(llm, route, body, param):
+    """maxLength 20000 unrolls into a 20,000-deep grammar, which overflowed the inference
+    worker's stack (SIGSEGV: every tenant's streams cut)."""
+    base = {"model": "demo", **({"input": "hi", "max_output_tokens": 4} if route == "/v1/responses"
+                                else {"messages": MSG, "max_tokens": 4})}
+    r = post(llm, route, dict(base, **body))
+    assert r.status == 400, r.body
+    err = r.json()["error"]
+    assert err["param"] == param, err
+    assert respawns(llm) == 0
+    served(llm)
+
+
+def test_the_grammar_depth_is_checked_whatever_builds_it(daemon_factory, demo_model):
+    """The backstop behind the schema checks: the finished grammar's nesting (here a pattern of
+    300 nested groups, within max_pattern_bytes, against max_grammar_depth 256)."""
+    d = daemon_factory(cache={"exact_enabled": False, "semantic_enabled": False},
+                       inference={"enabled": True, "max_grammar_depth": 256,
+                                  "models": [{"name": "demo", "path": demo_model, "n_ctx": 1024}]})
+    deep = "^" + "(" * 300 + "a" + ")" * 300 + "$"
+    r = post(d, "/v1/chat/completions", {"model": "demo", "messages": MSG, "max_tokens": 4,
+                                         "response_format": schema_format({"type": "string", "pattern": deep})})
+    assert r.status == 400 and r.json()["error"]["param"] == "response_format.json_schema.schema", r.body
+    assert "max_grammar_depth" in r.json()["error"]["message"]
+    served(d)
+    assert respawns(d) == 0
