@@ -14,6 +14,7 @@ are ext/ringbuf Windows (no allocation per call).
 from __future__ import annotations
 
 import time
+from collections import OrderedDict
 
 from tidegate.ext.ringbuf import Window
 
@@ -93,3 +94,28 @@ class Breaker:
     def describe(self) -> dict:
         return {"state": self.state, "calls": len(self.failed), "failure_rate": round(self.failed.mean(), 3),
                 "slow_rate": round(self.slow.mean(), 3), **self.stats}
+
+
+class TenantBreakers:
+    """One Breaker per tenant of a downstream, made as first needed (at most `max_tenants`, the
+    least recently used forgotten): failures that only a tenant's own requests meet (its inputs
+    crash the worker's code for that request) refuse that tenant, never the others, while the
+    downstream's shared breaker counts only what fails for everyone (the worker gone, wedged,
+    a backend down)."""
+
+    def __init__(self, make, max_tenants: int = 10000):
+        self.make, self.max_tenants = make, max_tenants
+        self.by_tenant: OrderedDict[str, Breaker] = OrderedDict()
+
+    def of(self, tenant: str) -> Breaker:
+        b = self.by_tenant.get(tenant)
+        if b is None:
+            b = self.by_tenant[tenant] = self.make()
+            if len(self.by_tenant) > self.max_tenants:
+                self.by_tenant.popitem(last=False)
+        else:
+            self.by_tenant.move_to_end(tenant)
+        return b
+
+    def open_now(self) -> int:
+        return sum(b.state != CLOSED for b in self.by_tenant.values())

@@ -29,6 +29,7 @@ EXTRA_HELP = {
     "remote_prefix_blocks_hit": ("counter", "Of those, blocks the chosen backend had been sent before (prefix-affinity hits)"),
     "ws_open": ("gauge", "WebSocket sessions open now"),
     "llm_inflight": ("gauge", "Generations submitted by the ingress workers and not yet over"),
+    "tenant_breakers_open": ("gauge", "Per-tenant circuit breakers of a model open now (that tenant's own failures)"),
     "ws_opened": ("counter", "WebSocket sessions opened (upgrades)"),
     "ws_closed_dead": ("counter", "WebSocket sessions closed because their peer did not answer a ping"),
     "state_cluster_calls": ("counter", "Calls to the shared state cluster (state.backend = cluster)"),

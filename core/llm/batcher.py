@@ -24,7 +24,7 @@ import time
 from typing import NamedTuple
 
 from tidegate.core.base.jsonlog import log
-from tidegate.core.llm.chat_template import render_chat
+from tidegate.core.llm.chat_template import TemplateRefused, render_chat
 from tidegate.core.llm.engine import Engine, LlamaError, free_sampler, grammar_parses, make_sampler
 from tidegate.core.llm.prefix_cache import DiskTier, ParkedTier, RamTier, block_names, common_blocks
 from tidegate.core.base.config import CLASSES
@@ -185,7 +185,11 @@ class Batcher:
     # ---- requests -----------------------------------------------------------------------------
     def submit(self, peer: bytes, rid, body: dict) -> None:
         if "messages" in body:
-            text = render_chat(self.template, body["messages"], tools=body.get("tools"))
+            try:
+                text = render_chat(self.template, body["messages"], tools=body.get("tools"))
+            except TemplateRefused as e:
+                raise RequestError(400, f"the model's chat template refused these messages: {str(e)[:500]}",
+                                   "invalid_messages", "messages") from None
         else:
             text = body["prompt"]
         if len(text.encode("utf-8")) > self.inf["max_prompt_bytes"]:

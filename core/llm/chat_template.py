@@ -6,6 +6,7 @@ from __future__ import annotations
 import json
 from functools import lru_cache
 
+from jinja2 import TemplateError
 from jinja2.sandbox import ImmutableSandboxedEnvironment
 
 # for models without a template: simple turn markers (the demo model ships this one too)
@@ -20,8 +21,13 @@ def _compile(template: str):
     return env.from_string(template)
 
 
+class TemplateRefused(ValueError):
+    """The model's chat template refused the messages (it raised: roles that do not alternate, a
+    system message where none may be, …): the client's request, answered 400."""
+
+
 def _raise(message):
-    raise ValueError(message)
+    raise TemplateRefused(message)
 
 
 def render_chat(template: str | None, messages: list[dict], eos_token: str = "</s>", tools=None) -> str:
@@ -37,8 +43,14 @@ def render_chat(template: str | None, messages: list[dict], eos_token: str = "</
         else:
             from tidegate.core.llm.tools import system_prompt
             messages = [{"role": "system", "content": system_prompt(tools)}, *(_inline_calls(m) for m in messages)]
-    return _compile(template).render(messages=messages, add_generation_prompt=True, bos_token="",
-                                     eos_token=eos_token, **extra)
+    try:
+        return _compile(template).render(messages=messages, add_generation_prompt=True, bos_token="",
+                                         eos_token=eos_token, **extra)
+    except TemplateRefused:
+        raise
+    except (TemplateError, TypeError, ValueError, KeyError, IndexError, AttributeError) as e:
+        # (a template that fails on these messages fails on them alone: still the request's answer)
+        raise TemplateRefused(f"{type(e).__name__}: {e}") from None
 
 
 def _inline_calls(m: dict) -> dict:

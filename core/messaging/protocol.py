@@ -137,11 +137,20 @@ class Failure(NamedTuple):
 
     @property
     def is_failure(self) -> bool:
-        """A server-side failure a circuit breaker counts."""
-        return self.status >= 500 and not self.is_load
+        """A server-side failure the caller's own circuit breaker counts (not load, not a client
+        that stopped reading)."""
+        return self.status >= 500 and not self.is_load and self.code not in CLIENT_CAUSED
+
+    @property
+    def is_downstream_fault(self) -> bool:
+        """A failure that meets every caller (the worker gone or wedged, a backend down or
+        failing), which the downstream's shared breaker counts; "internal" is this request's
+        own failure inside the worker and counts for its tenant alone."""
+        return self.is_failure and self.code != "internal"
 
 
 LOAD_NOT_FAILURE = ("queue_full", "deadline_exceeded")
+CLIENT_CAUSED = ("reader_stalled",)
 
 
 def failure(status: int, message: str, code: str, param: str | None = None) -> list:

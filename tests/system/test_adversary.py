@@ -67,3 +67,36 @@ def test_the_grammar_depth_is_checked_whatever_builds_it(daemon_factory, demo_mo
     assert "max_grammar_depth" in r.json()["error"]["message"]
     served(d)
     assert respawns(d) == 0
+
+
+ALTERNATING = ("{% for m in messages %}{% if (m['role'] == 'user') != (loop.index0 % 2 == 0) %}"
+               "{{ raise_exception('Conversation roles must alternate user/assistant/user/assistant/...') }}"
+               "{% endif %}<|{{ m['role'] }}|>{{ m['content'] }}{% endfor %}<|assistant|>")
+
+
+def test_a_template_that_refuses_one_tenants_messages_is_a_400_and_opens_no_breaker(daemon_factory, demo_model):
+    """Templates (Llama-2, Mistral, Gemma) raise on roles that do not alternate: that was a 500,
+    and ten of them opened the model's circuit breaker for every tenant."""
+    from helpers.keys import ALPHA, GAMMA, KEYS
+    from helpers.http import request
+    import json
+    d = daemon_factory(auth={"keys": KEYS}, cache={"exact_enabled": False, "semantic_enabled": False},
+                       breakers={"min_calls": 4, "open_for": 30.0},
+                       inference={"enabled": True, "models": [{"name": "demo", "path": demo_model, "n_ctx": 1024,
+                                                               "chat_template": ALTERNATING}]})
+
+    def ask(key, messages):
+        return request(d.port, "POST", "/v1/chat/completions",
+                       json.dumps({"model": "demo", "messages": messages, "max_tokens": 4}).encode(),
+                       headers={"Authorization": f"Bearer {key}"}, timeout=30.0)
+    twice = [{"role": "user", "content": "a"}, {"role": "user", "content": "b"}]
+    for _ in range(12):
+        r = ask(ALPHA, twice)
+        assert r.status == 400, r.body
+        err = r.json()["error"]
+        assert err["param"] == "messages" and "alternate" in err["message"], err
+    r = ask(GAMMA, MSG)  # another tenant
+    assert r.status == 200, r.body
+    r = ask(ALPHA, MSG)  # and the attacker's own well-formed request
+    assert r.status == 200, r.body
+    assert respawns(d) == 0

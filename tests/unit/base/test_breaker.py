@@ -58,3 +58,35 @@ def test_trials_never_reported_count_as_failed():
     assert not b.allow() and b.state == OPEN  # not back within open_for: open again
     now[0] = 3.2
     assert b.allow() and b.state == HALF_OPEN  # a fresh round of trials
+
+
+def test_one_tenants_own_failures_open_its_breaker_and_not_the_shared_one():
+    from tidegate.core.base.breaker import TenantBreakers
+    from tidegate.core.messaging.protocol import END, ERR, failure
+    from tidegate.workers.ingress.routes.openai import _counted
+    make = lambda: Breaker(window=10, min_calls=4, failure_rate=0.5)  # noqa: E731
+    shared, tenants = make(), TenantBreakers(make)
+
+    def outcome(tenant, kind, payload):
+        _counted(lambda k, p: None, shared, tenants.of(tenant))(kind, payload)
+    for _ in range(6):  # the attacker's inputs fail inside the worker
+        outcome("attacker", ERR, failure(500, "worker error", "internal"))
+    outcome("victim", END, {"text": ""})
+    assert tenants.of("attacker").state == "open" and not tenants.of("attacker").allow()
+    assert shared.state == "closed" and tenants.of("victim").allow()
+    for code, status in (("reader_stalled", 504), ("queue_full", 503), ("invalid_messages", 400)):
+        for _ in range(6):  # a client that stopped reading, load, a client error: nobody's failure
+            outcome("victim", ERR, failure(status, "x", code))
+    assert shared.state == "closed" and tenants.of("victim").state == "closed"
+    for _ in range(6):  # the worker gone: everyone's
+        outcome("victim", ERR, failure(503, "gone", "worker_unavailable"))
+    assert shared.state == "open"
+
+
+def test_tenant_breakers_are_bounded():
+    from tidegate.core.base.breaker import TenantBreakers
+    t = TenantBreakers(Breaker, max_tenants=3)
+    first = t.of("a")
+    for name in "bcd":
+        t.of(name)
+    assert len(t.by_tenant) == 3 and t.of("a") is not first

@@ -27,6 +27,7 @@ import time
 
 import numpy as np
 
+from tidegate.core.base.breaker import Breaker, TenantBreakers
 from tidegate.core.http.http11 import HttpError, json_response, service_unavailable
 from tidegate.core.messaging import protocol
 from tidegate.core.messaging.protocol import Failure
@@ -48,6 +49,9 @@ class OpenAIRoutes:
         self.clients, self.limiter, self.exact, self.semantic = clients, limiter, exact, semantic
         self.shedder = shedder
         self.breakers = breakers or {}  # "inference:MODEL" -> Breaker: a failing model answers at once
+        # and one per tenant of each: failures only a tenant's own requests meet refuse that tenant alone
+        self.tenant_breakers = {name: TenantBreakers(lambda: Breaker.from_config(cfg["breakers"], slow_call=1e9))
+                                for name in self.breakers}
         self.spec = Spec(self.models, self.inf, classes, exact is not None and exact.enabled,
                          cfg["cache"]["exact_any"], semantic is not None)
         self.created = int(time.time())
@@ -61,7 +65,8 @@ class OpenAIRoutes:
         router.add("POST", "/v1/embeddings", guard(self.embeddings))
 
     def counters(self) -> dict:
-        return {"llm_inflight": self.inflight}
+        return {"llm_inflight": self.inflight,
+                "tenant_breakers_open": sum(t.open_now() for t in self.tenant_breakers.values())}
 
     # ---- /v1/models ---------------------------------------------------------------------------
     def _model_object(self, name: str) -> dict:
@@ -100,21 +105,26 @@ class OpenAIRoutes:
             return await self._fallback(req, g, reply, refused)
         reservation = await self._admit(req, g)
         breaker = self.breakers.get(g.downstream)
-        if breaker is not None and not breaker.allow():  # asked last: an allowed call always reaches submit
-            self._settle(reservation, 0)
-            retry_s = max(1, int(breaker.open_for + 0.999))
-            return await self._fallback(req, g, reply, lambda: service_unavailable(
-                f"model {g.model!r} is failing; its circuit breaker is open (retry after {retry_s}s)", "circuit_open",
-                retry_after=retry_s))
+        mine = self.tenant_breakers[g.downstream].of(g.tenant) if breaker is not None else None
+        # asked last (the tenant's first: a trial it takes and loses costs it alone), so an
+        # allowed call always reaches submit
+        for b, whose in ((mine, "this tenant's requests"), (breaker, "its requests")):
+            if b is not None and not b.allow():
+                self._settle(reservation, 0)
+                retry_s = max(1, int(b.open_for + 0.999))
+                return await self._fallback(req, g, reply, lambda: service_unavailable(
+                    f"model {g.model!r} is failing {whose}; its circuit breaker is open (retry after {retry_s}s)",
+                    "circuit_open", retry_after=retry_s))
         call = reply(g, self.inf["stream_window"], self._on_done(g, reservation), keep_text=_storable(req, g))
         link = self.clients[g.model]
-        handler = call.on_event if breaker is None else _counted(call.on_event, breaker)
+        handler = call.on_event if breaker is None else _counted(call.on_event, breaker, mine)
         try:
             call.attach(link, link.submit(protocol.GENERATE, g.body(self.inf["request_timeout"], call.window), handler))
         except WorkerUnavailable as e:
             self._settle(reservation, 0)
             if breaker is not None:
                 breaker.record(False)
+                mine.record(False)
             raise service_unavailable(str(e), "worker_unavailable") from None
         self.inflight += 1
         req.on_close = call.client_left
@@ -262,16 +272,22 @@ def _storable(req, g: GenRequest) -> bool:
                 and b"no-store" not in _cache_control(req))
 
 
-def _counted(handler, breaker):
-    """handler, telling the breaker how the generation ended: a server-side error is a failure
-    (not a full queue or a deadline passed in it: a flood of background work must not open the
-    breaker on critical requests), anything else a success."""
+def _counted(handler, shared, mine):
+    """handler, telling the breakers how the generation ended. Not failures: a full queue or a
+    deadline passed in it (a flood of background work must not open the breaker on critical
+    requests), a client error, a reader that stalled. The downstream's shared breaker counts what
+    fails for everyone (Failure.is_downstream_fault); the tenant's own also its requests' own
+    failures inside the worker."""
     t0 = time.monotonic()
 
     def on_event(kind, payload):
         if kind == protocol.END:
-            breaker.record(True, time.monotonic() - t0)
+            took = time.monotonic() - t0
+            shared.record(True, took)
+            mine.record(True, took)
         elif kind == protocol.ERR:
-            breaker.record(not Failure.of(payload).is_failure)
+            f = Failure.of(payload)
+            shared.record(not f.is_downstream_fault)
+            mine.record(not f.is_failure)
         handler(kind, payload)
     return on_event
