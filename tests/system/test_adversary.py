@@ -13,6 +13,14 @@ def llm(daemon_factory, demo_model):
     return demo_llm(daemon_factory, demo_model, exact=False)
 
 
+def api(port, method, path, token=None, body=None):
+    import json
+    from helpers.http import request
+    headers = {"Authorization": f"Bearer {token}"} if token else {}
+    return request(port, method, path, None if body is None else json.dumps(body).encode(), headers=headers,
+                   timeout=30.0)
+
+
 def respawns(d) -> int:
     return d.admin_json("status")["body"]["respawns"]
 
@@ -100,3 +108,15 @@ def test_a_template_that_refuses_one_tenants_messages_is_a_400_and_opens_no_brea
     r = ask(ALPHA, MSG)  # and the attacker's own well-formed request
     assert r.status == 200, r.body
     assert respawns(d) == 0
+
+
+def test_a_session_cannot_open_sessions_for_other_users(daemon_factory):
+    """A session token opened sessions for any `user`: minting users voided per-user limits and
+    let one user act as another. Only an API key opens a session; a session's user is fixed."""
+    from helpers.keys import ALPHA, KEYS
+    d = daemon_factory(auth={"keys": KEYS})
+    token = api(d.port, "POST", "/v1/sessions", ALPHA, {"user": "alice"}).json()["token"]
+    r = api(d.port, "POST", "/v1/sessions", token, {"user": "mallory"})
+    assert r.status == 403 and r.json()["error"]["code"] == "api_key_required", r.body
+    assert api(d.port, "GET", "/v1/sessions/current", token).json()["user"] == "alice"
+    assert api(d.port, "POST", "/v1/sessions", ALPHA, {"user": "bob"}).status == 201  # the key still can

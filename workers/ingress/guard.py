@@ -24,6 +24,8 @@ from tidegate.core.state.sessions import PREFIX, token_id
 
 UNAUTHORIZED = HttpError(401, "missing or invalid credentials", "invalid_api_key",
                          headers=[(b"www-authenticate", b'Bearer realm="tidegate"')])
+KEY_ONLY = HttpError(403, "this route takes an API key, not a session token (a session cannot open sessions: "
+                     "its user is fixed)", "api_key_required")
 
 
 def caller(req) -> Identity:
@@ -45,21 +47,24 @@ class Guard:
         self.keys, self.owners, self.limiter = keys, owners, limiter
         self.session_timeout = cfg["sessions"]["owner_timeout"]
 
-    def __call__(self, handler, session_only: bool = False):
-        """Wrap a route: authenticate by session token or API key, then rate-limit."""
-        if not session_only and not self.keys.enabled and not self.limiter.enabled:
+    def __call__(self, handler, session_only: bool = False, key_only: bool = False):
+        """Wrap a route: authenticate by session token or API key (session_only / key_only: only
+        that one), then rate-limit."""
+        if not session_only and not key_only and not self.keys.enabled and not self.limiter.enabled:
             return handler  # an open gateway: nothing to check, nothing to pay
         if self.limiter.enabled:
             handler = self._rate_limited(handler)
-        return self._authenticated(handler, session_only)
+        return self._authenticated(handler, session_only, key_only)
 
     # ---- authentication -----------------------------------------------------------------------
-    def _authenticated(self, handler, session_only: bool):
+    def _authenticated(self, handler, session_only: bool, key_only: bool = False):
         keys = self.keys
 
         def authenticated(req):
             token = presented_token(req.headers)
             if token.startswith(PREFIX):
+                if key_only:
+                    raise KEY_ONLY
                 return self._with_session(token, handler, req)
             if session_only:
                 raise UNAUTHORIZED

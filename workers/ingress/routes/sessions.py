@@ -25,7 +25,7 @@ class SessionRoutes:
         self.sc, self.limits, self.guard = cfg["sessions"], cfg["limits"], guard
 
     def add_to(self, router, guard) -> None:
-        router.add("POST", "/v1/sessions", guard(self.create))
+        router.add("POST", "/v1/sessions", guard(self.create, key_only=True))  # a session's user is fixed
         router.add("GET", "/v1/sessions/current", guard(self.current, session_only=True))
         router.add("PATCH", "/v1/sessions/current", guard(self.patch, session_only=True))
         router.add("DELETE", "/v1/sessions/current", guard(self.delete, session_only=True))
