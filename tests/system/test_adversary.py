@@ -120,3 +120,13 @@ def test_a_session_cannot_open_sessions_for_other_users(daemon_factory):
     assert r.status == 403 and r.json()["error"]["code"] == "api_key_required", r.body
     assert api(d.port, "GET", "/v1/sessions/current", token).json()["user"] == "alice"
     assert api(d.port, "POST", "/v1/sessions", ALPHA, {"user": "bob"}).status == 201  # the key still can
+
+
+def test_a_model_or_view_on_a_daemon_without_any_is_named_in_its_404(daemon_factory):
+    d = daemon_factory()
+    for method, path, param in (("POST", "/v1/predict/fraud", "model"), ("GET", "/v1/predict/fraud", "model"),
+                                ("POST", "/v1/predict/fraud/batch", "model"), ("GET", "/v1/features/users/42", "view"),
+                                ("GET", "/v1/views/clicks/42", "view")):
+        r = api(d.port, method, path, body={} if method == "POST" else None)
+        err = r.json()["error"]
+        assert r.status == 404 and err["param"] == param and "declared: none" in err["message"], (path, err)

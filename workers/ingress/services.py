@@ -40,6 +40,7 @@ from tidegate.workers.ingress.routes.predict import PredictRoutes
 from tidegate.workers.ingress.routes.request import downstream
 from tidegate.workers.ingress.routes.responses import ResponsesRoute
 from tidegate.workers.ingress.routes.sessions import SessionRoutes
+from tidegate.workers.ingress.routes.undeclared import UndeclaredRoutes
 from tidegate.workers.ingress.routes.views import ViewRoutes
 from tidegate.workers.ingress.routes.ws import WsRoutes
 from tidegate.workers.ingress.scoring import worker_scorer
@@ -142,6 +143,9 @@ def build(cfg: dict, spec: dict, loop, ctx, owners, views, http, router, link, s
                 s.breakers[f"backend:{m['name']}:{b.url}"] = b.breaker
         s.openai = OpenAIRoutes(cfg, models, s.llm, ratelimit, s.classes, exact, s.semantic, s.shedder, s.breakers)
         routes += [s.openai, ResponsesRoute(s.openai)]
+    routes.append(UndeclaredRoutes(predict=not cfg["predict"]["models"],
+                                   features=not (cfg["features"]["views"] or cfg["predict"]["models"]),
+                                   views=not cfg["events"]["enabled"]))
     routes.append(WsRoutes(cfg, s.ws, router))
     for group in routes:
         group.add_to(router, s.guard)
