@@ -14,6 +14,7 @@ import itertools
 import zmq
 from zmq.utils.monitor import recv_monitor_message
 
+from tidegate.core.base.jsonlog import log
 from tidegate.core.messaging.protocol import CANCEL, CREDIT, DELTA, ERR, failure, pack
 from tidegate.core.messaging.zmqfd import decoded
 
@@ -95,7 +96,11 @@ class WorkerClient:
                     continue  # cancelled meanwhile
                 if kind != DELTA:
                     del self.handlers[rid]
-                handler(kind, payload)
+                try:
+                    handler(kind, payload)
+                except Exception as e:  # one request's bug must not drop the other events of the frame
+                    self.handlers.pop(rid, None)
+                    log.error("event handler failed", kind=kind, error=repr(e))
 
     def _on_monitor(self) -> None:
         while not self.monitor.closed:

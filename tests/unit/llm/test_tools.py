@@ -35,3 +35,14 @@ def test_choice_and_grammar():
     assert e.value.param == "tool_choice"
     assert grammar_for_calls(tools, "auto", True) is None and grammar_for_calls(tools, "none", True) is None
     assert "root" in grammar_for_calls(tools, "required", True) and "root" in grammar_for_calls(tools, "f", False)
+
+
+def test_hostile_model_output_is_parsed_in_linear_time_and_never_raises():
+    deep = "[" * 5000 + "]" * 5000
+    assert parse_calls('{"name": "f", "arguments": ' + deep + "}", False, {"f"}) is None
+    try:  # forced: the grammar's JSON; too deep is a ValueError the reply turns into plain text
+        parse_calls('{"name": "f", "arguments": ' + deep + "}", True, {"f"})
+    except ValueError:
+        pass
+    # backtracked quadratically through the old regex (minutes here: the suite's timeout ends it)
+    assert parse_calls("<tool_call>" * 20000 + "{" * 20000, False, {"f"}) is None
