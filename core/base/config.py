@@ -336,6 +336,8 @@ SCHEMA: dict[str, dict[str, Key]] = {
     "sessions": {
         "ttl": Key(float, 3600.0, "seconds a session lives after its last use (sliding)", positive),
         "max_per_worker": Key(int, 1000000, "sessions one owner holds; creating more answers 503", positive),
+        "expire_batch": Key(int, 2000, "expired sessions removed in one transaction; the worker serves between "
+                            "batches", positive),
         "max_attributes_bytes": Key(int, 4096, "JSON size of a session's attributes, after a PATCH merges too "
                                     "(400 above)", positive),
         "map_bytes": Key(int, 4096 * MiB, "most disk one owner's sessions LMDB may grow to (it starts at 64 MiB "

@@ -35,6 +35,7 @@ class Stores:
         self.sessions: SessionStore | None = None
         self.events: PartitionOwner | None = None  # this worker's event-log partition
         self._event_stats: dict = {}  # kept while released, so counters never go back
+        self._expiring = False  # an expiry sweep is running
 
     def dirs(self) -> dict:
         data = self.cfg["server"]["data_dir"]
@@ -99,8 +100,18 @@ class Stores:
 
     # periodic upkeep
     def expire_sessions(self) -> None:
-        if self.sessions is not None:
-            self.sessions.expire()
+        if self.sessions is not None and not self._expiring:
+            self._expiring = True
+            asyncio.ensure_future(self._expire_in_batches())
+
+    async def _expire_in_batches(self) -> None:
+        """Expired sessions go in batches of sessions.expire_batch, the loop serving between them."""
+        try:
+            while self.sessions is not None and \
+                    self.sessions.expire(self.cfg["sessions"]["expire_batch"]) >= self.cfg["sessions"]["expire_batch"]:
+                await asyncio.sleep(0)
+        finally:
+            self._expiring = False
 
     def retain_events(self) -> None:
         if self.events is not None:

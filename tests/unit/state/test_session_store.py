@@ -71,3 +71,31 @@ def test_a_full_map_grows_then_refuses_and_touches_never_fail(tmp_path):
             s.create(token_id(new_token()), "acme", "u", "k", "standard", {"pad": "x" * 4000})
     s._persisted_expiry[first] = 0  # force the next touch to write
     assert s.get(first) is not None  # a touch on a full store still answers
+
+
+def test_sessions_that_expire_together_go_in_batches_of_one_transaction_without_a_sync(tmp_path):
+    s = SessionStore(str(tmp_path / "s"), ttl=0.05, max_sessions=10000)
+    for i in range(2500):
+        s.create(f"{i:064d}", "t", "u", "k", "standard", {})
+    real = s.env
+
+    class Counting:  # the environment, counting write transactions and syncs
+        writes = syncs = 0
+
+        def begin(self, write=False, **kw):
+            Counting.writes += write
+            return real.begin(write=write, **kw)
+
+        def sync(self, *a):
+            Counting.syncs += 1
+            return real.sync(*a)
+    s.env = Counting()
+    time.sleep(0.1)
+    assert [s.expire(1000), s.expire(1000), s.expire(1000), s.expire(1000)] == [1000, 1000, 500, 0]
+    assert Counting.writes == 3 and Counting.syncs == 0 and not s.live
+    s.env = real
+    s.close()
+    again = SessionStore(str(tmp_path / "s"), ttl=60, max_sessions=10)
+    with again.env.begin() as txn:
+        assert txn.stat()["entries"] == 0  # gone from disk too
+    again.close()
