@@ -64,9 +64,10 @@ def _views_behind(reader, partition: str, segs: list[str]):
 
 
 def _repair(directory: str) -> int:
-    """Cut every segment at its first bad block and drop the segments after a damaged one."""
-    segs = segments(directory)
-    for i, path in enumerate(segs):
+    """Cut each damaged segment at its first bad block and keep every segment after it: the
+    damage costs the records from the bad block to that segment's end, never intact segments
+    (dropping those had lost four good segments for one flipped byte in the oldest)."""
+    for path in segments(directory):
         try:
             for _ in read_blocks(path):
                 pass
@@ -74,7 +75,4 @@ def _repair(directory: str) -> int:
             with open(path, "r+b") as f:
                 f.truncate(e.offset)
                 os.fsync(f.fileno())
-            for later in segs[i + 1:]:
-                os.unlink(later)
-            break
     return recover(directory)

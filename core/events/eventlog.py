@@ -12,7 +12,8 @@ of that block fail (503) and later ones fail at once, until a probe write + fsyn
 Recovery at start reads the tail segment (earlier ones were checked when they were the tail, so
 start-up does not grow with the log): a bad block with nothing valid after it is a partial
 write and is cut off; a bad block followed by good ones refuses to open the partition
-(CorruptLog names the file and offset) until `tidegate admin log repair` cuts it.
+(CorruptLog names the file and offset) until `tidegate admin log repair` cuts that segment at
+the bad block (the segments after it are kept).
 """
 from __future__ import annotations
 

@@ -151,3 +151,25 @@ def test_close_writes_what_is_buffered_and_answers_its_waiters(tmp_path):
         return [f.result() for f in futs]
     assert asyncio.new_event_loop().run_until_complete(main()) == [0, 1, 2]
     assert [s for s, _ in read_all(str(tmp_path))] == [0, 1, 2]
+
+
+def test_repair_cuts_only_the_damaged_segment_and_keeps_the_ones_after_it(tmp_path):
+    from tidegate.core.events.admin import _repair
+    for _ in range(5):
+        write(tmp_path, [50], segment_bytes=2000, compress=False)
+    segs = segments(str(tmp_path))
+    assert len(segs) >= 4
+    before = {s: os.path.getsize(s) for s in segs}
+    with open(segs[0], "r+b") as f:  # one flipped byte in the oldest segment's second block
+        f.seek(before[segs[0]] // 2)
+        b = f.read(1)
+        f.seek(-1, 1)
+        f.write(bytes([b[0] ^ 0xFF]))
+    next_seq = _repair(str(tmp_path))
+    assert next_seq == 250  # the tail is whole: the log goes on where it was
+    assert segments(str(tmp_path)) == segs  # no segment dropped
+    assert os.path.getsize(segs[0]) < before[segs[0]]  # cut at the bad block
+    assert all(os.path.getsize(s) == before[s] for s in segs[1:])  # the others untouched
+    seqs = [s for s, _ in read_all(str(tmp_path))]
+    first_kept = int(os.path.basename(segs[1])[:-4])
+    assert seqs[-1] == 249 and list(range(first_kept, 250)) == seqs[seqs.index(first_kept):]
