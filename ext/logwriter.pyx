@@ -75,18 +75,29 @@ cdef class LogWriter:
         names = sorted(n for n in os.listdir(self.directory) if n.endswith(".log"))
         last = names[len(names) - 1] if names else None  # (no negative indexes: wraparound is off)
         if not fresh and last and os.path.getsize(os.path.join(self.directory, last)) < self.segment_bytes:
-            self.path = os.path.join(self.directory, last)
+            path = os.path.join(self.directory, last)
         else:
-            self.path = os.path.join(self.directory, "%020d.log" % self.next_seq)
-        if self.fd >= 0:
-            os.close(self.fd)
-        self.fd = os.open(self.path, os.O_WRONLY | os.O_CREAT | os.O_APPEND | os.O_CLOEXEC, 0o600)
-        self.size = os.fstat(self.fd).st_size
-        dfd = os.open(self.directory, os.O_RDONLY)
+            path = os.path.join(self.directory, "%020d.log" % self.next_seq)
+        # the new segment is open and its name durable before the old descriptor is let go: a
+        # failure at any step leaves the writer on the old segment, never on a closed descriptor
+        # (whose number the next open() may give an unrelated file)
+        new = os.open(path, os.O_WRONLY | os.O_CREAT | os.O_APPEND | os.O_CLOEXEC, 0o600)
         try:
-            os.fsync(dfd)  # the new file's name is durable too
-        finally:
-            os.close(dfd)
+            size = os.fstat(new).st_size
+            dfd = os.open(self.directory, os.O_RDONLY)
+            try:
+                os.fsync(dfd)  # the new file's name is durable too
+            finally:
+                os.close(dfd)
+        except BaseException:
+            os.close(new)
+            raise
+        old, self.fd, self.path, self.size = self.fd, new, path, size
+        if old >= 0:
+            try:
+                os.close(old)
+            except OSError:
+                pass  # (its blocks were synced when written)
 
     def __dealloc__(self):
         free(self.buf)
@@ -163,6 +174,8 @@ cdef class LogWriter:
         back to where this block began and the error is raised: nothing half-written stays."""
         if self.fd < 0:
             raise OSError(9, "event log segment is not open")
+        if self.size >= self.segment_bytes:  # the roll after the last block failed: again, before any byte
+            self._open_segment()
         start = self.size
         try:
             view = memoryview(block)
@@ -179,7 +192,10 @@ cdef class LogWriter:
             raise
         self.size = start + len(block)
         if self.size >= self.segment_bytes:
-            self._open_segment()
+            try:
+                self._open_segment()
+            except OSError:
+                pass  # this block is durable and answered so; the roll is tried again before the next
 
     def reopen_fresh(self):
         """After a write error: continue in a new segment file (Linux reports a writeback error

@@ -173,3 +173,49 @@ def test_repair_cuts_only_the_damaged_segment_and_keeps_the_ones_after_it(tmp_pa
     seqs = [s for s, _ in read_all(str(tmp_path))]
     first_kept = int(os.path.basename(segs[1])[:-4])
     assert seqs[-1] == 249 and list(range(first_kept, 250)) == seqs[seqs.index(first_kept):]
+
+
+class _FailingOs:
+    """os for ext/logwriter, failing the nth call of one function (one step of a segment roll)."""
+
+    def __init__(self, name: str, nth: int):
+        self.name, self.nth, self.calls = name, nth, 0
+
+    def __getattr__(self, attr):
+        real = getattr(os, attr)
+        if attr != self.name:
+            return real
+
+        def maybe_fail(*a, **kw):
+            self.calls += 1
+            if self.calls == self.nth:
+                raise OSError(errno.EIO, f"injected {attr} failure")
+            return real(*a, **kw)
+        return maybe_fail
+
+
+@pytest.mark.parametrize("step, nth", [("open", 1), ("fstat", 1), ("open", 2), ("fsync", 1)])
+def test_a_failed_segment_roll_neither_fails_a_durable_block_nor_writes_through_a_closed_descriptor(
+        tmp_path, monkeypatch, step, nth):
+    """Rolling to a new segment after a block: opening it, its size, the directory, the
+    directory's fsync. The block was durable before the roll: it is answered, and the writer
+    stays on a segment it really holds (once it wrote the next block into whatever file reused
+    the closed descriptor's number)."""
+    from tidegate.ext import logwriter
+    write(tmp_path, [50], segment_bytes=2000, compress=False)  # one full segment: the next block rolls
+    bystander = tmp_path.parent / f"bystander-{step}-{nth}"
+
+    async def main():
+        p = Partition(str(tmp_path), segment_bytes=2000, compress=False)
+        monkeypatch.setattr(logwriter, "os", _FailingOs(step, nth))
+        first = await p.append([b"x" * 100 for _ in range(30)])  # fills the segment it opened: the roll fails
+        monkeypatch.setattr(logwriter, "os", os)
+        with open(bystander, "wb") as f:  # takes the lowest free descriptor number
+            f.write(b"")
+            second = await p.append([b"y" * 100 for _ in range(5)])
+        p.close()
+        return first, second, p.stats
+    first, second, stats = asyncio.new_event_loop().run_until_complete(main())
+    assert stats["log_write_errors"] == 0 and (first, second) == (50, 80)
+    assert [s for s, _ in read_all(str(tmp_path))] == list(range(85))  # all there, once each
+    assert bystander.read_bytes() == b""
