@@ -103,7 +103,7 @@ MODEL_FIELDS = {"name": str, "path": str, "n_ctx": int, "max_seqs": int, "thread
                 "chat_template": str, "embeddings": bool, "class": str, "fallback_text": str,
                 # served by remote OpenAI-compatible servers instead of a local worker (core/llm/remote.py)
                 "backends": list, "routing": str, "balance_slack": int, "health_path": str,
-                "health_interval": (int, float), "connect_timeout": (int, float)}
+                "health_interval": (int, float), "connect_timeout": (int, float), "keepalive": (int, float)}
 BACKEND_FIELDS = {"url": str, "model": str, "weight": (int, float), "api_key": str, "max_inflight": int}
 ROUTINGS = ("prefix", "round_robin", "least_loaded")
 
@@ -371,7 +371,8 @@ SCHEMA: dict[str, dict[str, Key]] = {
                       "request of a cached class gets when no cached one is found; a model with backends = "
                       "[{url, model, weight, api_key, max_inflight}] is served by those remote OpenAI-compatible "
                       "servers instead (routing = prefix | round_robin | least_loaded, balance_slack, health_path, "
-                      "health_interval, connect_timeout)", _models),
+                      "health_interval, connect_timeout, keepalive: seconds an idle connection to a backend is "
+                      "reused, 4, below the backends' own idle timeouts)", _models),
         "n_ctx": Key(int, 4096, "context length per sequence (prompt + completion)", positive),
         "max_seqs": Key(int, 8, "sequences decoded together (continuous batching slots)", positive),
         "n_batch": Key(int, 512, "tokens per llama_decode step (long prompts are prefilled in chunks)", positive),

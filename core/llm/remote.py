@@ -121,6 +121,7 @@ class RemoteModel:
                              cfg["inference"]["reserved"])
         self.connect_timeout = model.get("connect_timeout", 2.0)
         self.health_path, self.health_interval = model.get("health_path", "/v1/models"), model.get("health_interval", 2.0)
+        self.keepalive = model.get("keepalive", 4.0)
         self._ids = itertools.count(1)
         self.tasks: dict[int, asyncio.Task] = {}
         self.flows: dict[int, Flow] = {}
@@ -131,10 +132,12 @@ class RemoteModel:
     def session(self):
         if self._session is None:
             import aiohttp  # (the daemon only needs it when a model has remote backends)
+            trace = aiohttp.TraceConfig()  # tells _connect whether a request's body went out
+            trace.on_request_chunk_sent.append(_body_sent)
             self._session = aiohttp.ClientSession(
-                connector=aiohttp.TCPConnector(limit=0, keepalive_timeout=30),
+                connector=aiohttp.TCPConnector(limit=0, keepalive_timeout=self.keepalive),
                 timeout=aiohttp.ClientTimeout(total=None, sock_connect=self.connect_timeout),
-                json_serialize=lambda o: orjson.dumps(o).decode())
+                json_serialize=lambda o: orjson.dumps(o).decode(), trace_configs=[trace])
         return self._session
 
     # ---- the worker client's interface --------------------------------------------------------
@@ -220,15 +223,16 @@ class RemoteModel:
                 return None, None
             headers = {"Authorization": f"Bearer {b.api_key}"} if b.api_key else {}
             b.inflight += 1
+            sent = {"body": False}  # set by the trace once the body is handed to the connection
             try:
-                resp = await self.session().post(b.url + path, json=payload, headers=headers)
+                resp = await self.session().post(b.url + path, json=payload, headers=headers, trace_request_ctx=sent)
             except asyncio.CancelledError:
                 b.inflight -= 1
                 raise
             except Exception as e:
                 b.inflight -= 1
                 b.breaker.record(False)
-                if not _never_sent(e):  # it may have arrived: the answer is the client's, not a retry
+                if sent["body"] or not _transport_error(e):  # it may have arrived: the answer is the client's
                     b.stats["failures"] += 1
                     handler(ERR, failure(502, f"model {self.name!r}: backend {b.name} failed the request ({e!r})",
                                   "backend_error"))
@@ -394,13 +398,18 @@ class Flow:
             self._more.set_result(None)
 
 
-def _never_sent(e: Exception) -> bool:
-    """The request cannot have reached the backend: the connection was refused or timed out, or
-    its body could not be written (a pooled connection the backend had closed). Only those are
-    retried on the next backend: nothing can be generated twice."""
+async def _body_sent(session, ctx, params) -> None:
+    ctx.trace_request_ctx["body"] = True
+
+
+def _transport_error(e: Exception) -> bool:
+    """A failure of the connection (refused, timed out, reset), not of our own code. Retried on
+    the next backend only while the request's body had not been handed to the connection: once
+    it was, the backend may have it and be generating (a reset after it read the request had
+    been retried: generated twice), so the failure is the client's answer. A pooled connection
+    the backend closed is kept from reuse by keepalive_timeout below the backends' own."""
     import aiohttp
-    return isinstance(e, (aiohttp.ClientConnectorError, aiohttp.ConnectionTimeoutError)) or (
-        isinstance(e, aiohttp.ClientOSError) and isinstance(e.__cause__, ConnectionResetError))
+    return isinstance(e, (aiohttp.ClientError, OSError, asyncio.TimeoutError))
 
 
 def _estimate(deltas: int) -> dict:

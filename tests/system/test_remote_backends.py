@@ -123,3 +123,55 @@ def test_a_stream_cut_mid_answer_is_an_error_event_never_a_clean_end(daemon_fact
         assert e.value.status_code == 503 and time.monotonic() - t0 < 5
     finally:
         b.kill()
+
+
+def test_a_backend_that_took_the_request_is_never_asked_again_elsewhere(daemon_factory, demo_model):
+    """A backend that read the whole request and then reset the connection may be generating:
+    retrying on the next backend generated twice. Only a request whose body never went out is
+    retried (test_connect_errors_go_to_the_next_backend)."""
+    import socket
+    import threading
+    other = backend_daemon(daemon_factory, demo_model)
+    srv = socket.socket()
+    srv.bind(("127.0.0.1", 0))
+    srv.listen(16)
+    took = []
+
+    def serve():  # answers health checks; reads a generation request whole, then resets
+        while True:
+            try:
+                conn, _ = srv.accept()
+            except OSError:
+                return
+            data = b""
+            while b"\r\n\r\n" not in data:
+                data += conn.recv(65536) or b"\r\n\r\n"
+            head, _, body = data.partition(b"\r\n\r\n")
+            if head.startswith(b"GET"):
+                conn.sendall(b"HTTP/1.1 200 OK\r\ncontent-length: 2\r\nconnection: close\r\n\r\n{}")
+                conn.close()
+                continue
+            length = int([h.split(b":")[1] for h in head.split(b"\r\n") if h.lower().startswith(b"content-length")][0])
+            while len(body) < length:
+                body += conn.recv(65536)
+            took.append(body)
+            conn.setsockopt(socket.SOL_SOCKET, socket.SO_LINGER, b"\x01\x00\x00\x00\x00\x00\x00\x00")
+            conn.close()  # RST
+    threading.Thread(target=serve, daemon=True).start()
+    try:
+        g = gateway(daemon_factory, [{"url": f"http://127.0.0.1:{srv.getsockname()[1]}", "model": "demo"},
+                                     {"url": f"http://127.0.0.1:{other.port}", "model": "demo"}],
+                    routing="round_robin", health_interval=600)
+        c = client(g)
+        statuses = []
+        for i in range(4):
+            try:
+                c.chat.completions.create(model="remote", messages=[{"role": "user", "content": f"q{i}"}],
+                                          max_tokens=2)
+                statuses.append(200)
+            except openai.APIStatusError as e:
+                statuses.append(e.status_code)
+        # each request the resetting backend took is answered 502, not sent on to the other
+        assert len(took) >= 1 and statuses.count(502) == len(took) == 4 - statuses.count(200), (statuses, len(took))
+    finally:
+        srv.close()
