@@ -270,7 +270,8 @@ class RemoteModel:
                     b.breaker.record(resp.status < 500)
                     handler(ERR, await _error_of(resp, self.name))
                     return
-                ended = await self._relay(resp, "messages" in body, body.get("stream", True), handler, t0, flow)
+                ended = await self._relay(resp, "messages" in body, body.get("stream", True), handler, t0, flow,
+                                          _prompt_estimate(body))
         except asyncio.CancelledError:
             raise
         except Exception as e:  # the connection broke mid-answer
@@ -287,7 +288,7 @@ class RemoteModel:
         else:
             b.breaker.record(True, time.monotonic() - t0)
 
-    async def _relay(self, resp, chat: bool, stream: bool, handler, t0: float, flow=None) -> bool:
+    async def _relay(self, resp, chat: bool, stream: bool, handler, t0: float, flow=None, prompt: int = 0) -> bool:
         """Backend SSE -> DELTA events, then END (not streamed: the whole text in END, as the
         inference worker sends it); True only when the stream really ended (its finish_reason
         seen, then [DONE] or EOF). A stream a window ahead of its reader stops reading the
@@ -305,7 +306,7 @@ class RemoteModel:
                 if data == b"[DONE]":
                     if finish is None:
                         return False
-                    self._end(handler, finish, usage or _estimate(deltas), first, t0, "".join(held))
+                    self._end(handler, finish, usage or _estimate(deltas, prompt), first, t0, "".join(held))
                     return True
                 event = orjson.loads(data)
                 if "error" in event:
@@ -328,7 +329,7 @@ class RemoteModel:
                         finish = c["finish_reason"]
         if finish is None:
             return False
-        self._end(handler, finish, usage or _estimate(deltas), first, t0, "".join(held))  # (EOF, no [DONE])
+        self._end(handler, finish, usage or _estimate(deltas, prompt), first, t0, "".join(held))  # (EOF, no [DONE])
         return True
 
     @staticmethod
@@ -412,10 +413,18 @@ def _transport_error(e: Exception) -> bool:
     return isinstance(e, (aiohttp.ClientError, OSError, asyncio.TimeoutError))
 
 
-def _estimate(deltas: int) -> dict:
+def _estimate(deltas: int, prompt: int) -> dict:
     """Usage of a backend that sends none in its stream (llama-cpp-python's server ignores
-    stream_options): llama.cpp-family servers send one token per delta; the prompt is unknown."""
-    return {"prompt_tokens": 0, "completion_tokens": deltas}
+    stream_options): llama.cpp-family servers send one token per delta; the prompt is estimated
+    as the reservation was (~3 characters a token), so tokens/minute counts it, never 0."""
+    return {"prompt_tokens": prompt, "completion_tokens": deltas}
+
+
+def _prompt_estimate(body: dict) -> int:
+    """~3 characters a token, and 4 a message for the chat template's markers (as OpenAI counts)."""
+    if "messages" in body:
+        return sum(len(m.get("content") or "") // 3 + 4 for m in body["messages"])
+    return max(1, len(body.get("prompt") or "") // 3)
 
 
 async def _error_of(resp, model: str) -> list:
