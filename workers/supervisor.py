@@ -342,7 +342,7 @@ class Supervisor:
     def _spawn(self, slot: Slot, gen: int, cfg: dict) -> None:
         """Start the process for slot: its kind's module (workers/__init__.py), its spec in a memfd."""
         self._ids += 1
-        spec = {"kind": slot.kind, "slot": slot.index, "gen": gen, "config": config.redacted(cfg),
+        spec = {"kind": slot.kind, "slot": slot.index, "gen": gen, "config": config.for_worker(cfg, slot.kind),
                 "internal": endpoints.internal(cfg), "supervisor_pid": os.getpid()}
         fds: list[int] = []
         if slot.kind == INGRESS:

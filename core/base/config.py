@@ -10,6 +10,7 @@ from __future__ import annotations
 import copy
 import json
 import os
+import re
 import tomllib
 from dataclasses import dataclass
 from typing import Any, Callable
@@ -734,14 +735,35 @@ def binds(cfg: dict) -> list[str]:
     return [b] if isinstance(b, str) else list(b)
 
 
-def redacted(cfg: dict) -> dict:
-    """The config with secret values masked, for admin output and logs."""
+# the secrets each kind of worker uses (it gets their values; every other secret is masked for it)
+WORKER_SECRETS = {"ingress": frozenset({"state.password", "features.redis_url", "backends.api_key"})}
+_URL_PASSWORD = re.compile(r"^([a-z][a-z0-9+.-]*://[^:/@]*:)([^@]*)(@)", re.I)
+
+
+def redacted(cfg: dict, keep: frozenset = frozenset()) -> dict:
+    """The config with every secret masked, for admin output, logs and the workers that need
+    none: keys marked secret, a password inside a URL (redis://user:PASSWORD@host), remote
+    backends' api_keys. keep: the secrets left as they are ("section.key", "backends.api_key")."""
     out = copy.deepcopy(cfg)
     for sec, keys in SCHEMA.items():
         for k, key in keys.items():
+            if f"{sec}.{k}" in keep or not isinstance(out[sec][k], str):
+                continue
             if key.secret and out[sec][k]:
                 out[sec][k] = "***"
+            else:
+                out[sec][k] = _URL_PASSWORD.sub(r"\1***\3", out[sec][k])
+    if "backends.api_key" not in keep:
+        for m in out["inference"]["models"]:
+            for b in m.get("backends") or ():
+                if b.get("api_key"):
+                    b["api_key"] = "***"
     return out
+
+
+def for_worker(cfg: dict, kind: str) -> dict:
+    """The config a worker of `kind` gets (in its spec's memfd, never its environment)."""
+    return redacted(cfg, WORKER_SECRETS.get(kind, frozenset()))
 
 
 def models(cfg: dict) -> list[dict]:

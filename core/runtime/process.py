@@ -4,8 +4,9 @@ exit codes every process speaks, named once.
 The supervisor starts workers with fork+exec and hands each its spec (slot, generation, config,
 inherited fds…) as JSON in an anonymous memory file (memfd) whose descriptor number is in
 $TIDEGATE_WORKER_SPEC_FD: unlike the environment, which /proc/PID/environ keeps for the process's
-life, it is read once and closed. The config in it has its secrets masked (workers need none). A worker's exit code tells the supervisor
-what happened; the daemon's tells systemd (and the operator) why it stopped.
+life, it is read once and closed. The config in it has every secret masked but those the worker's kind uses (config.WORKER_SECRETS:
+an ingress worker authenticates to the state cluster, Redis and remote backends). A worker's exit
+code tells the supervisor what happened; the daemon's tells systemd (and the operator) why it stopped.
 """
 from __future__ import annotations
 

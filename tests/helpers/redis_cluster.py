@@ -20,7 +20,10 @@ NODE_TIMEOUT_MS = 1000
 
 class RedisCluster:
 
-    def __init__(self, tmp_path, masters: int = 3, replicas: int = 1, node_timeout_ms: int = NODE_TIMEOUT_MS):
+    def __init__(self, tmp_path, masters: int = 3, replicas: int = 1, node_timeout_ms: int = NODE_TIMEOUT_MS,
+                 password: str = ""):
+        self.password = password
+        auth = ["--requirepass", password, "--masterauth", password] if password else []
         server = redis_binary()
         cli = os.path.join(os.path.dirname(server), "redis-cli")
         if not os.path.exists(cli):
@@ -33,12 +36,13 @@ class RedisCluster:
             self.procs[port] = subprocess.Popen(
                 [server, "--port", str(port), "--bind", "127.0.0.1", "--cluster-enabled", "yes",
                  "--cluster-config-file", "nodes.conf", "--cluster-node-timeout", str(node_timeout_ms),
-                 "--save", "", "--appendonly", "no", "--dir", str(d)],
+                 "--save", "", "--appendonly", "no", "--dir", str(d), *auth],
                 stdout=subprocess.DEVNULL, stderr=subprocess.DEVNULL)
         try:
             for port in self.ports:
-                _wait_ping(port)
-            subprocess.run([cli, "--cluster", "create", *[f"127.0.0.1:{p}" for p in self.ports],
+                _wait_ping(port, password)
+            subprocess.run([cli, *(["-a", password, "--no-auth-warning"] if password else []),
+                            "--cluster", "create", *[f"127.0.0.1:{p}" for p in self.ports],
                             "--cluster-replicas", str(replicas), "--cluster-yes"],
                            check=True, stdout=subprocess.DEVNULL, stderr=subprocess.DEVNULL, timeout=60)
             self.wait_ok()
@@ -48,7 +52,7 @@ class RedisCluster:
         self.seeds = [f"127.0.0.1:{p}" for p in self.ports[:masters]]
 
     def client(self, port: int) -> redis.Redis:
-        return redis.Redis(port=port, socket_timeout=2)
+        return redis.Redis(port=port, socket_timeout=2, password=self.password or None)
 
     def wait_ok(self, timeout: float = 30.0) -> None:
         """Every live node says cluster_state:ok and every slot has a live master."""
@@ -112,11 +116,11 @@ class RedisCluster:
                 proc.wait(5)
 
 
-def _wait_ping(port: int, timeout: float = 10.0) -> None:
+def _wait_ping(port: int, password: str = "", timeout: float = 10.0) -> None:
     deadline = time.monotonic() + timeout
     while True:
         try:
-            redis.Redis(port=port, socket_timeout=1).ping()
+            redis.Redis(port=port, socket_timeout=1, password=password or None).ping()
             return
         except redis.ConnectionError:
             if time.monotonic() > deadline:

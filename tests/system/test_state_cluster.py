@@ -223,3 +223,27 @@ def test_a_master_killed_mid_test(tmp_path, daemon_factory, fail_open):
             assert r.status == 200 and r.json()["attributes"] == {"i": i}, (i, r.status)
     finally:
         cluster.stop()
+
+
+def test_a_cluster_with_a_password_is_reached_and_admin_config_masks_every_secret(tmp_path, daemon_factory):
+    """Workers had been handed the masked config and sent AUTH with '***': sessions answered
+    503 and limits failed open. The workers that need a secret get it (in their spec's memfd);
+    `tidegate admin config` shows none (nor a backend api_key, nor a password inside a URL)."""
+    c = RedisCluster(tmp_path / "pw", password="s3cret-pw")
+    try:
+        d = daemon_factory(workers=2, auth={"keys": KEYS}, ratelimit={"key_rps": 0.001, "key_burst": 3.0},
+                           state={"backend": "cluster", "seeds": c.seeds, "password": "s3cret-pw"},
+                           features={"redis_url": "redis://user:url-secret@127.0.0.1:1/0"},
+                           inference={"enabled": True, "models": [
+                               {"name": "r", "backends": [{"url": "http://127.0.0.1:1", "api_key": "sk-backend-secret"}]}]})
+        connected(d)
+        s = api(d.port, "POST", "/v1/sessions", BETA, {"user": "u1"})
+        assert s.status == 201, s.body
+        assert api(d.port, "GET", "/v1/sessions/current", s.json()["token"]).status == 200
+        statuses = [api(d.port, "POST", "/v1/echo", ALPHA, {"x": 1}).status for _ in range(6)]
+        assert statuses.count(200) == 3 and statuses.count(429) == 3, statuses  # limited, not failing open
+        shown = json.dumps(d.admin_json("config"))
+        for secret in ("s3cret-pw", "url-secret", "sk-backend-secret"):
+            assert secret not in shown
+    finally:
+        c.stop()

@@ -182,3 +182,18 @@ def test_gpu_layers_auto_offloads_all_only_where_llama_cpp_can():
     assert config.validate({"inference": {"models": [{"name": "m", "n_gpu_layers": 12}]}})
     assert gpu_layers("auto", True) == ALL_LAYERS and gpu_layers("auto", False) == 0
     assert gpu_layers(12, True) == 12 and gpu_layers(0, True) == 0
+
+
+def test_every_secret_is_masked_and_a_worker_gets_only_those_its_kind_uses():
+    from tidegate.core.base import config
+    cfg = config.load(None, {"state.password": "pw", "features.redis_url": "rediss://u:p%40ss@h:6380/0",
+                             "inference.models": [{"name": "r", "backends": [{"url": "http://x", "api_key": "sk-1"}]}]})
+    shown = config.redacted(cfg)
+    assert shown["state"]["password"] == "***" and shown["features"]["redis_url"] == "rediss://u:***@h:6380/0"
+    assert shown["inference"]["models"][0]["backends"][0]["api_key"] == "***"
+    assert cfg["state"]["password"] == "pw"  # (a copy)
+    ingress = config.for_worker(cfg, "ingress")
+    assert ingress["state"]["password"] == "pw" and ingress["features"]["redis_url"].endswith("p%40ss@h:6380/0")
+    assert ingress["inference"]["models"][0]["backends"][0]["api_key"] == "sk-1"
+    other = config.for_worker(cfg, "inference")
+    assert other["state"]["password"] == "***" and other["inference"]["models"][0]["backends"][0]["api_key"] == "***"
