@@ -133,6 +133,8 @@ class Supervisor:
         self.respawn_at: dict[int, float] = {}
         self.crashes: collections.Counter = collections.Counter()  # slot -> quick crashes in a row
         self.respawns = 0
+        self.metrics_renders = 0
+        self._metrics: tuple[float, bytes] | None = None  # (when, the rendered text): render_metrics
         self.degraded: dict[str, str] = {}  # slot -> why it is not serving now (cleared at its READY)
         self.forced_shed: set[str] = set()  # classes an operator sheds now (admin shed on|off)
         self.box = BoxWatch(cfg["overload"])  # box-level overload: memory and fds -> graded actions
@@ -516,12 +518,25 @@ class Supervisor:
                                                               "body": body})])
 
     def render_metrics(self) -> bytes:
+        """The Prometheus text, rendered at most once per server.metrics_interval: a flood of
+        /metrics (each worker coalesces its own) must not keep the supervisor from readiness."""
+        now = time.monotonic()
+        if self._metrics is not None and now - self._metrics[0] < self.cfg["server"]["metrics_interval"]:
+            return self._metrics[1]
+        self.metrics_renders += 1
+        text = self._render_metrics()
+        self._metrics = (now, text)
+        return text
+
+    def _render_metrics(self) -> bytes:
         return self.aggregator.render([
             ("gauge", "tidegate_workers_ready", "Ingress workers ready", self._ready_count(self.gen)),
             ("gauge", "tidegate_workers_expected", "Ingress workers configured", self._expected()),
             ("counter", "tidegate_worker_respawns", "Workers respawned after dying or hanging", self.respawns),
             ("gauge", "tidegate_workers_degraded", "Processes configured but not serving now (see /readyz)",
              len(self.degraded)),
+            ("counter", "tidegate_metrics_renders", "Times /metrics was rendered (at most once per "
+             "server.metrics_interval)", self.metrics_renders),
         ])
 
     # ---- admin control socket -----------------------------------------------------------------
@@ -647,6 +662,7 @@ class Supervisor:
                 "workers_ready": self._ready_count(self.gen), "workers_expected": self._expected(),
                 "bind": self.listeners.bound(), "config": self.cfg_path or "(built-in defaults)",
                 "control": endpoints.control(self.cfg), "respawns": self.respawns, "degraded": self.degraded,
+                "metrics_renders": self.metrics_renders,
                 "box": self.box.describe()}
 
     def worker_table(self) -> list[dict]:

@@ -256,6 +256,9 @@ SCHEMA: dict[str, dict[str, Key]] = {
         "run_dir": Key(str, "./var/run", "sockets and pid file (created mode 0700)"),
         "data_dir": Key(str, "./var/data", "durable state"),
         "heartbeat_interval": Key(float, 1.0, "seconds between worker heartbeats", positive),
+        "metrics_interval": Key(float, 1.0, "/metrics is rendered at most once this often (s), and each worker "
+                                "asks for it at most once per interval however many clients do", positive),
+        "metrics_auth": Key(bool, False, "/metrics takes an API key (when keys are configured)"),
         "max_frame_bytes": Key(int, 16 * MiB, "largest ZeroMQ frame between processes (ZMQ_MAXMSGSIZE of the "
                                "internal sockets); what queues in one loop turn is split to fit, and a message "
                                "that alone is larger is refused; at least 4x limits.max_body_bytes", positive),

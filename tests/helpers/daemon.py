@@ -36,7 +36,9 @@ class Daemon:
         self.config_path = tmp_path / "tidegate.toml"
         self.sections = {"server": {"bind": f"127.0.0.1:{self.port}", "workers": workers,
                                     "run_dir": str(tmp_path / "run"), "data_dir": str(tmp_path / "data"),
-                                    "heartbeat_interval": 0.2, "graceful_timeout": 5.0},
+                                    "heartbeat_interval": 0.2, "graceful_timeout": 5.0,
+                                    # tests read counters right after what moves them: no render cache
+                                    "metrics_interval": 0.001},
                          # no model unless a test asks: the HTTP and state tests do not need one
                          "inference": {"enabled": False},
                          # a shared CI machine runs loops late at random: shedding on it would make

@@ -130,3 +130,36 @@ def test_a_model_or_view_on_a_daemon_without_any_is_named_in_its_404(daemon_fact
         r = api(d.port, method, path, body={} if method == "POST" else None)
         err = r.json()["error"]
         assert r.status == 404 and err["param"] == param and "declared: none" in err["message"], (path, err)
+
+
+def test_a_metrics_flood_costs_one_render_and_readiness_answers_meanwhile(daemon_factory):
+    """1,000 keep-alive connections asking /metrics saturated the supervisor (a render per
+    request, kept up for askers that had left) and /readyz, queued behind, answered 503."""
+    import threading
+    from helpers.http import request
+    d = daemon_factory(workers=2, server={"metrics_interval": 60.0})
+    before = d.admin_json("status")["body"]["metrics_renders"]
+    stop, answered, ready = threading.Event(), [], []
+
+    def flood():
+        while not stop.is_set():
+            answered.append(request(d.port, path="/metrics", timeout=30.0).status)
+    threads = [threading.Thread(target=flood) for _ in range(32)]
+    for t in threads:
+        t.start()
+    while len(answered) < 400:
+        ready.append(request(d.port, path="/readyz", timeout=30.0).status)
+    stop.set()
+    for t in threads:
+        t.join()
+    assert set(answered) == {200} and set(ready) == {200}, (set(answered), set(ready))
+    # rendered at most once per interval, whichever worker asked: a flood of 400 costs one
+    assert d.admin_json("status")["body"]["metrics_renders"] - before <= 1
+
+
+def test_metrics_can_require_a_key(daemon_factory):
+    from helpers.keys import ALPHA, KEYS
+    d = daemon_factory(auth={"keys": KEYS}, server={"metrics_auth": True})
+    assert api(d.port, "GET", "/metrics").status == 401
+    assert api(d.port, "GET", "/metrics", ALPHA).status == 200
+    assert api(d.port, "GET", "/readyz").status == 200  # (readiness stays open: load balancers ask it)

@@ -12,14 +12,44 @@ _HEALTHZ = Response(200, b'{"status":"ok"}')
 _PROM_TYPE = b"text/plain; version=0.0.4; charset=utf-8"
 
 
+class Shared:
+    """One ask in flight at a time, its answer kept for `ttl` seconds: however many clients ask
+    at once, the supervisor is asked once (a /metrics flood had saturated it, and /readyz, queued
+    behind, answered 503: a load balancer would have dropped a healthy node)."""
+
+    def __init__(self, ask, ttl: float):
+        self.ask, self.ttl = ask, ttl
+        self.value, self.at, self.pending = None, 0.0, None
+
+    async def get(self):
+        loop = asyncio.get_running_loop()
+        if self.value is not None and loop.time() - self.at < self.ttl:
+            return self.value
+        if self.pending is None:
+            self.pending = asyncio.ensure_future(self._fetch(loop))
+        return await asyncio.shield(self.pending)
+
+    async def _fetch(self, loop):
+        try:
+            self.value = await self.ask()
+            self.at = loop.time()
+            return self.value
+        finally:
+            self.pending = None
+
+
 class OpsRoutes:
     def __init__(self, cfg: dict, link, snapshot):
         self.limits, self.link, self.snapshot = cfg["limits"], link, snapshot
+        self.auth = cfg["server"]["metrics_auth"]
+        self._readiness = Shared(lambda: self._ask(protocol.READINESS), 0.0)  # (coalesced, never stale)
+        self._metrics = Shared(lambda: self._ask(protocol.METRICS, snap=self.snapshot()),
+                               cfg["server"]["metrics_interval"])
 
     def add_to(self, router, guard) -> None:
         router.add("GET", "/healthz", lambda req: _HEALTHZ)
         router.add("GET", "/readyz", self.readyz)
-        router.add("GET", "/metrics", self.metrics)
+        router.add("GET", "/metrics", guard(self.metrics) if self.auth else self.metrics)
         router.add("POST", "/v1/echo", guard(self.echo))
 
     def echo(self, req) -> Response:
@@ -27,11 +57,11 @@ class OpsRoutes:
         return json_response({"object": "echo", "data": parse_json(req, self.limits)})
 
     async def readyz(self, req) -> Response:
-        ans = await self._ask(protocol.READINESS)
+        ans = await self._readiness.get()
         return json_response(ans["body"], 200 if ans["body"]["ready"] else 503)
 
     async def metrics(self, req) -> Response:
-        ans = await self._ask(protocol.METRICS, snap=self.snapshot())
+        ans = await self._metrics.get()
         return Response(200, ans["body"].encode(), _PROM_TYPE)
 
     async def _ask(self, op: str, **fields) -> dict:
