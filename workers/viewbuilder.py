@@ -26,6 +26,7 @@ from tidegate.core.runtime.loop import BlockingWorker, run_blocking_worker
 from tidegate.core.events.views import MAX_KEY_BYTES, apply, offset_key, row_key
 
 PASS_S = 0.05
+FULL_RETRY_S = 5.0  # a full store is tried again this often (a reload with a larger views_map_bytes empties the wait)
 
 
 class ViewBuilder(BlockingWorker):
@@ -34,8 +35,9 @@ class ViewBuilder(BlockingWorker):
     def __init__(self, spec: dict):
         super().__init__(spec)
         self.views = self.cfg["events"]["views"]
-        self.stats = {"views_events_applied": 0, "views_quarantined": 0, "view_lag_seconds": 0.0}
+        self.stats = {"views_events_applied": 0, "views_quarantined": 0, "view_lag_seconds": 0.0, "views_full": 0}
         self.caught_up_at = time.monotonic()
+        self.full_until = 0.0  # the store was full: no pass before then
 
     def open(self) -> str:
         data = self.cfg["server"]["data_dir"]
@@ -59,7 +61,17 @@ class ViewBuilder(BlockingWorker):
     def work(self) -> None:
         if self.env is None:  # released to the next generation
             return
-        behind = self.one_pass()
+        now = time.monotonic()
+        if now < self.full_until:
+            self.stats["view_lag_seconds"] = round(now - self.caught_up_at, 3)
+            return
+        try:
+            behind = self.one_pass()
+        except lmdb.MapFullError as e:  # stopped, reported, lagging: never a crash loop (each respawn hid the lag)
+            self._full(str(e))
+            behind = True
+        else:
+            self.stats["views_full"] = 0
         now = time.monotonic()
         if not behind:
             self.caught_up_at = now
@@ -67,6 +79,24 @@ class ViewBuilder(BlockingWorker):
 
     def counters(self) -> dict:
         return dict(self.stats)
+
+    def _full(self, error: str) -> None:
+        """The views store reached events.views_map_bytes. The transaction was aborted (its offsets
+        too: nothing is skipped); the view holding the most is named, and passes pause."""
+        if not self.stats["views_full"]:
+            log.error("views store full", largest_view=self._largest_view(), hint="the view builder stops until "
+                      "it has room: raise events.views_map_bytes and reload, or trim the view",
+                      map_bytes=self.cfg["events"]["views_map_bytes"], error=error)
+        self.stats["views_full"] = 1
+        self.full_until = time.monotonic() + FULL_RETRY_S
+
+    def _largest_view(self) -> str:
+        sizes: dict[str, int] = {}
+        with self.env.begin() as txn:
+            for k, v in txn.cursor():
+                name = k.split(b"\x00", 1)[0].decode("utf-8", "replace")
+                sizes[name] = sizes.get(name, 0) + len(k) + len(v)
+        return max(sizes, key=sizes.get, default="")
 
     def one_pass(self) -> bool:
         """Apply what is new in every partition; True if there was anything (still behind)."""

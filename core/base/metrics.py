@@ -105,6 +105,7 @@ EXTRA_HELP = {
     "log_write_errors": ("counter", "Event-log writes that failed (the partition stops acknowledging)"),
     "views_events_applied": ("counter", "Events applied to the views by the view builder"),
     "views_quarantined": ("counter", "Events the view builder could not apply (logged with partition and offset, skipped)"),
+    "views_full": ("gauge", "1 while the views store is full: the view builder stopped (its log names the largest view)"),
     "view_lag_seconds": ("gauge", "Seconds since the view builder was last caught up with the log"),
     "llm_active_sequences": ("gauge", "Sequences decoding now"),
     "llm_paused_sequences": ("gauge", "Sequences holding a slot, paused until their stream's reader catches up"),

@@ -163,3 +163,25 @@ def test_metrics_can_require_a_key(daemon_factory):
     assert api(d.port, "GET", "/metrics").status == 401
     assert api(d.port, "GET", "/metrics", ALPHA).status == 200
     assert api(d.port, "GET", "/readyz").status == 200  # (readiness stays open: load balancers ask it)
+
+
+def test_a_full_views_store_stops_the_builder_and_reports_it_never_a_crash_loop(daemon_factory):
+    """A last_n view of large payloads filled the views LMDB: the builder crash-looped on
+    MDB_MAP_FULL for every tenant, and each respawn hid the lag from /readyz."""
+    import json
+    import time
+    from helpers.http import request
+    from helpers.llm import metric
+    d = daemon_factory(events={"views": [{"name": "recent", "kind": "last_n", "n": 50}],
+                               "views_map_bytes": 1 << 20, "view_lag_max": 0.5})
+    big = "x" * 30000
+    for batch in range(8):  # ~1.2 MB of rows for a 1 MiB store
+        evs = [{"key": f"k{batch}-{i}", "type": "t", "payload": {"blob": big}} for i in range(5)]
+        assert request(d.port, "POST", "/v1/events", json.dumps(evs).encode(), timeout=10).status == 202
+    d.wait_event("views store full", timeout=30)
+    deadline = time.monotonic() + 30
+    while request(d.port, path="/readyz").status != 503:  # the lag shows: the views are stale
+        assert time.monotonic() < deadline, "readiness never reported the stalled views"
+        time.sleep(0.1)
+    assert metric(d, "tidegate_views_full") == 1 and respawns(d) == 0
+    assert "largest_view" in d.logs() and '"recent"' in d.logs()
