@@ -89,7 +89,7 @@ class InferenceWorker(BlockingWorker):
             for _ in range(min(n - self.seen[c], 64)):
                 self.monitor.finished(c, now)
             self.seen[c] = n
-        self.monitor.observe(now, sched.oldest(), sched.queued())
+        self.monitor.observe(now, sched.oldest(self.batcher.may_start), sched.queued())
         self.publisher.maybe_publish(self.monitor, now)
 
     def counters(self) -> dict:

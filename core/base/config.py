@@ -388,6 +388,8 @@ SCHEMA: dict[str, dict[str, Key]] = {
         "default_max_tokens": Key(int, 256, "max_tokens when a request gives none", positive),
         "max_stop": Key(int, 4, "stop strings per request", positive),
         "max_n": Key(int, 8, "choices per request (n); they share one prefill of the prompt", positive),
+        "max_slots_per_request": Key(int, 0, "sequence slots one request's n choices hold at once (the rest wait "
+                                     "for them); 0 = half of max_seqs", non_negative),
         "max_prompt_bytes": Key(int, 1 * MiB, "UTF-8 bytes of the rendered prompt (then 400)", positive),
         # what a structured output (response_format, a forced tool call) may ask of llama.cpp's
         # recursive grammar parser: a count unrolls into nesting, and too deep a grammar overflows

@@ -42,10 +42,11 @@ RANK = {c: i for i, c in enumerate(CLASSES)}  # 0 = the highest
 class Choices:
     """One request's n choices (n = 1: one): only the last to finish sends END, and a stream's
     window is theirs together (the reader takes their deltas as they come)."""
-    __slots__ = ("left", "sent", "allowed", "windowed")
+    __slots__ = ("left", "sent", "allowed", "windowed", "running")
 
     def __init__(self, n: int, window: int):
         self.left = n              # choices not finished yet
+        self.running = 0           # choices holding a slot now (at most inference.max_slots_per_request)
         self.windowed = window > 0
         self.sent, self.allowed = 0, window  # deltas sent, deltas the reader's credit allows
 
@@ -85,6 +86,10 @@ def choose(own: int, slot: tuple, park: tuple, ram: tuple, disk: tuple) -> Plan:
     if disk[0] > own:
         return Plan("disk", *disk)
     return Plan("none", 0, None)
+
+
+def _holds_slot(seq) -> None:
+    seq.group.running += 1
 
 
 class Seq:
@@ -143,6 +148,10 @@ class Batcher:
         self.parks = ParkedTier(list(range(n, n + getattr(engine, "park_seqs", 0))),
                                 getattr(engine, "park_cells", 0), self.block)
         self.sched = Scheduler(len(self.slots), inf["reserved"], inf["queue_max"], inf["fair_share"])
+        # one request's n choices hold at most this many slots at once (a client that never reads
+        # a streamed n = 8 had paused every choice in its own slot, every other tenant shut out)
+        self.request_slots = inf["max_slots_per_request"] or max(1, len(self.slots) // 2)
+        self.may_start = lambda seq: seq.group.running < self.request_slots
         self.steps = 0  # decode steps taken (shared_decode turns)
         self.shared = [engine.tokenize(p) for p in inf["shared_prefixes"]]
         self.stats = {k: 0 for k in STATS}
@@ -270,7 +279,7 @@ class Batcher:
 
     # ---- admission and the prefix cache -------------------------------------------------------
     def admit(self) -> None:
-        admitted, expired = self.sched.admit(time.monotonic())
+        admitted, expired = self.sched.admit(time.monotonic(), self.may_start, _holds_slot)
         for seq in expired:
             self.stats["llm_expired"] += 1
             self.send(seq.peer, error_event(seq.rid, 504, "request deadline passed while it waited for the model",
@@ -281,6 +290,7 @@ class Batcher:
                 self._start(seq)
             except LlamaError as e:
                 log.error("could not start sequence", error=str(e))
+                seq.group.running -= 1
                 self.sched.finished(seq.cls, seq.tenant)
                 self.send(seq.peer, error_event(seq.rid, 500, "inference failed", "internal"))
 
@@ -601,6 +611,7 @@ class Batcher:
 
     def _release(self, slot: KvSlot) -> None:
         seq, slot.seq = slot.seq, None
+        seq.group.running -= 1
         free_sampler(seq.sampler)
         self.sched.finished(seq.cls, seq.tenant)
         if len(slot.names) * self.block > seq.n_past:  # cut short before its prompt was in

@@ -76,24 +76,33 @@ class Scheduler:
         held_for_others = sum(max(0, self.reserved[c] - self.running[c]) for c in CLASSES if c != cls)
         return free - held_for_others > 0
 
-    def admit(self, now: float) -> tuple[list, list]:
+    def admit(self, now: float, may_start=None, started=None) -> tuple[list, list]:
         """(admitted, expired): items to start now, in priority order (the least-served tenant's
-        first within a class), and items whose deadline passed in the queue."""
+        first within a class), and items whose deadline passed in the queue. may_start(item):
+        False keeps a tenant's head item (and those behind it) waiting this round (its request
+        holds all the slots one request may); started(item) is told of each admitted one at once,
+        so may_start sees it for the next pick."""
         admitted, expired = [], []
         for cls in CLASSES:
             qs = self.queues[cls]
             for t in list(qs):  # expiry first: dead requests never take a slot
-                q = qs[t]
-                while q and q[0].deadline <= now:
+                q = qs[t]  # (a choice held back by its own request's cap waits for it: not expired)
+                while q and q[0].deadline <= now and (may_start is None or may_start(q[0])):
                     expired.append(q.popleft())
                     self.depth[cls] -= 1
                 if not q:
                     del qs[t]
             counters = self.counters[cls]
             while qs and self.can_take(cls):
-                t = min(qs, key=lambda x: counters.get(x, 0.0)) if len(qs) > 1 else next(iter(qs))
+                ready = [x for x in qs if may_start is None or may_start(qs[x][0])]
+                if not ready:
+                    break
+                t = min(ready, key=lambda x: counters.get(x, 0.0)) if len(ready) > 1 else ready[0]
                 q = qs[t]
-                admitted.append(q.popleft())
+                item = q.popleft()
+                admitted.append(item)
+                if started is not None:
+                    started(item)
                 self.depth[cls] -= 1
                 if not q:
                     del qs[t]
@@ -128,11 +137,13 @@ class Scheduler:
                 if tenant not in self.queues[cls] and len(self.counters[cls]) > 10000:
                     self.counters[cls].pop(tenant, None)  # bounded memory: idle tenants are forgotten
 
-    def oldest(self) -> dict:
-        """class -> when its oldest queued item was submitted (.started), None when empty."""
+    def oldest(self, may_start=None) -> dict:
+        """class -> when its oldest queued item that could start was submitted (.started), None
+        when there is none: an item held back by its own request's cap (may_start) waits for its
+        request, not for the class's capacity, and must not make the class look overloaded."""
         out = {}
         for c, qs in self.queues.items():
-            heads = [q[0].started for q in qs.values() if q]
+            heads = [q[0].started for q in qs.values() if q and (may_start is None or may_start(q[0]))]
             out[c] = min(heads) if heads else None
         return out
 

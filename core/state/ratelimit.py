@@ -203,6 +203,18 @@ class RateLimiter:
             results = [0.0] * len(checks)  # fail open: admit
         return self._decide(owner, checks, results)
 
+    def admit_more(self, ident, extra: int):
+        """`extra` more requests' worth from ident's request buckets (n choices are n requests
+        against the limits, the guard took the first): None, a Refusal, or a Future of one."""
+        owner, checks = self._checks(ident)
+        if not checks or extra <= 0:
+            return None
+        more = [[c[0], float(extra), c[2], c[3]] for c in checks]
+        reply = self.owners.call(owner, RL_TAKE, more, self.cfg["owner_timeout"])
+        if not asyncio.isfuture(reply):
+            return self._decide(owner, more, reply)
+        return _then(reply, lambda ok, result: self._on_reply(ok, result, owner, more))
+
     # ---- LLM tokens/minute: reserve up front, settle when the real usage is known --------------
     def reserve(self, ident, tokens: float):
         """Reserve `tokens` (prompt + max_tokens) from ident's tokens/minute buckets: a

@@ -185,3 +185,16 @@ def test_a_full_views_store_stops_the_builder_and_reports_it_never_a_crash_loop(
         time.sleep(0.1)
     assert metric(d, "tidegate_views_full") == 1 and respawns(d) == 0
     assert "largest_view" in d.logs() and '"recent"' in d.logs()
+
+
+def test_n_choices_count_as_n_requests_against_the_callers_limits(daemon_factory, demo_model):
+    from helpers.keys import ALPHA, GAMMA, KEYS
+    d = daemon_factory(auth={"keys": KEYS}, ratelimit={"key_rps": 0.001, "key_burst": 4.0},
+                       cache={"exact_enabled": False, "semantic_enabled": False},
+                       inference={"enabled": True, "models": [{"name": "demo", "path": demo_model, "n_ctx": 1024}]})
+    body = {"model": "demo", "messages": MSG, "max_tokens": 2}
+    r = api(d.port, "POST", "/v1/chat/completions", ALPHA, dict(body, n=4))
+    assert r.status == 200 and len(r.json()["choices"]) == 4, r.body
+    assert api(d.port, "POST", "/v1/chat/completions", ALPHA, body).status == 429  # the 4 were spent
+    r = api(d.port, "POST", "/v1/chat/completions", GAMMA, dict(body, n=5))  # the guard takes 1, 4 more do not fit
+    assert r.status == 429 and "retry-after" in r.headers, r.body

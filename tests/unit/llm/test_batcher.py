@@ -159,3 +159,21 @@ def test_fair_decode_gives_each_tenant_the_same_share_of_a_step(tmp_path, demo_m
     assert len(shared) >= 10 and all(c["heavy"] <= 1 and c["light"] <= 1 for c in shared), per_step
     for rid, i in rids.items():
         assert got[rid] == alone[i]
+
+
+def test_one_request_holds_at_most_its_share_of_the_slots_and_its_wait_is_not_the_class_s(tmp_path, demo_model):
+    """A streamed n = 4 whose reader never reads: its choices pause in their slots. They hold at
+    most max_slots_per_request (half of the 4 slots); another tenant's request starts at once,
+    and the held-back choices do not count as the class's queueing delay."""
+    w = batcher(tmp_path, demo_model)
+    w.submit(b"peer", 10_000, {"prompt": "Go on", "params": {"max_tokens": 200, "temperature": 0, "n": 4},
+                            "tenant": "attacker", "cls": "standard", "stream": True, "window": 2})
+    for _ in range(30):
+        turn(w)
+    assert w.active == 2 and w.paused == 2 and w.queued == 2  # two run (paused), two wait for them
+    assert w.sched.oldest(w.may_start)["standard"] is None  # their wait is the request's own
+    other = submit(w, "Something else", "victim", 4)
+    for _ in range(20):
+        turn(w)
+    ends = [p for k, r, p in w.events.get(b"peer", []) if r == other and k == "end"]
+    assert ends and ends[0]["finish_reason"] in ("stop", "length")

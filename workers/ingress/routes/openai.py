@@ -204,10 +204,17 @@ class OpenAIRoutes:
         return lambda: self.shedder.reject(g.cls, retry, f"model {g.model!r}")
 
     async def _admit(self, req, g: GenRequest):
-        """The in-flight cap, then tokens/minute: the reservation to settle (or None)."""
+        """The in-flight cap, n choices as n requests, then tokens/minute: the reservation to
+        settle (or None)."""
         if self.inflight >= self.inf["max_inflight"]:
             raise service_unavailable(f"this worker has {self.inflight} generations in flight "
                                       f"(inference.max_inflight); retry shortly", "too_many_inflight")
+        if g.n > 1 and self.limiter.enabled:  # (the guard took one request's worth)
+            refusal = self.limiter.admit_more(caller(req), g.n - 1)
+            if asyncio.isfuture(refusal):
+                refusal = await refusal
+            if refusal is not None:
+                raise refusal_error(refusal)
         return await self._reserve(caller(req), g.reserve_tokens(self.inf["default_max_tokens"]))
 
     async def _reserve(self, ident, tokens: int):
