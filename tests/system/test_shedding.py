@@ -70,7 +70,10 @@ def test_queueing_delay_at_the_model_sheds_background_at_the_door(daemon_factory
     assert all(r.status == 200 for r in crit)  # critical is never shed, its reserved slot holds
     shed = [r for r in results if r[0] == 503 and r[1] == "background" and r[2] == "shed"]
     assert shed, results[:20]  # background was shed at the door, before reaching the model's queue
-    assert all(r[0] in (200, 503) for r in results)  # answered either way: none hung or failed otherwise
+    # answered either way: none hung or failed otherwise (on a loaded box a queued one may pass its
+    # class's queueing deadline: a 504 deadline_exceeded is an answer for load too)
+    odd = [r for r in results if r[0] not in (200, 503) and r[2] != "deadline_exceeded"]
+    assert not odd, odd
 
 
 def test_a_failing_model_opens_its_breaker_then_trials_close_it(daemon_factory, demo_model):
