@@ -281,6 +281,7 @@ cdef class HttpConnection:
     cdef public object transport, parser, pending
     cdef public int phase
     cdef public double since, paused_since
+    cdef public double body_since  # when its request head ended (the body's rate is measured from it)
     cdef public unsigned long long serial  # accept order: the lowest still sending its head is the slowest
     cdef public bint busy, closing, read_paused
     cdef object metrics, _url, _headers, _body, _started, _version, _parked, _stream, _upgrade_tail
@@ -410,6 +411,7 @@ cdef class HttpConnection:
 
     def on_headers_complete(self):
         self.phase, self.since = _BODY, self.srv.now
+        self.body_since = self.srv.now
         headers = self._headers
         if b"host" not in headers and self.parser.get_http_version() == "1.1":
             raise HttpError(400, "missing Host header", "bad_framing")
@@ -709,6 +711,9 @@ cdef class HttpServer:
         lim = self.limits
         head_t, body_t, ka_t, send_t = (lim["header_timeout"], lim["body_timeout"], lim["keepalive_timeout"],
                                         lim["send_timeout"])
+        # a body must average min_body_rate once header_timeout has passed: a client that dribbles
+        # one byte a read (each read resets the idle timer) holds its slot no longer than that
+        min_rate = lim["min_body_rate"]
         if self.no_keepalive:
             ka_t = 0.0
         if self.max_connections > 0:  # under connection pressure, slow and idle clients go first
@@ -729,25 +734,39 @@ cdef class HttpServer:
                                         "header_timeout"))
             elif phase == _BODY and idle > body_t:
                 conn.fail_now(HttpError(408, f"request body stalled for more than {body_t:g} s", "body_timeout"))
+            elif phase == _BODY and min_rate > 0 and now - conn.body_since > head_t and \
+                    conn._blen < min_rate * (now - conn.body_since):
+                conn.fail_now(HttpError(408, f"request body slower than {min_rate:g} bytes/s (limits.min_body_rate)",
+                                        "body_timeout"))
             elif phase == _IDLE_KEEPALIVE and idle > ka_t:
                 conn.close()
+
+    cdef bint _slow_body(self, HttpConnection conn):
+        """Sending a body slower than limits.min_body_rate for over a second (enough to tell an
+        upload from a dribble): a candidate for eviction while the server is full."""
+        cdef double took = self.now - conn.body_since
+        rate = self.limits["min_body_rate"]
+        return conn.phase == _BODY and rate > 0 and took > 1.0 and conn._blen < rate * took
 
     def evictable(self, HttpConnection spare=None):
         """Is there a connection evict() could close?"""
         cdef HttpConnection conn
         for conn in self.conns:
             if conn is not spare and not conn.closing and not conn.busy and not conn.pending and (
-                    conn.phase == _IDLE_KEEPALIVE or conn.phase == _IDLE_NEW or conn.phase == _HEAD):
+                    conn.phase == _IDLE_KEEPALIVE or conn.phase == _IDLE_NEW or conn.phase == _HEAD or
+                    self._slow_body(conn)):
                 return True
         return False
 
     def evict(self, HttpConnection spare=None, Py_ssize_t n=1):
         """Close up to n connections that cost the most and give the least, to make room for new
         ones: the longest-idle keep-alives first, then the clients slowest to send their request
-        head (what slowloris does), oldest first. Busy connections are never picked. One pass
+        head (what slowloris does), oldest first, then those sending a body under
+        limits.min_body_rate, slowest first (one byte a read had kept a slot forever). Busy connections are never picked. One pass
         for n of them, so a flood of new connections does not pay a scan each. How many closed."""
         cdef HttpConnection conn
-        idle, slow = [], []
+        idle, slow, body = [], [], []
+        now = self.now
         for conn in self.conns:
             if conn is spare or conn.closing or conn.busy or conn.pending:
                 continue
@@ -755,13 +774,19 @@ cdef class HttpServer:
                 idle.append((conn.since, conn.serial, conn))
             elif conn.phase == _IDLE_NEW or conn.phase == _HEAD:
                 slow.append((conn.serial, conn))
+            elif self._slow_body(conn):
+                body.append((conn._blen / max(0.001, now - conn.body_since), conn.serial, conn))
         victims = [c for _, _, c in heapq.nsmallest(n, idle, key=_first_two)]
         if len(victims) < n:
             victims += [c for _, c in heapq.nsmallest(n - len(victims), slow, key=_first)]
+        if len(victims) < n:
+            victims += [c for _, _, c in heapq.nsmallest(n - len(victims), body, key=_first_two)]
         for conn in victims:
             self.evicted += 1
             if conn.phase == _HEAD:  # it sent part of a request: say why it is cut
                 conn.fail_now(HttpError(408, "request header too slow while the server is full", "header_timeout"))
+            elif conn.phase == _BODY:
+                conn.fail_now(HttpError(408, "request body too slow while the server is full", "body_timeout"))
             else:
                 conn.close()
         return len(victims)

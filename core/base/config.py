@@ -282,6 +282,8 @@ SCHEMA: dict[str, dict[str, Key]] = {
         "max_pipelined": Key(int, 32, "parsed-but-unanswered requests per connection before reading pauses", positive),
         "header_timeout": Key(float, 10.0, "seconds to receive a request's header section (408)", positive),
         "body_timeout": Key(float, 60.0, "seconds between two reads of a request body (408)", positive),
+        "min_body_rate": Key(float, 1024.0, "bytes/s a request body must average once header_timeout has passed "
+                             "(408; 0 = off): one byte a read would keep a connection forever", non_negative),
         "keepalive_timeout": Key(float, 75.0, "idle keep-alive connection lifetime", positive),
         "send_timeout": Key(float, 60.0, "seconds a client may leave its write buffer full before it is cut", positive),
         "write_buffer_bytes": Key(int, 256 * KiB, "per-connection write buffer before reading pauses", positive),

@@ -1,6 +1,8 @@
 """Hostile clients against one real daemon: each test is an attack from issue 26's review, an
 attacker and a victim on the same daemon, and what must hold (the attacker gets a clear error,
 no process restarts, the victim is served)."""
+import time
+
 import pytest
 
 from helpers.llm import demo_llm, post
@@ -169,7 +171,6 @@ def test_a_full_views_store_stops_the_builder_and_reports_it_never_a_crash_loop(
     """A last_n view of large payloads filled the views LMDB: the builder crash-looped on
     MDB_MAP_FULL for every tenant, and each respawn hid the lag from /readyz."""
     import json
-    import time
     from helpers.http import request
     from helpers.llm import metric
     d = daemon_factory(events={"views": [{"name": "recent", "kind": "last_n", "n": 50}],
@@ -198,3 +199,45 @@ def test_n_choices_count_as_n_requests_against_the_callers_limits(daemon_factory
     assert api(d.port, "POST", "/v1/chat/completions", ALPHA, body).status == 429  # the 4 were spent
     r = api(d.port, "POST", "/v1/chat/completions", GAMMA, dict(body, n=5))  # the guard takes 1, 4 more do not fit
     assert r.status == 429 and "retry-after" in r.headers, r.body
+
+
+def test_connections_dribbling_a_body_do_not_lock_out_new_clients(daemon_factory):
+    """40 connections at max_connections = 40 each sending a request body a byte at a time:
+    each read reset the body timer and body-phase connections were never evicted, so new
+    clients were locked out. Now a new client evicts the slowest body-sender, and a body that
+    does not average limits.min_body_rate is cut (408)."""
+    import socket
+    import threading
+    from helpers.http import request
+    d = daemon_factory(workers=1, server={"max_connections": 40}, limits={"header_timeout": 1.0})
+    stop, socks, cut = threading.Event(), [], []
+    head = b"POST /v1/echo HTTP/1.1\r\nHost: t\r\nContent-Type: application/json\r\nContent-Length: 100000\r\n\r\n"
+    for _ in range(40):
+        s = socket.create_connection(("127.0.0.1", d.port))
+        s.sendall(head + b"[")
+        socks.append(s)
+
+    def dribble():
+        while not stop.is_set():
+            for s in socks:
+                try:
+                    s.send(b"1")
+                except OSError:
+                    if s not in cut:
+                        cut.append(s)
+            stop.wait(0.2)
+    t = threading.Thread(target=dribble, daemon=True)
+    t.start()
+    try:
+        for _ in range(5):  # new clients are served (a dribbler makes room), and promptly
+            assert request(d.port, path="/healthz", timeout=20.0).status == 200
+        deadline = time.monotonic() + 30
+        while len(cut) < 40:  # and every dribbler is cut: 5 bytes/s is under min_body_rate
+            assert time.monotonic() < deadline, f"{len(cut)} of 40 cut"
+            stop.wait(0.1)
+    finally:
+        stop.set()
+        t.join()
+        for s in socks:
+            s.close()
+    assert respawns(d) == 0
