@@ -336,6 +336,10 @@ SCHEMA: dict[str, dict[str, Key]] = {
                                  positive),
         "ping_interval": Key(float, 20.0, "seconds of silence before the server pings (0 = never)", non_negative),
         "ping_timeout": Key(float, 20.0, "seconds a ping may go unanswered before the socket is closed", positive),
+        "max_per_key": Key(int, 1000, "sockets one API key (or session's key) holds open at once, per worker (then 429)",
+                           positive),
+        "max_per_address": Key(int, 256, "sockets one client address holds open at once, per worker (then 1008)",
+                               positive),
         "permessage_deflate": Key(bool, False, "accept permessage-deflate when offered (compression state costs "
                                   "memory per socket)"),
     },

@@ -31,6 +31,7 @@ EXTRA_HELP = {
     "llm_inflight": ("gauge", "Generations submitted by the ingress workers and not yet over"),
     "tenant_breakers_open": ("gauge", "Per-tenant circuit breakers of a model open now (that tenant's own failures)"),
     "ws_opened": ("counter", "WebSocket sessions opened (upgrades)"),
+    "ws_refused_cap": ("counter", "WebSocket sessions closed at once: their address held websocket.max_per_address"),
     "ws_closed_dead": ("counter", "WebSocket sessions closed because their peer did not answer a ping"),
     "state_cluster_calls": ("counter", "Calls to the shared state cluster (state.backend = cluster)"),
     "state_cluster_errors": ("counter", "Calls to the state cluster that failed or timed out (answered 503 or failed open)"),

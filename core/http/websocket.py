@@ -75,7 +75,8 @@ class WsSession:
     """One WebSocket connection (an asyncio Protocol). The delegate has on_message(session,
     text), on_close(session); session.send(bytes of JSON) and session.close(code, reason)."""
     __slots__ = ("codec", "transport", "delegate", "hub", "req", "_parts", "_utf8", "_nbytes", "_ctl", "_ctl_at",
-                 "last_seen", "ping_sent", "closed", "inflight", "backed_up", "__weakref__")
+                 "last_seen", "last_pong", "last_message", "ping_sent", "closed", "inflight", "backed_up", "owner",
+                 "__weakref__")
 
     def __init__(self, transport, req, tail: bytes, delegate, hub: "WsHub", extensions: list):
         self.transport, self.req, self.delegate, self.hub = transport, req, delegate, hub
@@ -83,13 +84,19 @@ class WsSession:
         self._parts, self._utf8, self._nbytes = None, None, 0  # a fragmented message's pieces so far
         self._ctl, self._ctl_at = 0, 0.0
         self.last_seen, self.ping_sent, self.closed = hub.now, 0.0, False
+        self.last_pong = self.last_message = hub.now  # liveness is the peer's pongs; idleness its messages
+        peer = transport.get_extra_info("peername")
+        self.owner = (getattr(req.identity, "key_id", ""), peer[0] if peer else "")  # (key, address): the caps
         self.inflight = {}  # request id -> what cancels it (the delegate's)
         self.backed_up = False  # the transport holds more than its high-water mark: streams wait
         # streams pause at half the send buffer (their generations stop); a reply that would
         # take a non-reader past all of it closes the socket instead (send)
         transport.set_write_buffer_limits(high=hub.wsc["send_buffer_bytes"] // 2)
         # (the connection capped the kernel's send buffer at the upgrade: limits.stream_send_buffer)
-        hub.add(self)
+        over = hub.add(self)
+        if over:
+            self.close(POLICY, over)
+            return
         if tail:
             hub.loop.call_soon(self.data_received, tail)
 
@@ -130,7 +137,7 @@ class WsSession:
                     self._write(self.codec.pong(event[2]))
             elif op == PONG:
                 self._control()
-                self.ping_sent = 0.0
+                self.ping_sent, self.last_pong = 0.0, self.hub.now
             elif op == CLOSE:  # the peer's: answer with its code, then end the connection
                 self._write(self.codec.close(event[1], ""))
                 self.closed = True
@@ -176,6 +183,7 @@ class WsSession:
             self.close(BAD_DATA, "text messages must be UTF-8" if op == TEXT else "binary messages must be UTF-8 JSON")
             return
         self._parts, self._utf8, self._nbytes = None, None, 0
+        self.last_message = self.hub.now
         try:
             self.delegate.on_message(self, text)
         except Exception as e:  # a delegate bug must not take the worker down
@@ -233,18 +241,38 @@ class WsHub:
         self.now = time.monotonic()
         self.draining = False
         self.bytes_in = self.bytes_out = 0
-        self.stats = {"ws_opened": 0, "ws_closed_dead": 0}
+        self.stats = {"ws_opened": 0, "ws_closed_dead": 0, "ws_refused_cap": 0}
+        self.by_key: dict[str, int] = {}
+        self.by_address: dict[str, int] = {}
 
     def counters(self) -> dict:
         return dict(self.stats, ws_open=len(self.sessions))
 
-    def add(self, s: WsSession) -> None:
+    def key_full(self, key: str) -> bool:
+        """Has this API key its max_per_key sockets open here? (asked before the upgrade: 429)"""
+        return self.by_key.get(key, 0) >= self.wsc["max_per_key"]
+
+    def add(self, s: WsSession) -> str | None:
+        """Count s in; the reason to close it at once when its address is over max_per_address."""
         self.sessions.add(s)
         self.stats["ws_opened"] += 1
+        key, addr = s.owner
+        self.by_key[key] = self.by_key.get(key, 0) + 1
+        self.by_address[addr] = self.by_address.get(addr, 0) + 1
         self._count()
+        if self.by_address[addr] > self.wsc["max_per_address"]:
+            self.stats["ws_refused_cap"] += 1
+            return f"more than {self.wsc['max_per_address']} WebSockets from this address"
+        return None
 
     def discard(self, s: WsSession) -> None:
-        self.sessions.discard(s)
+        if s in self.sessions:
+            self.sessions.discard(s)
+            key, addr = s.owner
+            for table, k in ((self.by_key, key), (self.by_address, addr)):
+                table[k] -= 1
+                if not table[k]:
+                    del table[k]
         self._count()
 
     def _count(self) -> None:
@@ -255,7 +283,7 @@ class WsHub:
                 srv.on_count_change(len(srv.conns) + srv.upgraded, None)
 
     def tick(self) -> None:
-        """Once a second: ping sessions quiet for ping_interval, close those that did not answer
+        """Once a second: ping sessions whose last pong is ping_interval old, close those that did not answer
         within ping_timeout; while draining, close the ones with nothing in flight (1001)."""
         self.now = now = time.monotonic()
         every, wait = self.wsc["ping_interval"], self.wsc["ping_timeout"]
@@ -267,8 +295,8 @@ class WsHub:
             elif s.ping_sent and now - s.ping_sent > wait:
                 self.stats["ws_closed_dead"] += 1
                 s.close(GOING_AWAY, "no pong within the ping timeout")
-            elif not s.ping_sent and every and now - s.last_seen > every:
-                s.ping()
+            elif not s.ping_sent and every and now - s.last_pong > every:
+                s.ping()  # (however busy the peer is sending: a peer that does not read never pongs)
 
     def drain(self) -> None:
         self.draining = True

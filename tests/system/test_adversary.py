@@ -241,3 +241,59 @@ def test_connections_dribbling_a_body_do_not_lock_out_new_clients(daemon_factory
         for s in socks:
             s.close()
     assert respawns(d) == 0
+
+
+def _ws_upgrade(port: int, key: str | None = None):
+    """A raw upgraded socket (the client's frames are written by hand) and the server's answer head."""
+    import base64
+    import os
+    import socket
+    s = socket.create_connection(("127.0.0.1", port), timeout=10)
+    auth = f"Authorization: Bearer {key}\r\n" if key else ""
+    s.sendall((f"GET /v1/ws HTTP/1.1\r\nHost: t\r\nUpgrade: websocket\r\nConnection: Upgrade\r\nSec-WebSocket-Key: "
+               f"{base64.b64encode(os.urandom(16)).decode()}\r\nSec-WebSocket-Version: 13\r\n{auth}\r\n").encode())
+    head = b""
+    while b"\r\n\r\n" not in head:
+        head += s.recv(1)
+    return s, head
+
+
+def test_a_websocket_that_pings_but_never_reads_is_timed_out(daemon_factory):
+    """The server pinged only sockets quiet for ping_interval: a client sending its own pings
+    and reading nothing was never pinged, never timed out, and held its slot for good. Now the
+    peer's own pongs are its liveness: one that does not read does not answer, and is closed."""
+    from helpers.llm import metric
+    d = daemon_factory(websocket={"ping_interval": 0.5, "ping_timeout": 0.5})
+    s, head = _ws_upgrade(d.port)
+    assert head.startswith(b"HTTP/1.1 101"), head
+    deadline = time.monotonic() + 30
+    try:
+        while metric(d, "tidegate_ws_closed_dead_total") < 1:
+            assert time.monotonic() < deadline, "the non-reading socket was never closed"
+            try:
+                s.send(b"\x89\x80" + b"\x01\x02\x03\x04")  # a masked ping, well under max_control_per_s
+            except OSError:
+                pass  # closed by the server already (the metric follows with the next heartbeat)
+            time.sleep(0.2)
+    finally:
+        s.close()
+
+
+def test_websockets_are_capped_per_key_and_per_address(daemon_factory):
+    from helpers.keys import ALPHA, BETA, KEYS
+    d = daemon_factory(auth={"keys": KEYS}, websocket={"max_per_key": 2, "max_per_address": 3})
+    held = [_ws_upgrade(d.port, ALPHA) for _ in range(2)]
+    assert all(h.startswith(b"HTTP/1.1 101") for _, h in held)
+    s, head = _ws_upgrade(d.port, ALPHA)  # the key's third
+    assert head.startswith(b"HTTP/1.1 429"), head
+    s.close()
+    other, head = _ws_upgrade(d.port, BETA)  # another key, the address's third: fine
+    assert head.startswith(b"HTTP/1.1 101"), head
+    extra, head = _ws_upgrade(d.port, BETA)  # the address's fourth: upgraded, then closed 1008
+    assert head.startswith(b"HTTP/1.1 101")
+    frame = extra.recv(2)
+    assert frame[0] == 0x88  # a close frame
+    code = int.from_bytes(extra.recv(frame[1] & 0x7F)[:2], "big")
+    assert code == 1008
+    for sock in [x for x, _ in held] + [other, extra]:
+        sock.close()

@@ -374,7 +374,8 @@ def test_at_the_open_files_limit_new_connections_wait_in_the_backlog(daemon_fact
     import selectors
     soft, hard = resource.getrlimit(resource.RLIMIT_NOFILE)
     resource.setrlimit(resource.RLIMIT_NOFILE, (min(hard, 4096), hard))  # (this process opens 450)
-    d = daemon_factory(nofile=400, auth={"keys": KEYS}, server={"backlog": 1024})
+    d = daemon_factory(nofile=400, auth={"keys": KEYS}, server={"backlog": 1024},
+                       websocket={"max_per_address": 1000})  # (one address opens them all)
     cap = next(e["cap"] for e in d.events() if e.get("event") == "connection cap set by the open-files limit")
     assert 200 < cap < 400 - 64
     sel, upgraded, dropped = selectors.DefaultSelector(), [], []

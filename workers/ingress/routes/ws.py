@@ -79,6 +79,9 @@ class WsRoutes:
     def upgrade(self, req) -> Upgrade:
         if self.hub.draining:
             raise HttpError(503, "the server is shutting down", "draining")
+        if req.identity is not None and self.hub.key_full(req.identity.key_id):
+            raise HttpError(429, f"this key holds {self.wsc['max_per_key']} WebSockets here (websocket.max_per_key)",
+                            "too_many_websockets")
         headers, extensions = handshake(req, self.wsc)
         return Upgrade(lambda transport, r, tail: WsSession(transport, r, tail, self, self.hub, extensions), headers)
 
