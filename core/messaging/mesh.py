@@ -85,6 +85,7 @@ class Mesh:
         self.loop = None
         self._heard: dict[int, float] = {}  # peer -> when a reply frame last came from it
         self.stats = {"frames_out": 0, "messages_out": 0, "frames_in": 0, "expired": 0}
+        self.pending = 0  # calls handled here whose answer is not sent yet (a drain waits for them)
 
     def counters(self) -> dict:
         st = self.stats
@@ -209,6 +210,7 @@ class Mesh:
                         raise KeyError(f"unknown op {op!r}")
                     result = handler(payload)
                     if isinstance(result, asyncio.Future):  # answered when it resolves (e.g. after an fsync)
+                        self.pending += 1
                         result.add_done_callback(lambda f, rid=rid, ident=ident: self._reply_later(ident, rid, f))
                         continue
                     replies.append([rid, True, result])
@@ -222,6 +224,7 @@ class Mesh:
             self.loop.call_soon(self._on_router)
 
     def _reply_later(self, ident: bytes, rid, fut) -> None:
+        self.pending -= 1
         err = fut.exception()
         reply = [rid, False, repr(err)] if err is not None else [rid, True, fut.result()]
         if not self._send_replies(ident, [reply]):

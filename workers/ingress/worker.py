@@ -205,7 +205,9 @@ class IngressWorker:
     async def _finish_drain(self) -> None:
         ws = self.services.ws
         deadline = time.monotonic() + self.cfg["server"]["graceful_timeout"]
-        while (self.http.conns or ws.sessions) and time.monotonic() < deadline:
+        # (and the owner calls it is answering for others: after a reload's release, calls other
+        # workers sent here are forwarded to the next generation; leaving first lost their answers)
+        while (self.http.conns or ws.sessions or self.mesh.pending) and time.monotonic() < deadline:
             await asyncio.sleep(0.05)
         if self.http.conns or ws.sessions:
             log.warning("graceful timeout: closing connections", open=len(self.http.conns), websockets=len(ws.sessions))
