@@ -205,16 +205,16 @@ def test_a_stuck_embedder_opens_its_breaker_and_lookups_are_skipped(daemon_facto
     pid = next(w["pid"] for w in d.admin_json("workers")["body"] if w["slot"] == "embedder")
     os.kill(pid, signal.SIGSTOP)
     try:
-        times = []
+        before = metric(d, "tidegate_semantic_timeouts_total"), metric(d, "tidegate_semantic_skipped_total")
         for i in range(8):  # answered by the model either way; the first ones wait out the lookup
-            t0 = time.monotonic()
             assert ask(d, STD, f"question {i}").status == 200
-            times.append(time.monotonic() - t0)
-        # the first lookups wait out semantic_timeout; once the window holds enough failures
-        # (min_calls 3, the warm-up's success among them) the breaker skips the lookup
-        assert times[0] >= 0.2 and max(times[-3:]) < 0.2, times
-        time.sleep(1.5)
-        assert metric(d, "tidegate_semantic_skipped_total") >= 1
+        # the first lookups time out (semantic_timeout); once the window holds enough failures
+        # (min_calls 3, the warm-up's success among them) the breaker skips the lookup: each of
+        # the 8 either waited its timeout or was skipped, and some were skipped (counted, not timed:
+        # a wall-clock bound failed on a loaded box)
+        timeouts = metric(d, "tidegate_semantic_timeouts_total") - before[0]
+        skipped = metric(d, "tidegate_semantic_skipped_total") - before[1]
+        assert timeouts >= 2 and skipped >= 1 and timeouts + skipped == 8, (timeouts, skipped)
         b = next(iter(d.admin_json("breakers")["body"].values()))["embedder"]
         assert b["opened"] >= 1
     finally:

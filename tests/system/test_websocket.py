@@ -238,6 +238,9 @@ def test_a_slow_readers_stream_pauses_its_generation(daemon_factory, demo_model,
     chunks = []
     if transport == "websocket":
         for op, payload in _server_frames(sock):
+            if op == 9:  # the server's ping (every ping_interval): a client answers it, as any does
+                sock.sendall(_client_frame(10, payload))
+                continue
             assert op == 1, (op, payload[:80])  # never a close frame (1008)
             msg = json.loads(payload)
             if msg.get("done"):
