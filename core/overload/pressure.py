@@ -103,12 +103,17 @@ class Publisher:
         self.sock.setsockopt(zmq.SNDHWM, 100)
         self.sock.bind(endpoint)
         self.source, self.interval, self.last = source, interval, 0.0
+        self.last_shed: list = []
 
     def maybe_publish(self, monitor: ClassMonitor, now: float) -> None:
+        """Every interval while busy (IDLE_PUBLISH_S while idle), and at once when the classes to
+        shed change: the end of an overload reached the doors up to half a second late, and the
+        next request on an idle model was shed on that stale word."""
         busy = any(monitor.depth.values())
-        if now - self.last < (self.interval if busy else IDLE_PUBLISH_S):
+        shed = monitor.shed()
+        if shed == self.last_shed and now - self.last < (self.interval if busy else IDLE_PUBLISH_S):
             return
-        self.last = now
+        self.last, self.last_shed = now, shed
         msg = dict(monitor.state(now), src=self.source, t=time.time())
         try:
             self.sock.send(orjson.dumps(msg), zmq.NOBLOCK)

@@ -71,3 +71,28 @@ def test_a_late_event_loop_sheds_background_until_it_keeps_time_again():
         assert not lag.overloaded
         lag.close()
     asyncio.run(main())
+
+
+def test_the_end_of_an_overload_is_published_at_once(tmp_path):
+    """A shed set that changes goes out at once, not at the next interval: right after a burst
+    the next request on an idle model had been shed on the stale word."""
+    import orjson
+    import zmq
+    from tidegate.core.overload.pressure import Publisher
+    ctx = zmq.Context()
+    pub = Publisher(ctx, f"ipc://{tmp_path}/p.sock", "inference:m", interval=10.0)
+    sent = []
+    pub.sock.close(0)
+    pub.sock = type("Capture", (), {"send": lambda self, frame, flags=0: sent.append(orjson.loads(frame)),
+                                    "close": lambda self, linger=0: None})()
+    m = ClassMonitor(target=0.005, interval=0.1)
+    m.observe(0.0, {"background": -1.0}, {"background": 5})  # queued since long ago: above target
+    m.observe(0.2, {"background": -1.0}, {"background": 5})
+    pub.maybe_publish(m, 0.2)
+    assert sent[-1]["shed"] == ["background"]
+    pub.maybe_publish(m, 0.3)  # nothing changed within the interval: quiet
+    assert len(sent) == 1
+    m.observe(0.31, {}, {})  # the queue emptied (cancelled, served)
+    pub.maybe_publish(m, 0.31)
+    assert len(sent) == 2 and sent[-1]["shed"] == []
+    ctx.term()
