@@ -64,13 +64,15 @@ class InferenceWorker(BlockingWorker):
         else:
             super().handle(peer, op, rid, body)
 
-    def busy(self) -> bool:
-        return self.batcher.runnable()  # (sequences paused for their readers wait for a CREDIT message)
+    def busy(self) -> bool:  # (sequences paused for their readers wait for a CREDIT message)
+        return self.batcher.runnable() or self.batcher.embedding > 0
 
     def work(self) -> None:
         self.batcher.admit()
         if self.batcher.active:
             self.batcher.step()
+        if self.batcher.embedding:  # between decode steps, a budget of it a turn
+            self.batcher.embed_step()
 
     def before_sleep(self) -> None:
         self.batcher.save_prefixes()  # after the step's first tokens left: never delays one
@@ -89,7 +91,10 @@ class InferenceWorker(BlockingWorker):
             for _ in range(min(n - self.seen[c], 64)):
                 self.monitor.finished(c, now)
             self.seen[c] = n
-        self.monitor.observe(now, sched.oldest(self.batcher.may_start), sched.queued())
+        queued = sched.queued()
+        for c, q in self.batcher.embeds.items():
+            queued[c] += len(q)
+        self.monitor.observe(now, self.batcher.oldest(), queued)
         self.publisher.maybe_publish(self.monitor, now)
 
     def counters(self) -> dict:

@@ -7,7 +7,8 @@ with it, and what the tests drive:
     submit(peer, rid, body)   render, tokenize, check the context, queue (RequestError to refuse)
     cancel(peer, rid)         the client left: leaves at the next step
     credit(peer, rid, n)      a stream's reader took n more deltas: it may run n further ahead
-    embed(peer, rid, body)    embeddings, answered at once
+    embed(peer, rid, body)    queue an embeddings request (by class); embed_step() computes it a
+                              budget of tokens a turn, between decode steps
     admit()                   queued requests into free slots (classes, deadlines), cached prefixes restored
     step()                    one llama_decode over every running sequence, then sample each
     save_prefixes()           keep prompts that just went in (RAM, disk), after their first tokens left
@@ -21,6 +22,7 @@ from __future__ import annotations
 
 import os
 import time
+from collections import deque
 from typing import NamedTuple
 
 from tidegate.core.base.jsonlog import log
@@ -92,6 +94,16 @@ def _holds_slot(seq) -> None:
     seq.group.running += 1
 
 
+class EmbedJob:
+    """An embeddings request, computed a few inputs a turn between decode steps (one of 256
+    inputs near n_ctx had stopped decoding for every tenant for minutes)."""
+    __slots__ = ("peer", "rid", "cls", "inputs", "vectors", "tokens", "deadline", "started")
+
+    def __init__(self, peer, rid, cls: str, inputs: list, deadline: float):
+        self.peer, self.rid, self.cls, self.inputs = peer, rid, cls, inputs
+        self.vectors, self.tokens, self.deadline, self.started = [], 0, deadline, time.monotonic()
+
+
 class Seq:
     """One generation request, from queue to finish."""
     __slots__ = ("peer", "rid", "cls", "deadline", "stream", "tenant", "prompt", "names", "params", "stop",
@@ -156,6 +168,7 @@ class Batcher:
         self.shared = [engine.tokenize(p) for p in inf["shared_prefixes"]]
         self.stats = {k: 0 for k in STATS}
         self.to_save: list = []  # (seq, slot) whose prompt just went in: saved after the step's events leave
+        self.embeds: dict[str, deque] = {c: deque() for c in CLASSES}  # EmbedJobs waiting or under way
         self.bounds = Bounds.of(inf)  # what a grammar may ask of llama.cpp's parser
 
     @classmethod
@@ -240,6 +253,9 @@ class Batcher:
                                "queue_full", None) from None
 
     def cancel(self, peer: bytes, rid) -> None:
+        for q in self.embeds.values():
+            for job in [j for j in q if j.rid == rid and j.peer == peer]:
+                q.remove(job)
         for s in self.slots:
             if s.seq and s.seq.rid == rid and s.seq.peer == peer:
                 s.seq.cancelled = True
@@ -263,19 +279,60 @@ class Batcher:
         return sum(1 for s in self.slots if s.seq and s.seq.paused)
 
     def embed(self, peer: bytes, rid, body: dict) -> None:
+        """Queue an embeddings request in its class (the class's queue_max bounds it)."""
         if self.engine.embed_ctx is None:
             raise RequestError(400, f"model {self.model['name']!r} is not configured for embeddings", "model_not_supported",
                                "model")
-        vectors, n_tokens = [], 0
-        for text in body["input"]:
-            toks = self.engine.tokenize(text, add_bos=True)
-            if len(toks) > self.model["n_ctx"]:
-                raise RequestError(400, f"input of {len(toks)} tokens exceeds the model's context of "
-                                   f"{self.model['n_ctx']}", "context_length_exceeded", "input")
-            n_tokens += len(toks)
-            vectors.append(self.engine.embed(toks))
-            self.tick()
-        self.send(peer, [EMB, rid, {"data": vectors, "tokens": n_tokens}])
+        cls = body.get("cls") if body.get("cls") in CLASSES else "standard"
+        q = self.embeds[cls]
+        if len(q) + self.sched.depth[cls] >= self.sched.queue_max[cls]:
+            raise RequestError(503, f"too many {cls} requests are waiting for the model; retry shortly",
+                               "queue_full", None)
+        wait = min(body.get("timeout") or 1e9, self.inf["request_timeout"], self.inf["queue_deadline"][cls])
+        q.append(EmbedJob(peer, rid, cls, list(body["input"]), time.monotonic() + wait))
+
+    def embed_step(self) -> None:
+        """Embeddings work for one turn: up to n_batch tokens (at least one input), highest class
+        first, so decode steps keep coming between them. A finished request is answered; one
+        that waited past its deadline before any of it was computed is dropped (504)."""
+        budget, now = self.inf["n_batch"], time.monotonic()
+        for cls in CLASSES:
+            q = self.embeds[cls]
+            while q and budget > 0:
+                job = q[0]
+                if not job.vectors and job.deadline <= now:
+                    q.popleft()
+                    self.stats["llm_expired"] += 1
+                    self.send(job.peer, error_event(job.rid, 504, "request deadline passed while it waited for the "
+                                                    "model", "deadline_exceeded"))
+                    continue
+                toks = self.engine.tokenize(job.inputs[len(job.vectors)], add_bos=True)
+                if len(toks) > self.model["n_ctx"]:
+                    q.popleft()
+                    self.send(job.peer, error_event(job.rid, 400, f"input of {len(toks)} tokens exceeds the model's "
+                                                    f"context of {self.model['n_ctx']}", "context_length_exceeded",
+                                                    "input"))
+                    continue
+                job.vectors.append(self.engine.embed(toks))
+                job.tokens += len(toks)
+                budget -= len(toks)
+                self.tick()
+                if len(job.vectors) == len(job.inputs):
+                    q.popleft()
+                    self.send(job.peer, [EMB, job.rid, {"data": job.vectors, "tokens": job.tokens}])
+
+    @property
+    def embedding(self) -> int:
+        return sum(len(q) for q in self.embeds.values())
+
+    def oldest(self) -> dict:
+        """class -> when its oldest waiting work began (a generation that could start, an
+        embeddings request), None when none waits: the class's queueing delay."""
+        out = self.sched.oldest(self.may_start)
+        for c, q in self.embeds.items():
+            if q and (out[c] is None or q[0].started < out[c]):
+                out[c] = q[0].started
+        return out
 
     # ---- admission and the prefix cache -------------------------------------------------------
     def admit(self) -> None:

@@ -69,10 +69,12 @@ def submit(b: Batcher, prompt: str, tenant: str, n: int, stream: bool = False, c
 
 
 def turn(b: Batcher) -> None:
-    """One loop turn of the inference worker: admit, step, save."""
+    """One loop turn of the inference worker: admit, step, embeddings, save."""
     b.admit()
     if b.active:
         b.step()
+    if b.embedding:
+        b.embed_step()
     b.save_prefixes()
 
 

@@ -177,3 +177,22 @@ def test_one_request_holds_at_most_its_share_of_the_slots_and_its_wait_is_not_th
         turn(w)
     ends = [p for k, r, p in w.events.get(b"peer", []) if r == other and k == "end"]
     assert ends and ends[0]["finish_reason"] in ("stop", "length")
+
+
+def test_an_embeddings_request_is_computed_between_decode_steps(tmp_path, demo_model):
+    """256 long inputs had run inside one loop turn: decoding stopped for every tenant. Now a
+    turn computes at most n_batch tokens of them, and a stream gets a token every turn meanwhile."""
+    w = batcher(tmp_path, demo_model, n_batch=64)
+    rid = submit(w, "Go on and on", "t", 200, stream=True)
+    turn(w)
+    text = " ".join(["parcel delivery customs window return label"] * 12)  # ~100 tokens an input
+    w.embed(b"peer", 77, {"input": [text] * 20, "cls": "standard"})
+    turns, ended = 0, None
+    before = len([1 for k, r, _ in w.events.get(b"peer", []) if r == rid])
+    while ended is None:
+        turn(w)
+        turns += 1
+        ended = next((p for k, r, p in w.events.get(b"peer", []) if r == 77), None)
+    streamed = len([1 for k, r, _ in w.events.get(b"peer", []) if r == rid]) - before
+    assert turns >= 20 and len(ended["data"]) == 20 and ended["tokens"] > 20 * 64  # one long input a turn
+    assert streamed >= turns // 2  # the stream went on meanwhile (a delta most turns: some hold a partial character)

@@ -250,7 +250,8 @@ class OpenAIRoutes:
             else:
                 fut.set_result(payload)
         try:
-            self.clients[e.model].submit(protocol.EMBED, {"input": e.input}, on_event)
+            self.clients[e.model].submit(protocol.EMBED, {"input": e.input, "cls": e.cls,
+                                                          "timeout": self.inf["request_timeout"]}, on_event)
             res = await fut
         except WorkerUnavailable as err:
             self._settle(reservation, 0)
