@@ -24,6 +24,35 @@ PARAMS = ["model", "messages", "prompt", "max_tokens", "max_completion_tokens", 
           "frequency_penalty", "user", "tools", "response_format", "input", "encoding_format", "logprobs"]
 
 
+# grammar-bearing inputs: what becomes a llama.cpp grammar (the inference worker's native parser
+# overflowed its stack on a 20,000-deep one): counts past any sane bound, nested patterns, schemas
+COUNT = st.one_of(st.integers(0, 8), st.integers(0, 40000), JSON)
+PATTERN = st.one_of(st.integers(1, 3000).map(lambda n: "^" + "(" * n + "a" + ")" * n + "$"),
+                    st.tuples(st.integers(0, 50000), st.integers(0, 50000)).map(lambda t: f"^a{{{t[0]},{t[1]}}}$"),
+                    st.text(max_size=40), ODD_STRINGS)
+SCHEMA = st.recursive(
+    st.one_of(st.fixed_dictionaries({"type": st.just("string")}, optional={"maxLength": COUNT, "minLength": COUNT,
+                                                                             "pattern": PATTERN}),
+              st.fixed_dictionaries({"type": st.sampled_from(["integer", "number", "boolean"])}), JSON),
+    lambda inner: st.one_of(
+        st.fixed_dictionaries({"type": st.just("array"), "items": inner}, optional={"minItems": COUNT,
+                                                                                   "maxItems": COUNT}),
+        st.fixed_dictionaries({"type": st.just("object"), "properties": st.dictionaries(
+            st.text(max_size=8), inner, max_size=3)}),
+        st.fixed_dictionaries({"anyOf": st.lists(inner, min_size=1, max_size=3)})),
+    max_leaves=8)
+
+
+@st.composite
+def grammar_params(draw) -> dict:
+    """response_format with a schema, or tools whose parameters are one (a forced call)."""
+    schema = draw(SCHEMA)
+    if draw(st.booleans()):
+        return {"response_format": {"type": "json_schema", "json_schema": {"name": "x", "schema": schema}}}
+    return {"tools": [{"type": "function", "function": {"name": "f", "parameters": schema}}],
+            "tool_choice": draw(st.sampled_from(["required", "auto", {"type": "function", "function": {"name": "f"}}]))}
+
+
 @st.composite
 def llm_body(draw):
     body = draw(st.dictionaries(st.sampled_from(PARAMS), JSON, max_size=6))
@@ -37,6 +66,8 @@ def llm_body(draw):
     if draw(st.booleans()):
         body["logit_bias"] = draw(st.dictionaries(st.one_of(ODD_STRINGS, st.integers(0, 40000).map(str)),
                                                   st.one_of(st.integers(-200, 200), JSON), max_size=3))
+    if draw(st.integers(0, 2)) == 0:
+        body.update(draw(grammar_params()))
     return body
 
 
@@ -57,6 +88,12 @@ def responses_body(draw):
                                                      "output": JSON, "content": JSON, "role": JSON}))
     body["input"] = draw(st.one_of(st.text(max_size=40), st.lists(item, max_size=3), JSON))
     body["max_output_tokens"] = draw(st.one_of(st.integers(1, 4), JSON))  # valid ones stay short
+    if draw(st.integers(0, 2)) == 0:  # a grammar-bearing format (text.format) or function tool
+        schema = draw(SCHEMA)
+        if draw(st.booleans()):
+            body["text"] = {"format": {"type": "json_schema", "name": "x", "schema": schema}}
+        else:
+            body["tools"], body["tool_choice"] = [{"type": "function", "name": "f", "parameters": schema}], "required"
     return body
 
 
