@@ -345,7 +345,10 @@ SCHEMA: dict[str, dict[str, Key]] = {
     },
     "sessions": {
         "ttl": Key(float, 3600.0, "seconds a session lives after its last use (sliding)", positive),
-        "max_per_worker": Key(int, 1000000, "sessions one owner holds; creating more answers 503", positive),
+        "max_per_worker": Key(int, 100000, "sessions one owner holds; creating more answers 503 (~27 KB of RSS "
+                              "each: the default holds ~2.7 GB a worker)", positive),
+        "max_per_key": Key(int, 10000, "sessions one API key holds at one owner; creating more answers 429 (one "
+                           "key cannot take the whole store)", positive),
         "expire_batch": Key(int, 2000, "expired sessions removed in one transaction; the worker serves between "
                             "batches", positive),
         "max_attributes_bytes": Key(int, 4096, "JSON size of a session's attributes, after a PATCH merges too "

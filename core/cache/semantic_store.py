@@ -39,8 +39,10 @@ _ID = struct.Struct(">Q")
 
 class Namespace:
     __slots__ = ("name", "index", "ids", "deleted", "dirty")
+    # (sized by what it holds, doubling as it fills: one preallocated for 1,024 entries was ~2.7 MB
+    # at creation, and a client makes a namespace per system prompt or parameter set)
 
-    def __init__(self, name: str, dim: int, capacity: int = 1024, path: str | None = None):
+    def __init__(self, name: str, dim: int, capacity: int = 16, path: str | None = None):
         self.name = name
         self.index = hnswlib.Index(space="ip", dim=dim)
         if path is None:
@@ -135,7 +137,7 @@ class SemanticStore:
             with open(path + ".crc") as f:
                 if int(f.read().strip()) != crc:
                     raise ValueError("checksum mismatch")
-            space = Namespace(ns, self.dim, max(1024, len(ids) * 2), path)
+            space = Namespace(ns, self.dim, max(16, len(ids) * 2), path)
             held = set(space.index.get_ids_list())
             if not set(ids) <= held:
                 raise ValueError("index does not hold every stored entry")
@@ -154,7 +156,7 @@ class SemanticStore:
 
     def _rebuild(self, ns: str, items: list) -> Namespace:
         self.stats["semantic_index_rebuilds"] += 1
-        space = Namespace(ns, self.dim, max(1024, len(items) * 2))
+        space = Namespace(ns, self.dim, max(16, len(items) * 2))
         if items:
             space.index.add_items(np.stack([v for _, v in items]), np.array([eid for eid, _ in items]))
             for eid, _ in items:

@@ -24,7 +24,7 @@ from tidegate.core.base.filelock import StoreLock
 from tidegate.core.messaging.protocol import SESS_ADOPT, SESS_CREATE, SESS_DELETE, SESS_GET, SESS_PATCH
 
 PREFIX = b"tgs-"
-TOO_LARGE, FULL = "too_large", "full"  # what a patch answers instead of the record
+TOO_LARGE, FULL, KEY_FULL = "too_large", "full", "key_full"  # what an op answers instead of the record
 
 
 def new_token() -> bytes:
@@ -62,7 +62,7 @@ class SessionsFull(Exception):
 
 class SessionStore:
     def __init__(self, path: str, ttl: float, max_sessions: int, max_map_bytes: int = 4 << 30,
-                 max_attributes_bytes: int = 4096, lock: StoreLock | None = None):
+                 max_attributes_bytes: int = 4096, lock: StoreLock | None = None, max_per_key: int = 1 << 62):
         os.makedirs(path, mode=0o700, exist_ok=True)
         self.lock = lock or StoreLock(path).acquire()  # one writer: a second one fails here
         self.ttl, self.max_sessions, self.max_attributes = ttl, max_sessions, max_attributes_bytes
@@ -72,6 +72,7 @@ class SessionStore:
         self.env = lmdb.open(path, map_size=size, subdir=True, max_dbs=1, lock=True)
         self.live: dict[str, dict] = {}
         self._persisted_expiry: dict[str, float] = {}
+        self.max_per_key, self.per_key = max_per_key, {}  # key_id -> sessions held here
         self._load()
 
     def handlers(self) -> dict:
@@ -84,11 +85,15 @@ class SessionStore:
         mine = self.live.get(p["sid"])
         if mine is None or mine["last_seen"] < p["rec"]["last_seen"]:
             self._write(p["sid"], p["rec"])
+            if mine is None:
+                self._count(p["rec"], 1)
             self.live[p["sid"]] = p["rec"]
             self._persisted_expiry[p["sid"]] = p["rec"]["expires_at"]
         return True
 
     def _create_op(self, p: dict):
+        if self.per_key.get(p["key_id"], 0) >= self.max_per_key:
+            return KEY_FULL  # the asker answers 429: this key's share is taken, not the store
         try:
             return self.create(p["sid"], p["tenant"], p["user"], p["key_id"], p["class"], p["attributes"])
         except (OverflowError, SessionsFull):
@@ -112,6 +117,7 @@ class SessionStore:
                 else:
                     self.live[key.decode()] = rec
                     self._persisted_expiry[key.decode()] = rec["expires_at"]
+                    self._count(rec, 1)
         if dead:
             with self.env.begin(write=True) as txn:
                 for key in dead:
@@ -142,6 +148,8 @@ class SessionStore:
                 raise OverflowError(f"this worker holds the maximum of {self.max_sessions} sessions")
         rec = new_record(tenant, user, key_id, klass, attributes, self.ttl)
         self._write(sid, rec)
+        if sid not in self.live:
+            self._count(rec, 1)
         self.live[sid] = rec
         self._persisted_expiry[sid] = rec["expires_at"]
         return rec
@@ -172,8 +180,19 @@ class SessionStore:
         self.live[sid] = rec
         return rec
 
+    def _count(self, rec: dict, n: int) -> None:
+        k = rec.get("key_id", "")
+        left = self.per_key.get(k, 0) + n
+        if left > 0:
+            self.per_key[k] = left
+        else:
+            self.per_key.pop(k, None)
+
     def delete(self, sid: str) -> bool:
-        existed = self.live.pop(sid, None) is not None
+        rec = self.live.pop(sid, None)
+        existed = rec is not None
+        if existed:
+            self._count(rec, -1)
         self._persisted_expiry.pop(sid, None)
         self._write(sid, None)
         return existed
@@ -193,7 +212,7 @@ class SessionStore:
         if not dead:
             return 0
         for sid in dead:
-            del self.live[sid]
+            self._count(self.live.pop(sid), -1)
             self._persisted_expiry.pop(sid, None)
         with self.env.begin(write=True) as txn:  # (deletes only shrink the map: never MapFull)
             for sid in dead:

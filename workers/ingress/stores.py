@@ -124,7 +124,8 @@ class Stores:
     def _session_store(self, path: str, lock: StoreLock, max_sessions: int | None = None) -> SessionStore:
         sc = self.cfg["sessions"]
         return SessionStore(path, sc["ttl"], max_sessions or sc["max_per_worker"], sc["map_bytes"],
-                            sc["max_attributes_bytes"], lock=lock)
+                            sc["max_attributes_bytes"], lock=lock,
+                            max_per_key=sc["max_per_key"] if max_sessions is None else 1 << 62)
 
     async def rehome_sessions(self) -> None:
         """After the worker count changed, sessions sit at their old owner: hand each to its owner

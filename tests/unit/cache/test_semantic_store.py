@@ -126,3 +126,16 @@ def test_namespaces_are_bounded_per_tenant_and_in_all(tmp_path, emb):
     put(s, emb, "d0", "How do I reset my password?", "d", tenant="umbrella")  # total cap: the oldest goes
     assert set(s.spaces) == {"a2", "b0", "c0", "d0"} and len(s.meta) == 4
     assert ask(s, emb, "a1", "How do I reset my password?") == (None, "empty")
+
+
+def test_a_namespace_is_sized_by_what_it_holds():
+    """Preallocated for 1,024 entries a namespace cost ~2.7 MB at creation; now it starts small
+    and doubles as it fills."""
+    import numpy as np
+    from tidegate.core.cache.semantic_store import Namespace
+    ns = Namespace("n", 256)
+    assert ns.index.get_max_elements() == 16
+    for i in range(40):
+        v = np.random.default_rng(i).standard_normal(256).astype(np.float32)
+        ns.add(v / np.linalg.norm(v), i)
+    assert ns.index.get_current_count() == 40 and ns.index.get_max_elements() == 64

@@ -99,3 +99,22 @@ def test_sessions_that_expire_together_go_in_batches_of_one_transaction_without_
     with again.env.begin() as txn:
         assert txn.stat()["entries"] == 0  # gone from disk too
     again.close()
+
+
+def test_one_key_holds_at_most_its_share_of_an_owners_sessions(tmp_path):
+    from tidegate.core.state.sessions import KEY_FULL
+    s = SessionStore(str(tmp_path / "s"), ttl=60, max_sessions=100, max_per_key=3)
+    ops = s.handlers()
+    create = ops["sess.create"]
+    made = [create({"sid": f"{i:064d}", "tenant": "t", "user": "u", "key_id": "k1", "class": "standard",
+                    "attributes": {}}) for i in range(4)]
+    assert [m == KEY_FULL for m in made] == [False, False, False, True]
+    assert create({"sid": "f" * 64, "tenant": "t2", "user": "u", "key_id": "k2", "class": "standard",
+                   "attributes": {}})["tenant"] == "t2"  # another key is not refused
+    s.delete(f"{0:064d}")
+    assert create({"sid": "e" * 64, "tenant": "t", "user": "u", "key_id": "k1", "class": "standard",
+                   "attributes": {}}) != KEY_FULL  # a freed place is the key's again
+    s.close()
+    again = SessionStore(str(tmp_path / "s"), ttl=60, max_sessions=100, max_per_key=3)
+    assert again.per_key == {"k1": 3, "k2": 1}  # counted again from the store
+    again.close()

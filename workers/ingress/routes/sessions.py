@@ -16,7 +16,7 @@ import orjson
 from tidegate.core.http.http11 import HttpError, json_response, service_unavailable
 from tidegate.core.http.jsonbody import parse_json
 from tidegate.core.messaging.protocol import SESS_CREATE, SESS_DELETE, SESS_PATCH
-from tidegate.core.state.sessions import FULL, TOO_LARGE, new_token, token_id
+from tidegate.core.state.sessions import FULL, KEY_FULL, TOO_LARGE, new_token, token_id
 from tidegate.workers.ingress.guard import UNAUTHORIZED, caller
 
 
@@ -55,6 +55,10 @@ class SessionRoutes:
                                                                "attributes": attrs})
         if rec is None:
             raise service_unavailable("session capacity reached; retry later", "session_capacity", retry_after=5)
+        if rec == KEY_FULL:
+            raise HttpError(429, f"this API key holds its share of sessions (sessions.max_per_key, "
+                            f"{self.sc['max_per_key']} per owner): delete some or let them expire",
+                            "too_many_sessions", headers=[(b"retry-after", b"60")])
         return json_response(dict(_public(rec), token=token.decode()), 201)
 
     def current(self, req):
