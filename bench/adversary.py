@@ -108,16 +108,21 @@ def dribble(port, stop, got, n=400):
             except OSError:
                 got["connect_failed"] += 1
                 break
-        for s in list(socks):
-            try:
-                s.send(b"1")
-            except OSError:
-                got["cut"] += 1
-                socks.remove(s)
-                s.close()
+        send_each(socks, b"1", got, "cut")
         stop.wait(0.2)
     for s in socks:
         s.close()
+
+
+def send_each(socks: list, data: bytes, got, lost: str) -> None:
+    """data on every socket; one the server closed is counted under `lost` and dropped."""
+    for s in list(socks):
+        try:
+            s.send(data)
+        except OSError:
+            got[lost] += 1
+            socks.remove(s)
+            s.close()
 
 
 def ws_pinger(port, stop, got, n=200):
@@ -132,12 +137,7 @@ def ws_pinger(port, stop, got, n=200):
         except OSError:
             got["connect_failed"] += 1
     while not stop.is_set():  # pings of its own, never reading
-        for s in list(socks):
-            try:
-                s.send(b"\x89\x80\x01\x02\x03\x04")
-            except OSError:
-                got["closed_by_server"] += 1
-                socks.remove(s)
+        send_each(socks, b"\x89\x80\x01\x02\x03\x04", got, "closed_by_server")
         stop.wait(0.5)
     for s in socks:
         s.close()
