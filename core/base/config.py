@@ -397,6 +397,9 @@ SCHEMA: dict[str, dict[str, Key]] = {
         "default_max_tokens": Key(int, 256, "max_tokens when a request gives none", positive),
         "max_stop": Key(int, 4, "stop strings per request", positive),
         "max_n": Key(int, 8, "choices per request (n); they share one prefill of the prompt", positive),
+        "embed_share": Key(float, 0.25, "share of the model's time embeddings may take while generations run "
+                           "(they are computed between decode steps, then pause)",
+                           lambda v: None if 0 < v <= 1 else "must be in (0, 1]"),
         "max_slots_per_request": Key(int, 0, "sequence slots one request's n choices hold at once (the rest wait "
                                      "for them); 0 = half of max_seqs", non_negative),
         "max_prompt_bytes": Key(int, 1 * MiB, "UTF-8 bytes of the rendered prompt (then 400)", positive),

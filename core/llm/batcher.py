@@ -169,6 +169,7 @@ class Batcher:
         self.stats = {k: 0 for k in STATS}
         self.to_save: list = []  # (seq, slot) whose prompt just went in: saved after the step's events leave
         self.embeds: dict[str, deque] = {c: deque() for c in CLASSES}  # EmbedJobs waiting or under way
+        self.embed_next = 0.0  # while generations run, no embeddings work before then (inference.embed_share)
         self.bounds = Bounds.of(inf)  # what a grammar may ask of llama.cpp's parser
 
     @classmethod
@@ -296,6 +297,8 @@ class Batcher:
         first, so decode steps keep coming between them. A finished request is answered; one
         that waited past its deadline before any of it was computed is dropped (504)."""
         budget, now = self.inf["n_batch"], time.monotonic()
+        if self.active and now < self.embed_next:
+            return  # generations run: embeddings take at most their share of the model's time
         for cls in CLASSES:
             q = self.embeds[cls]
             while q and budget > 0:
@@ -320,6 +323,8 @@ class Batcher:
                 if len(job.vectors) == len(job.inputs):
                     q.popleft()
                     self.send(job.peer, [EMB, job.rid, {"data": job.vectors, "tokens": job.tokens}])
+        share, took = self.inf["embed_share"], time.monotonic() - now
+        self.embed_next = now + took / share  # (an input cannot be split: the pause after it keeps the share)
 
     @property
     def embedding(self) -> int:
@@ -330,8 +335,9 @@ class Batcher:
         embeddings request), None when none waits: the class's queueing delay."""
         out = self.sched.oldest(self.may_start)
         for c, q in self.embeds.items():
-            if q and (out[c] is None or q[0].started < out[c]):
-                out[c] = q[0].started
+            waiting = next((j.started for j in q if not j.vectors), None)  # (one under way is not waiting)
+            if waiting is not None and (out[c] is None or waiting < out[c]):
+                out[c] = waiting
         return out
 
     # ---- admission and the prefix cache -------------------------------------------------------

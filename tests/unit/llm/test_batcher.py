@@ -196,3 +196,14 @@ def test_an_embeddings_request_is_computed_between_decode_steps(tmp_path, demo_m
     streamed = len([1 for k, r, _ in w.events.get(b"peer", []) if r == rid]) - before
     assert turns >= 20 and len(ended["data"]) == 20 and ended["tokens"] > 20 * 64  # one long input a turn
     assert streamed >= turns // 2  # the stream went on meanwhile (a delta most turns: some hold a partial character)
+
+
+def test_an_embeddings_request_under_way_is_not_the_class_s_queueing_delay(tmp_path, demo_model):
+    w = batcher(tmp_path, demo_model, n_batch=64)
+    text = " ".join(["parcel delivery customs window return label"] * 12)
+    w.embed(b"peer", 1, {"input": [text] * 5, "cls": "standard"})
+    assert w.oldest()["standard"] is not None  # waiting: counted
+    turn(w)
+    assert w.oldest()["standard"] is None  # under way: computed between steps, waiting for nothing
+    w.embed(b"peer", 2, {"input": [text], "cls": "standard"})
+    assert w.oldest()["standard"] is not None  # the one behind it waits
