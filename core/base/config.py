@@ -369,6 +369,11 @@ SCHEMA: dict[str, dict[str, Key]] = {
         "tenant_tpm": Key(float, 0.0, "LLM tokens/minute per tenant (0 = no limit)", non_negative),
         "user_tpm": Key(float, 0.0, "LLM tokens/minute per session user (0 = no limit)", non_negative),
         "table_capacity": Key(int, 65536, "buckets per worker; new identities are refused when full", positive),
+        "tenant_share": Key(float, 0.5, "share of table_capacity one tenant's buckets may take at an owner: the "
+                            "tenant that fills its share is the one refused", lambda v: None if 0 < v <= 1 else
+                            "must be in (0, 1]"),
+        "max_tenant_tables": Key(int, 1024, "tenants an owner keeps bucket tables for (past it the least recently "
+                                 "used empty one goes)", positive),
         "idle_ttl": Key(float, 60.0, "seconds before a full, idle bucket may be reclaimed", positive),
         "owner_timeout": Key(float, 0.25, "seconds to wait for the bucket owner", positive),
         "fail_open": Key(bool, True, "admit when the bucket owner does not answer (see ARCHITECTURE.md)"),

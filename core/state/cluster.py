@@ -281,8 +281,8 @@ class ClusterOwners:
         return [results, granted]
 
     async def _refund(self, owner: str, refunds: list) -> None:
-        await self._script("refund", [self._key("rl", owner, f":{h:x}") for h, _ in refunds],
-                           [repr(float(n)) for _, n in refunds])
+        await self._script("refund", [self._key("rl", owner, f":{r[0]:x}") for r in refunds],
+                           [repr(float(r[1])) for r in refunds])
 
     # ---- sessions -----------------------------------------------------------------------------
     async def _sess_create(self, owner: str, p: dict):

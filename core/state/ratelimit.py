@@ -29,6 +29,7 @@ from __future__ import annotations
 
 import asyncio
 import math
+from collections import OrderedDict
 
 from tidegate.core.messaging.mesh import OwnerUnavailable
 from tidegate.core.messaging.protocol import RL_LEASE, RL_REFUND, RL_TAKE
@@ -52,7 +53,11 @@ class RateLimiter:
     def __init__(self, cfg: dict, owners):
         rl = cfg["ratelimit"]
         self.cfg, self.owners = rl, owners
-        self.table = BucketTable(rl["table_capacity"], rl["idle_ttl"])
+        # one table per tenant at its owner, each a bounded share of table_capacity: a tenant that
+        # fills its share is the one refused (one table for all had refused every other tenant's
+        # new identities, Retry-After 3600, once one tenant minted users to fill it)
+        self.share = max(64, int(rl["table_capacity"] * rl["tenant_share"]))
+        self.tables: OrderedDict[str, BucketTable] = OrderedDict()
         self.limits = []  # (scope, rate, burst) for the scopes that are limited
         for scope in ("key", "tenant", "user"):
             rate = rl[f"{scope}_rps"]
@@ -69,33 +74,56 @@ class RateLimiter:
         self._leases: dict = {}
         self.lease_max, self.lease_ttl = rl["lease_max"], rl["lease_ttl"]
         self.n_slots = owners.peers
-        owners.register({RL_TAKE: self.table.take_list, RL_LEASE: self._lease_local, RL_REFUND: self._refund_local})
+        owners.register({RL_TAKE: self._take_local, RL_LEASE: self._lease_local, RL_REFUND: self._refund_local})
 
     def counters(self) -> dict:
         st = self.stats
         return {"ratelimit_admitted": st["admitted"], "ratelimit_limited": st["limited"],
-                "ratelimit_leased": st["leased"], "ratelimit_buckets": len(self.table)}
+                "ratelimit_leased": st["leased"], "ratelimit_buckets": sum(len(t) for t in self.tables.values())}
+
+    # ---- at the owner -------------------------------------------------------------------------
+    def table_of(self, tenant: str) -> BucketTable:
+        """The tenant's table (made as first needed; past max_tenant_tables the least recently
+        used empty one goes, else the least recently used)."""
+        t = self.tables.get(tenant)
+        if t is None:
+            if len(self.tables) >= self.cfg["max_tenant_tables"]:
+                quiet = next((k for k, v in self.tables.items() if not len(v)), next(iter(self.tables)))
+                del self.tables[quiet]
+            t = self.tables[tenant] = BucketTable(self.share, self.cfg["idle_ttl"])
+        else:
+            self.tables.move_to_end(tenant)
+        return t
+
+    def reclaim(self) -> None:
+        """Periodic: drop refilled idle buckets in every table."""
+        for t in self.tables.values():
+            t.reclaim()
+
+    def _take_local(self, checks: list) -> list:
+        return self.table_of(_tenant(checks)).take_list(checks)
 
     @property
     def enabled(self) -> bool:
         return bool(self.limits)
 
-    # ---- at the owner -------------------------------------------------------------------------
     def _lease_local(self, msg: list) -> list:
         """Owner side of a check that may carry a lease: [checks, want] -> [results, granted].
         The extra tokens come out of the same buckets, capped at 1/(2N) of what is left."""
         checks, want = msg
-        results = self.table.take_list(checks)
+        table = self.table_of(_tenant(checks))
+        results = table.take_list(checks)
         left = min(results)
         granted = min(want, int(left / (2 * self.n_slots))) if left > 0 else 0
         if granted > 0:
             for c in checks:
-                self.table.take(c[0], granted, c[2], c[3])
+                table.take(c[0], granted, c[2], c[3])
         return [results, granted]
 
     def _refund_local(self, refunds: list) -> None:
-        for h, n in refunds:
-            self.table.refund(h, n)
+        table = self.table_of(_tenant(refunds, 2))
+        for r in refunds:
+            table.refund(r[0], r[1])
 
     # ---- asking -------------------------------------------------------------------------------
     def _checks(self, ident) -> tuple[int, list]:
@@ -112,7 +140,7 @@ class RateLimiter:
                 if scope == "user" and not ident.user:
                     continue  # API-key callers have no user
                 who = {"key": ident.key_id, "tenant": ident.tenant, "user": f"{ident.tenant}/{ident.user}"}[scope]
-                checks.append([hash64(f"{scope}:{who}".encode()), 1.0, burst, rate])
+                checks.append([hash64(f"{scope}:{who}".encode()), 1.0, burst, rate, ident.tenant])
             plan = self._plans[key] = (owner, checks)
         return plan
 
@@ -190,7 +218,7 @@ class RateLimiter:
                 del self._leases[key]
 
     def _give_back(self, lease: "Lease") -> None:
-        refunds = [[c[0], lease.tokens] for c in lease.checks]
+        refunds = [[c[0], lease.tokens, c[4]] for c in lease.checks]
         lease.tokens = 0
         self.owners.send(lease.owner, RL_REFUND, refunds, self.cfg["owner_timeout"])
 
@@ -209,7 +237,7 @@ class RateLimiter:
         owner, checks = self._checks(ident)
         if not checks or extra <= 0:
             return None
-        more = [[c[0], float(extra), c[2], c[3]] for c in checks]
+        more = [[c[0], float(extra), c[2], c[3], c[4]] for c in checks]
         reply = self.owners.call(owner, RL_TAKE, more, self.cfg["owner_timeout"])
         if not asyncio.isfuture(reply):
             return self._decide(owner, more, reply)
@@ -222,7 +250,7 @@ class RateLimiter:
         first means concurrent requests cannot together overshoot the limit."""
         owner = self.owners.owner_of(f"tenant:{ident.tenant}".encode())
         who = {"key": ident.key_id, "tenant": ident.tenant, "user": f"{ident.tenant}/{ident.user}"}
-        checks = [[hash64(f"tpm-{scope}:{who[scope]}".encode()), float(tokens), burst, rate]
+        checks = [[hash64(f"tpm-{scope}:{who[scope]}".encode()), float(tokens), burst, rate, ident.tenant]
                   for scope, rate, burst in self.token_limits if scope != "user" or ident.user]
         reservation = Reservation(owner, checks)
         if not checks:
@@ -235,7 +263,7 @@ class RateLimiter:
     def settle(self, reservation: "Reservation", used: float) -> None:
         """Give back what was reserved but not used, and charge what was used beyond it (the
         bucket may go below zero: the next requests wait for the debt to refill)."""
-        delta = [[c[0], c[1] - used] for c in reservation.checks if c[1] != used]
+        delta = [[c[0], c[1] - used, c[4]] for c in reservation.checks if c[1] != used]
         if delta:
             self.owners.send(reservation.owner, RL_REFUND, delta, self.cfg["owner_timeout"])
 
@@ -245,13 +273,19 @@ class RateLimiter:
             self.stats["admitted"] += 1
             return None
         self.stats["limited"] += 1
-        refunds = [[c[0], c[1]] for c, r in zip(checks, results) if r >= 0]
+        refunds = [[c[0], c[1], c[4]] for c, r in zip(checks, results) if r >= 0]
         if refunds:  # give back what the other buckets granted
             self.owners.send(owner, RL_REFUND, refunds, self.cfg["owner_timeout"])
         check, r = min(((c, r) for c, r in zip(checks, results) if r < 0), key=lambda cr: cr[0][2])
         cap, rate = check[2], check[3]  # the tightest refusing bucket speaks for the answer
         retry = 3600 if r == -math.inf else max(1, math.ceil(-r))
         return Refusal(429, retry, cap, max(1, math.ceil(cap / rate)))
+
+def _tenant(items: list, at: int = 4) -> str:
+    """The tenant a call's checks ([hash, n, capacity, rate, tenant]) or refunds ([hash, n,
+    tenant]) are for: one call is one identity's, so one tenant's."""
+    return items[0][at] if items and len(items[0]) > at else ""
+
 
 class Lease:
     """Tokens the owner granted this worker for one plan. The size asked for adapts: it doubles
@@ -261,7 +295,7 @@ class Lease:
 
     def __init__(self, owner: int, checks: list):
         self.owner, self.checks = owner, checks
-        self.probe = [[c[0], 0.0, c[2], c[3]] for c in checks]  # takes nothing: carries prefetches
+        self.probe = [[c[0], 0.0, c[2], c[3], c[4]] for c in checks]  # takes nothing: carries prefetches
         self.tokens, self.expiry, self.want, self.asking, self.last_ask = 0, 0.0, 0, False, -1e9
 
     def next_want(self, now: float, most: int, ttl: float) -> int:

@@ -99,7 +99,7 @@ class IngressWorker:
         if sv.feature_store is not None:
             asyncio.ensure_future(sv.feature_store.warm())
         self._every(self.stores.expire_sessions, 60.0)
-        self._every(sv.ratelimit.table.reclaim, 60.0)
+        self._every(sv.ratelimit.reclaim, 60.0)
         if self.cfg["events"]["enabled"]:
             self._every(self.stores.retain_events, 5.0)
             self._every(self.stores.probe_events, 1.0)

@@ -67,12 +67,12 @@ def test_unused_leased_tokens_go_back(tmp_path):
         held = sum(lease.tokens for lease in asker._leases.values())
         assert held > 0
         bucket = hash64(b"tenant:acme")
-        assert round(owner.table.level(bucket)) == 1000 - 25 - held  # the lease is out of the bucket
+        assert round(owner.table_of("acme").level(bucket)) == 1000 - 25 - held  # the lease is out of the bucket
         asker.sweep_leases()  # not expired yet: kept
         assert sum(lease.tokens for lease in asker._leases.values()) == held
         await asyncio.sleep(0.6)
         asker.sweep_leases()
         await asyncio.sleep(0.05)
         assert all(lease.tokens == 0 for lease in asker._leases.values())
-        assert round(owner.table.level(bucket)) == 1000 - 25  # rate 0.001/s: nothing refilled meanwhile
+        assert round(owner.table_of("acme").level(bucket)) == 1000 - 25  # rate 0.001/s: nothing refilled meanwhile
     run_pair(tmp_path, body, tenant_rps=0.001, tenant_burst=1000.0, lease_ttl=0.5)

@@ -51,3 +51,20 @@ def test_reservations_at_a_remote_owner(tmp_path):
             m.close()
 
     asyncio.new_event_loop().run_until_complete(main())
+
+
+def test_a_tenant_that_fills_its_share_of_the_bucket_table_is_the_one_refused():
+    """One tenant minting users filled the one bucket table: every other tenant's new
+    identities were refused (Retry-After 3600). Now each tenant has its share at the owner."""
+    from tidegate.core.base import config
+    from tidegate.core.state.auth import Identity
+    from tidegate.core.state.owners import Owners
+    from tidegate.core.state.ratelimit import RateLimiter
+    from tidegate.core.state.ring import HashRing
+    cfg = config.load(None, {"ratelimit.user_rps": 1.0, "ratelimit.table_capacity": 128,
+                             "ratelimit.tenant_share": 0.5, "ratelimit.idle_ttl": 3600.0})
+    rl = RateLimiter(cfg, Owners(0, HashRing([0])))
+    answers = [rl.admit(Identity("k1", "k1", "mallory", "", f"u{i}")) for i in range(200)]
+    assert answers[:64] == [None] * 64  # its share: 64 users' buckets
+    assert all(a is not None and a.status == 429 and a.retry_after == 3600 for a in answers[64:])
+    assert all(rl.admit(Identity("k2", "k2", "victim", "", f"v{i}")) is None for i in range(60))  # untouched
