@@ -578,11 +578,12 @@ SCHEMA: dict[str, dict[str, Key]] = {
                                   "answers", _strings),
         "memory_limit": Key(int, 0, "bytes the daemon's processes may hold in all (RSS) before the box-level "
                             "actions; 0 = the machine's memory", non_negative),
-        "box_actions": Key(dict, {"keepalive": 0.80, "shed": 0.90, "accept": 0.95},
+        "box_actions": Key(dict, {"keepalive": 0.80, "trim": 0.85, "shed": 0.90, "accept": 0.95},
                            "box level (Envoy's overload manager): at this share of memory_limit, or of an ingress "
-                           "worker's fd limit, keepalive = close connections after each answer, shed = shed "
-                           "every class but critical, accept = stop accepting new connections",
-                           _fractions(("keepalive", "shed", "accept"))),
+                           "worker's fd limit, keepalive = close connections after each answer, trim = (memory "
+                           "only) drop what can be rebuilt (exact-cache entries), shed = shed every class but "
+                           "critical, accept = stop accepting new connections",
+                           _fractions(("keepalive", "trim", "shed", "accept"))),
         "box_interval": Key(float, 1.0, "how often the supervisor measures memory and fds (s)", positive),
     },
     "log": {

@@ -6,6 +6,7 @@ RLIMIT_NOFILE; the fullest counts). At the share set for it in `overload.box_act
 is on for every ingress worker:
 
   keepalive  close each connection after its answer (idle keep-alives are closed too)
+  trim       (memory only) drop what can be rebuilt: each worker's exact-cache entries
   shed       shed every class but critical at the door (a `never` class is rejected)
   accept     stop accepting new connections (they wait in the kernel backlog)
 
@@ -19,7 +20,8 @@ import os
 import psutil
 
 HYSTERESIS = 0.02
-ACTIONS = ("keepalive", "shed", "accept")
+ACTIONS = ("keepalive", "trim", "shed", "accept")
+MEMORY_ONLY = ("trim",)  # an fd shortage is not helped by dropping memory
 
 
 class BoxWatch:
@@ -36,9 +38,12 @@ class BoxWatch:
     def update(self, rss_bytes: int, fd_share: float) -> bool:
         """Take a measurement; True when the set of active actions changed."""
         self.memory_share, self.fd_share = rss_bytes / self.limit, fd_share
-        share = max(self.memory_share, fd_share)
-        now = {a for a, t in self.thresholds.items()
-               if share >= t or (a in self.active and share >= t - HYSTERESIS)}
+        both = max(self.memory_share, fd_share)
+        now = set()
+        for a, t in self.thresholds.items():
+            share = self.memory_share if a in MEMORY_ONLY else both
+            if share >= t or (a in self.active and share >= t - HYSTERESIS):
+                now.add(a)
         changed, self.active = now != self.active, now
         return changed
 

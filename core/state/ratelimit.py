@@ -95,6 +95,10 @@ class RateLimiter:
             self.tables.move_to_end(tenant)
         return t
 
+    def forget_plans(self) -> None:
+        """Memory pressure: the asker's plans are rebuilt as identities come back."""
+        self._plans.clear()
+
     def reclaim(self) -> None:
         """Periodic: drop refilled idle buckets in every table."""
         for t in self.tables.values():

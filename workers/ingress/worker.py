@@ -54,6 +54,7 @@ class IngressWorker:
         self.stopped = asyncio.Event()
         self.booted = False
         self.draining = False  # SIGTERM seen (a RELEASE also ends keep-alives, but is not a drain)
+        self.box: set = set()  # the box-level overload actions on now (the supervisor's BOX)
         self.periodic: list[asyncio.Task] = []  # cancelled before the sockets close
         # made in boot(), in this order (each needs the one before)
         self.zmq: zmq.Context | None = None
@@ -167,8 +168,14 @@ class IngressWorker:
             log.warning("exact cache purge in the state cluster failed", tenant=tenant or "(all)", error=repr(e))
 
     def _box_actions(self, actions: set) -> None:
-        """The supervisor's box-level overload actions (core/overload/box.py): keep-alive off, shed
-        all but critical, accepting paused; each undone when it goes off."""
+        """The supervisor's box-level overload actions (core/overload/box.py): keep-alive off,
+        what can be rebuilt dropped (once, as trim comes on), shed all but critical, accepting
+        paused; each undone when it goes off."""
+        if "trim" in actions and "trim" not in self.box:
+            dropped = self.services.exact.store.purge(None)
+            self.services.ratelimit.forget_plans()
+            log.warning("memory pressure: dropped what can be rebuilt", exact_entries=dropped)
+        self.box = actions
         self.http.no_keepalive = "keepalive" in actions
         self.services.shedder.box = "shed" in actions
         self.accept.box("accept" in actions)

@@ -59,3 +59,30 @@ def test_box_actions_grade_by_share_with_hysteresis():
     assert w.describe()["actions"] == [] and w.describe()["memory_limit"] == 1000
     w.configure({"memory_limit": 0, "box_actions": {"shed": 0.5}})
     assert w.limit > 0 and w.thresholds == {"shed": 0.5}  # 0 = the machine's memory
+
+
+def test_trim_follows_memory_alone():
+    w = BoxWatch({"memory_limit": 1000, "box_actions": {"trim": 0.85, "accept": 0.95}})
+    assert w.update(100, 0.99) and w.active == {"accept"}  # out of descriptors: dropping caches frees none
+    assert w.update(900, 0.10) and w.active == {"trim"}
+    assert not w.update(840, 0.10) and w.active == {"trim"}  # (hysteresis)
+    assert w.update(800, 0.10) and w.active == set()
+
+
+def test_trim_drops_the_exact_entries_once_as_it_comes_on():
+    from types import SimpleNamespace
+    from tidegate.core.cache.exact import ExactStore
+    from tidegate.workers.ingress.worker import IngressWorker
+    store = ExactStore(1 << 20, 60.0)
+    store.put(["k", "t", {"text": "x"}])
+    forgot = []
+    w = IngressWorker.__new__(IngressWorker)
+    w.box, w.http = set(), SimpleNamespace(no_keepalive=False)
+    w.accept = SimpleNamespace(box=lambda hold: None)
+    w.services = SimpleNamespace(exact=SimpleNamespace(store=store), shedder=SimpleNamespace(box=False),
+                                 ratelimit=SimpleNamespace(forget_plans=lambda: forgot.append(1)))
+    w._box_actions({"trim"})
+    assert store.get("k") is None and forgot == [1]
+    store.put(["k", "t", {"text": "x"}])
+    w._box_actions({"trim", "keepalive"})  # still on: nothing dropped again
+    assert store.get("k") is not None and forgot == [1] and w.http.no_keepalive
