@@ -31,6 +31,7 @@ class InferenceWorker(BlockingWorker):
         self.name = self.model["name"]
         self.grace_end = self.idle_since = None
         self.publisher = None  # the pressure PUB socket, bound on the first turn (the sockets exist then)
+        self.box: set = set()  # the box-level overload actions on now (the supervisor's BOX)
 
     def open(self) -> str:
         path = self.model["path"] or ensure_demo(self.cfg["server"]["data_dir"])
@@ -50,6 +51,16 @@ class InferenceWorker(BlockingWorker):
 
     def close_stores(self) -> None:
         self.batcher.close_disk()  # after a RELEASE it serves on with the live and RAM tiers
+
+    def on_command(self, msg: dict) -> None:
+        """The supervisor's box-level actions: as trim comes on (memory pressure), the prefix RAM
+        tier goes (prefixes are recomputed, or read from the disk tier)."""
+        if msg.get("op") != protocol.BOX:
+            return
+        actions = set(msg.get("actions", ()))
+        if "trim" in actions and "trim" not in self.box:
+            log.warning("memory pressure: dropped the prefix RAM tier", entries=self.batcher.ram.clear())
+        self.box = actions
 
     def handle(self, peer: bytes, op: str, rid, body) -> None:
         b = self.batcher

@@ -442,8 +442,8 @@ class Supervisor:
         rss, fd = measure([w.proc.pid for w in live], [w.proc.pid for w in live if w.slot.kind == INGRESS])
         if self.box.update(rss, fd):
             log.warning("box-level overload actions changed", **self.box.describe())
-            for w in live:
-                if w.state == "ready" and w.slot.kind == INGRESS:
+            for w in live:  # (inference workers act on trim: their prefix RAM tier)
+                if w.state == "ready" and w.slot.kind in (INGRESS, INFERENCE):
                     self._send(w, {"op": protocol.BOX, "actions": sorted(self.box.active)})
 
     def _expected(self) -> int:
@@ -502,7 +502,7 @@ class Supervisor:
     def _on_ready(self, w: Worker) -> None:
         if w.slot.kind == INGRESS and self.forced_shed:
             self._send(w, {"op": protocol.SHED, "classes": sorted(self.forced_shed)})
-        if w.slot.kind == INGRESS and self.box.active:
+        if w.slot.kind in (INGRESS, INFERENCE) and self.box.active:
             self._send(w, {"op": protocol.BOX, "actions": sorted(self.box.active)})
         if self.pending and w.gen == self.pending["gen"]:
             self._maybe_release()

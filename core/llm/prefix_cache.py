@@ -143,6 +143,14 @@ class RamTier:
             self._evict()
         return True
 
+    def clear(self) -> int:
+        """Drop every entry (memory pressure: a prefix is recomputed, or read from disk); how many."""
+        n = len(self.entries)
+        self.entries.clear()
+        self.index.clear()
+        self.bytes = 0
+        return n
+
     def _evict(self) -> None:
         key, (names, data) = self.entries.popitem(last=False)
         self.bytes -= len(data)

@@ -6,7 +6,8 @@ RLIMIT_NOFILE; the fullest counts). At the share set for it in `overload.box_act
 is on for every ingress worker:
 
   keepalive  close each connection after its answer (idle keep-alives are closed too)
-  trim       (memory only) drop what can be rebuilt: each worker's exact-cache entries
+  trim       (memory only) drop what can be rebuilt: the ingress workers' exact-cache entries and
+             rate-limit plans, the inference workers' prefix RAM tiers (BOX goes to both kinds)
   shed       shed every class but critical at the door (a `never` class is rejected)
   accept     stop accepting new connections (they wait in the kernel backlog)
 

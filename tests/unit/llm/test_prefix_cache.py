@@ -164,3 +164,19 @@ def test_block_names_are_chained_and_cover_full_blocks_only(tokens):
     if len(names) == 2:
         other = block_names([99] + tokens[1:], 16, "t")
         assert other[0] != names[0] and other[1] != names[1]  # a change early renames everything after
+
+
+def test_the_ram_tier_is_dropped_as_trim_comes_on():
+    """Memory pressure (box-level trim): the inference worker drops its prefix RAM tier, once."""
+    from types import SimpleNamespace
+    from tidegate.core.llm.prefix_cache import RamTier
+    from tidegate.workers.inference import InferenceWorker
+    ram = RamTier(1 << 20)
+    ram.put([b"a", b"b"], b"x" * 100)
+    w = InferenceWorker.__new__(InferenceWorker)
+    w.box, w.batcher = set(), SimpleNamespace(ram=ram)
+    w.on_command({"op": "box", "actions": ["trim"]})
+    assert ram.bytes == 0 and ram.longest([b"a", b"b"]) == (0, None)
+    ram.put([b"c"], b"y")
+    w.on_command({"op": "box", "actions": ["trim", "shed"]})  # still on: not again
+    assert ram.bytes == 1
