@@ -1,11 +1,10 @@
 """Hostile clients against one real daemon: each test is an attack from issue 26's review, an
 attacker and a victim on the same daemon, and what must hold (the attacker gets a clear error,
 no process restarts, the victim is served)."""
-import time
-
 import pytest
 
 from helpers.llm import demo_llm, post
+from helpers.wait import wait_for
 
 MSG = [{"role": "user", "content": "Tell me a story about the sea"}]
 
@@ -180,10 +179,8 @@ def test_a_full_views_store_stops_the_builder_and_reports_it_never_a_crash_loop(
         evs = [{"key": f"k{batch}-{i}", "type": "t", "payload": {"blob": big}} for i in range(5)]
         assert request(d.port, "POST", "/v1/events", json.dumps(evs).encode(), timeout=10).status == 202
     d.wait_event("views store full", timeout=30)
-    deadline = time.monotonic() + 30
-    while request(d.port, path="/readyz").status != 503:  # the lag shows: the views are stale
-        assert time.monotonic() < deadline, "readiness never reported the stalled views"
-        time.sleep(0.1)
+    wait_for(lambda: request(d.port, path="/readyz").status == 503, 30,  # the lag shows: the views are stale
+             "readiness never reported the stalled views")
     assert metric(d, "tidegate_views_full") == 1 and respawns(d) == 0
     assert "largest_view" in d.logs() and '"recent"' in d.logs()
 
@@ -231,10 +228,8 @@ def test_connections_dribbling_a_body_do_not_lock_out_new_clients(daemon_factory
     try:
         for _ in range(5):  # new clients are served (a dribbler makes room), and promptly
             assert request(d.port, path="/healthz", timeout=20.0).status == 200
-        deadline = time.monotonic() + 30
-        while len(cut) < 40:  # and every dribbler is cut: 5 bytes/s is under min_body_rate
-            assert time.monotonic() < deadline, f"{len(cut)} of 40 cut"
-            stop.wait(0.1)
+        # and every dribbler is cut: 5 bytes/s is under min_body_rate
+        wait_for(lambda: len(cut) >= 40, 30, "not every dribbler was cut")
     finally:
         stop.set()
         t.join()
@@ -266,15 +261,14 @@ def test_a_websocket_that_pings_but_never_reads_is_timed_out(daemon_factory):
     d = daemon_factory(websocket={"ping_interval": 0.5, "ping_timeout": 0.5})
     s, head = _ws_upgrade(d.port)
     assert head.startswith(b"HTTP/1.1 101"), head
-    deadline = time.monotonic() + 30
+    def pinged_out() -> bool:
+        try:
+            s.send(b"\x89\x80" + b"\x01\x02\x03\x04")  # a masked ping, well under max_control_per_s
+        except OSError:
+            pass  # closed by the server already (the metric follows with the next heartbeat)
+        return metric(d, "tidegate_ws_closed_dead_total") >= 1
     try:
-        while metric(d, "tidegate_ws_closed_dead_total") < 1:
-            assert time.monotonic() < deadline, "the non-reading socket was never closed"
-            try:
-                s.send(b"\x89\x80" + b"\x01\x02\x03\x04")  # a masked ping, well under max_control_per_s
-            except OSError:
-                pass  # closed by the server already (the metric follows with the next heartbeat)
-            time.sleep(0.2)
+        wait_for(pinged_out, 30, "the non-reading socket was never closed", every=0.2)
     finally:
         s.close()
 

@@ -17,6 +17,7 @@ import pytest
 import zmq
 
 from helpers.http import Reader, connect, request
+from helpers.wait import wait_for
 
 
 def worker_pids(d) -> dict[int, int]:
@@ -24,16 +25,6 @@ def worker_pids(d) -> dict[int, int]:
     rows = d.admin_json("workers")["body"]
     gen = max(r["gen"] for r in rows)
     return {r["slot"]: r["pid"] for r in rows if r["state"] == "ready" and r["gen"] == gen}
-
-
-def wait_for(pred, timeout=15.0, what="condition"):
-    deadline = time.time() + timeout
-    while time.time() < deadline:
-        v = pred()
-        if v:
-            return v
-        time.sleep(0.05)
-    raise TimeoutError(what)
 
 
 class Load:

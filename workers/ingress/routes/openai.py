@@ -29,6 +29,7 @@ import numpy as np
 
 from tidegate.core.base.breaker import Breaker, TenantBreakers
 from tidegate.core.http.http11 import HttpError, json_response, service_unavailable
+from tidegate.core.llm.structured import Bounds
 from tidegate.core.messaging import protocol
 from tidegate.core.messaging.protocol import Failure
 from tidegate.core.messaging.worker_client import WorkerUnavailable
@@ -53,7 +54,7 @@ class OpenAIRoutes:
         self.tenant_breakers = {name: TenantBreakers(lambda: Breaker.from_config(cfg["breakers"], slow_call=1e9))
                                 for name in self.breakers}
         self.spec = Spec(self.models, self.inf, classes, exact is not None and exact.enabled,
-                         cfg["cache"]["exact_any"], semantic is not None)
+                         cfg["cache"]["exact_any"], semantic is not None, Bounds.of(self.inf))
         self.created = int(time.time())
         self.inflight = 0  # generations submitted and not yet over: counted here, released by on_done
 

@@ -71,6 +71,7 @@ class Spec:
     exact: bool = False     # the exact cache is on
     exact_any: bool = False  # cache.exact_any: non-reproducible requests are cached too
     semantic: bool = False  # the semantic cache is on
+    bounds: Bounds = Bounds()  # what a structured output may ask of llama.cpp (from inf)
 
 
 @dataclass(frozen=True, slots=True)
@@ -141,7 +142,7 @@ def parse_chat(body: dict, ident, path: str, spec: Spec, names: Names = CHAT, kn
         check_known(body, CHAT_FIELDS)
     model = parse_model(body, spec)
     what = {"messages": _messages(body, names)}
-    plan = _tools(body, names, Bounds.of(spec.inf))
+    plan = _tools(body, names, spec.bounds)
     if plan is not None:
         what["tools"] = plan.tools
     return _generation(body, ident, path, spec, names, model, what, plan, chat=True)
@@ -174,7 +175,7 @@ def parse_embeddings(body: dict, ident, path: str, spec: Spec) -> EmbedRequest:
 
 
 def _generation(body, ident, path, spec: Spec, names: Names, model, what, plan, chat: bool) -> GenRequest:
-    params = _params(body, spec.models[model]["n_ctx"], spec.inf, names, chat)
+    params = _params(body, spec.models[model]["n_ctx"], spec.inf, names, chat, spec.bounds)
     stream, include_usage = _stream_flags(body)
     n = params.get("n", 1)
     if plan is not None and n > 1:
@@ -237,7 +238,7 @@ def integer(body: dict, name: str, lo: int, hi: int, default, names: Names = CHA
     return v
 
 
-def _params(body: dict, n_ctx: int, inf: dict, names: Names, chat: bool) -> dict:
+def _params(body: dict, n_ctx: int, inf: dict, names: Names, chat: bool, bounds: Bounds) -> dict:
     mt = body.get("max_completion_tokens", body.get("max_tokens"))
     p = {"max_tokens": integer({"max_tokens": mt}, "max_tokens", 1, n_ctx, None, names),
          "temperature": number(body, "temperature", 0.0, 2.0, 1.0, names),
@@ -263,7 +264,7 @@ def _params(body: dict, n_ctx: int, inf: dict, names: Names, chat: bool) -> dict
         raise bad(f"'{names('user')}' must be a string", names("user"))
     try:  # structured outputs: a grammar the sampler enforces (core/llm/structured.py)
         grammar = grammar_for(body.get("response_format"), names("response_format"),
-                              names("response_format.json_schema"), Bounds.of(inf))
+                              names("response_format.json_schema"), bounds)
     except SchemaError as e:
         raise bad(str(e), e.param) from None
     if grammar is not None:
