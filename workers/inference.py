@@ -83,6 +83,7 @@ class InferenceWorker(BlockingWorker):
         if self.batcher.active:
             self.batcher.step()
         if self.batcher.embedding:  # between decode steps, a budget of it a turn
+            self.flush()  # the step's tokens leave first: they never wait for embeddings work
             self.batcher.embed_step()
 
     def before_sleep(self) -> None:

@@ -405,6 +405,8 @@ SCHEMA: dict[str, dict[str, Key]] = {
         "embed_share": Key(float, 0.25, "share of the model's time embeddings may take while generations run "
                            "(they are computed between decode steps, then pause)",
                            lambda v: None if 0 < v <= 1 else "must be in (0, 1]"),
+        "embed_batch": Key(int, 64, "tokens of embeddings input computed a turn (a long input goes on over turns "
+                           "of a causal model, so a generation waits at most one such chunk)", positive),
         "max_slots_per_request": Key(int, 0, "sequence slots one request's n choices hold at once (the rest wait "
                                      "for them); 0 = half of max_seqs", non_negative),
         "max_prompt_bytes": Key(int, 1 * MiB, "UTF-8 bytes of the rendered prompt (then 400)", positive),

@@ -25,6 +25,8 @@ import time
 from collections import deque
 from typing import NamedTuple
 
+import numpy as np
+
 from tidegate.core.base.jsonlog import log
 from tidegate.core.llm.chat_template import TemplateRefused, render_chat
 from tidegate.core.llm.engine import Engine, LlamaError, free_sampler, grammar_parses, make_sampler
@@ -95,13 +97,20 @@ def _holds_slot(seq) -> None:
 
 
 class EmbedJob:
-    """An embeddings request, computed a few inputs a turn between decode steps (one of 256
-    inputs near n_ctx had stopped decoding for every tenant for minutes)."""
-    __slots__ = ("peer", "rid", "cls", "inputs", "vectors", "tokens", "deadline", "started")
+    """An embeddings request, computed up to n_batch tokens a turn between decode steps (one of
+    256 inputs near n_ctx had stopped decoding for every tenant for minutes). toks/done/total:
+    the input under way, how many of its tokens are in, the sum of their states."""
+    __slots__ = ("peer", "rid", "cls", "inputs", "vectors", "tokens", "deadline", "started", "toks", "done",
+                 "total")
 
     def __init__(self, peer, rid, cls: str, inputs: list, deadline: float):
         self.peer, self.rid, self.cls, self.inputs = peer, rid, cls, inputs
         self.vectors, self.tokens, self.deadline, self.started = [], 0, deadline, time.monotonic()
+        self.toks, self.done, self.total = None, 0, None
+
+    @property
+    def begun(self) -> bool:
+        return bool(self.vectors) or self.toks is not None
 
 
 class Seq:
@@ -178,7 +187,7 @@ class Batcher:
         the caller opens it later with open_disk: it is a store with one writer)."""
         engine = Engine(path, model["n_ctx"], model["max_seqs"], inf["n_batch"], model["threads"],
                         model["n_gpu_layers"], model["embeddings"], inf["prefix_live_entries"],
-                        inf["prefix_live_tokens"])
+                        inf["prefix_live_tokens"], inf["embed_batch"])
         template = model["chat_template"] or engine.chat_template()
         b = cls(engine, model, inf, template, RamTier(inf["prefix_ram_bytes"]), None, send, tick)
         if disk:
@@ -293,38 +302,46 @@ class Batcher:
         q.append(EmbedJob(peer, rid, cls, list(body["input"]), time.monotonic() + wait))
 
     def embed_step(self) -> None:
-        """Embeddings work for one turn: up to n_batch tokens (at least one input), highest class
-        first, so decode steps keep coming between them. A finished request is answered; one
-        that waited past its deadline before any of it was computed is dropped (504)."""
-        budget, now = self.inf["n_batch"], time.monotonic()
+        """Embeddings work for one turn: up to embed_batch tokens (a long input goes on next turn),
+        highest class first, so decode steps keep coming between them. A finished request is
+        answered; one that waited past its deadline before any of it was computed is dropped (504)."""
+        budget, now = self.inf["embed_batch"], time.monotonic()
         if self.active and now < self.embed_next:
             return  # generations run: embeddings take at most their share of the model's time
+        eng = self.engine
         for cls in CLASSES:
             q = self.embeds[cls]
             while q and budget > 0:
                 job = q[0]
-                if not job.vectors and job.deadline <= now:
+                if not job.begun and job.deadline <= now:
                     q.popleft()
                     self.stats["llm_expired"] += 1
                     self.send(job.peer, error_event(job.rid, 504, "request deadline passed while it waited for the "
                                                     "model", "deadline_exceeded"))
                     continue
-                toks = self.engine.tokenize(job.inputs[len(job.vectors)], add_bos=True)
-                if len(toks) > self.model["n_ctx"]:
-                    q.popleft()
-                    self.send(job.peer, error_event(job.rid, 400, f"input of {len(toks)} tokens exceeds the model's "
-                                                    f"context of {self.model['n_ctx']}", "context_length_exceeded",
-                                                    "input"))
-                    continue
-                job.vectors.append(self.engine.embed(toks))
-                job.tokens += len(toks)
-                budget -= len(toks)
+                if job.toks is None:
+                    job.toks = eng.tokenize(job.inputs[len(job.vectors)], add_bos=True)
+                    job.done, job.total = 0, np.zeros(eng.n_embd, dtype=np.float64)
+                    if len(job.toks) > self.model["n_ctx"]:
+                        q.popleft()
+                        self.send(job.peer, error_event(job.rid, 400, f"input of {len(job.toks)} tokens exceeds the "
+                                                        f"model's context of {self.model['n_ctx']}",
+                                                        "context_length_exceeded", "input"))
+                        continue
+                part = min(len(job.toks) - job.done, eng.embed_chunk)
+                job.total += eng.embed_part(job.toks, job.done)
+                job.done += part
+                budget -= part
                 self.tick()
-                if len(job.vectors) == len(job.inputs):
-                    q.popleft()
-                    self.send(job.peer, [EMB, job.rid, {"data": job.vectors, "tokens": job.tokens}])
+                if job.done >= len(job.toks):
+                    job.vectors.append(eng.embed_finish(job.total, len(job.toks)))
+                    job.tokens += len(job.toks)
+                    job.toks = job.total = None
+                    if len(job.vectors) == len(job.inputs):
+                        q.popleft()
+                        self.send(job.peer, [EMB, job.rid, {"data": job.vectors, "tokens": job.tokens}])
         share, took = self.inf["embed_share"], time.monotonic() - now
-        self.embed_next = now + took / share  # (an input cannot be split: the pause after it keeps the share)
+        self.embed_next = now + took / share
 
     @property
     def embedding(self) -> int:
@@ -335,7 +352,7 @@ class Batcher:
         embeddings request), None when none waits: the class's queueing delay."""
         out = self.sched.oldest(self.may_start)
         for c, q in self.embeds.items():
-            waiting = next((j.started for j in q if not j.vectors), None)  # (one under way is not waiting)
+            waiting = next((j.started for j in q if not j.begun), None)  # (one under way is not waiting)
             if waiting is not None and (out[c] is None or waiting < out[c]):
                 out[c] = waiting
         return out

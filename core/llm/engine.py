@@ -36,9 +36,11 @@ def gpu_layers(setting, can_offload: bool) -> int:
 
 class Engine:
     def __init__(self, path: str, n_ctx: int, n_seq: int, n_batch: int = 512, threads: int = 0,
-                 n_gpu_layers="auto", embeddings: bool = False, park_seqs: int = 0, park_cells: int = 0):
+                 n_gpu_layers="auto", embeddings: bool = False, park_seqs: int = 0, park_cells: int = 0,
+                 embed_batch: int = 0):
         """n_seq sequences of up to n_ctx tokens each, plus park_seqs ids that only hold prefixes
-        (in park_cells more cells): see prefix_cache.ParkedTier."""
+        (in park_cells more cells): see prefix_cache.ParkedTier. embed_batch: embeddings tokens per
+        llama_decode (0 = n_batch)."""
         global _backend_ready
         if not _backend_ready:
             L.llama_backend_init()
@@ -74,14 +76,22 @@ class Engine:
         self.batch = L.llama_batch_init(n_batch, 0, n_seq + self.park_seqs)
         self.embed_ctx = None
         if embeddings:
+            # A causal model's mean-pooled embedding is the mean of its token states, which do not
+            # depend on later tokens: a long input is computed n_batch tokens a turn, through the
+            # context's own KV (one near n_ctx had stopped decoding for everyone in one call). A
+            # non-causal encoder must see the whole input in one batch.
+            self.embed_chunk = min(n_ctx, embed_batch or n_batch) if self._causal() else n_ctx
             ep = L.llama_context_default_params()
-            ep.n_ctx = ep.n_batch = ep.n_ubatch = n_ctx
+            ep.n_ctx = n_ctx
+            ep.n_batch = ep.n_ubatch = self.embed_chunk
             ep.n_seq_max = 1
             ep.n_threads = ep.n_threads_batch = threads
             ep.embeddings = True
-            ep.pooling_type = L.LLAMA_POOLING_TYPE_MEAN
+            ep.pooling_type = L.LLAMA_POOLING_TYPE_NONE  # token states, pooled here across chunks
             self.embed_ctx = L.llama_init_from_model(self.model, ep)
-            self.embed_batch = L.llama_batch_init(n_ctx, 0, 1)
+            if not self.embed_ctx:
+                raise LlamaError("llama.cpp could not create the embeddings context (out of memory?)")
+            self._ebatch = L.llama_batch_init(self.embed_chunk, 0, 1)
         self.fingerprint = model_fingerprint(path)
         self._piece = ctypes.create_string_buffer(256)
         self._state_buf = None
@@ -173,22 +183,48 @@ class Engine:
         return L.llama_state_seq_set_data(self.ctx, buf, len(data), seq) == len(data)
 
     # ---- embeddings --------------------------------------------------------------------------
-    def embed(self, tokens: list[int]) -> list[float]:
+    def _causal(self) -> bool:
+        """Whether the model attends only backwards (GGUF `<arch>.attention.causal`, true unless an
+        encoder says otherwise)."""
+        def meta(key: str) -> str:
+            buf = ctypes.create_string_buffer(128)
+            n = L.llama_model_meta_val_str(self.model, key.encode(), buf, len(buf))
+            return buf.value.decode("utf-8", "replace") if n >= 0 else ""
+        if L.llama_model_has_encoder(self.model):
+            return False
+        return meta(f"{meta('general.architecture')}.attention.causal").lower() not in ("false", "0")
+
+    def embed_part(self, tokens: list[int], start: int) -> np.ndarray:
+        """The sum of the token states of tokens[start:start + embed_chunk] (the part before start
+        already in the embeddings context: start = 0 begins an input). Pool with embed_finish."""
         if self.embed_ctx is None:
             raise LlamaError("this model is not configured for embeddings")
-        b = self.embed_batch
-        tokens = tokens[: self.n_ctx]
-        for i, tok in enumerate(tokens):
-            b.token[i], b.pos[i], b.n_seq_id[i], b.logits[i] = tok, i, 1, 1
+        if start == 0:
+            L.llama_memory_clear(L.llama_get_memory(self.embed_ctx), True)
+        b, part = self._ebatch, tokens[start:start + self.embed_chunk]
+        for i, tok in enumerate(part):
+            b.token[i], b.pos[i], b.n_seq_id[i], b.logits[i] = tok, start + i, 1, 1
             b.seq_id[i][0] = 0
-        b.n_tokens = len(tokens)
-        L.llama_memory_clear(L.llama_get_memory(self.embed_ctx), True)
+        b.n_tokens = len(part)
         if L.llama_decode(self.embed_ctx, b) != 0:
             raise LlamaError("llama_decode failed for embeddings")
-        p = L.llama_get_embeddings_seq(self.embed_ctx, 0)
-        v = np.ctypeslib.as_array(p, shape=(self.n_embd,)).astype(np.float32)
+        p = L.llama_get_embeddings(self.embed_ctx)
+        return np.ctypeslib.as_array(p, shape=(len(part), self.n_embd)).sum(axis=0, dtype=np.float64)
+
+    @staticmethod
+    def embed_finish(total: np.ndarray, n_tokens: int) -> list[float]:
+        """The unit-length mean of an input's summed token states."""
+        v = (total / max(1, n_tokens)).astype(np.float32)
         norm = float(np.linalg.norm(v)) or 1.0
         return (v / norm).tolist()
+
+    def embed(self, tokens: list[int]) -> list[float]:
+        """One input's embedding in one call (tokens past n_ctx are dropped)."""
+        tokens = tokens[: self.n_ctx]
+        total = np.zeros(self.n_embd, dtype=np.float64)
+        for start in range(0, len(tokens), self.embed_chunk):
+            total += self.embed_part(tokens, start)
+        return self.embed_finish(total, len(tokens))
 
 
 PENALTY_LAST_N = 256  # generated tokens the penalties look back over

@@ -1,6 +1,7 @@
 """Continuous batching: sequences decoded together give the same greedy tokens as one at a time,
 requests join between steps, and a cancelled one leaves at the next step."""
 import time
+import numpy as np
 
 import pytest
 
@@ -207,3 +208,23 @@ def test_an_embeddings_request_under_way_is_not_the_class_s_queueing_delay(tmp_p
     assert w.oldest()["standard"] is None  # under way: computed between steps, waiting for nothing
     w.embed(b"peer", 2, {"input": [text], "cls": "standard"})
     assert w.oldest()["standard"] is not None  # the one behind it waits
+
+
+def test_one_long_embeddings_input_is_split_across_turns(tmp_path, demo_model):
+    """One input near n_ctx had been computed in one call: every stream stopped for all of it."""
+    w = batcher(tmp_path, demo_model, n_batch=64, embed_batch=32)
+    rid = submit(w, "Go on and on", "t", 200, stream=True)
+    turn(w)
+    text = " ".join(["parcel delivery customs window return label"] * 30)  # ~250 tokens, one input
+    w.embed(b"peer", 78, {"input": [text], "cls": "standard"})
+    turns, ended = 0, None
+    before = len([1 for k, r, _ in w.events.get(b"peer", []) if r == rid])
+    while ended is None:
+        turn(w)
+        turns += 1
+        ended = next((p for k, r, p in w.events.get(b"peer", []) if r == 78), None)
+    streamed = len([1 for k, r, _ in w.events.get(b"peer", []) if r == rid]) - before
+    assert ended["tokens"] > 6 * 32 and turns >= ended["tokens"] // 32  # at most n_batch tokens a turn
+    assert streamed >= turns // 2
+    whole = w.engine.embed(w.engine.tokenize(text))
+    assert float(np.array(whole) @ np.array(ended["data"][0])) > 0.9999
