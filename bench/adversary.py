@@ -1,7 +1,7 @@
 """Hostile clients against one daemon, at 10x the size of tests/system/test_adversary.py: per
 attack, a victim tenant's latency while it runs against the same victim alone on the same daemon.
 
-    python bench/adversary.py [--attacks grammar,template,metrics,dribble,ws_pinger,n_reader,embed]
+    python bench/adversary.py [--attacks grammar,template,metrics,dribble,ws_pinger,n_reader,paused_slots,embed]
                               [--victim-requests 40]
 
 Each attack runs on a fresh daemon (the demo model, API keys for an attacker and a victim
@@ -143,10 +143,10 @@ def ws_pinger(port, stop, got, n=200):
         s.close()
 
 
-def n_reader(port, stop, got, n=10):
+def n_reader(port, stop, got, n=10, choices=8):
     """Streams of n = 8 whose client never reads."""
     socks = []
-    body = json.dumps({"model": "demo", "messages": MSG, "max_tokens": 1000, "n": 8, "stream": True}).encode()
+    body = json.dumps({"model": "demo", "messages": MSG, "max_tokens": 1000, "n": choices, "stream": True}).encode()
     for _ in range(n):
         s = socket.socket()
         s.setsockopt(socket.SOL_SOCKET, socket.SO_RCVBUF, 4096)
@@ -160,6 +160,21 @@ def n_reader(port, stop, got, n=10):
         s.close()
 
 
+def paused_slots(port, stop, got):
+    """As many single streams as there are slots for the class, none read: every slot paused."""
+    n_reader(port, stop, got, n=7, choices=1)
+
+
+def paused(k: int):
+    """Ready once k of the attacker's sequences have paused for their reader (the streams first
+    fill the socket buffers: until then they are plain load, not this attack)."""
+    def ready(port) -> bool:
+        text = call(port, "GET", "/metrics")[1].decode()
+        return sum(float(x.split()[-1]) for x in text.splitlines()
+                   if x.startswith("tidegate_llm_paused_sequences ")) >= k
+    return ready
+
+
 def embed(port, stop, got):
     text = " ".join(["parcel delivery customs window return label"] * 60)  # ~400 tokens: 256 of them fit 1 MiB
     while not stop.is_set():
@@ -168,7 +183,8 @@ def embed(port, stop, got):
 
 
 ATTACKS = {"grammar": grammar, "template": template, "metrics": metrics, "dribble": dribble,
-           "ws_pinger": ws_pinger, "n_reader": n_reader, "embed": embed}
+           "ws_pinger": ws_pinger, "n_reader": n_reader, "paused_slots": paused_slots, "embed": embed}
+READY = {"n_reader": paused(4), "paused_slots": paused(7)}  # else the attack is under way after 2 s
 EXTRA = {"template": f'chat_template = {json.dumps(ALTERNATING)}\n'}
 
 
@@ -196,7 +212,11 @@ def run(name: str, model: str, requests: int) -> dict:
         stop, got = threading.Event(), collections.Counter()
         t = threading.Thread(target=ATTACKS[name], args=(srv.port, stop, got), daemon=True)
         t.start()
-        time.sleep(2.0)  # the attack is under way
+        ready = READY.get(name, lambda port: time.sleep(2.0) or True)
+        for _ in range(1200):
+            if ready(srv.port):
+                break
+            time.sleep(0.05)
         loud = victim(srv.port, requests)
         stop.set()
         t.join(30)

@@ -112,13 +112,14 @@ class InferenceWorker(BlockingWorker):
     def counters(self) -> dict:
         b = self.batcher
         return dict(b.stats, llm_active_sequences=b.active, llm_paused_sequences=b.paused, llm_queued=b.queued,
+                    llm_paused_state_bytes=b.evicted_bytes,
                     prefix_ram_bytes=b.ram.bytes,
                     prefix_disk_bytes=b.disk.bytes if b.disk else 0)
 
     def drained(self, now: float) -> bool:
         """The old generation's ingress workers are draining too: serve them until idle."""
         self.grace_end = self.grace_end or now + self.cfg["server"]["graceful_timeout"]
-        idle = not self.batcher.active and not self.batcher.queued
+        idle = not self.batcher.active and not self.batcher.queued and not self.batcher.evicted
         self.idle_since = (self.idle_since or now) if idle else None
         return bool(self.idle_since and now - self.idle_since > 0.5) or now > self.grace_end
 

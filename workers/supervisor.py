@@ -662,7 +662,7 @@ class Supervisor:
                 "workers_ready": self._ready_count(self.gen), "workers_expected": self._expected(),
                 "bind": self.listeners.bound(), "config": self.cfg_path or "(built-in defaults)",
                 "control": endpoints.control(self.cfg), "respawns": self.respawns, "degraded": self.degraded,
-                "metrics_renders": self.metrics_renders,
+                "metrics_renders": self.metrics_renders, "limits": self.aggregator.limits(),
                 "box": self.box.describe()}
 
     def worker_table(self) -> list[dict]:

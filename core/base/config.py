@@ -409,6 +409,11 @@ SCHEMA: dict[str, dict[str, Key]] = {
                            "of a causal model, so a generation waits at most one such chunk)", positive),
         "max_slots_per_request": Key(int, 0, "sequence slots one request's n choices hold at once (the rest wait "
                                      "for them); 0 = half of max_seqs", non_negative),
+        "evict_paused_after": Key(float, 0.1, "seconds a stream paused for its reader keeps its slot while other "
+                                  "work waits for one; then its KV goes to RAM until the reader catches up",
+                                  non_negative),
+        "paused_state_bytes": Key(int, 256 * MiB, "RAM for the KV of paused streams out of their slots (past it, a "
+                                  "paused stream keeps its slot)", non_negative),
         "max_prompt_bytes": Key(int, 1 * MiB, "UTF-8 bytes of the rendered prompt (then 400)", positive),
         # what a structured output (response_format, a forced tool call) may ask of llama.cpp's
         # recursive grammar parser: a count unrolls into nesting, and too deep a grammar overflows

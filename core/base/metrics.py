@@ -48,6 +48,8 @@ EXTRA_HELP = {
     "llm_expired": ("counter", "Requests dropped because their deadline passed while queued"),
     "llm_cancelled": ("counter", "Sequences cancelled because the client went away"),
     "llm_stream_pauses": ("counter", "Times a stream ran a whole window ahead of its reader and paused its generation"),
+    "llm_paused_evictions": ("counter", "Paused streams that gave their slot to waiting work (their KV kept in RAM until the reader catches up)"),
+    "llm_paused_state_bytes": ("gauge", "RAM holding the KV of paused streams out of their slots"),
     "prefix_hits_live": ("counter", "Prefix-cache hits copied from live KV (tier 1)"),
     "prefix_hits_ram": ("counter", "Prefix-cache hits restored from RAM (tier 2)"),
     "prefix_hits_disk": ("counter", "Prefix-cache hits restored from disk (tier 3)"),
@@ -168,6 +170,15 @@ def _fold(total: dict, snap: dict) -> None:
             total["extra"][name] = total["extra"].get(name, 0) + v
 
 
+# what bites when a client, tenant or request reaches a limit (admin status lists those above 0)
+LIMIT_METRICS = ("connections_evicted", "ws_refused_cap", "ratelimit_limited", "tenant_breakers_open",
+                 "owner_unavailable", "llm_expired", "llm_stream_pauses", "llm_paused_evictions",
+                 "llm_paused_state_bytes", "exact_evictions", "semantic_evictions", "semantic_namespaces_evicted",
+                 "semantic_timeouts", "model_expired", "model_queue_full", "views_full",
+                 *(f"shed_{c}_{how}" for c in ("critical", "standard", "background")
+                   for how in ("stale", "approximate", "fallback", "rejected")))
+
+
 class Aggregator:
     """Owned by the supervisor: latest snapshot per live worker + retired totals."""
 
@@ -198,6 +209,12 @@ class Aggregator:
                 if EXTRA_HELP.get(name, ("gauge",))[0] == "gauge":
                     total["extra"][name] = total["extra"].get(name, 0) + v
         return total
+
+    def limits(self) -> dict:
+        """The protective limits that have bitten (refused, evicted, paused, shed...), by metric
+        name, for `tidegate admin status`: only those above zero."""
+        got = self.totals()["extra"]
+        return {k: got[k] for k in LIMIT_METRICS if got.get(k)}
 
     def render(self, extra: list[tuple[str, str, str, float]] = ()) -> bytes:
         """Prometheus text format. extra: (kind "gauge"|"counter", name, help, value) from the supervisor."""

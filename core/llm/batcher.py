@@ -38,7 +38,7 @@ from tidegate.core.messaging.protocol import DELTA, EMB, END, choice_end, delta,
 from tidegate.core.runtime.loop import RequestError
 
 STATS = ("llm_requests", "llm_prompt_tokens", "llm_cached_tokens", "llm_completion_tokens", "llm_expired",
-         "llm_cancelled", "llm_stream_pauses", "prefix_hits_live", "prefix_hits_ram", "prefix_hits_disk", "prefix_misses")
+         "llm_cancelled", "llm_stream_pauses", "llm_paused_evictions", "prefix_hits_live", "prefix_hits_ram", "prefix_hits_disk", "prefix_misses")
 
 RANK = {c: i for i, c in enumerate(CLASSES)}  # 0 = the highest
 
@@ -46,13 +46,14 @@ RANK = {c: i for i, c in enumerate(CLASSES)}  # 0 = the highest
 class Choices:
     """One request's n choices (n = 1: one): only the last to finish sends END, and a stream's
     window is theirs together (the reader takes their deltas as they come)."""
-    __slots__ = ("left", "sent", "allowed", "windowed", "running")
+    __slots__ = ("left", "sent", "allowed", "windowed", "running", "paused_at")
 
     def __init__(self, n: int, window: int):
         self.left = n              # choices not finished yet
         self.running = 0           # choices holding a slot now (at most inference.max_slots_per_request)
         self.windowed = window > 0
         self.sent, self.allowed = 0, window  # deltas sent, deltas the reader's credit allows
+        self.paused_at = 0.0       # when the window last filled
 
     @property
     def paused(self) -> bool:
@@ -118,7 +119,7 @@ class Seq:
     __slots__ = ("peer", "rid", "cls", "deadline", "stream", "tenant", "prompt", "names", "params", "stop",
                  "max_tokens", "sampler", "slot", "pending", "n_past", "generated", "buf", "text", "sent",
                  "n_cached", "cancelled", "logit_index", "started", "first_token_at", "last", "last_step",
-                 "logprobs", "lp", "choice", "n", "lead", "wait_lead", "group")
+                 "logprobs", "lp", "choice", "n", "lead", "wait_lead", "group", "saved")
 
     def __init__(self, peer, rid, body, prompt, max_tokens, deadline):
         self.peer, self.rid = peer, rid
@@ -134,6 +135,7 @@ class Seq:
         self.lp: list = []  # logprob entries not sent yet
         self.choice, self.n, self.lead, self.wait_lead = 0, 1, None, False  # n > 1: choice i of n; lead: choice 0
         self.group: Choices | None = None  # its request's choices (set by submit)
+        self.saved: bytes | None = None  # paused and out of its slot: its KV state (Batcher.evicted)
 
     @property
     def paused(self) -> bool:
@@ -172,13 +174,17 @@ class Batcher:
         # one request's n choices hold at most this many slots at once (a client that never reads
         # a streamed n = 8 had paused every choice in its own slot, every other tenant shut out)
         self.request_slots = inf["max_slots_per_request"] or max(1, len(self.slots) // 2)
-        self.may_start = lambda seq: seq.group.running < self.request_slots
+        # (and none starts while its reader is behind: it would only take a slot to pause in)
+        self.may_start = lambda seq: seq.group.running < self.request_slots and not seq.group.paused
         self.steps = 0  # decode steps taken (shared_decode turns)
         self.shared = [engine.tokenize(p) for p in inf["shared_prefixes"]]
         self.stats = {k: 0 for k in STATS}
         self.to_save: list = []  # (seq, slot) whose prompt just went in: saved after the step's events leave
         self.embeds: dict[str, deque] = {c: deque() for c in CLASSES}  # EmbedJobs waiting or under way
         self.embed_next = 0.0  # while generations run, no embeddings work before then (inference.embed_share)
+        # paused sequences whose slot another request needed: their KV waits in RAM for the reader
+        self.evicted: list[Seq] = []
+        self.evicted_bytes = 0
         self.bounds = Bounds.of(inf)  # what a grammar may ask of llama.cpp's parser
 
     @classmethod
@@ -269,15 +275,18 @@ class Batcher:
         for s in self.slots:
             if s.seq and s.seq.rid == rid and s.seq.peer == peer:
                 s.seq.cancelled = True
+        for seq in self.evicted:
+            if seq.rid == rid and seq.peer == peer:
+                seq.cancelled = True
         for seq in self.sched.remove(lambda q: q.rid == rid and q.peer == peer):
             self.stats["llm_cancelled"] += 1
 
     def credit(self, peer: bytes, rid, n) -> None:
         if not isinstance(n, int) or n <= 0:
             return
-        for s in self.slots:
-            if s.seq and s.seq.rid == rid and s.seq.peer == peer and s.seq.group.windowed:
-                s.seq.group.allowed += n
+        for seq in [s.seq for s in self.slots if s.seq] + self.evicted:
+            if seq.rid == rid and seq.peer == peer and seq.group.windowed:
+                seq.group.allowed += n
                 return  # (the choices share one window; a credit only follows deltas: never for a queued one)
 
     def runnable(self) -> bool:
@@ -286,7 +295,7 @@ class Batcher:
 
     @property
     def paused(self) -> int:
-        return sum(1 for s in self.slots if s.seq and s.seq.paused)
+        return sum(1 for s in self.slots if s.seq and s.seq.paused) + len(self.evicted)
 
     def embed(self, peer: bytes, rid, body: dict) -> None:
         """Queue an embeddings request in its class (the class's queue_max bounds it)."""
@@ -359,6 +368,8 @@ class Batcher:
 
     # ---- admission and the prefix cache -------------------------------------------------------
     def admit(self) -> None:
+        self._resume_evicted()
+        self._evict_paused()
         admitted, expired = self.sched.admit(time.monotonic(), self.may_start, _holds_slot)
         for seq in expired:
             self.stats["llm_expired"] += 1
@@ -373,6 +384,59 @@ class Batcher:
                 seq.group.running -= 1
                 self.sched.finished(seq.cls, seq.tenant)
                 self.send(seq.peer, error_event(seq.rid, 500, "inference failed", "internal"))
+
+    # ---- paused streams out of their slots ----------------------------------------------------
+    def _evict_paused(self) -> None:
+        """A streamed request whose reader stopped reading keeps nothing others need: while work
+        that could start waits for a slot, a sequence paused for inference.evict_paused_after
+        gives its slot up, its KV saved to RAM (at most inference.paused_state_bytes in all),
+        and resumes from it once its reader's credit comes and a slot is free."""
+        waiting = [c for c, t in self.sched.oldest(self.may_start).items() if t is not None]
+        if not waiting or all(self.sched.can_take(c) and any(s.seq is None for s in self.slots) for c in waiting):
+            return
+        now, after = time.monotonic(), self.inf["evict_paused_after"]
+        paused = sorted((s for s in self.slots if s.seq and s.seq.paused and not s.seq.pending and not s.seq.cancelled
+                         and not s.seq.wait_lead and s.seq.first_token_at and now - s.seq.group.paused_at >= after),
+                        key=lambda s: s.seq.group.paused_at)
+        for slot in paused[:sum(self.sched.queued()[c] for c in waiting)]:
+            seq = slot.seq
+            data = self.engine.state_get(slot.idx)
+            if self.evicted_bytes + len(data) > self.inf["paused_state_bytes"]:
+                break  # (out of room: it keeps its slot, within max_slots_per_request)
+            seq.saved, self.evicted_bytes = data, self.evicted_bytes + len(data)
+            self._vacate(slot)
+            self.sched.suspend(seq.cls, seq.tenant)
+            seq.slot = -1
+            self.evicted.append(seq)
+            self.stats["llm_paused_evictions"] += 1
+
+    def _resume_evicted(self) -> None:
+        """Evicted sequences whose reader caught up (credit) take a free slot before anything new
+        starts (their streams are open); cancelled ones are dropped."""
+        for seq in list(self.evicted):
+            if not seq.cancelled and (seq.paused or not self.sched.can_take(seq.cls) or not self.may_start(seq)):
+                continue
+            free = [s for s in self.slots if s.seq is None]
+            if not seq.cancelled and not free:
+                return
+            self.evicted.remove(seq)
+            data, seq.saved = seq.saved, None
+            self.evicted_bytes -= len(data)
+            if seq.cancelled:
+                self.stats["llm_cancelled"] += 1
+                self.sched.completed[seq.cls] += 1
+                free_sampler(seq.sampler)
+                continue
+            slot = min(free, key=lambda s: s.used_at)
+            self.sched.resume(seq.cls, seq.tenant)
+            seq.group.running += 1
+            if not self.engine.state_set(slot.idx, data):
+                log.error("could not restore a paused sequence's KV", tokens=seq.n_past)
+                slot.seq, seq.slot = seq, slot.idx
+                self._release(slot)
+                self.send(seq.peer, error_event(seq.rid, 500, "inference failed", "internal"))
+                continue
+            slot.seq, slot.names, slot.used_at, seq.slot = seq, list(seq.names), time.monotonic(), slot.idx
 
     def _shared_tokens(self, prompt: list[int]) -> int:
         best = 0
@@ -663,6 +727,7 @@ class Batcher:
                     g.sent += 1
                     if g.sent == g.allowed:
                         self.stats["llm_stream_pauses"] += 1
+                        g.paused_at = time.monotonic()
 
     def _finish(self, seq: Seq, slot: KvSlot, reason: str) -> None:
         if seq.buf:
@@ -690,10 +755,15 @@ class Batcher:
         self._release(slot)
 
     def _release(self, slot: KvSlot) -> None:
-        seq, slot.seq = slot.seq, None
-        seq.group.running -= 1
+        seq = slot.seq
+        self._vacate(slot)
         free_sampler(seq.sampler)
         self.sched.finished(seq.cls, seq.tenant)
+
+    def _vacate(self, slot: KvSlot) -> None:
+        """slot's sequence leaves it (finished, or evicted while paused); its KV stays for reuse."""
+        seq, slot.seq = slot.seq, None
+        seq.group.running -= 1
         if len(slot.names) * self.block > seq.n_past:  # cut short before its prompt was in
             slot.names = slot.names[: seq.n_past // self.block]
         slot.tokens, slot.tenant = (seq.prompt + seq.generated)[:seq.n_past], seq.tenant

@@ -137,6 +137,17 @@ class Scheduler:
                 if tenant not in self.queues[cls] and len(self.counters[cls]) > 10000:
                     self.counters[cls].pop(tenant, None)  # bounded memory: idle tenants are forgotten
 
+    def suspend(self, cls: str, tenant: str = "") -> None:
+        """A running item leaves its slot for a while (paused, evicted): not finished."""
+        self.finished(cls, tenant)
+        self.completed[cls] -= 1
+
+    def resume(self, cls: str, tenant: str = "") -> None:
+        """A suspended item takes a slot again."""
+        tenant = tenant if self.fair else ""
+        self.running[cls] += 1
+        self.active[cls][tenant] = self.active[cls].get(tenant, 0) + 1
+
     def oldest(self, may_start=None) -> dict:
         """class -> when its oldest queued item that could start was submitted (.started), None
         when there is none: an item held back by its own request's cap (may_start) waits for its

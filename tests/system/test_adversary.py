@@ -291,3 +291,39 @@ def test_websockets_are_capped_per_key_and_per_address(daemon_factory):
     assert code == 1008
     for sock in [x for x, _ in held] + [other, extra]:
         sock.close()
+
+
+def test_streams_whose_reader_never_reads_do_not_keep_the_slots_from_others(daemon_factory, demo_model):
+    """Class 3: streams nobody reads had kept every slot they paused in until idle_timeout (60 s)
+    while other tenants' requests waited: now a paused stream gives its slot up when work waits
+    (its KV to RAM), and the waiting request is served while the streams stay open."""
+    import json
+    import socket
+    from helpers.keys import ALPHA, KEYS
+    from helpers.llm import metric
+    from tidegate.core.state.auth import hash_key
+    other = "sk-test-other-tenant-0123456789"  # a second tenant, standard class like the reader's
+    d = daemon_factory(auth={"keys": KEYS + [{"key_sha256": hash_key(other), "tenant": "initech"}]}, cache={"exact_enabled": False, "semantic_enabled": False},
+                       limits={"stream_send_buffer": 16384, "write_buffer_bytes": 32768},
+                       inference={"enabled": True, "max_slots_per_request": 1,
+                                  "models": [{"name": "demo", "path": demo_model, "n_ctx": 2048, "max_seqs": 3}]})
+    body = json.dumps({"model": "demo", "max_tokens": 1500, "stream": True, "temperature": 0,
+                       "messages": [{"role": "user", "content": "go on"}]}).encode()
+    socks = []
+    for _ in range(2):  # both slots standard work may take (the third is reserved for critical)
+        s = socket.socket()
+        s.setsockopt(socket.SOL_SOCKET, socket.SO_RCVBUF, 4096)
+        s.connect(("127.0.0.1", d.port))
+        s.sendall(b"POST /v1/chat/completions HTTP/1.1\r\nHost: t\r\nContent-Type: application/json\r\n"
+                  b"Authorization: Bearer " + ALPHA.encode() + b"\r\nContent-Length: %d\r\n\r\n" % len(body) + body)
+        socks.append(s)
+    wait_for(lambda: metric(d, "tidegate_llm_paused_sequences") >= 2, 120, "both streams to pause for their reader")
+    r = api(d.port, "POST", "/v1/chat/completions", other, {"model": "demo", "messages": MSG, "max_tokens": 4})
+    assert r.status == 200, r.body
+    wait_for(lambda: metric(d, "tidegate_llm_paused_evictions_total") >= 1, 30, "the eviction to reach /metrics")
+    assert metric(d, "tidegate_llm_paused_sequences") == 2  # the streams are still there, paused
+    status = d.admin_json("status")["body"]
+    assert status["limits"]["llm_paused_evictions"] >= 1 and status["limits"]["llm_stream_pauses"] >= 2  # it shows
+    assert respawns(d) == 0
+    for s in socks:
+        s.close()

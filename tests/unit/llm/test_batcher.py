@@ -228,3 +228,56 @@ def test_one_long_embeddings_input_is_split_across_turns(tmp_path, demo_model):
     assert streamed >= turns // 2
     whole = w.engine.embed(w.engine.tokenize(text))
     assert float(np.array(whole) @ np.array(ended["data"][0])) > 0.9999
+
+
+def _text(events, rid) -> str:
+    """A stream's text: its deltas (n = 1: the text itself) and what its end brings."""
+    return "".join(p if isinstance(p, str) else p.get("text", "") for k, r, p in events if r == rid)
+
+
+def test_paused_streams_give_their_slots_up_while_others_wait_and_resume_where_they_were(tmp_path, demo_model):
+    """A client that never reads had kept every slot: other tenants waited out the idle timeout.
+    A paused stream now leaves its slot (its KV to RAM) when work waits, and goes on, token for
+    token the same, once its reader's credit comes."""
+    ref = batcher(tmp_path / "ref", demo_model)
+    want = generate(ref, "Tell me about parcels", "a", 24)["text"]
+    w = batcher(tmp_path, demo_model, evict_paused_after=0.0)
+    full = w.sched.n_slots - w.sched.reserved["critical"]  # the slots standard work may hold
+    readers = [submit(w, "Tell me about parcels", "a", 24, stream=True, window=2) for _ in range(full)]
+    while w.paused < full:  # each sent its window of deltas, and holds a slot
+        turn(w)
+    assert w.active == full and not w.evicted and not w.sched.can_take("standard")
+    rid = submit(w, "The weather today is", "b", 8)
+    for _ in range(200):
+        turn(w)
+        if any(r == rid and k == "end" for k, r, _ in w.events[b"peer"]):
+            break
+    else:
+        raise AssertionError("the other tenant's request never ran")
+    assert w.stats["llm_paused_evictions"] >= 1 and w.evicted and w.evicted_bytes > 0
+    assert w.paused == full  # out of a slot or not, still paused
+    for r in readers:
+        w.credit(b"peer", r, 1000)
+    for _ in range(500):
+        turn(w)
+        if all(any(r == x and k == "end" for k, x, _ in w.events[b"peer"]) for r in readers):
+            break
+    assert not w.evicted and w.evicted_bytes == 0 and w.active == 0
+    for r in readers:
+        assert _text(w.events[b"peer"], r) == want
+
+
+def test_a_cancelled_stream_out_of_its_slot_is_dropped(tmp_path, demo_model):
+    w = batcher(tmp_path, demo_model, evict_paused_after=0.0)
+    full = w.sched.n_slots - w.sched.reserved["critical"]
+    readers = [submit(w, "Tell me about parcels", "a", 24, stream=True, window=1) for _ in range(full)]
+    while w.paused < full:
+        turn(w)
+    submit(w, "The weather today is", "b", 8)
+    while not w.evicted:
+        turn(w)
+    gone = w.evicted[0].rid
+    w.cancel(b"peer", gone)
+    turn(w)
+    assert all(s.rid != gone for s in w.evicted) and w.stats["llm_cancelled"] == 1
+    assert w.sched.running["standard"] == w.active  # the scheduler's count of slots in use agrees
