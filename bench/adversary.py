@@ -17,6 +17,7 @@ import base64
 import collections
 import http.client
 import json
+import multiprocessing
 import os
 import socket
 import statistics
@@ -85,15 +86,33 @@ def template(port, stop, got):
                  ATTACKER)[0]] += 1
 
 
-def metrics(port, stop, got):
-    def one():
-        while not stop.is_set():
-            got[call(port, "GET", "/metrics", key=ATTACKER)[0]] += 1
-    threads = [threading.Thread(target=one) for _ in range(64)]
-    for t in threads:
-        t.start()
-    for t in threads:
-        t.join()
+def metrics(port, stop, got, n=1000):
+    """1,000 keep-alive connections asking /metrics back to back."""
+    import asyncio
+    req = b"GET /metrics HTTP/1.1\r\nHost: t\r\nAuthorization: Bearer " + ATTACKER.encode() + b"\r\n\r\n"
+
+    async def one():
+        try:
+            r, w = await asyncio.open_connection("127.0.0.1", port)
+        except OSError:
+            got["connect_failed"] += 1
+            return
+        try:
+            while not stop.is_set():
+                w.write(req)
+                head = await r.readuntil(b"\r\n\r\n")
+                got[int(head.split(b" ", 2)[1])] += 1
+                length = next((int(x.split(b":", 1)[1]) for x in head.split(b"\r\n")
+                               if x.lower().startswith(b"content-length:")), 0)
+                await r.readexactly(length)
+        except (OSError, asyncio.IncompleteReadError, asyncio.LimitOverrunError):
+            got["dropped"] += 1
+        finally:
+            w.close()
+
+    async def main():
+        await asyncio.gather(*(one() for _ in range(n)))
+    asyncio.run(main())
 
 
 def dribble(port, stop, got, n=400):
@@ -188,6 +207,14 @@ READY = {"n_reader": paused(4), "paused_slots": paused(7)}  # else the attack is
 EXTRA = {"template": f'chat_template = {json.dumps(ALTERNATING)}\n'}
 
 
+def _attacker(name: str, port: int, stop, conn) -> None:
+    got = collections.Counter()
+    try:
+        ATTACKS[name](port, stop, got)
+    finally:
+        conn.send(dict(got))
+
+
 def run(name: str, model: str, requests: int) -> dict:
     tmp = tempfile.mkdtemp(prefix=f"adversary-{name}-")
     model_line = EXTRA.get(name, "")
@@ -209,16 +236,20 @@ def run(name: str, model: str, requests: int) -> dict:
                 break
             time.sleep(0.1)
         quiet = victim(srv.port, requests)
-        stop, got = threading.Event(), collections.Counter()
-        t = threading.Thread(target=ATTACKS[name], args=(srv.port, stop, got), daemon=True)
+        # the attacker runs in its own process: its threads must not take the victim client's GIL
+        # (an attacker is another machine; here it still shares the CPU with the daemon)
+        ctx = multiprocessing.get_context("fork")
+        stop, (theirs, ours) = ctx.Event(), ctx.Pipe()
+        t = ctx.Process(target=_attacker, args=(name, srv.port, stop, theirs), daemon=True)
         t.start()
         ready = READY.get(name, lambda port: time.sleep(2.0) or True)
-        for _ in range(1200):
+        for _ in range(240):
             if ready(srv.port):
                 break
-            time.sleep(0.05)
+            time.sleep(0.25)  # (within server.metrics_rps_per_address)
         loud = victim(srv.port, requests)
         stop.set()
+        got = ours.recv() if ours.poll(60) else {"unreported": 1}
         t.join(30)
         status = json.loads(call(srv.port, "GET", "/readyz")[1] or b"{}")
         admin = subprocess.run([sys.executable, "-m", "tidegate.workers.cli", "admin", "--config",

@@ -221,6 +221,14 @@ cdef class Request:
     cdef public double started
     cdef public object identity  # set by the guard (workers/ingress/guard.py)
     cdef public object on_close  # set by a handler that must hear if the client leaves before the answer
+    cdef object _transport
+
+    @property
+    def peer(self) -> str:
+        """The client's address ("" when unknown: a unix socket, a request made inside)."""
+        t = self._transport
+        name = t.get_extra_info("peername") if t is not None else None
+        return name[0] if isinstance(name, tuple) and name else ""
 
 
 cpdef Response json_response(obj, int status=200, headers=None):
@@ -447,6 +455,7 @@ cdef class HttpConnection:
         self.phase = _BUSY
         parser = self.parser
         cdef Request req = Request.__new__(Request)
+        req._transport = self.transport
         method = parser.get_method()
         req.method = _METHODS.get(method) or method.decode("latin-1")
         url = self._url

@@ -259,6 +259,9 @@ SCHEMA: dict[str, dict[str, Key]] = {
         "metrics_interval": Key(float, 1.0, "/metrics is rendered at most once this often (s), and each worker "
                                 "asks for it at most once per interval however many clients do", positive),
         "metrics_auth": Key(bool, False, "/metrics takes an API key (when keys are configured)"),
+        "metrics_rps_per_address": Key(float, 5.0, "/metrics requests a second one client address may make to each "
+                                       "ingress worker (burst 2x; then 429): a flood is refused cheaply; 0 = no "
+                                       "limit", non_negative),
         "max_frame_bytes": Key(int, 16 * MiB, "largest ZeroMQ frame between processes (ZMQ_MAXMSGSIZE of the "
                                "internal sockets); what queues in one loop turn is split to fit, and a message "
                                "that alone is larger is refused; at least 4x limits.max_body_bytes", positive),

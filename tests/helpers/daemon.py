@@ -37,8 +37,9 @@ class Daemon:
         self.sections = {"server": {"bind": f"127.0.0.1:{self.port}", "workers": workers,
                                     "run_dir": str(tmp_path / "run"), "data_dir": str(tmp_path / "data"),
                                     "heartbeat_interval": 0.2, "graceful_timeout": 5.0,
-                                    # tests read counters right after what moves them: no render cache
-                                    "metrics_interval": 0.001},
+                                    # tests read counters right after what moves them: no render
+                                    # cache, and as often as they wait for one (no scrape limit)
+                                    "metrics_interval": 0.001, "metrics_rps_per_address": 0.0},
                          # no model unless a test asks: the HTTP and state tests do not need one
                          "inference": {"enabled": False},
                          # a shared CI machine runs loops late at random: shedding on it would make

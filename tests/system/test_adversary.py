@@ -158,6 +158,19 @@ def test_a_metrics_flood_costs_one_render_and_readiness_answers_meanwhile(daemon
     assert d.admin_json("status")["body"]["metrics_renders"] - before <= 1
 
 
+def test_a_metrics_flood_from_one_address_is_refused_cheaply(daemon_factory):
+    """Past server.metrics_rps_per_address (burst 2x) an address gets a small 429 with
+    Retry-After instead of the whole text; readiness is not limited (load balancers ask it)."""
+    d = daemon_factory(server={"metrics_rps_per_address": 0.5})  # burst: one scrape, then one per 2 s
+    got = [api(d.port, "GET", "/metrics") for _ in range(6)]
+    assert got[0].status == 200 and got[0].body.startswith(b"# HELP")
+    refused = [r for r in got if r.status == 429]  # (each refusal is held back up to 1 s: 6 scrapes take
+    assert len(refused) >= 2, [r.status for r in got]  # over 5 s, in which at most 3 more fit)
+    assert refused[0].json()["error"]["code"] == "rate_limit_exceeded" and "retry-after" in refused[0].headers
+    assert len(refused[0].body) < 512
+    assert all(api(d.port, "GET", "/readyz").status == 200 for _ in range(10))
+
+
 def test_metrics_can_require_a_key(daemon_factory):
     from helpers.keys import ALPHA, KEYS
     d = daemon_factory(auth={"keys": KEYS}, server={"metrics_auth": True})

@@ -4,9 +4,11 @@ from __future__ import annotations
 
 import asyncio
 
-from tidegate.core.http.http11 import Response, json_response, service_unavailable
+from tidegate.core.http.http11 import HttpError, Response, json_response, service_unavailable
 from tidegate.core.http.jsonbody import parse_json
 from tidegate.core.messaging import protocol
+from tidegate.core.state.ring import hash64
+from tidegate.ext.tokenbucket import BucketTable
 
 _HEALTHZ = Response(200, b'{"status":"ok"}')
 _PROM_TYPE = b"text/plain; version=0.0.4; charset=utf-8"
@@ -45,6 +47,9 @@ class OpsRoutes:
         self._readiness = Shared(lambda: self._ask(protocol.READINESS), 0.0)  # (coalesced, never stale)
         self._metrics = Shared(lambda: self._ask(protocol.METRICS, snap=self.snapshot()),
                                cfg["server"]["metrics_interval"])
+        # per client address: a flood of scrapes is answered with a small 429, not the whole text
+        self.scrape_rate = cfg["server"]["metrics_rps_per_address"]
+        self.scrapers = BucketTable(4096, 60.0)
 
     def add_to(self, router, guard) -> None:
         router.add("GET", "/healthz", lambda req: _HEALTHZ)
@@ -61,6 +66,15 @@ class OpsRoutes:
         return json_response(ans["body"], 200 if ans["body"]["ready"] else 503)
 
     async def metrics(self, req) -> Response:
+        if self.scrape_rate:
+            left = self.scrapers.take(hash64(req.peer.encode()), 1.0, 2 * self.scrape_rate, self.scrape_rate)
+            if left < 0:
+                # held back a second first (as nginx's limit_req delays): a client reusing its
+                # connection asks again no sooner, so a flood costs one refusal a second per
+                # connection instead of a busy loop of them
+                await asyncio.sleep(1.0)
+                raise HttpError(429, "too many /metrics requests from this address (server.metrics_rps_per_address)",
+                                "rate_limit_exceeded", headers=[(b"retry-after", b"1")])
         ans = await self._metrics.get()
         return Response(200, ans["body"].encode(), _PROM_TYPE)
 
