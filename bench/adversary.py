@@ -249,7 +249,7 @@ def run(name: str, model: str, requests: int) -> dict:
             time.sleep(0.25)  # (within server.metrics_rps_per_address)
         loud = victim(srv.port, requests)
         stop.set()
-        got = ours.recv() if ours.poll(60) else {"unreported": 1}
+        got = ours.recv() if ours.poll(60) else {"still_running": 1}  # (one long request, not answered yet)
         t.join(30)
         status = json.loads(call(srv.port, "GET", "/readyz")[1] or b"{}")
         admin = subprocess.run([sys.executable, "-m", "tidegate.workers.cli", "admin", "--config",

@@ -410,6 +410,8 @@ SCHEMA: dict[str, dict[str, Key]] = {
                            lambda v: None if 0 < v <= 1 else "must be in (0, 1]"),
         "embed_batch": Key(int, 64, "tokens of embeddings input computed a turn (a long input goes on over turns "
                            "of a causal model, so a generation waits at most one such chunk)", positive),
+        "embed_turn_ms": Key(float, 4.0, "milliseconds of embeddings work a turn (parts are sized by the cost of the "
+                             "last one): what arrives meanwhile waits about this long", positive),
         "max_slots_per_request": Key(int, 0, "sequence slots one request's n choices hold at once (the rest wait "
                                      "for them); 0 = half of max_seqs", non_negative),
         "evict_paused_after": Key(float, 0.1, "seconds a stream paused for its reader keeps its slot while other "

@@ -182,6 +182,9 @@ class Batcher:
         self.to_save: list = []  # (seq, slot) whose prompt just went in: saved after the step's events leave
         self.embeds: dict[str, deque] = {c: deque() for c in CLASSES}  # EmbedJobs waiting or under way
         self.embed_next = 0.0  # while generations run, no embeddings work before then (inference.embed_share)
+        self.embed_took = 0.0  # how long the last embeddings turn took
+        self.embed_cost = 0.0  # seconds a token of embeddings input took, last part (sizes the next)
+        self.embed_ran = False  # a turn of it ran since a generation was last admitted
         # paused sequences whose slot another request needed: their KV waits in RAM for the reader
         self.evicted: list[Seq] = []
         self.evicted_bytes = 0
@@ -311,16 +314,18 @@ class Batcher:
         q.append(EmbedJob(peer, rid, cls, list(body["input"]), time.monotonic() + wait))
 
     def embed_step(self) -> None:
-        """Embeddings work for one turn: up to embed_batch tokens (a long input goes on next turn),
+        """Embeddings work for one turn: up to embed_batch tokens and about embed_turn_ms (a long
+        input of a causal model goes on next turn; what arrives meanwhile waits that long at most),
         highest class first, so decode steps keep coming between them. A finished request is
         answered; one that waited past its deadline before any of it was computed is dropped (504)."""
         budget, now = self.inf["embed_batch"], time.monotonic()
+        until = now + self.inf["embed_turn_ms"] / 1000
         if self.active and now < self.embed_next:
             return  # generations run: embeddings take at most their share of the model's time
         eng = self.engine
         for cls in CLASSES:
             q = self.embeds[cls]
-            while q and budget > 0:
+            while q and budget > 0 and (not self.embed_cost or time.monotonic() < until):
                 job = q[0]
                 if not job.begun and job.deadline <= now:
                     q.popleft()
@@ -337,8 +342,14 @@ class Batcher:
                                                         f"model's context of {self.model['n_ctx']}",
                                                         "context_length_exceeded", "input"))
                         continue
-                part = min(len(job.toks) - job.done, eng.embed_chunk)
-                job.total += eng.embed_part(job.toks, job.done)
+                part = len(job.toks) - job.done  # (an encoder's input goes in whole)
+                if eng.embed_causal:
+                    part = min(part, eng.embed_chunk, budget)
+                    if self.embed_cost:  # a part takes about embed_turn_ms at most
+                        part = min(part, max(8, int((until - time.monotonic()) / self.embed_cost)))
+                t0 = time.monotonic()
+                job.total += eng.embed_part(job.toks, job.done, part)
+                self.embed_cost = (time.monotonic() - t0) / part
                 job.done += part
                 budget -= part
                 self.tick()
@@ -350,7 +361,7 @@ class Batcher:
                         q.popleft()
                         self.send(job.peer, [EMB, job.rid, {"data": job.vectors, "tokens": job.tokens}])
         share, took = self.inf["embed_share"], time.monotonic() - now
-        self.embed_next = now + took / share
+        self.embed_next, self.embed_took, self.embed_ran = now + took / share, took, True
 
     @property
     def embedding(self) -> int:
@@ -371,6 +382,9 @@ class Batcher:
         self._resume_evicted()
         self._evict_paused()
         admitted, expired = self.sched.admit(time.monotonic(), self.may_start, _holds_slot)
+        if admitted and self.embed_ran:  # a new generation runs its first steps before more embeddings
+            self.embed_next = max(self.embed_next, time.monotonic() + self.embed_took / self.inf["embed_share"])
+            self.embed_ran = False  # (once per embeddings turn: they still get their share under a flood)
         for seq in expired:
             self.stats["llm_expired"] += 1
             self.send(seq.peer, error_event(seq.rid, 504, "request deadline passed while it waited for the model",

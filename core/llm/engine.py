@@ -80,7 +80,8 @@ class Engine:
             # depend on later tokens: a long input is computed n_batch tokens a turn, through the
             # context's own KV (one near n_ctx had stopped decoding for everyone in one call). A
             # non-causal encoder must see the whole input in one batch.
-            self.embed_chunk = min(n_ctx, embed_batch or n_batch) if self._causal() else n_ctx
+            self.embed_causal = self._causal()
+            self.embed_chunk = min(n_ctx, embed_batch or n_batch) if self.embed_causal else n_ctx
             ep = L.llama_context_default_params()
             ep.n_ctx = n_ctx
             ep.n_batch = ep.n_ubatch = self.embed_chunk
@@ -194,14 +195,15 @@ class Engine:
             return False
         return meta(f"{meta('general.architecture')}.attention.causal").lower() not in ("false", "0")
 
-    def embed_part(self, tokens: list[int], start: int) -> np.ndarray:
-        """The sum of the token states of tokens[start:start + embed_chunk] (the part before start
-        already in the embeddings context: start = 0 begins an input). Pool with embed_finish."""
+    def embed_part(self, tokens: list[int], start: int, n: int = 0) -> np.ndarray:
+        """The sum of the token states of tokens[start:start + n] (n: at most embed_chunk, 0 = that;
+        the part before start already in the embeddings context: start = 0 begins an input).
+        Pool with embed_finish."""
         if self.embed_ctx is None:
             raise LlamaError("this model is not configured for embeddings")
         if start == 0:
             L.llama_memory_clear(L.llama_get_memory(self.embed_ctx), True)
-        b, part = self._ebatch, tokens[start:start + self.embed_chunk]
+        b, part = self._ebatch, tokens[start:start + min(n or self.embed_chunk, self.embed_chunk)]
         for i, tok in enumerate(part):
             b.token[i], b.pos[i], b.n_seq_id[i], b.logits[i] = tok, start + i, 1, 1
             b.seq_id[i][0] = 0
