@@ -69,6 +69,11 @@ def _parser() -> argparse.ArgumentParser:
     asub.add_parser("breakers", help="every worker's circuit breakers: state, calls, failure and slow rates",
                     description="The circuit breakers of each ingress worker, per downstream (redis, "
                                 "inference:MODEL, models:MODEL), as of its last heartbeat.")
+    asub.add_parser("backends", help="remote models' backends: health, breaker, latency, attempts, failovers",
+                    description="Per ingress worker, each remote model's backends as of its last heartbeat: "
+                                "health check, breaker state, in flight, answered latency (moving average), "
+                                "requests, attempts, failures, failovers away, answers served, malformed chunks; "
+                                "and the model's retries, failovers, continuations and retry budget.")
     sh = asub.add_parser("shed", help="force shedding of a traffic class: on CLASS | off CLASS | status",
                          description="For drills: requests of CLASS are shed as if their downstream were "
                                      "overloaded (overload.shed says what they get; a class whose policy is never "
@@ -310,6 +315,13 @@ def _human(cmd: str, reply: dict) -> str:
         rows = [[w, name, b["state"], b["calls"], b["failure_rate"], b["slow_rate"], b["opened"], b["refused"]]
                 for w, bs in sorted(body.items()) for name, b in sorted(bs.items())]
         return _table(cols, rows) if rows else "no circuit breakers (no downstream that has one)"
+    if cmd == "backends":
+        cols = ["worker", "model", "url", "healthy", "breaker", "inflight", "latency_ms", "requests", "attempts",
+                "failures", "failovers", "served", "malformed_chunks"]
+        rows = [[w, name, b["url"], b["healthy"], b["breaker"], b["inflight"], b["latency_ms"], b["requests"],
+                 b["attempts"], b["failures"], b["failovers"], b["served"], b["malformed_chunks"]]
+                for w, models in sorted(body.items()) for name, m in sorted(models.items()) for b in m["backends"]]
+        return _table(cols, rows) if rows else "no remote backends (no model has backends)"
     if cmd == "workers":
         cols = ["id", "slot", "gen", "pid", "state", "uptime_s", "heartbeat_age_s", "rss_bytes", "requests",
                 "open_connections"]

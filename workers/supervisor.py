@@ -571,6 +571,9 @@ class Supervisor:
         elif op == "breakers":
             body = {w.id: w.snap.get("breakers") for w in self.workers.values()
                     if w.state == "ready" and getattr(w, "snap", None) and w.snap.get("breakers")}
+        elif op == "backends":
+            body = {w.id: w.snap.get("backends") for w in self.workers.values()
+                    if w.state == "ready" and getattr(w, "snap", None) and w.snap.get("backends")}
         elif op == "shed":
             body = self._shed(msg)
             if body is None:

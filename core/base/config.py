@@ -104,8 +104,19 @@ MODEL_FIELDS = {"name": str, "path": str, "n_ctx": int, "max_seqs": int, "thread
                 "chat_template": str, "embeddings": bool, "class": str, "fallback_text": str,
                 # served by remote OpenAI-compatible servers instead of a local worker (core/llm/remote.py)
                 "backends": list, "routing": str, "balance_slack": int, "health_path": str,
-                "health_interval": (int, float), "connect_timeout": (int, float), "keepalive": (int, float)}
-BACKEND_FIELDS = {"url": str, "model": str, "weight": (int, float), "api_key": str, "max_inflight": int}
+                "health_interval": (int, float), "connect_timeout": (int, float), "keepalive": (int, float),
+                # failover (core/llm/failover.py): deadlines per attempt, the retry policy, the chain
+                "header_timeout": (int, float), "first_token_timeout": (int, float), "stall_timeout": (int, float),
+                "retry": dict, "fallbacks": list}
+BACKEND_FIELDS = {"url": str, "model": str, "weight": (int, float), "api_key": str, "max_inflight": int,
+                  "prefill": (bool, str)}
+# a remote model's retry policy: attempts over all its backends, full-jitter exponential backoff,
+# the longest Retry-After waited for on the same backend, whether lost attempts may be retried,
+# and the retry budget (retries <= budget_ratio of the requests of the last 10 s + budget_min_per_s)
+RETRY_DEFAULTS = {"attempts": 3, "backoff_base": 0.05, "backoff_max": 2.0, "retry_after_max": 10.0,
+                  "retry_lost": False, "budget_ratio": 0.2, "budget_min_per_s": 5.0}
+REMOTE_DEFAULTS = {"connect_timeout": 2.0, "header_timeout": 10.0, "first_token_timeout": 15.0, "stall_timeout": 10.0}
+PREFILL = (True, False, "auto")
 ROUTINGS = ("prefix", "round_robin", "least_loaded")
 
 
@@ -116,7 +127,10 @@ def _backends(i: int, v: list) -> str | None:
         if not isinstance(b, dict) or set(b) - set(BACKEND_FIELDS):
             return f"item {i}: backend {j} must be a table {{{', '.join(BACKEND_FIELDS)}}}"
         for k, t in BACKEND_FIELDS.items():
-            if k in b and (not isinstance(b[k], t) or isinstance(b[k], bool)):
+            if k == "prefill":
+                if k in b and b[k] not in PREFILL:
+                    return f"item {i}: backend {j}: prefill must be true, false or \"auto\""
+            elif k in b and (not isinstance(b[k], t) or isinstance(b[k], bool)):
                 return f"item {i}: backend {j}: {k} must be {getattr(t, '__name__', 'a number')}"
         if not str(b.get("url", "")).startswith(("http://", "https://")):
             return f"item {i}: backend {j}: url must be http://host:port or https://…"
@@ -157,6 +171,30 @@ def _models(v):
                 return f"item {i}: a model has a path (a local worker) or backends (remote servers), not both"
         if item.get("routing", "prefix") not in ROUTINGS:
             return f"item {i}: routing must be one of {', '.join(ROUTINGS)}"
+        for k in REMOTE_DEFAULTS:
+            if k in item and item[k] <= 0:
+                return f"item {i}: {k} must be > 0"
+        problem = _retry(i, item.get("retry", {}))
+        if problem:
+            return problem
+    for i, item in enumerate(v):
+        for f in item.get("fallbacks", ()):
+            if f not in names or f == item["name"]:
+                return f"item {i}: fallbacks: {f!r} is not another listed model"
+    return None
+
+
+def _retry(i: int, r: dict) -> str | None:
+    unknown = set(r) - set(RETRY_DEFAULTS)
+    if unknown:
+        return f"item {i}: retry: unknown field(s) {', '.join(sorted(unknown))} (known: {', '.join(RETRY_DEFAULTS)})"
+    for k, v in r.items():
+        want = type(RETRY_DEFAULTS[k])
+        if want is bool:
+            if not isinstance(v, bool):
+                return f"item {i}: retry.{k} must be true or false"
+        elif isinstance(v, bool) or not isinstance(v, (int, float)) or v < 0 or (k == "attempts" and v < 1):
+            return f"item {i}: retry.{k} must be a number >= {1 if k == 'attempts' else 0}"
     return None
 
 
@@ -390,10 +428,16 @@ SCHEMA: dict[str, dict[str, Key]] = {
                       "n_gpu_layers, chat_template, embeddings, class, fallback_text}]; empty = the built-in demo "
                       "model; class: every request to it is of that class; fallback_text: the answer a shed "
                       "request of a cached class gets when no cached one is found; a model with backends = "
-                      "[{url, model, weight, api_key, max_inflight}] is served by those remote OpenAI-compatible "
-                      "servers instead (routing = prefix | round_robin | least_loaded, balance_slack, health_path, "
-                      "health_interval, connect_timeout, keepalive: seconds an idle connection to a backend is "
-                      "reused, 4, below the backends' own idle timeouts)", _models),
+                      "[{url, model, weight, api_key, max_inflight, prefill}] is served by those remote OpenAI-"
+                      "compatible servers instead (routing = prefix | round_robin | least_loaded, balance_slack, "
+                      "health_path, health_interval, keepalive: seconds an idle connection to a backend is "
+                      "reused, 4, below the backends' own idle timeouts; deadlines per attempt: connect_timeout 2, "
+                      "header_timeout 10, first_token_timeout 15, stall_timeout 10; retry = {attempts 3, "
+                      "backoff_base 0.05, backoff_max 2, retry_after_max 10, retry_lost false, budget_ratio 0.2, "
+                      "budget_min_per_s 5}; prefill = true | false | \"auto\": the backend continues a trailing "
+                      "assistant message, so a stream cut mid-answer goes on there); fallbacks = [model names]: "
+                      "where a request goes, in order, when this model is down, failing, full or its window too "
+                      "small (before any of its answer reached the client)", _models),
         "n_ctx": Key(int, 4096, "context length per sequence (prompt + completion)", positive),
         "max_seqs": Key(int, 8, "sequences decoded together (continuous batching slots)", positive),
         "n_batch": Key(int, 512, "tokens per llama_decode step (long prompts are prefilled in chunks)", positive),
@@ -809,7 +853,13 @@ def models(cfg: dict) -> list[dict]:
     base = {"path": "", "n_ctx": inf["n_ctx"], "max_seqs": inf["max_seqs"], "threads": inf["threads"],
             "n_gpu_layers": inf["n_gpu_layers"], "chat_template": "", "embeddings": inf["embeddings"]}
     listed = inf["models"] or [{"name": "tidegate-demo"}]
-    return [{**base, **m} for m in listed]
+    out = [{**base, "fallbacks": [], **m} for m in listed]
+    for m in out:
+        m["retry"] = {**RETRY_DEFAULTS, **m.get("retry", {})}
+        if m.get("backends"):
+            for k, v in REMOTE_DEFAULTS.items():
+                m.setdefault(k, v)
+    return out
 
 
 def local_models(cfg: dict) -> list[dict]:

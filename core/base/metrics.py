@@ -24,7 +24,16 @@ EXTRA_HELP = {
     "ratelimit_admitted": ("counter", "Requests admitted by the rate limiter"),
     "remote_requests": ("counter", "Requests sent to remote model backends"),
     "remote_connect_errors": ("counter", "Remote backends that refused or timed out the connection (the next one was tried)"),
-    "remote_failures": ("counter", "Remote generations cut off mid-answer (the client got an error event)"),
+    "remote_failures": ("counter", "Attempts at remote backends that failed (an error status, a cut or stalled stream, a timeout)"),
+    "remote_attempts": ("counter", "Attempts at remote backends (a request's first and its retries)"),
+    "remote_retries": ("counter", "Attempts after a request's first (the same backend or another)"),
+    "remote_failovers": ("counter", "Retries that moved a request to another backend"),
+    "remote_continuations": ("counter", "Attempts that continued a stream cut mid-answer (an assistant-prefix continuation)"),
+    "remote_retry_budget_exhausted": ("counter", "Retries refused by a model's retry budget (the failure was the answer)"),
+    "remote_retry_budget": ("gauge", "Retries the models' retry budgets allow now"),
+    "remote_malformed_chunks": ("counter", "Stream chunks from remote backends that were not JSON (skipped)"),
+    "remote_served": ("counter", "Answers remote backends gave whole (per backend: tidegate admin backends)"),
+    "model_fallbacks": ("counter", "Requests a model's fallback model took (inference.models[].fallbacks)"),
     "remote_prefix_blocks": ("counter", "Prompt prefix blocks routed to remote backends"),
     "remote_prefix_blocks_hit": ("counter", "Of those, blocks the chosen backend had been sent before (prefix-affinity hits)"),
     "ws_open": ("gauge", "WebSocket sessions open now"),
@@ -175,6 +184,7 @@ LIMIT_METRICS = ("connections_evicted", "ws_refused_cap", "ratelimit_limited", "
                  "owner_unavailable", "llm_expired", "llm_stream_pauses", "llm_paused_evictions",
                  "llm_paused_state_bytes", "exact_evictions", "semantic_evictions", "semantic_namespaces_evicted",
                  "semantic_timeouts", "model_expired", "model_queue_full", "views_full",
+                 "remote_retry_budget_exhausted", "model_fallbacks",
                  *(f"shed_{c}_{how}" for c in ("critical", "standard", "background")
                    for how in ("stale", "approximate", "fallback", "rejected")))
 

@@ -48,7 +48,8 @@ SHED = "shed"            # the classes an operator sheds now (admin shed on|off)
 BOX = "box"              # the box-level overload actions on now (core/overload/box.py), to every ingress worker
 
 # ---- admin -> supervisor (control socket) ------------------------------------------------------
-CONTROL_OPS = ("status", "workers", "config", "reload", "drain", "stop", "metrics", "cache", "shed", "breakers")
+CONTROL_OPS = ("status", "workers", "config", "reload", "drain", "stop", "metrics", "cache", "shed", "breakers",
+               "backends")
 
 # ---- mesh: ops handled at a key's ring owner ---------------------------------------------------
 RL_TAKE, RL_LEASE, RL_REFUND = "rl.take", "rl.lease", "rl.refund"        # rate-limit buckets
@@ -69,6 +70,7 @@ SCORE = "score"          # model worker: score a batch     -> SCORES | ERR
 
 # ---- blocking worker -> ingress: [kind, rid, payload] ------------------------------------------
 DELTA, END, ERR, EMB, HIT, MISS, SCORES = "d", "end", "err", "emb", "hit", "miss", "scores"
+VIA = "via"  # a remote model names the backend (and its model) that answers, before its first DELTA or END
 
 
 class ProtocolError(ValueError):
@@ -110,23 +112,31 @@ class Failure(NamedTuple):
     message: str
     code: str
     param: str | None = None
+    retry_after: float = 0.0  # seconds the client should wait (a backend's Retry-After), 0: none given
 
     def wire(self) -> list:
-        return [self.status, self.message, self.code, self.param]
+        out = [self.status, self.message, self.code, self.param]
+        return out + [self.retry_after] if self.retry_after else out
 
     @classmethod
     def of(cls, payload) -> "Failure":
         """An ERR payload as a Failure (a malformed one is a 502: never trusted as it came)."""
         if isinstance(payload, Failure):
             return payload
-        if isinstance(payload, list) and len(payload) == 4 and isinstance(payload[0], int):
+        if isinstance(payload, list) and len(payload) in (4, 5) and isinstance(payload[0], int) and \
+                (len(payload) == 4 or isinstance(payload[4], (int, float))):
             return cls(*payload)
         return cls(502, f"malformed error from a downstream process: {str(payload)[:200]}", "bad_gateway")
 
     def http(self) -> HttpError:
-        """The HTTP answer; a 503 tells the client when to retry."""
+        """The HTTP answer; a 503 tells the client when to retry, and so does a 429 or 503 whose
+        backend said when (its Retry-After, passed on once every attempt is spent)."""
+        wait = max(1, int(self.retry_after + 0.999)) if self.retry_after else 0
         if self.status == 503:
-            return service_unavailable(self.message, self.code, param=self.param)
+            return service_unavailable(self.message, self.code, retry_after=wait or 1, param=self.param)
+        if wait:
+            return HttpError(self.status, self.message, self.code, param=self.param,
+                             headers=[(b"retry-after", str(wait).encode())])
         return HttpError(self.status, self.message, self.code, param=self.param)
 
     @property
@@ -153,9 +163,9 @@ LOAD_NOT_FAILURE = ("queue_full", "deadline_exceeded")
 CLIENT_CAUSED = ("reader_stalled",)
 
 
-def failure(status: int, message: str, code: str, param: str | None = None) -> list:
-    """An ERR payload, as it travels."""
-    return [status, message, code, param]
+def failure(status: int, message: str, code: str, param: str | None = None, retry_after: float = 0.0) -> list:
+    """An ERR payload, as it travels (a fifth element only when a Retry-After goes with it)."""
+    return [status, message, code, param] + ([retry_after] if retry_after else [])
 
 
 def error_event(rid, status: int, message: str, code: str, param: str | None = None) -> list:

@@ -132,6 +132,9 @@ class IngressWorker:
             m.extra.update(self.mesh.counters())
         snap = m.snapshot()
         snap["breakers"] = {name: b.describe() for name, b in sv.breakers.items()}
+        remote = {name: m.describe() for name, m in (sv.llm or {}).items() if hasattr(m, "describe")}
+        if remote:
+            snap["backends"] = remote
         return snap
 
     def _heartbeat(self) -> None:

@@ -24,11 +24,13 @@ from __future__ import annotations
 import asyncio
 import base64
 import time
+from dataclasses import replace
 
 import numpy as np
 
 from tidegate.core.base.breaker import Breaker, TenantBreakers
 from tidegate.core.http.http11 import HttpError, json_response, service_unavailable
+from tidegate.core.llm.failover import falls_back
 from tidegate.core.llm.structured import Bounds
 from tidegate.core.messaging import protocol
 from tidegate.core.messaging.protocol import Failure
@@ -57,6 +59,7 @@ class OpenAIRoutes:
                          cfg["cache"]["exact_any"], semantic is not None, Bounds.of(self.inf))
         self.created = int(time.time())
         self.inflight = 0  # generations submitted and not yet over: counted here, released by on_done
+        self.fallbacks = 0  # requests a model's fallback (inference.models[].fallbacks) took
 
     def add_to(self, router, guard) -> None:
         router.add("GET", "/v1/models", guard(self.list_models))
@@ -66,7 +69,7 @@ class OpenAIRoutes:
         router.add("POST", "/v1/embeddings", guard(self.embeddings))
 
     def counters(self) -> dict:
-        return {"llm_inflight": self.inflight,
+        return {"llm_inflight": self.inflight, "model_fallbacks": self.fallbacks,
                 "tenant_breakers_open": sum(t.open_now() for t in self.tenant_breakers.values())}
 
     # ---- /v1/models ---------------------------------------------------------------------------
@@ -102,31 +105,18 @@ class OpenAIRoutes:
         if hit is not None:
             return hit
         refused = self._shed(g)
-        if refused is not None:
-            return await self._fallback(req, g, reply, refused)
+        if refused is not None and not self.models[g.model].get("fallbacks"):
+            return await self._fallback(req, g, reply, refused)  # (with fallbacks, the chain asks them)
         reservation = await self._admit(req, g)
-        breaker = self.breakers.get(g.downstream)
-        mine = self.tenant_breakers[g.downstream].of(g.tenant) if breaker is not None else None
-        # asked last (the tenant's first: a trial it takes and loses costs it alone), so an
-        # allowed call always reaches submit
-        for b, whose in ((mine, "this tenant's requests"), (breaker, "its requests")):
-            if b is not None and not b.allow():
-                self._settle(reservation, 0)
-                retry_s = max(1, int(b.open_for + 0.999))
-                return await self._fallback(req, g, reply, lambda: service_unavailable(
-                    f"model {g.model!r} is failing {whose}; its circuit breaker is open (retry after {retry_s}s)",
-                    "circuit_open", retry_after=retry_s))
         call = reply(g, self.inf["stream_window"], self._on_done(g, reservation), keep_text=_storable(req, g))
-        link = self.clients[g.model]
-        handler = call.on_event if breaker is None else _counted(call.on_event, breaker, mine)
-        try:
-            call.attach(link, link.submit(protocol.GENERATE, g.body(self.inf["request_timeout"], call.window), handler))
-        except WorkerUnavailable as e:
+        body = g.body(self.inf["request_timeout"], call.window)
+        if b"idempotency-key" in req.headers:  # the client allows a lost attempt to be repeated
+            body["idempotent"] = True
+        chain = Chain(self, g, call, body)
+        refusal = chain.start()
+        if refusal is not None:  # every model of the chain refused it (breaker open, worker gone)
             self._settle(reservation, 0)
-            if breaker is not None:
-                breaker.record(False)
-                mine.record(False)
-            raise service_unavailable(str(e), "worker_unavailable") from None
+            return await self._fallback(req, g, reply, refusal)
         self.inflight += 1
         req.on_close = call.client_left
         call.watch(self.inf["idle_timeout"], self.inf["request_timeout"] + self.inf["idle_timeout"])
@@ -279,6 +269,74 @@ def _storable(req, g: GenRequest) -> bool:
     cached answer has none to give), unless Cache-Control says no-store."""
     return bool(g.reusable and g.params.get("logprobs") is None and (g.exact_key or g.semantic_key)
                 and b"no-store" not in _cache_control(req))
+
+
+class Chain:
+    """The model asked for, then its `fallbacks` in order: the next one takes the request when
+    one refuses it (shed, breaker open, worker gone) or fails before any of its answer reached
+    the client (failover.falls_back: down, failing, rate-limited, its window too small). Each
+    model's breakers count its own outcome; the answer names the model that gave it."""
+
+    def __init__(self, routes: "OpenAIRoutes", g: GenRequest, call, body: dict):
+        self.routes, self.g, self.call, self.body = routes, g, call, body
+        self.names = [g.model, *routes.models[g.model].get("fallbacks", ())]
+        self.i, self.current, self.delivered = 0, -1, False
+
+    def start(self):
+        """Submit to the next model that takes it: None, else the first refusal's maker."""
+        routes, first = self.routes, None
+        while self.i < len(self.names):
+            name = self.names[self.i]
+            self.i += 1
+            g = self.g if name == self.g.model else replace(self.g, model=name, downstream=f"inference:{name}")
+            refusal = routes._shed(g)
+            breaker = routes.breakers.get(g.downstream)
+            mine = routes.tenant_breakers[g.downstream].of(g.tenant) if breaker is not None else None
+            # the tenant's first: a trial it takes and loses costs it alone; an allowed call is submitted
+            for b, whose in ((mine, "this tenant's requests"), (breaker, "its requests")):
+                if refusal is None and b is not None and not b.allow():
+                    retry_s = max(1, int(b.open_for + 0.999))
+                    refusal = _open_refusal(name, whose, retry_s)
+            if refusal is None:
+                index = self.current = self.i - 1
+                handler = (lambda kind, payload, index=index: self.on_event(index, kind, payload))
+                if breaker is not None:
+                    handler = _counted(handler, breaker, mine)
+                link = routes.clients[name]
+                try:
+                    rid = link.submit(protocol.GENERATE, self.body, handler)
+                except WorkerUnavailable as e:
+                    if breaker is not None:
+                        breaker.record(False)
+                        mine.record(False)
+                    refusal = _unavailable(str(e))
+                else:
+                    self.call.attach(link, rid)
+                    if name != self.g.model:
+                        routes.fallbacks += 1
+                        self.call.served_by(name, fallback=True)
+                    return None
+            first = first or refusal
+        return first
+
+    def on_event(self, index: int, kind: str, payload) -> None:
+        if index != self.current:
+            return  # (a model the request already left)
+        if kind == protocol.ERR and not self.delivered and self.i < len(self.names) and falls_back(payload):
+            if self.start() is None:
+                return  # the next model took it: this failure never reaches the client
+        if kind in (protocol.DELTA, protocol.END):
+            self.delivered = True
+        self.call.on_event(kind, payload)
+
+
+def _open_refusal(model: str, whose: str, retry_s: int):
+    return lambda: service_unavailable(f"model {model!r} is failing {whose}; its circuit breaker is open "
+                                       f"(retry after {retry_s}s)", "circuit_open", retry_after=retry_s)
+
+
+def _unavailable(message: str):
+    return lambda: service_unavailable(message, "worker_unavailable")
 
 
 def _counted(handler, shared, mine):

@@ -16,7 +16,7 @@ import orjson
 
 from tidegate.core.http.http11 import Stream, json_response
 from tidegate.core.llm.tools import parse_calls
-from tidegate.core.messaging.protocol import DELTA, END, ERR, delta, failure, http_error, read_delta
+from tidegate.core.messaging.protocol import DELTA, END, ERR, VIA, delta, failure, http_error, read_delta
 
 
 def sse(data, event: str | None = None) -> bytes:
@@ -58,6 +58,7 @@ class Generation:
         self._held = ""
         self.last_event = 0.0  # loop time of the last inference event (the watchdog reads it)
         self.done = False
+        self._timer = None  # the watchdog's: cancelled once the generation is over (it held the request)
         # flow control (streams): deltas taken since credit last went back to the sequence
         self.window = window if req.stream else 0
         self.unacked = 0
@@ -69,8 +70,23 @@ class Generation:
     def attach(self, link, rid: int) -> None:
         self.link, self.rid = link, rid
 
+    def served_by(self, model: str, backend: str = "", fallback: bool = False) -> None:
+        """The answer comes from another model than the one asked for: a fallback model of the
+        chain (x-tidegate-fallback), a remote backend (x-tidegate-backend, and its own model's
+        name in the answer). Said as long as nothing went out."""
+        if self.sse is not None or self.first.done():
+            return
+        self.model = model
+        name = b"x-tidegate-fallback" if fallback else b"x-tidegate-backend"
+        self.cache_header = [h for h in self.cache_header if h[0] != name]
+        if fallback or backend:
+            self.cache_header.append((name, (model if fallback else backend).encode("utf-8", "replace")[:200]))
+
     def _over(self, used, entry=None) -> None:
         """The request's bookkeeping, once (the route's on_done)."""
+        if self._timer is not None:
+            self._timer.cancel()  # a finished request must not live on in the loop's timer heap
+            self._timer = None
         done, self.on_done = self.on_done, None
         if done is not None:
             done(entry, used)
@@ -90,8 +106,9 @@ class Generation:
             limit = idle if self.last_event > started else first
             late = loop.time() - self.last_event
             if late < limit:
-                loop.call_later(limit - late, check)
+                self._timer = loop.call_later(limit - late, check)
                 return
+            self._timer = None
             self.client_left()
             if self.sse is not None and self.sse.on_drain is not None:  # paused: it is the reader that stalled
                 self.on_event(ERR, failure(504, f"the client read nothing for {idle:g} s while its stream was "
@@ -101,7 +118,7 @@ class Generation:
                                        "generation_timeout"))
         # first look after `idle`: armed at `first` only, a stall right after the first event
         # went unseen until `first` (request_timeout + idle_timeout) had passed
-        loop.call_later(min(first, idle), check)
+        self._timer = loop.call_later(min(first, idle), check)
 
     async def replay(self, entry: dict, kind: bytes, extra_headers=()):
         """Answer from a cached entry, streamed or not, exactly as a generation would."""
@@ -140,6 +157,9 @@ class Generation:
     def _handle(self, kind: str, payload) -> None:
         if self.done:
             return
+        if kind == VIA:
+            self.last_event = self.first.get_loop().time()
+            return self.served_by(str(payload.get("model") or self.model), str(payload.get("backend") or ""))
         if kind == ERR:
             return self._failed(http_error(payload))
         d = read_delta(payload) if kind == DELTA else None
