@@ -141,6 +141,8 @@ class FaultProvider:
             prefix = str(body.get("prompt", "")).rpartition("\n")[2]
         total = int(body.get("max_tokens") or DEFAULT_WORDS)
         start = words_of(prefix)
+        if not body.get("stream"):
+            return await self._whole(request, fault, n_arg, model, chat, prefix, start, total)
         resp = web.StreamResponse(headers={"Content-Type": "text/event-stream"})
         await resp.prepare(request)
         sent = 0
@@ -164,6 +166,31 @@ class FaultProvider:
             await resp.write(b"data: [DONE]\n\n")
         await resp.write_eof()
         return resp
+
+
+    async def _whole(self, request, fault, n_arg, model, chat, prefix, start, total):
+        """A request that does not stream (a client without a gateway): the same faults, as
+        whole answers can meet them."""
+        if fault == "slow-first":
+            await asyncio.sleep(n_arg or 20)
+        if fault == "stall":
+            await asyncio.sleep(30)
+        text = "".join(("" if i == 0 and not prefix else " ") + f"w{i}" for i in range(start, total))
+        choice = {"index": 0, "finish_reason": "stop"}
+        if chat:
+            choice["message"] = {"role": "assistant", "content": text}
+        else:
+            choice["text"] = text
+        data = json.dumps({"object": "chat.completion" if chat else "text_completion", "model": model,
+                           "choices": [choice], "usage": {"prompt_tokens": 10, "completion_tokens": total - start,
+                                                          "total_tokens": 10 + total - start}}).encode()
+        if fault == "cut":  # half the body, then the connection closes
+            resp = web.StreamResponse(headers={"Content-Type": "application/json", "Content-Length": str(len(data))})
+            await resp.prepare(request)
+            await resp.write(data[: len(data) // 2])
+            request.transport.close()
+            return resp
+        return web.Response(body=data, content_type="application/json")
 
 
 def _chunk(model: str, chat: bool, text: str, finish) -> bytes:

@@ -270,7 +270,8 @@ def test_paused_streams_give_their_slots_up_while_others_wait_and_resume_where_t
 def test_a_cancelled_stream_out_of_its_slot_is_dropped(tmp_path, demo_model):
     w = batcher(tmp_path, demo_model, evict_paused_after=0.0)
     full = w.sched.n_slots - w.sched.reserved["critical"]
-    readers = [submit(w, "Tell me about parcels", "a", 24, stream=True, window=1) for _ in range(full)]
+    for _ in range(full):
+        submit(w, "Tell me about parcels", "a", 24, stream=True, window=1)
     while w.paused < full:
         turn(w)
     submit(w, "The weather today is", "b", 8)
