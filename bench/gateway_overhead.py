@@ -68,7 +68,6 @@ http {{ access_log off; keepalive_requests 1000000;
 
 def tidegate(tmp: str, backend: int) -> S.Server:
     extra = ('[cache]\nexact_enabled = false\nsemantic_enabled = false\n'
-             '[ratelimit]\nenabled = false\n'
              f'[inference]\nmax_inflight = 100000\n[[inference.models]]\nname = "m"\n'
              f'backends = [{{url = "http://127.0.0.1:{backend}/sse", model = "m", max_inflight = 100000}}]\n'
              'health_interval = 60.0\n')
@@ -86,7 +85,7 @@ def litellm(tmp: str, backend: int, exe: str) -> S.Server:
     litellm_params: {{model: openai/m, api_base: "http://127.0.0.1:{backend}/sse/v1", api_key: x}}
 litellm_settings: {{drop_params: true, telemetry: false}}
 """)
-    env_cmd = ["env", "LITELLM_LOG=ERROR", "LITELLM_TELEMETRY=False", exe, "--config", conf, "--port", str(port),
+    env_cmd = ["env", "LITELLM_LOG=ERROR", "LITELLM_TELEMETRY=False", "LITELLM_MASTER_KEY=sk-bench", exe, "--config", conf, "--port", str(port),
                "--num_workers", "1"]
     return S.Server("litellm", env_cmd, port, tmp)
 
@@ -186,7 +185,7 @@ def main() -> None:
         print(f"{'target':9} {'conns':>5} {'req/s':>9} {'p50 ms':>8} {'p99 ms':>8} {'cpu ms/req':>10} {'rss MB':>13} "
               f"{'non2xx':>6}", flush=True)
         for name, srv, path, spath, smodel in targets:
-            port = backend.port if srv is None else srv.start().port
+            port = backend.port if srv is None else srv.start(timeout=180.0).port  # (LiteLLM starts slowly)
             if srv is not None:
                 for _ in range(100):  # ready: it answers a completion
                     try:

@@ -54,10 +54,10 @@ class Server:
         self.name, self.cmd, self.port, self.tmp, self.worker_match = name, cmd, port, tmp, worker_match
         self.proc = None
 
-    def start(self) -> "Server":
+    def start(self, timeout: float = 20.0) -> "Server":
         self.log = open(os.path.join(self.tmp, f"{self.name}.log"), "wb")
         self.proc = subprocess.Popen(pinned(self.cmd, SERVER_CPU), stdout=self.log, stderr=self.log, cwd=self.tmp)
-        wait_port(self.port)
+        wait_port(self.port, timeout)
         time.sleep(0.5)
         return self
 
