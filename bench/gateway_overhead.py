@@ -9,6 +9,7 @@ request (all its processes), and its RSS before and after; then streamed first/l
 latency (sequential, a Python client) and the ratios against LiteLLM.
 
     python bench/gateway_overhead.py [--duration 5] [--connections 1,16,64] [--litellm /tmp/litellm-venv/bin/litellm]
+    python bench/gateway_overhead.py --soak 600      # RSS each minute over 10 minutes at 16 connections
 """
 from __future__ import annotations
 
@@ -156,11 +157,28 @@ def streamed(port: int, path: str, model: str, n: int = 50) -> tuple[float, floa
     return statistics.median(first), statistics.median(last)
 
 
+def soak(tmp: str, backend, lua: str, seconds: int) -> None:
+    srv = tidegate(tmp, backend.port).start()
+    try:
+        time.sleep(1.0)
+        procs = tree(srv)
+        print(f"minute  rss MB (all processes)   req/s", flush=True)
+        print(f"{0:6}  {rss_mb(procs):8.1f}", flush=True)
+        for m in range(max(1, seconds // 60)):
+            r = wrk(srv.port, "/v1/chat/completions", 16, 60, lua)
+            print(f"{m + 1:6}  {rss_mb(procs):8.1f}   {r['rps']:8.0f}  non2xx {r['non2xx']}", flush=True)
+    finally:
+        srv.stop()
+        backend.proc.terminate()
+
+
 def main() -> None:
     ap = argparse.ArgumentParser(description=__doc__, formatter_class=argparse.RawDescriptionHelpFormatter)
     ap.add_argument("--duration", type=int, default=5)
     ap.add_argument("--connections", default="1,16,64")
     ap.add_argument("--litellm", default=shutil.which("litellm") or "/tmp/litellm-venv/bin/litellm")
+    ap.add_argument("--soak", type=int, default=0, help="seconds: instead, tidegate alone at 16 connections that "
+                    "long, its RSS each minute (held per finished request shows as growth)")
     args = ap.parse_args()
     S.ensure_tools("wrk", "nginx")
     S.raise_nofile()
@@ -172,6 +190,8 @@ def main() -> None:
     backend.proc = subprocess.Popen(S.pinned(backend.cmd, S.CLIENT_CPU), stdout=subprocess.DEVNULL,
                                     stderr=subprocess.DEVNULL, cwd=tmp)
     S.wait_port(backend.port)
+    if args.soak:
+        return soak(tmp, backend, lua, args.soak)
     targets = [("direct", None, "/direct/v1/chat/completions", "/sse/v1/chat/completions", "m"),
                ("tidegate", tidegate(tmp, backend.port), "/v1/chat/completions", "/v1/chat/completions", "m")]
     if os.path.exists(args.litellm):

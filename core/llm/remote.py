@@ -40,6 +40,7 @@ from tidegate.core.base.breaker import Breaker
 from tidegate.core.base.config import CLASSES
 from tidegate.core.llm.prefix_cache import block_names
 from tidegate.core.base.config import RETRY_DEFAULTS
+from tidegate.core.llm.backend_http import Cut, Lost, Pool, Unsent
 from tidegate.core.llm.failover import (ANSWER, CLIENT, CONTEXT, ENDED, FILTERED, LOST, OK, REFUSED, SAME, UNSENT,
                                         Outcome, Policy, RetryBudget, classify_status, decide, retry_after_seconds)
 from tidegate.core.messaging.protocol import DELTA, EMB, EMBED, END, ERR, GENERATE, VIA, Failure, delta, failure
@@ -54,7 +55,7 @@ PREFIX_BYTES = 64 * 1024  # routing looks at this much of the prompt at most
 
 class Backend:
     __slots__ = ("url", "model", "weight", "api_key", "max_inflight", "inflight", "healthy", "breaker", "seen",
-                 "stats", "name", "capacity", "headers", "prefill", "prefill_ok", "lat_ms")
+                 "stats", "name", "capacity", "headers", "prefill", "prefill_ok", "lat_ms", "pool")
 
     def __init__(self, spec: dict, model: str, bc: dict, remember: int):
         self.url = spec["url"].rstrip("/")
@@ -148,6 +149,8 @@ class RemoteModel:
         self.block = model.get("block", 64)
         self.backends = [Backend(b, model["name"], cfg["breakers"], model.get("remember_blocks", 65536))
                          for b in model["backends"]]
+        for b in self.backends:  # generations go through backend_http; health checks and embeddings aiohttp
+            b.pool = Pool(b.url, loop, model.get("keepalive", 4.0), model.get("connect_timeout", 2.0))
         self.router = BackendChooser(self.backends, model.get("routing", "prefix"), model.get("balance_slack", 4),
                              cfg["inference"]["reserved"])
         self.connect_timeout = model.get("connect_timeout", 2.0)
@@ -211,6 +214,8 @@ class RemoteModel:
 
     def close(self) -> None:
         self._health.cancel()
+        for b in self.backends:
+            b.pool.close()
         for task in list(self.tasks.values()):
             task.cancel()
         if self._session is not None:
@@ -390,7 +395,6 @@ class RemoteModel:
 
     async def _attempt(self, b: Backend, body: dict, names, st: "Answer", deadline: float, handler, flow) -> Outcome:
         """One request to b, relayed to the client as it comes; an Outcome says how it ended."""
-        import aiohttp
         loop = asyncio.get_running_loop()
         path, payload = self._request(body, b, st)
         if path is None:  # the stream had all the tokens it may have: it ends here
@@ -399,43 +403,47 @@ class RemoteModel:
         b.inflight += 1
         b.stats["attempts"] += 1
         self.stats["continuations"] += st.started
-        sent = {"body": False}
         t0 = loop.time()
+        resp = None
         try:
-            try:  # (asyncio.timeout: wait_for made a task per call, a tenth of the proxy path's CPU)
+            try:  # (asyncio.timeout: wait_for made a task per call)
                 async with asyncio.timeout(max(0.001, min(self.header_timeout, deadline - t0))):
-                    resp = await self.session().post(b.url + path, json=payload, headers=b.headers,
-                                                     trace_request_ctx=sent)
-            except asyncio.CancelledError:
-                raise
-            except Exception as e:
+                    resp = await b.pool.post(path, orjson.dumps(payload), b.headers)
+            except Unsent as e:
                 b.breaker.record(False)
-                if not sent["body"] and _transport_error(e):
-                    b.stats["connect_errors"] += 1
-                    return Outcome(UNSENT, failure(503, f"model {self.name!r}: backend {b.name} did not take the "
-                                                   f"connection ({e!r})", "backend_unavailable"), started=st.started)
+                b.stats["connect_errors"] += 1
+                return Outcome(UNSENT, failure(503, f"model {self.name!r}: backend {b.name} did not take the "
+                                               f"connection ({e})", "backend_unavailable"), started=st.started)
+            except asyncio.TimeoutError:
+                b.breaker.record(False)
                 b.stats["failures"] += 1
-                if isinstance(e, asyncio.TimeoutError):
-                    return Outcome(LOST, failure(504, f"model {self.name!r}: backend {b.name} sent no answer within "
-                                                 f"{self.header_timeout:g} s", "backend_timeout"), started=st.started)
-                return Outcome(LOST, failure(502, f"model {self.name!r}: backend {b.name} dropped the request "
-                                             f"({e!r})", "backend_error"), started=st.started)
+                return Outcome(LOST, failure(504, f"model {self.name!r}: backend {b.name} sent no answer within "
+                                             f"{self.header_timeout:g} s", "backend_timeout"), started=st.started)
+            except Lost as e:
+                b.breaker.record(False)
+                b.stats["failures"] += 1
+                return Outcome(LOST, failure(502, f"model {self.name!r}: backend {b.name} dropped the request ({e})",
+                                             "backend_error"), started=st.started)
             b.stats["requests"] += 1
             matched = b.matched(names)
             b.stats["prefix_blocks"] += len(names)
             b.stats["prefix_blocks_hit"] += matched
             b.remember(names)
-            async with resp:
-                if resp.status != 200:
-                    fail, code, wait = await _error_of(resp, self.name)
-                    kind = classify_status(resp.status, code)
-                    if st.started and kind == CLIENT and b.prefill == "auto":
-                        b.prefill_ok = False  # it refuses an assistant prefix: learnt, not asked again
-                        kind = ENDED
-                    b.breaker.record(kind in (CLIENT, FILTERED, CONTEXT))
-                    b.stats["failures"] += kind not in (CLIENT, FILTERED, CONTEXT)
-                    return Outcome(kind, fail, wait, st.started)
-                o = await self._relay(resp, b, st, handler, flow, deadline)
+            if resp.status != 200:
+                try:
+                    async with asyncio.timeout(self.stall_timeout):
+                        data = await resp.read()
+                except (Cut, asyncio.TimeoutError):
+                    data = b""
+                fail, code, wait = _error_of(resp.status, resp.headers, data, self.name)
+                kind = classify_status(resp.status, code)
+                if st.started and kind == CLIENT and b.prefill == "auto":
+                    b.prefill_ok = False  # it refuses an assistant prefix: learnt, not asked again
+                    kind = ENDED
+                b.breaker.record(kind in (CLIENT, FILTERED, CONTEXT))
+                b.stats["failures"] += kind not in (CLIENT, FILTERED, CONTEXT)
+                return Outcome(kind, fail, wait, st.started)
+            o = await self._relay(resp, b, st, handler, flow, deadline)
             if o.kind == OK:
                 b.breaker.record(True, loop.time() - t0)
                 b.latency(loop.time() - t0)
@@ -443,15 +451,10 @@ class RemoteModel:
                 b.breaker.record(False)
                 b.stats["failures"] += 1
             return o
-        except asyncio.CancelledError:
-            raise
-        except aiohttp.ClientError as e:  # the connection broke mid-answer
-            b.breaker.record(False)
-            b.stats["failures"] += 1
-            return Outcome(ENDED, failure(502, f"model {self.name!r}: the answer was cut off by backend {b.name} "
-                                          f"({e!r})", "backend_stream_cut"), started=st.started)
         finally:
             b.inflight -= 1
+            if resp is not None:
+                resp.release()  # (back to the pool when read to its end; else closed: the backend stops)
 
     async def _relay(self, resp, b: Backend, st: "Answer", handler, flow, deadline: float) -> Outcome:
         """Backend SSE -> DELTA events, then END (not streamed: the whole text in END, as the
@@ -460,7 +463,6 @@ class RemoteModel:
         counted; a stream ends with its finish_reason, then [DONE] or EOF. A stream a window
         ahead of its reader stops reading the backend's answer until credit comes back (TCP
         pushes back on the backend)."""
-        import aiohttp
         loop = asyncio.get_running_loop()
         first_by = loop.time() + self.first_token_timeout
         got = {"tokens": 0, "finish": None, "usage": None}
@@ -472,14 +474,14 @@ class RemoteModel:
             cut = None
             try:
                 async with asyncio.timeout(max(0.001, wait)):
-                    chunk = await resp.content.readany()
+                    chunk = await resp.chunk()  # (what arrived before a cut comes first)
             except asyncio.TimeoutError:
                 what = "its first token" if not got["tokens"] else "its next chunk"
                 limit = self.first_token_timeout if not got["tokens"] else self.stall_timeout
                 return Outcome(ENDED, failure(504, f"model {self.name!r}: backend {b.name} did not send {what} "
                                               f"within {limit:g} s", "backend_timeout"), started=st.started)
-            except aiohttp.ClientError as e:
-                chunk, cut = _salvage(resp.content), e  # what arrived before the cut still counts
+            except Cut as e:
+                chunk, cut = b"", e
             if chunk:
                 buf += chunk
                 while b"\n" in buf:
@@ -489,7 +491,7 @@ class RemoteModel:
                         return ended
             if cut is not None:
                 return Outcome(ENDED, failure(502, f"model {self.name!r}: the answer was cut off by backend "
-                                              f"{b.name} ({cut!r})", "backend_stream_cut"), started=st.started)
+                                              f"{b.name} ({cut})", "backend_stream_cut"), started=st.started)
             if not chunk:
                 break
         if got["finish"] is None:
@@ -546,7 +548,7 @@ class RemoteModel:
         try:
             async with resp:
                 if resp.status != 200:
-                    handler(ERR, (await _error_of(resp, self.name))[0])
+                    handler(ERR, _error_of(resp.status, resp.headers, await resp.read(), self.name)[0])
                     return
                 res = orjson.loads(await resp.read())
             handler(EMB, {"data": [d["embedding"] for d in sorted(res["data"], key=lambda d: d["index"])],
@@ -657,18 +659,6 @@ async def _body_sent(session, ctx, params) -> None:
     ctx.trace_request_ctx["body"] = True
 
 
-def _salvage(content) -> bytes:
-    """The bytes a response had buffered when its connection broke: aiohttp raises the error
-    before handing them out, and the deltas among them reached us (a cut backend's last tokens)."""
-    buf = getattr(content, "_buffer", None)
-    if not buf:
-        return b""
-    try:
-        return b"".join(bytes(x) for x in buf)
-    finally:
-        buf.clear()
-
-
 def _transport_error(e: Exception) -> bool:
     """A failure of the connection (refused, timed out, reset), not of our own code. Retried on
     the next backend only while the request's body had not been handed to the connection: once
@@ -686,21 +676,21 @@ def _prompt_estimate(body: dict) -> int:
     return max(1, len(body.get("prompt") or "") // 3)
 
 
-async def _error_of(resp, model: str) -> tuple[list, str | None, float]:
+def _error_of(status: int, headers, data: bytes, model: str) -> tuple[list, str | None, float]:
     """A backend's error answer: (the ERR payload, its code, its Retry-After in seconds). Its
     4xx as they are (the client's mistake), its 5xx as 502 (ours to report: the backend failed),
     a 503 as 503 (down or full: the client may come back)."""
     try:
-        err = orjson.loads(await resp.read()).get("error") or {}
+        err = orjson.loads(data).get("error") or {}
     except Exception:
         err = {}
     if isinstance(err, str):
         err = {"message": err}
-    wait = retry_after_seconds(resp.headers.get("Retry-After"))
-    message = str(err.get("message") or f"backend answered {resp.status}")[:1000]
+    wait = retry_after_seconds(headers.get("retry-after") or headers.get("Retry-After"))
+    message = str(err.get("message") or f"backend answered {status}")[:1000]
     code = err.get("code") if isinstance(err.get("code"), str) else None
-    if resp.status < 500:
-        return failure(resp.status, message, code or "backend_rejected", err.get("param")), code, wait
-    if resp.status == 503:
+    if status < 500:
+        return failure(status, message, code or "backend_rejected", err.get("param")), code, wait
+    if status == 503:
         return failure(503, f"model {model!r}: a backend is unavailable ({message})", "backend_unavailable"), code, wait
-    return failure(502, f"model {model!r}: a backend failed ({resp.status}: {message})", "backend_error"), code, wait
+    return failure(502, f"model {model!r}: a backend failed ({status}: {message})", "backend_error"), code, wait
