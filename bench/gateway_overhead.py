@@ -162,7 +162,7 @@ def soak(tmp: str, backend, lua: str, seconds: int) -> None:
     try:
         time.sleep(1.0)
         procs = tree(srv)
-        print(f"minute  rss MB (all processes)   req/s", flush=True)
+        print("minute  rss MB (all processes)   req/s", flush=True)
         print(f"{0:6}  {rss_mb(procs):8.1f}", flush=True)
         for m in range(max(1, seconds // 60)):
             r = wrk(srv.port, "/v1/chat/completions", 16, 60, lua)

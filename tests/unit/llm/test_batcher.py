@@ -180,21 +180,27 @@ def test_one_request_holds_at_most_its_share_of_the_slots_and_its_wait_is_not_th
     assert ends and ends[0]["finish_reason"] in ("stop", "length")
 
 
-def test_an_embeddings_request_is_computed_between_decode_steps(tmp_path, demo_model):
-    """256 long inputs had run inside one loop turn: decoding stopped for every tenant. Now a
-    turn computes at most n_batch tokens of them, and a stream gets a token every turn meanwhile."""
-    w = batcher(tmp_path, demo_model, n_batch=64)
+def _embed_beside_a_stream(w, inputs: list) -> tuple[int, dict, int]:
+    """(turns, the embeddings answer, the stream's deltas meanwhile) of an embeddings request
+    computed while a stream runs."""
     rid = submit(w, "Go on and on", "t", 200, stream=True)
     turn(w)
-    text = " ".join(["parcel delivery customs window return label"] * 12)  # ~100 tokens an input
-    w.embed(b"peer", 77, {"input": [text] * 20, "cls": "standard"})
+    w.embed(b"peer", 77, {"input": inputs, "cls": "standard"})
     turns, ended = 0, None
     before = len([1 for k, r, _ in w.events.get(b"peer", []) if r == rid])
     while ended is None:
         turn(w)
         turns += 1
         ended = next((p for k, r, p in w.events.get(b"peer", []) if r == 77), None)
-    streamed = len([1 for k, r, _ in w.events.get(b"peer", []) if r == rid]) - before
+    return turns, ended, len([1 for k, r, _ in w.events.get(b"peer", []) if r == rid]) - before
+
+
+def test_an_embeddings_request_is_computed_between_decode_steps(tmp_path, demo_model):
+    """256 long inputs had run inside one loop turn: decoding stopped for every tenant. Now a
+    turn computes at most n_batch tokens of them, and a stream gets a token every turn meanwhile."""
+    w = batcher(tmp_path, demo_model, n_batch=64)
+    text = " ".join(["parcel delivery customs window return label"] * 12)  # ~100 tokens an input
+    turns, ended, streamed = _embed_beside_a_stream(w, [text] * 20)
     assert turns >= 20 and len(ended["data"]) == 20 and ended["tokens"] > 20 * 64  # one long input a turn
     assert streamed >= turns // 2  # the stream went on meanwhile (a delta most turns: some hold a partial character)
 
@@ -213,17 +219,8 @@ def test_an_embeddings_request_under_way_is_not_the_class_s_queueing_delay(tmp_p
 def test_one_long_embeddings_input_is_split_across_turns(tmp_path, demo_model):
     """One input near n_ctx had been computed in one call: every stream stopped for all of it."""
     w = batcher(tmp_path, demo_model, n_batch=64, embed_batch=32)
-    rid = submit(w, "Go on and on", "t", 200, stream=True)
-    turn(w)
     text = " ".join(["parcel delivery customs window return label"] * 30)  # ~250 tokens, one input
-    w.embed(b"peer", 78, {"input": [text], "cls": "standard"})
-    turns, ended = 0, None
-    before = len([1 for k, r, _ in w.events.get(b"peer", []) if r == rid])
-    while ended is None:
-        turn(w)
-        turns += 1
-        ended = next((p for k, r, p in w.events.get(b"peer", []) if r == 78), None)
-    streamed = len([1 for k, r, _ in w.events.get(b"peer", []) if r == rid]) - before
+    turns, ended, streamed = _embed_beside_a_stream(w, [text])
     assert ended["tokens"] > 6 * 32 and turns >= ended["tokens"] // 32  # at most n_batch tokens a turn
     assert streamed >= turns // 2
     whole = w.engine.embed(w.engine.tokenize(text))
