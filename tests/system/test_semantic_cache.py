@@ -103,3 +103,26 @@ def test_admin_cache_explain_shows_the_nearest_entries_and_why(daemon_factory, d
     assert any(r["verdict"] == "below_threshold" for r in body["nearest"])  # the transfer, far away
     text = d.admin("cache", "explain", "How can I reset my password?").stdout  # every tenant, as a table
     assert "hit" in text and "globex" in text and "acme" in text
+
+
+def test_the_minilm_encoder_runs_in_the_embedder_process(daemon_factory, demo_model):
+    """cache.embedder = "minilm": all-MiniLM-L6-v2 from its weights package, converted once to a
+    GGUF under the data dir and run by llama.cpp in the embedder process; a paraphrase's nearest
+    entry is the question it rewords, far above an unrelated one."""
+    import pytest
+    from tidegate.core.cache import minilm
+    try:
+        minilm.weights_path()
+    except minilm.MissingWeights as e:
+        pytest.skip(str(e))
+    keys = [{"key_sha256": hash_key(k), "tenant": t, "name": t} for t, k in KEYS.items()]
+    d = daemon_factory(workers=1, auth={"keys": keys}, cache={"semantic_timeout": 1.0, "embedder": "minilm"},
+                       inference={"enabled": True, "models": [{"name": "demo", "path": demo_model, "n_ctx": 512}]})
+    ask(d, "How do I reset my password?")
+    ask(d, "Book a flight from New York to Florida.")
+    wait_inserts(d, 2)
+    body = d.admin_json("cache", "explain", "What are the steps to change my forgotten password?", "--tenant",
+                        "acme")["body"]
+    near = {r["text"]: r["score"] for r in body["nearest"]}
+    assert near["How do I reset my password?"] > 0.6 > near["Book a flight from New York to Florida."]
+    assert list(d.dir.glob("data/embedders/minilm-*.gguf"))  # converted once, kept by its weights' hash
