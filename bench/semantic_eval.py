@@ -1,6 +1,7 @@
 """Precision and recall of the semantic cache's hit decision (cosine threshold + the decision).
 
     python bench/semantic_eval.py [--decision model|verifier] [--threshold 0.90] [--lookup 1000]
+                                  [--embedder wordllama|minilm] [--sweep]
 
 Data: every labelled set in ../shared/data/paraphrase (bench/paraphrase_sets.py: PAWS-Wiki dev,
 MRPC train, the Twitter URL corpus, SICK; a missing one is named, not skipped silently) and
@@ -29,7 +30,7 @@ import numpy as np
 HERE = os.path.dirname(os.path.abspath(__file__))
 sys.path.insert(0, HERE)
 
-from tidegate.core.cache.embedders import WordLlamaEmbedder  # noqa: E402
+from tidegate.core.cache.embedders import WordLlamaEmbedder, make_embedder  # noqa: E402
 from tidegate.core.cache.verifier import verify  # noqa: E402
 
 import paraphrase_sets as P  # noqa: E402
@@ -68,6 +69,18 @@ def evaluate(name: str, pairs, emb, threshold: float, min_overlap: float, decisi
         rec = float((hit & (y == 1)).sum() / max(1, (y == 1).sum()))
         print(f"  {name:14} {label:18} hits {n:5d}  precision {prec:.3f}  recall {rec:.3f}")
     print(f"  {name:14} decision cost {per_pair_us:.1f} us per pair")
+    return cos, y
+
+
+def sweep(name: str, cos: np.ndarray, y: np.ndarray, floor: float = 0.95) -> None:
+    """The cosine threshold alone: the lowest one whose precision reaches floor, and its recall."""
+    for t in np.arange(0.5, 1.0, 0.01):
+        hit = cos >= t
+        if hit.sum() >= 5 and y[hit].mean() >= floor:
+            rec = float((hit & (y == 1)).sum() / max(1, (y == 1).sum()))
+            print(f"  {name:14} cosine alone: threshold {t:.2f} reaches precision {y[hit].mean():.3f}, recall {rec:.3f}")
+            return
+    print(f"  {name:14} cosine alone: no threshold reaches precision {floor}")
 
 
 def _chat(port: int, text: str, max_tokens: int) -> tuple[str, str, float]:
@@ -139,8 +152,12 @@ def main() -> None:
     ap.add_argument("--lookup", type=int, default=1000, metavar="N",
                     help="lookup mode over HTTP on N held-out pairs per set against a daemon started here "
                          "on its defaults (0 = pair mode only)")
+    ap.add_argument("--embedder", choices=["wordllama", "minilm"], default="wordllama")
+    ap.add_argument("--sweep", action="store_true", help="pair mode: the cosine threshold alone at precision 0.95")
     args = ap.parse_args()
-    emb = WordLlamaEmbedder()
+    emb = WordLlamaEmbedder() if args.embedder == "wordllama" else \
+        make_embedder("minilm", data_dir=tempfile.mkdtemp(prefix="semantic-eval-"))
+    print(f"embedder {args.embedder}")
     print(f"pair mode, decision {args.decision}, threshold {args.threshold}, min_overlap {args.min_overlap}:")
     sets = {}
     for name in P.SETS:
@@ -151,15 +168,20 @@ def main() -> None:
         sets[name] = [p for p in pairs if P.split_of(p[0], p[1]) == "test"]
         if len(pairs) > args.max_pairs:  # (a fixed sample of the larger sets)
             pairs = pairs[:: len(pairs) // args.max_pairs + 1]
-        evaluate(name, pairs, emb, args.threshold, args.min_overlap, args.decision)
-    evaluate("gateway pairs", load(OURS), emb, args.threshold, args.min_overlap, args.decision)
+        cos, y = evaluate(name, pairs, emb, args.threshold, args.min_overlap, args.decision)
+        if args.sweep:
+            sweep(name, cos, y)
+    cos, y = evaluate("gateway pairs", load(OURS), emb, args.threshold, args.min_overlap, args.decision)
+    if args.sweep:
+        sweep("gateway pairs", cos, y)
     if not args.lookup:
         return
     print(f"\nlookup mode over HTTP, decision {args.decision}, threshold {args.threshold}, {args.lookup} held-out "
           f"pairs per set:")
     for name, pairs in sets.items():
         tmp = tempfile.mkdtemp(prefix="tidegate-semantic-")
-        extra = f'[cache]\nsemantic_decision = "{args.decision}"\nsemantic_threshold = {args.threshold}\n'
+        extra = (f'[cache]\nsemantic_decision = "{args.decision}"\nsemantic_threshold = {args.threshold}\n'
+                 f'embedder = "{args.embedder}"\n')
         srv = S.tidegate(tmp, workers=1, inference=True, extra=extra).start()  # a fresh cache per set
         try:
             _wait(srv.port)
