@@ -66,13 +66,14 @@ class ExactStore:
         return item[2]
 
     def put(self, msg: list) -> bool:
-        key, tenant, entry = msg
+        key, tenant, entry = msg[:3]
+        ttl = min(self.ttl, float(msg[3])) if len(msg) > 3 and msg[3] else self.ttl  # (a request's cache.ttl)
         size = len(key) + len(orjson.dumps(entry))
         if size > self.max_bytes:
             return False
         if key in self.entries:
             self._drop(key)
-        self.entries[key] = (time.time() + self.ttl, tenant, entry, size)
+        self.entries[key] = (time.time() + ttl, tenant, entry, size)
         self.bytes += size
         self.stats["inserts"] += 1
         while self.bytes > self.max_bytes:
@@ -119,6 +120,7 @@ class ExactCache:
         except Exception:
             return None
 
-    def put(self, key: str, tenant: str, entry: dict) -> None:
-        """A lost insert only costs a later miss."""
-        self.owners.send(self.owners.owner_of(key.encode()), XC_PUT, [key, tenant, entry], self.timeout)
+    def put(self, key: str, tenant: str, entry: dict, ttl: float | None = None) -> None:
+        """A lost insert only costs a later miss. ttl: shorter than exact_ttl, for this entry."""
+        msg = [key, tenant, entry] + ([ttl] if ttl else [])
+        self.owners.send(self.owners.owner_of(key.encode()), XC_PUT, msg, self.timeout)

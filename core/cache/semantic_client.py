@@ -72,10 +72,11 @@ class SemanticClient:
             self.stats["semantic_timeouts"] += 1
         return entry
 
-    def insert(self, ns: str, tenant: str, text: str, entry: dict) -> None:
+    def insert(self, ns: str, tenant: str, text: str, entry: dict, ttl: float | None = None) -> None:
         p = self.policy(tenant)
-        self.client.send(INSERT, {"ns": ns, "tenant": tenant, "text": text, "entry": entry, "ttl": p["ttl"],
-                                    "max_entries": p["max_entries"]})
+        ttl = min(p["ttl"], ttl) if ttl else p["ttl"]  # (a request's cache.ttl only shortens it)
+        self.client.send(INSERT, {"ns": ns, "tenant": tenant, "text": text, "entry": entry, "ttl": ttl,
+                                  "max_entries": p["max_entries"]})
 
 
 def semantic_key(tenant: str, model: str, what: dict, body: dict) -> tuple[str, str] | None:

@@ -356,10 +356,11 @@ class ClusterOwners:
 
     async def _xc_put(self, owner: str, msg: list) -> bool:
         from glide import ExpirySet, ExpiryType
-        key, tenant, entry = msg
-        live = max(1, math.ceil((self.xc_ttl + self.xc_stale) * 1000))
+        key, tenant, entry = msg[:3]
+        ttl = min(self.xc_ttl, float(msg[3])) if len(msg) > 3 and msg[3] else self.xc_ttl  # (a request's cache.ttl)
+        live = max(1, math.ceil((ttl + self.xc_stale) * 1000))
         name = self._key("x", owner)
-        await self.client.set(name, orjson.dumps([key, time.time() + self.xc_ttl, entry]),
+        await self.client.set(name, orjson.dumps([key, time.time() + ttl, entry]),
                               expiry=ExpirySet(ExpiryType.MILLSEC, live))
         index = self._key("xt", key_tag(tenant.encode()))  # the tenant's entries, for a purge
         await self.client.sadd(index, [name])

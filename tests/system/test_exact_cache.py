@@ -4,7 +4,8 @@ import json
 import time
 
 from helpers.http import request
-from helpers.llm import metric, post, sse
+from helpers.llm import demo_llm, metric, post, sse
+from helpers.wait import wait_for
 
 
 def landed(d, inserts: int) -> None:
@@ -40,7 +41,7 @@ def test_exact_hits_skip_the_model_and_replay_streams(daemon_factory, demo_model
     # Cache-Control: no-cache skips the lookup, no-store the insert
     nc = request(d.port, "POST", "/v1/chat/completions", json.dumps(body).encode(),
                  headers={"Cache-Control": "no-cache"}, timeout=30)
-    assert nc.headers["x-tidegate-cache"] == "miss"
+    assert nc.headers["x-tidegate-cache"] == "refresh"  # asked anew, and stored again
     other = dict(body, max_tokens=5)
     request(d.port, "POST", "/v1/chat/completions", json.dumps(other).encode(), headers={"Cache-Control": "no-store"},
             timeout=30)
@@ -66,3 +67,45 @@ def test_a_streamed_answer_is_cached_whole(daemon_factory, demo_model):
     hit = post(d, "/v1/completions", body)
     assert hit.headers["x-tidegate-cache"] == "exact" and hit.json()["choices"][0]["text"] == streamed
     assert hit.json()["usage"]["prompt_tokens_details"]["cached_tokens"] == hit.json()["usage"]["prompt_tokens"]
+
+
+def test_a_request_steers_the_caches_with_its_cache_object_and_headers(daemon_factory, demo_model):
+    """Per request: a namespace (its entries meet only its own), force-refresh, exact-only or
+    semantic-only, a shorter ttl; through the `cache` body object or headers; a control the
+    caches cannot honour is a 400 naming it."""
+    d = demo_llm(daemon_factory, demo_model, exact=True)
+    body = {"model": "demo", "messages": [{"role": "user", "content": "Name three rivers"}], "max_tokens": 4,
+            "temperature": 0}
+
+    def ask(extra=None, headers=None):
+        r = request(d.port, "POST", "/v1/chat/completions", json.dumps(dict(body, **(extra or {}))).encode(),
+                    headers=headers or {}, timeout=30)
+        assert r.status == 200, r.body
+        return r.headers["x-tidegate-cache"]
+
+    def stored(n):
+        wait_for(lambda: metric(d, "tidegate_exact_inserts_total") >= n, 15, f"{n} exact-cache inserts")
+    assert ask() == "miss"
+    stored(1)
+    assert ask() == "exact"
+    assert ask({"cache": {"namespace": "eval-7"}}) == "miss"  # another namespace: the default's entry is not seen
+    stored(2)
+    assert ask({"cache": {"namespace": "eval-7"}}) == "exact"
+    assert ask(headers={"X-Tidegate-Cache-Namespace": "eval-7"}) == "exact"  # the same namespace, by header
+    assert ask({"cache": {"no_cache": True}}) == "refresh"
+    assert ask(headers={"X-Tidegate-Cache-Refresh": "true"}) == "refresh"
+    assert ask({"cache": {"mode": "semantic"}}) != "exact"  # semantic only: the exact entry is not looked up
+    assert ask({"cache": {"namespace": "short", "ttl": 0.001}}) == "miss"
+    stored(3)  # kept a millisecond: gone by the time it is asked again
+    wait_for(lambda: ask({"cache": {"namespace": "short", "ttl": 0.001}}) == "miss", 15, "the short ttl to pass")
+    for bad, param in (({"cache": {"tll": 5}}, "cache.tll"), ({"cache": {"ttl": -1}}, "cache.ttl"),
+                       ({"cache": {"mode": "both-ish"}}, "cache.mode"), ({"cache": "no"}, "cache"),
+                       ({"cache": {"namespace": "a b"}}, "cache.namespace")):
+        r = request(d.port, "POST", "/v1/chat/completions", json.dumps(dict(body, **bad)).encode(), timeout=30)
+        assert r.status == 400 and r.json()["error"]["param"] == param, r.body
+    r = request(d.port, "POST", "/v1/chat/completions", json.dumps(body).encode(),
+                headers={"X-Tidegate-Cache-Mode": "sometimes"}, timeout=30)
+    assert r.status == 400 and r.json()["error"]["param"] == "X-Tidegate-Cache-Mode"
+    r = request(d.port, "POST", "/v1/embeddings", json.dumps({"model": "demo", "input": "x", "cache": {}}).encode(),
+                timeout=30)
+    assert r.status == 400 and r.json()["error"]["param"] == "cache"  # the embeddings route has no cache

@@ -92,11 +92,12 @@ class OpenAIRoutes:
 
     # ---- the routes ---------------------------------------------------------------------------
     async def chat(self, req):
-        return await self.generate(req, parse_chat(parse_body(req, self.limits), caller(req), req.path, self.spec))
+        return await self.generate(req, parse_chat(parse_body(req, self.limits), caller(req), req.path, self.spec,
+                                                   headers=req.headers))
 
     async def completions(self, req):
         return await self.generate(req, parse_completion(parse_body(req, self.limits), caller(req), req.path,
-                                                         self.spec))
+                                                         self.spec, headers=req.headers))
 
     async def generate(self, req, g: GenRequest, reply=Generation):
         """One generation: caches, admission, submit, reply. `reply` shapes the answer
@@ -109,6 +110,8 @@ class OpenAIRoutes:
             return await self._fallback(req, g, reply, refused)  # (with fallbacks, the chain asks them)
         reservation = await self._admit(req, g)
         call = reply(g, self.inf["stream_window"], self._on_done(g, reservation), keep_text=_storable(req, g))
+        if g.cache.refresh:  # the client asked it anew (no-cache, refresh): said so, and stored again
+            call.cache_header = [(b"x-tidegate-cache", b"refresh")]
         body = g.body(self.inf["request_timeout"], call.window)
         if b"idempotency-key" in req.headers:  # the client allows a lost attempt to be repeated
             body["idempotent"] = True
@@ -137,17 +140,17 @@ class OpenAIRoutes:
                 self._settle(reservation, used)
             if entry is not None:
                 if g.exact_key is not None:
-                    self.exact.put(g.exact_key, g.tenant, entry)
+                    self.exact.put(g.exact_key, g.tenant, entry, g.cache.ttl)
                 if g.semantic_key is not None and self.semantic.policy(g.tenant)["enabled"]:
-                    self.semantic.insert(g.semantic_key[0], g.tenant, g.semantic_key[1], entry)
+                    self.semantic.insert(g.semantic_key[0], g.tenant, g.semantic_key[1], entry, g.cache.ttl)
         return done
 
     # ---- caches -------------------------------------------------------------------------------
     async def _cached(self, req, g: GenRequest, reply):
         """Answer from the exact, then the semantic cache (when the request may be cached and
         Cache-Control allows a lookup), else None."""
-        if not g.reusable or g.params.get("logprobs") is not None or b"no-cache" in _cache_control(req):
-            return None  # (a cached answer has no log-probabilities to give)
+        if not g.reusable or g.params.get("logprobs") is not None or not g.cache.lookup:
+            return None  # (a cached answer has no log-probabilities to give; no-cache: asked anew)
         if g.exact_key is not None:
             entry = await self.exact.get(g.exact_key)
             if entry is not None:
@@ -260,15 +263,11 @@ class OpenAIRoutes:
                               "usage": {"prompt_tokens": n, "total_tokens": n}})
 
 
-def _cache_control(req) -> bytes:
-    return req.headers.get(b"cache-control", b"").lower()
-
-
 def _storable(req, g: GenRequest) -> bool:
     """Whether the answer goes into the caches: one reusable plain answer without logprobs (a
     cached answer has none to give), unless Cache-Control says no-store."""
     return bool(g.reusable and g.params.get("logprobs") is None and (g.exact_key or g.semantic_key)
-                and b"no-store" not in _cache_control(req))
+                and g.cache.store)
 
 
 class Chain:

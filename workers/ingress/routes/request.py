@@ -18,6 +18,7 @@ from typing import NamedTuple
 
 from tidegate.core.cache.exact import cache_key, reproducible
 from tidegate.core.cache.semantic_client import semantic_key
+from tidegate.workers.ingress.routes.cache_controls import CachePlan, plan_of
 from tidegate.core.http.http11 import HttpError
 from tidegate.core.http.jsonbody import parse_json
 from tidegate.core.llm.structured import Bounds, SchemaError, grammar_for
@@ -28,8 +29,8 @@ ROLES = ("system", "developer", "user", "assistant", "tool")
 SAMPLING = {"model", "max_tokens", "temperature", "top_p", "top_k", "min_p", "seed", "stop", "logit_bias", "stream",
             "stream_options", "n", "presence_penalty", "frequency_penalty", "repeat_penalty", "user"}
 CHAT_FIELDS = SAMPLING | {"messages", "max_completion_tokens", "response_format", "logprobs", "top_logprobs",
-                          "tools", "tool_choice", "parallel_tool_calls"}
-COMPLETION_FIELDS = SAMPLING | {"prompt", "echo", "best_of", "suffix", "logprobs"}
+                          "tools", "tool_choice", "parallel_tool_calls", "cache"}
+COMPLETION_FIELDS = SAMPLING | {"prompt", "echo", "best_of", "suffix", "logprobs", "cache"}
 EMBEDDING_FIELDS = {"model", "input", "encoding_format", "user"}
 # OpenAI parameters this server knows and does not implement (yet): refused as unsupported
 UNSUPPORTED = {"functions", "function_call", "audio", "modalities", "prediction", "web_search_options",
@@ -92,6 +93,7 @@ class GenRequest:
     exact_key: str | None   # set when it may be looked up in / stored to the exact cache
     semantic_key: tuple | None  # (namespace, text to embed), when the semantic cache may serve it
     downstream: str         # "inference:MODEL": the pressure, shedding and breaker it answers to
+    cache: CachePlan = CachePlan()  # what it asks of the caches (its `cache` object, its headers)
 
     @property
     def prompt_estimate(self) -> int:
@@ -136,8 +138,10 @@ def parse_body(req, limits: dict) -> dict:
     return body
 
 
-def parse_chat(body: dict, ident, path: str, spec: Spec, names: Names = CHAT, known: bool = True) -> GenRequest:
-    """known: refuse parameters the chat route does not honour (a translated body is already checked)."""
+def parse_chat(body: dict, ident, path: str, spec: Spec, names: Names = CHAT, known: bool = True,
+               headers: dict | None = None) -> GenRequest:
+    """known: refuse parameters the chat route does not honour (a translated body is already checked);
+    headers: the request's, for its cache controls."""
     if known:
         check_known(body, CHAT_FIELDS)
     model = parse_model(body, spec)
@@ -145,10 +149,10 @@ def parse_chat(body: dict, ident, path: str, spec: Spec, names: Names = CHAT, kn
     plan = _tools(body, names, spec.bounds)
     if plan is not None:
         what["tools"] = plan.tools
-    return _generation(body, ident, path, spec, names, model, what, plan, chat=True)
+    return _generation(body, ident, path, spec, names, model, what, plan, chat=True, headers=headers)
 
 
-def parse_completion(body: dict, ident, path: str, spec: Spec) -> GenRequest:
+def parse_completion(body: dict, ident, path: str, spec: Spec, headers: dict | None = None) -> GenRequest:
     check_known(body, COMPLETION_FIELDS)
     model = parse_model(body, spec)
     prompt = body.get("prompt")
@@ -156,7 +160,7 @@ def parse_completion(body: dict, ident, path: str, spec: Spec) -> GenRequest:
         prompt = prompt[0]
     if not isinstance(prompt, str):
         raise bad("'prompt' must be a string (one prompt per request)", "prompt")
-    return _generation(body, ident, path, spec, CHAT, model, {"prompt": prompt}, None, chat=False)
+    return _generation(body, ident, path, spec, CHAT, model, {"prompt": prompt}, None, chat=False, headers=headers)
 
 
 def parse_embeddings(body: dict, ident, path: str, spec: Spec) -> EmbedRequest:
@@ -174,7 +178,8 @@ def parse_embeddings(body: dict, ident, path: str, spec: Spec) -> EmbedRequest:
                         inp, fmt == "base64", downstream(model))
 
 
-def _generation(body, ident, path, spec: Spec, names: Names, model, what, plan, chat: bool) -> GenRequest:
+def _generation(body, ident, path, spec: Spec, names: Names, model, what, plan, chat: bool,
+                headers: dict | None = None) -> GenRequest:
     params = _params(body, spec.models[model]["n_ctx"], spec.inf, names, chat, spec.bounds)
     stream, include_usage = _stream_flags(body)
     n = params.get("n", 1)
@@ -185,11 +190,14 @@ def _generation(body, ident, path, spec: Spec, names: Names, model, what, plan, 
     tenant, cls = ident.tenant, spec.classes.of(path, ident.klass, spec.models[model].get("class"))
     reusable = reproducible(params) or spec.exact_any
     one = n == 1 and plan is None  # a cache entry is one plain answer: not n choices, not tool calls
-    exact = cache_key(tenant, model, "chat" if chat else "completions", dict(body, **what)) \
-        if one and reusable and spec.exact else None
-    semantic = semantic_key(tenant, model, what, body) if one and spec.semantic else None
+    cache = plan_of(body, headers)
+    keyed = cache.key_tenant(tenant)  # (a namespace's entries meet only its own)
+    shape = {k: v for k, v in body.items() if k != "cache"}
+    exact = cache_key(keyed, model, "chat" if chat else "completions", dict(shape, **what)) \
+        if one and reusable and spec.exact and cache.exact else None
+    semantic = semantic_key(keyed, model, what, shape) if one and spec.semantic and cache.semantic else None
     return GenRequest(model, chat, path, tenant, cls, params, what, stream, include_usage, n, plan, reusable,
-                      exact, semantic, downstream(model))
+                      exact, semantic, downstream(model), cache)
 
 
 # ---- the parts ----------------------------------------------------------------------------------
