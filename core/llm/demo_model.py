@@ -112,10 +112,15 @@ def make_demo(path: str, size: str = "tiny", seed: int = 1234) -> str:
         out.add_tensor(p + "ffn_gate.weight", w(n_ff, n_embd))
         out.add_tensor(p + "ffn_up.weight", w(n_ff, n_embd))
         out.add_tensor(p + "ffn_down.weight", w(n_embd, n_ff))
-    out.write_header_to_file()
-    out.write_kv_data_to_file()
-    out.write_tensors_to_file()
-    out.close()
+    return save_gguf(out, tmp, path)
+
+
+def save_gguf(writer, tmp: str, path: str) -> str:
+    """Write a filled GGUFWriter (opened on tmp) and move it to path whole (a reader never sees half)."""
+    writer.write_header_to_file()
+    writer.write_kv_data_to_file()
+    writer.write_tensors_to_file()
+    writer.close()
     os.replace(tmp, path)
     return path
 
