@@ -23,7 +23,7 @@ setup(
         "tidegate.workers": "workers",
         "tidegate.ext": "ext",
     },
-    package_data={"tidegate.ext": ["*.pyx", "*.pxd", "*.h"], "tidegate.core.cache": ["hit_model.json"]},
+    package_data={"tidegate.ext": ["*.pyx", "*.pxd", "*.h"], "tidegate.core.cache": ["hit_model*.json"]},
     ext_modules=cythonize(EXTENSIONS, language_level=3, compiler_directives={"boundscheck": False, "wraparound": False}),
     zip_safe=False,
 )

@@ -3,12 +3,15 @@
 Started by the supervisor when the semantic cache is on. Binds a ROUTER (embedder.gGEN.sock);
 every ingress worker's DEALER sends lookups and inserts. Each loop turn takes everything that
 has arrived from all ingress workers and embeds it in one batch (cross-worker batching), then
-answers the lookups and applies the inserts. Housekeeping (TTL sweep, saving the indexes) runs
-on timers between turns.
+answers the lookups and applies the inserts; then it runs a few queued verifications (the
+store's: near-misses and audited hits, answers compared: `semantic_verify_per_turn`), so they
+never hold a lookup longer than that. Housekeeping (TTL sweep, saving the indexes) runs on timers
+between turns.
 
     ingress -> [LOOKUP, rid, {ns, text, threshold, min_overlap}] -> [HIT, rid, {entry, score}]
                                                                   | [MISS, rid, {why}]
-    ingress -> [INSERT, 0, {ns, tenant, text, entry, ttl, max_entries}]   (no answer)
+    ingress -> [INSERT, 0, {ns, tenant, text, entry, ttl, max_entries, verify, threshold}]   (no answer)
+    ingress -> [AUDIT, 0, {ns, id, score, answer}]   (no answer: a verification is queued)
     supervisor -> [EXPLAIN, rid, {tenant, text, threshold, min_overlap, k}] -> [EXPLAIN, rid, {nearest}]
 
 Counters go to the supervisor with each heartbeat; purges come from it (`tidegate admin cache`).
@@ -48,10 +51,17 @@ class EmbedderWorker(BlockingWorker):
         self.store = SemanticStore(os.path.join(self.cfg["server"]["data_dir"], "semantic"), self.embedder.dim, log,
                                    max_namespaces=self.c["semantic_max_namespaces"],
                                    max_namespaces_per_tenant=self.c["semantic_max_namespaces_per_tenant"],
-                                   decision=self.c["semantic_decision"],
-                                   contest_window=self.c["semantic_contest_window"],
-                                   neighbours=self.c["semantic_neighbours"])
+                                   decision=self.c["semantic_decision"], embedder=self.embedder.name,
+                                   margin=self.c["semantic_margin"], neighbours=self.c["semantic_neighbours"],
+                                   embed=self.embedder.embed, verify_window=self.c["semantic_verify_window"],
+                                   answer_agreement=self.c["semantic_answer_agreement"],
+                                   tighten_gap=self.c["semantic_tighten_gap"],
+                                   error_budget=self.c["semantic_error_budget"],
+                                   budget_window=self.c["semantic_budget_window"],
+                                   budget_min_audits=self.c["semantic_budget_min_audits"],
+                                   verify_queue=self.c["semantic_verify_queue"])
         log.info("embedder ready", embedder=self.embedder.name, dim=self.embedder.dim,
+                 decision=self.c["semantic_decision"], threshold=self.store.threshold_of(self.c["semantic_threshold"]),
                  entries=len(self.store.meta), rebuilt=self.store.stats["semantic_index_rebuilds"])
 
     def close_stores(self) -> None:
@@ -87,30 +97,41 @@ class EmbedderWorker(BlockingWorker):
                     i += op in EMBEDS
                     continue
                 if op == protocol.LOOKUP:
-                    entry, score = self.store.lookup(body["ns"], vecs[i], body["text"], body["threshold"],
-                                                     body["min_overlap"], approximate=body.get("approximate", False))
+                    entry, score, eid = self.store.lookup(body["ns"], vecs[i], body["text"], body["threshold"],
+                                                          body["min_overlap"], approximate=body.get("approximate", False))
                     i += 1
-                    self.send(peer, [protocol.HIT, rid, {"entry": entry, "score": score}] if entry is not None
-                              else [protocol.MISS, rid, {"why": score}])
+                    self.send(peer, [protocol.HIT, rid, {"entry": entry, "score": score, "id": eid}]
+                              if entry is not None else [protocol.MISS, rid, {"why": score}])
                 elif op == protocol.EXPLAIN:
                     nearest = self.store.explain(body.get("tenant"), vecs[i], body["text"], body["threshold"],
                                                  body["min_overlap"], int(body.get("k") or 5))
                     i += 1
-                    self.send(peer, [protocol.EXPLAIN, rid, {"nearest": nearest}])
+                    self.send(peer, [protocol.EXPLAIN, rid, {"nearest": nearest, "embedder": self.embedder.name,
+                                                             "threshold": self.store.threshold_of(body["threshold"])}])
                 elif op == protocol.INSERT:
                     self.store.insert(body["ns"], body["tenant"], vecs[i], body["text"], body["entry"], body["ttl"],
-                                      body["max_entries"])
+                                      body["max_entries"], bool(body.get("verify")), float(body.get("threshold") or 0))
                     i += 1
+                elif op == protocol.AUDIT:
+                    self.store.audit(str(body["ns"]), int(body["id"]), float(body["score"]), str(body["answer"]))
                 else:
                     self.send(peer, protocol.error_event(rid, 400, f"unknown op {op!r}", "bad_op"))
             except Exception as e:  # a bad message must not take the cache down
                 log.error("semantic cache op failed", op=op, error=repr(e))
                 self.send(peer, protocol.error_event(rid, 500, "semantic cache error", "internal"))
 
+    def busy(self) -> bool:
+        return self.store is not None and bool(self.store.queue)
+
+    def before_sleep(self) -> None:
+        """A few verifications, once the turn's answers went out (flush comes before this)."""
+        if self.store is not None and self.store.queue:
+            self.store.verify_some(self.c["semantic_verify_per_turn"])
+
     def counters(self) -> dict:
         if self.store is None:
             return dict(self._store_stats, **self.stats)
-        return dict(self.store.stats, **self.stats, semantic_entries=len(self.store.meta))
+        return dict(self.store.stats, **self.stats, **self.store.gauges(), semantic_entries=len(self.store.meta))
 
 
 def main() -> None:

@@ -641,7 +641,7 @@ class Supervisor:
             sock.close()
         if event[0] != protocol.EXPLAIN:
             return {"message": f"the embedder refused: {event[2]}", "nearest": []}
-        return {"threshold": threshold, "tenant": tenant, **event[2]}
+        return {"threshold": threshold, "tenant": tenant, **event[2]}  # (the embedder's: 0 resolved)
 
     def _shed(self, msg: dict) -> dict | None:
         """admin shed on|off CLASS: force shedding of a class for a drill (classes whose policy is

@@ -521,18 +521,42 @@ SCHEMA: dict[str, dict[str, Key]] = {
         "exact_max_bytes": Key(int, 256 * MiB, "exact-cache bytes per owner worker (LRU)", positive),
         "owner_timeout": Key(float, 0.1, "seconds to wait for a cache owner (then: a miss)", positive),
         "semantic_enabled": Key(bool, True, "answer paraphrases from the semantic cache (embedder process)"),
-        "semantic_threshold": Key(float, 0.90, "cosine a neighbour needs before the verifier sees it",
-                                  lambda v: None if 0 < v <= 1 else "must be in (0, 1]"),
+        "semantic_threshold": Key(float, 0.0, "cosine a neighbour needs before the decision sees it; 0 = the "
+                                  "embedder's calibrated floor (the trees': 0.90 WordLlama, 0.50 MiniLM; the rules': "
+                                  "0.90, 0.80)", lambda v: None if 0 <= v <= 1 else "must be in [0, 1]"),
         "semantic_decision": Key(str, "model", "what a neighbour above the threshold must pass: \"verifier\" "
                                  "(rules: numbers, negation, entities, opposites, substitutions, word order) or "
-                                 "\"model\" (the hard conflicts, then gradient-boosted trees trained on labelled "
-                                 "paraphrase sets: more recall)", lambda v: None if v in ("verifier", "model")
+                                 "\"model\" (the hard conflicts, then gradient-boosted trees trained per embedder on "
+                                 "labelled paraphrase sets: more recall)", lambda v: None if v in ("verifier", "model")
                                  else 'must be "verifier" or "model"'),
-        "semantic_contest_window": Key(float, 0.15, "a hit needs no other cached text within this much cosine "
-                                       "below the threshold (near variants: which one was meant is a guess); 0 = "
-                                       "only above the threshold", lambda v: None if 0 <= v < 1 else "must be in [0, 1)"),
-        "semantic_neighbours": Key(int, 10, "nearest entries a lookup looks at (the contest window's reach)",
+        "semantic_margin": Key(float, 0.05, "a hit is refused as contested when another neighbour within this much "
+                               "cosine of it would be served too and its answer differs", 
+                               lambda v: None if 0 <= v < 1 else "must be in [0, 1)"),
+        "semantic_neighbours": Key(int, 10, "nearest entries a lookup looks at", 
                                    lambda v: None if 1 <= v <= 100 else "must be in 1..100"),
+        "semantic_verify": Key(str, "auto", "verify near-misses and audit hits by comparing answers, off the request "
+                               "path (promotion, tightening, the error budget): on | off | auto (on, except for the "
+                               "built-in random-weight demo model, whose answers say nothing)",
+                               lambda v: None if v in ("on", "off", "auto") else "must be on, off or auto"),
+        "semantic_verify_window": Key(float, 0.1, "a miss this much cosine below the threshold or closer to an entry "
+                                      "is verified against it (and may be promoted)",
+                                      lambda v: None if 0 <= v < 1 else "must be in [0, 1)"),
+        "semantic_answer_agreement": Key(float, 0.9, "cosine of two answers' embeddings from which they say the same",
+                                         lambda v: None if 0 < v <= 1 else "must be in (0, 1]"),
+        "semantic_tighten_gap": Key(float, 0.02, "an entry verified wrong for a query refuses queries up to this much "
+                                    "closer", lambda v: None if 0 <= v < 1 else "must be in [0, 1)"),
+        "semantic_error_budget": Key(float, 0.02, "wrong-hit rate a namespace's audited hits may show; above it its "
+                                     "decision gets stricter", lambda v: None if 0 < v < 1 else "must be in (0, 1)"),
+        "semantic_budget_window": Key(int, 200, "audited hits the error budget reads (a sliding window)", positive),
+        "semantic_budget_min_audits": Key(int, 20, "audited hits before the error budget acts", positive),
+        "semantic_audit_rate": Key(float, 0.05, "share of semantic hits asked again of the model in the background "
+                                   "class to measure the wrong-hit rate (0 = none)",
+                                   lambda v: None if 0 <= v <= 1 else "must be in [0, 1]"),
+        "semantic_audit_max_inflight": Key(int, 2, "audits in flight per ingress worker (more are skipped)",
+                                           lambda v: None if v >= 0 else "must be >= 0"),
+        "semantic_verify_queue": Key(int, 1000, "verifications waiting in the embedder (the oldest dropped past it)",
+                                     positive),
+        "semantic_verify_per_turn": Key(int, 4, "verifications the embedder runs after each loop turn", positive),
         "semantic_min_overlap": Key(float, 0.8, "verifier: share of the longer text the aligned words must cover",
                                     lambda v: None if 0 < v <= 1 else "must be in (0, 1]"),
         "semantic_ttl": Key(float, 86400.0, "seconds a semantic entry lives", positive),

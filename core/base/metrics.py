@@ -18,7 +18,9 @@ COUNTERS = ("bytes_in", "bytes_out", "connections_accepted")
 # why the semantic cache's verifier did not serve a neighbour above the threshold (its reasons;
 # "contested": another cached text lies within the contest window, and serving either would be a guess)
 SEMANTIC_VETOES = ("numbers", "negation", "entities", "too_long", "overlap", "antonym", "substitution", "order",
-                   "model", "contested")  # (model: the learned decision said no)
+                   "model", "contested", "tightened")
+# (model: the learned decision said no; contested: another servable neighbour with another answer
+# lay within the margin; tightened: a verified outcome refused this entry at this distance)
 EXTRA_HELP = {
     "connections_evicted": ("counter", "Idle or slow connections closed to make room while at max_connections"),
     "ratelimit_admitted": ("counter", "Requests admitted by the rate limiter"),
@@ -72,6 +74,17 @@ EXTRA_HELP = {
     "semantic_verifier_rejections": ("counter", "Neighbours above the threshold that the verifier rejected"),
     **{f"semantic_veto_{r}": ("counter", f"Semantic neighbours not served, reason: {r}") for r in SEMANTIC_VETOES},
     "semantic_inserts": ("counter", "Answers stored in the semantic cache"),
+    "semantic_promoted_hits": ("counter", "Semantic hits served because a verified rephrasing of the entry was as close (promotion)"),
+    "semantic_verifications": ("counter", "Verified outcomes: a near-miss's or an audited hit's answer compared with the cached one"),
+    "semantic_verified_same": ("counter", "Verifications whose answers agreed (the entry learns it may serve that close)"),
+    "semantic_verified_different": ("counter", "Verifications whose answers differed (the entry is tightened)"),
+    "semantic_verify_dropped": ("counter", "Verifications dropped because the embedder's queue was full"),
+    "semantic_verify_queued": ("gauge", "Verifications waiting in the embedder process"),
+    "semantic_audits": ("counter", "Served semantic hits audited: the model asked again in the background class"),
+    "semantic_audit_wrong": ("counter", "Audited semantic hits whose answer differed from the model's (wrong hits)"),
+    "semantic_audits_started": ("counter", "Background audits of semantic hits started by ingress workers"),
+    "semantic_audits_skipped": ("counter", "Audits not started: the background class was shed or the audit cap was reached"),
+    "semantic_strict_namespaces": ("gauge", "Namespaces whose measured wrong-hit rate made their decision stricter"),
     "semantic_evictions": ("counter", "Semantic entries evicted because a namespace was full"),
     "semantic_namespaces_evicted": ("counter", "Semantic namespaces dropped at the namespace caps (LRU)"),
     "semantic_expired": ("counter", "Semantic entries dropped at their TTL"),

@@ -18,11 +18,18 @@ import json
 import math
 import os
 
-from tidegate.core.cache.verifier import FUNCTION_WORDS, _align, _gaps, _normal, _tokens, conflicts
+from tidegate.core.cache.verifier import FUNCTION_WORDS, _align, _gaps, _normal, _tokens, conflicts, differences
 
-MODEL_PATH = os.path.join(os.path.dirname(os.path.abspath(__file__)), "hit_model.json")
+HERE = os.path.dirname(os.path.abspath(__file__))
+MODEL_PATH = os.path.join(HERE, "hit_model.json")  # WordLlama's (the first one trained)
+
+
+def model_path(embedder: str) -> str:
+    """Each embedder's cosines have their own scale: its own trees, threshold and cosine floor."""
+    return MODEL_PATH if embedder == "wordllama" else os.path.join(HERE, f"hit_model-{embedder}.json")
 NAMES = ("cos", "cover_long", "cover_short", "jaccard", "len_ratio", "gaps", "moved", "content_left",
-         "content_left_share", "trigram", "exact")
+         "content_left_share", "trigram", "exact", "numbers_differ", "entities_differ", "length")
+# (a model trained before a feature was appended reads a prefix of NAMES: its trees never ask for the rest)
 
 
 def _trigrams(text: str) -> set[str]:
@@ -51,31 +58,38 @@ def features(query: str, candidate: str, cos: float, max_tokens: int = 256) -> l
         min(_gaps(used_q) + _gaps(used_c), 6) / 6.0, min(moved, 4) / 4.0,
         min(len(content), 8) / 8.0, len(content) / (len(tq) + len(tc) or 1),
         len(tg_q & tg_c) / max(len(tg_q | tg_c), 1),
-        1.0 if tq == tc else 0.0]
+        1.0 if tq == tc else 0.0, *differences(query, candidate), min(len(tq) + len(tc), 120) / 120.0]
 
 
 class HitModel:
     """p(same meaning) = sigmoid(baseline + the trees' leaf values); a hit needs p >= threshold.
     A tree is (feature, threshold, left, right, is_leaf, value) arrays, sklearn's layout."""
 
-    def __init__(self, baseline: float, trees: list[dict], threshold: float, info=None):
+    def __init__(self, baseline: float, trees: list[dict], threshold: float, info=None, cos_floor: float = 0.0,
+                 n_features: int = len(NAMES), traded: bool = False):
+        """cos_floor: the cosine the trees were trained and tuned from (neighbours below it are
+        never asked: the cache's default threshold for this embedder)."""
         self.baseline, self.threshold, self.info = float(baseline), float(threshold), info or {}
+        self.cos_floor, self.n_features, self.traded = float(cos_floor), n_features, traded
         self.trees = [(t["feature"], t["threshold"], t["left"], t["right"], t["leaf"], t["value"]) for t in trees]
 
     @classmethod
     def load(cls, path: str = MODEL_PATH) -> "HitModel":
         with open(path) as f:
             d = json.load(f)
-        if d.get("features") != list(NAMES):
+        names = d.get("features") or []
+        if not names or names != list(NAMES[: len(names)]):
             raise ValueError(f"{path} was trained on other features: retrain (bench/train_hit_model.py)")
-        return cls(d["baseline"], d["trees"], d["threshold"], d.get("info"))
+        return cls(d["baseline"], d["trees"], d["threshold"], d.get("info"), d.get("cos_floor", 0.0), len(names),
+                   d.get("conflicts") == "traded")
 
     def save(self, path: str = MODEL_PATH) -> None:
         trees = [{"feature": f, "threshold": [round(x, 6) for x in t], "left": lf, "right": r, "leaf": lv,
                   "value": [round(x, 6) for x in v]} for f, t, lf, r, lv, v in self.trees]
         with open(path, "w") as fh:
-            json.dump({"features": list(NAMES), "baseline": round(self.baseline, 6), "threshold": round(self.threshold, 4),
-                       "trees": trees, "info": self.info}, fh, separators=(",", ":"))
+            json.dump({"features": list(NAMES[: self.n_features]), "conflicts": "traded" if self.traded else "strict",
+                       "baseline": round(self.baseline, 6), "threshold": round(self.threshold, 4),
+                       "cos_floor": round(self.cos_floor, 4), "trees": trees, "info": self.info}, fh, separators=(",", ":"))
 
     def raw(self, x) -> float:
         z = self.baseline
@@ -91,17 +105,24 @@ class HitModel:
 
 
 @functools.cache
-def model() -> HitModel:
-    """The shipped model, loaded once per process."""
-    return HitModel.load()
+def model(embedder: str = "wordllama") -> HitModel:
+    """The shipped model for an embedder, loaded once per process (an embedder without one of its
+    own, a custom GGUF, is refused: its cosines are on no scale the trees know)."""
+    path = model_path(embedder)
+    if not os.path.exists(path):
+        raise ValueError(f"no hit model trained for embedder {embedder!r} ({path}): use "
+                         f"cache.semantic_decision = \"verifier\" or train one (bench/train_hit_model.py)")
+    return HitModel.load(path)
 
 
-def decide(query: str, candidate: str, cos: float) -> tuple[bool, str]:
-    """(True, "") when the trees may serve candidate for query, else (False, the reason)."""
-    reason = conflicts(query, candidate)
+def decide(query: str, candidate: str, cos: float, embedder: str = "wordllama",
+           strictness: float = 0.0) -> tuple[bool, str]:
+    """(True, "") when the trees may serve candidate for query, else (False, the reason).
+    strictness raises the probability needed (the error budget's tightening)."""
+    m = model(embedder)
+    reason = conflicts(query, candidate, m.traded)
     if reason:
         return False, reason
-    m = model()
-    if m.prob(query, candidate, cos) < m.threshold:
+    if m.prob(query, candidate, cos) < min(0.999, m.threshold + strictness):
         return False, "model"
     return True, ""

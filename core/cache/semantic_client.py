@@ -17,8 +17,10 @@ import hashlib
 import orjson
 
 from tidegate.core.base.breaker import Breaker
+from tidegate.core.base.config import models
 from tidegate.core.cache.exact import OUTPUT_FIELDS
-from tidegate.core.messaging.protocol import HIT, INSERT, LOOKUP, MISS
+from tidegate.core.llm.demo_model import is_demo
+from tidegate.core.messaging.protocol import AUDIT, HIT, INSERT, LOOKUP, MISS
 
 
 class SemanticClient:
@@ -30,7 +32,11 @@ class SemanticClient:
         self.tenants = {o["tenant"]: {**self.default, **o} for o in c["semantic_tenants"]}
         self.min_overlap, self.timeout = c["semantic_min_overlap"], c["semantic_timeout"]
         self.breaker = Breaker.from_config(cfg["breakers"], slow_call=self.timeout)
-        self.stats = {"semantic_timeouts": 0, "semantic_skipped": 0}
+        self.stats = {"semantic_timeouts": 0, "semantic_skipped": 0, "semantic_audits_started": 0,
+                      "semantic_audits_skipped": 0}
+        self.audit_rate, self.audit_max = c["semantic_audit_rate"], c["semantic_audit_max_inflight"]
+        self.auditing, self.hits = 0, 0  # audits in flight from this worker; hits that could be audited
+        self.verified = {m["name"]: verifies(c["semantic_verify"], m) for m in models(cfg)}
 
     def counters(self) -> dict:
         return dict(self.stats)
@@ -39,8 +45,9 @@ class SemanticClient:
         return self.tenants.get(tenant, self.default)
 
     async def lookup(self, ns: str, text: str, threshold: float, approximate: bool = False):
-        """The cached entry, or None (a miss, an unavailable embedder or a slow one). approximate:
-        the nearest entry at threshold or more, unverified (a shed request's approximation)."""
+        """The hit ({entry, score, id}), or None (a miss, an unavailable embedder or a slow one).
+        approximate: the nearest entry at threshold or more, unverified (a shed request's
+        approximation)."""
         if not self.breaker.allow():
             self.stats["semantic_skipped"] += 1
             return None
@@ -51,7 +58,7 @@ class SemanticClient:
         def on_event(kind, payload):
             if not fut.done():
                 self.breaker.record(kind in (HIT, MISS), loop.time() - t0)
-                fut.set_result(payload["entry"] if kind == HIT else None)
+                fut.set_result(payload if kind == HIT else None)
         try:
             rid = self.client.submit(LOOKUP, {"ns": ns, "text": text, "threshold": threshold,
                                                 "min_overlap": self.min_overlap, "approximate": approximate},
@@ -72,11 +79,44 @@ class SemanticClient:
             self.stats["semantic_timeouts"] += 1
         return entry
 
-    def insert(self, ns: str, tenant: str, text: str, entry: dict, ttl: float | None = None) -> None:
+    def insert(self, ns: str, tenant: str, text: str, entry: dict, ttl: float | None = None,
+               model: str = "") -> None:
+        """Store an answer the model gave after a miss; where the model's answers mean something
+        (`semantic_verify`), the embedder also verifies it against the nearest entry."""
         p = self.policy(tenant)
         ttl = min(p["ttl"], ttl) if ttl else p["ttl"]  # (a request's cache.ttl only shortens it)
         self.client.send(INSERT, {"ns": ns, "tenant": tenant, "text": text, "entry": entry, "ttl": ttl,
-                                  "max_entries": p["max_entries"]})
+                                  "max_entries": p["max_entries"], "verify": self.verified.get(model, False),
+                                  "threshold": p["threshold"]})
+
+    def should_audit(self, model: str) -> bool:
+        """Whether to audit this hit: every 1/audit_rate-th hit (counted, not drawn: the share is
+        exact and a test's run repeats), where the model's answers mean something, within the
+        in-flight cap."""
+        if not self.verified.get(model) or not self.audit_rate:
+            return False
+        self.hits += 1
+        if int(self.hits * self.audit_rate) == int((self.hits - 1) * self.audit_rate):
+            return False
+        if self.auditing >= self.audit_max:
+            self.stats["semantic_audits_skipped"] += 1
+            return False
+        return True
+
+    def audited(self, ns: str, hit: dict, answer: str) -> None:
+        """The model's answer now to a query a hit was served for: the embedder compares them."""
+        self.client.send(AUDIT, {"ns": ns, "id": hit["id"], "score": hit["score"], "answer": answer})
+
+
+def verifies(mode: str, model: dict) -> bool:
+    """semantic_verify for one model: auto = on, except for a random-weight demo model (the
+    built-in one, no path; or one `tidegate model make-demo` wrote), whose answers to two
+    rephrasings differ by construction."""
+    if mode != "auto":
+        return mode == "on"
+    if model.get("backends"):
+        return True
+    return bool(model.get("path")) and not is_demo(model["path"])
 
 
 def semantic_key(tenant: str, model: str, what: dict, body: dict) -> tuple[str, str] | None:

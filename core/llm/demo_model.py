@@ -125,6 +125,18 @@ def save_gguf(writer, tmp: str, path: str) -> str:
     return path
 
 
+def is_demo(path: str) -> bool:
+    """Whether the GGUF at path is a random-weight demo model (its general.name, read from the
+    header's first bytes: the name is the second key written)."""
+    try:
+        with open(path, "rb") as f:
+            head = f.read(4096)
+    except OSError:
+        return False
+    i = head.find(b"general.name")
+    return i >= 0 and DEMO_NAME.encode() in head[i: i + 64]
+
+
 def ensure_demo(data_dir: str, size: str = "tiny") -> str:
     """The demo model under data_dir, built on first use."""
     path = os.path.join(data_dir, f"{DEMO_NAME}-{size}.gguf")

@@ -65,6 +65,7 @@ CREDIT = "credit"        # inference: a stream's reader took n more deltas (body
 EMBED = "embed"          # inference: embeddings           -> EMB | ERR
 LOOKUP = "lookup"        # embedder: semantic lookup       -> HIT | MISS | ERR
 INSERT = "insert"        # embedder: store an answer       (no answer; rid 0)
+AUDIT = "audit"          # embedder: a served hit's answer as the model gives it now (no answer; rid 0)
 EXPLAIN = "explain"      # embedder: a tenant's nearest entries and why each is or is not served -> EXPLAIN
 SCORE = "score"          # model worker: score a batch     -> SCORES | ERR
 

@@ -25,6 +25,9 @@ Faults (the model name; `:N` sets the number):
     filter              400 content_filter
     down                503 while the provider's `down_until` (monotonic) is in the future
     no-prefill          healthy, but a trailing assistant message is refused with a 400
+    intent              a model whose answers mean something: the answer is `intents[k]` for the
+                        first keyword k the last user message holds (lower case), else "unknown"
+                        (the semantic cache's verifier compares such answers)
 """
 from __future__ import annotations
 
@@ -53,6 +56,7 @@ class FaultProvider:
     def __init__(self):
         self.attempts: list[tuple[float, str, dict]] = []  # (monotonic time, model, body)
         self.down_until = 0.0
+        self.intents: dict[str, str] = {}  # the "intent" model: keyword -> its answer
         self._seen: set[str] = set()  # 500-once: prompts that failed once
         self._ready = threading.Event()
         self.loop: asyncio.AbstractEventLoop | None = None
@@ -132,6 +136,10 @@ class FaultProvider:
         if fault == "silent":
             await asyncio.sleep(3600)
         msgs = body.get("messages") or []
+        if fault == "intent":
+            asked = str(msgs[-1].get("content") if chat and msgs else body.get("prompt", "")).lower()
+            return await self._intent(request, model, chat, bool(body.get("stream")),
+                                      next((a for k, a in self.intents.items() if k in asked), "unknown"))
         prefix = ""
         if chat and msgs and msgs[-1].get("role") == "assistant":
             if fault == "no-prefill":
@@ -167,6 +175,23 @@ class FaultProvider:
         await resp.write_eof()
         return resp
 
+
+    async def _intent(self, request, model: str, chat: bool, stream: bool, text: str):
+        n = len(text.split())
+        usage = {"prompt_tokens": 10, "completion_tokens": n, "total_tokens": 10 + n}
+        if not stream:
+            choice = {"index": 0, "finish_reason": "stop",
+                      **({"message": {"role": "assistant", "content": text}} if chat else {"text": text})}
+            return web.json_response({"object": "chat.completion" if chat else "text_completion", "model": model,
+                                      "choices": [choice], "usage": usage})
+        resp = web.StreamResponse(headers={"Content-Type": "text/event-stream"})
+        await resp.prepare(request)
+        await resp.write(_chunk(model, chat, text, None))
+        await resp.write(_chunk(model, chat, "", "stop"))
+        await resp.write(b"data: " + json.dumps({"choices": [], "model": model, "usage": usage}).encode() + b"\n\n")
+        await resp.write(b"data: [DONE]\n\n")
+        await resp.write_eof()
+        return resp
 
     async def _whole(self, request, fault, n_arg, model, chat, prefix, start, total):
         """A request that does not stream (a client without a gateway): the same faults, as

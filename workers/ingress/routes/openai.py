@@ -142,7 +142,8 @@ class OpenAIRoutes:
                 if g.exact_key is not None:
                     self.exact.put(g.exact_key, g.tenant, entry, g.cache.ttl)
                 if g.semantic_key is not None and self.semantic.policy(g.tenant)["enabled"]:
-                    self.semantic.insert(g.semantic_key[0], g.tenant, g.semantic_key[1], entry, g.cache.ttl)
+                    self.semantic.insert(g.semantic_key[0], g.tenant, g.semantic_key[1], entry, g.cache.ttl,
+                                         g.model)
         return done
 
     # ---- caches -------------------------------------------------------------------------------
@@ -157,10 +158,38 @@ class OpenAIRoutes:
                 return await reply(g).replay(entry, b"exact")
         if g.semantic_key is not None and self.semantic.policy(g.tenant)["enabled"]:
             ns, text = g.semantic_key
-            entry = await self.semantic.lookup(ns, text, self.semantic.policy(g.tenant)["threshold"])
-            if entry is not None:
-                return await reply(g).replay(entry, b"semantic")
+            hit = await self.semantic.lookup(ns, text, self.semantic.policy(g.tenant)["threshold"])
+            if hit is not None:
+                if self.semantic.should_audit(g.model):
+                    self._audit(g, hit)
+                return await reply(g).replay(hit["entry"], b"semantic")
         return None
+
+    def _audit(self, g: GenRequest, hit: dict) -> None:
+        """Ask the model the query a semantic hit answered, in the background class, off the
+        request path (the client has its answer already): the embedder compares the two answers
+        and the namespace's error budget reads the outcome. Skipped when the background class is
+        shed or the model's breaker is open; a failure is no outcome. The gateway's own work:
+        not charged to the tenant's limits."""
+        bg = replace(g, cls="background", stream=False)
+        breaker = self.breakers.get(g.downstream)
+        if self._shed(bg) is not None or (breaker is not None and not breaker.allow()):
+            self.semantic.stats["semantic_audits_skipped"] += 1
+            return
+        sc, ns = self.semantic, g.semantic_key[0]
+
+        def on_event(kind, payload):
+            if kind in (protocol.END, protocol.ERR):
+                sc.auditing -= 1
+                if kind == protocol.END and payload.get("finish_reason") in ("stop", "length"):
+                    sc.audited(ns, hit, payload.get("text") or "")
+        try:
+            self.clients[g.model].submit(protocol.GENERATE, bg.body(self.inf["request_timeout"], 0), on_event)
+        except WorkerUnavailable:
+            self.semantic.stats["semantic_audits_skipped"] += 1
+            return
+        sc.auditing += 1
+        sc.stats["semantic_audits_started"] += 1
 
     async def _fallback(self, req, g: GenRequest, reply, refusal):
         """The model may not be asked (its class is shed, its breaker is open, or the request
@@ -178,10 +207,10 @@ class OpenAIRoutes:
         ov = self.cfg["overload"]
         if ov["approximate"] and g.semantic_key is not None and g.path in ov["approximate_routes"] \
                 and self.semantic.policy(g.tenant)["enabled"]:
-            entry = await self.semantic.lookup(g.semantic_key[0], g.semantic_key[1], ov["approximate"],
-                                               approximate=True)
-            if entry is not None:
-                return await reply(g).replay(entry, b"approximate", sh.served(g.cls, "approximate"))
+            hit = await self.semantic.lookup(g.semantic_key[0], g.semantic_key[1], ov["approximate"],
+                                             approximate=True)
+            if hit is not None:
+                return await reply(g).replay(hit["entry"], b"approximate", sh.served(g.cls, "approximate"))
         text = self.models[g.model].get("fallback_text")
         if text:
             entry = {"text": text, "finish_reason": "stop",
