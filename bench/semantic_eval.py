@@ -49,7 +49,8 @@ def load(path: str) -> list[tuple[str, str, int]]:
     return out
 
 
-def evaluate(name: str, pairs, emb, threshold: float, min_overlap: float, decision: str = "verifier") -> None:
+def evaluate(name: str, pairs, emb, threshold: float, min_overlap: float, decision: str = "verifier",
+             embedder: str = "wordllama") -> None:
     a = emb.embed([p[0] for p in pairs])
     b = emb.embed([p[1] for p in pairs])
     cos = (a * b).sum(1)
@@ -57,7 +58,7 @@ def evaluate(name: str, pairs, emb, threshold: float, min_overlap: float, decisi
     t0 = time.perf_counter()
     if decision == "model":
         from tidegate.core.cache.hitmodel import decide
-        check = lambda a, b, c: decide(a, b, c)[0]  # noqa: E731
+        check = lambda a, b, c: decide(a, b, c, embedder)[0]  # noqa: E731
     else:
         check = lambda a, b, c: verify(a, b, min_overlap)[0]  # noqa: E731
     ok = np.array([c >= threshold and check(p[0], p[1], float(c)) for c, p in zip(cos, pairs)])
@@ -139,12 +140,28 @@ def lookup_mode(name: str, pairs, port: int, max_tokens: int = 8) -> None:
     lat = (f"hit latency over HTTP p50 {np.percentile(hit_s, 50) * 1000:.1f} ms p99 "
            f"{np.percentile(hit_s, 99) * 1000:.1f} ms" if hit_s else "no hits")
     print(f"  {name:14} lookup mode        hits {hits:5d}  precision {prec:.3f}  recall {right / max(1, pos):.3f}  "
-          f"wrong: {wrong_meaning} meaning, {wrong_entry} another pair's entry; {exact} exact; {lat}", flush=True)
+          f"wrong: {wrong_meaning} meaning, {wrong_entry} another pair's entry; {exact} exact; {lat}; "
+          f"{_embedder_facts(port)}", flush=True)
+
+
+def _embedder_facts(port: int) -> str:
+    """The embedder process's RSS and embeddings/s (from /metrics: texts over seconds embedding)."""
+    import psutil
+    rss = [p.memory_info().rss for p in psutil.process_iter(["cmdline"])
+           if "tidegate: embedder" in " ".join(p.info["cmdline"] or [])]
+    conn = http.client.HTTPConnection("127.0.0.1", port, timeout=10)
+    conn.request("GET", "/metrics")
+    text = conn.getresponse().read().decode()
+    conn.close()
+    val = {line.split()[0]: float(line.split()[-1]) for line in text.splitlines()
+           if line.startswith(("tidegate_embed_texts_total ", "tidegate_embed_seconds_total "))}
+    rate = val.get("tidegate_embed_texts_total", 0) / max(1e-9, val.get("tidegate_embed_seconds_total", 0))
+    return f"embedder RSS {max(rss, default=0) / 2**20:.0f} MiB, {rate:.0f} embeddings/s"
 
 
 def main() -> None:
     ap = argparse.ArgumentParser(description=__doc__, formatter_class=argparse.RawDescriptionHelpFormatter)
-    ap.add_argument("--threshold", type=float, default=0.90)
+    ap.add_argument("--threshold", type=float, default=0.0, help="0 = the embedder's calibrated floor")
     ap.add_argument("--min-overlap", type=float, default=0.8)
     ap.add_argument("--max-pairs", type=int, default=10000, help="pairs per set at most (pair mode)")
     ap.add_argument("--decision", choices=["verifier", "model"], default="model",
@@ -157,6 +174,12 @@ def main() -> None:
     args = ap.parse_args()
     emb = WordLlamaEmbedder() if args.embedder == "wordllama" else \
         make_embedder("minilm", data_dir=tempfile.mkdtemp(prefix="semantic-eval-"))
+    if not args.threshold:
+        from tidegate.core.cache.hitmodel import model
+        from tidegate.core.cache.semantic_store import RULES_FLOOR
+        floor = model(args.embedder).cos_floor if args.decision == "model" else RULES_FLOOR[args.embedder]
+        print(f"threshold 0: the embedder's floor, {floor}")
+    pair_threshold = args.threshold or floor
     print(f"embedder {args.embedder}")
     print(f"pair mode, decision {args.decision}, threshold {args.threshold}, min_overlap {args.min_overlap}:")
     sets = {}
@@ -168,10 +191,10 @@ def main() -> None:
         sets[name] = [p for p in pairs if P.split_of(p[0], p[1]) == "test"]
         if len(pairs) > args.max_pairs:  # (a fixed sample of the larger sets)
             pairs = pairs[:: len(pairs) // args.max_pairs + 1]
-        cos, y = evaluate(name, pairs, emb, args.threshold, args.min_overlap, args.decision)
+        cos, y = evaluate(name, pairs, emb, pair_threshold, args.min_overlap, args.decision, args.embedder)
         if args.sweep:
             sweep(name, cos, y)
-    cos, y = evaluate("gateway pairs", load(OURS), emb, args.threshold, args.min_overlap, args.decision)
+    cos, y = evaluate("gateway pairs", load(OURS), emb, pair_threshold, args.min_overlap, args.decision, args.embedder)
     if args.sweep:
         sweep("gateway pairs", cos, y)
     if not args.lookup:

@@ -25,9 +25,10 @@ Faults (the model name; `:N` sets the number):
     filter              400 content_filter
     down                503 while the provider's `down_until` (monotonic) is in the future
     no-prefill          healthy, but a trailing assistant message is refused with a 400
-    intent              a model whose answers mean something: the answer is `intents[k]` for the
-                        first keyword k the last user message holds (lower case), else "unknown"
-                        (the semantic cache's verifier compares such answers)
+    intent              a model whose answers mean something: the answer is `answers[text]` for a
+                        last user message listed there, else `intents[k]` for the first keyword
+                        k it holds (lower case), else "unknown" (the semantic cache's verifier
+                        compares such answers; bench/semantic_fill.py lists labelled texts)
 """
 from __future__ import annotations
 
@@ -57,6 +58,7 @@ class FaultProvider:
         self.attempts: list[tuple[float, str, dict]] = []  # (monotonic time, model, body)
         self.down_until = 0.0
         self.intents: dict[str, str] = {}  # the "intent" model: keyword -> its answer
+        self.answers: dict[str, str] = {}  # ... and whole texts -> their answer
         self._seen: set[str] = set()  # 500-once: prompts that failed once
         self._ready = threading.Event()
         self.loop: asyncio.AbstractEventLoop | None = None
@@ -137,9 +139,10 @@ class FaultProvider:
             await asyncio.sleep(3600)
         msgs = body.get("messages") or []
         if fault == "intent":
-            asked = str(msgs[-1].get("content") if chat and msgs else body.get("prompt", "")).lower()
-            return await self._intent(request, model, chat, bool(body.get("stream")),
-                                      next((a for k, a in self.intents.items() if k in asked), "unknown"))
+            asked = str(msgs[-1].get("content") if chat and msgs else body.get("prompt", ""))
+            answer = self.answers.get(asked) or next((a for k, a in self.intents.items() if k in asked.lower()),
+                                                     "unknown")
+            return await self._intent(request, model, chat, bool(body.get("stream")), answer)
         prefix = ""
         if chat and msgs and msgs[-1].get("role") == "assistant":
             if fault == "no-prefill":
