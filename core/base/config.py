@@ -556,7 +556,7 @@ SCHEMA: dict[str, dict[str, Key]] = {
                                            lambda v: None if v >= 0 else "must be >= 0"),
         "semantic_verify_queue": Key(int, 1000, "verifications waiting in the embedder (the oldest dropped past it)",
                                      positive),
-        "semantic_verify_per_turn": Key(int, 4, "verifications the embedder runs after each loop turn", positive),
+        "semantic_verify_per_turn": Key(int, 1, "verifications the embedder runs after each loop turn", positive),
         "semantic_min_overlap": Key(float, 0.8, "verifier: share of the longer text the aligned words must cover",
                                     lambda v: None if 0 < v <= 1 else "must be in (0, 1]"),
         "semantic_ttl": Key(float, 86400.0, "seconds a semantic entry lives", positive),

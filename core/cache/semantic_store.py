@@ -50,6 +50,9 @@ from tidegate.core.cache.verifier import conflicts, verify
 _ID = struct.Struct(">Q")
 # the cosine the rules ("verifier") need before they look, per embedder (threshold 0 = this)
 RULES_FLOOR = {"wordllama": 0.90, "minilm": 0.80}
+# answers are compared on their beginning: a long one costs MiniLM ~10 ms per 128 tokens, and a
+# verification runs between two loop turns of the process that answers lookups
+ANSWER_CHARS = 512
 
 
 def answer_text(entry: dict) -> str:
@@ -403,7 +406,7 @@ class SemanticStore:
             return True
         if not a.strip() or not b.strip():
             return False
-        va, vb = self.embed([a[:2000], b[:2000]])
+        va, vb = self.embed([a[:ANSWER_CHARS], b[:ANSWER_CHARS]])
         return float(np.dot(va, vb)) >= self.answer_agreement
 
     def learn(self, ns: str, eid: int, score: float, same: bool, audit: bool = False, new_eid: int = 0) -> None:
