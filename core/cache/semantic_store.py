@@ -11,8 +11,8 @@ embedder with its own trees), at the namespace's strictness; or what was learned
 (core/cache/learning.py). What was learned also refuses: an entry verified wrong for a query
 this close is not served. The margin rule keeps precision among near variants without refusing
 dense neighbourhoods: the hit is refused as "contested" only when another neighbour within
-`margin` of it would also be served and its answer differs (flights to Paris and to Rome, both
-plausible for the query). Inserts come after the model answered, off the request path.
+`margin` of it is plausible too (it would be served, or the trees give it even odds) and its
+answer differs (flights to Paris and to Rome, both plausible for the query). Inserts come after the model answered, off the request path.
 
 Verification (Krites' idea, off the request path): an insert whose query missed near a cached
 entry, and an audited hit (the ingress worker asks the model again in the background class),
@@ -97,22 +97,23 @@ class Namespace:
 class SemanticStore:
     def __init__(self, root: str, dim: int, log=None, max_bytes: int = 1 << 30, max_namespaces: int = 10000,
                  max_namespaces_per_tenant: int = 1000, lock: StoreLock | None = None, decision: str = "verifier",
-                 margin: float = 0.05, neighbours: int = 10, embedder: str = "wordllama", embed=None,
+                 margin: float = 0.1, neighbours: int = 10, embedder: str = "wordllama", embed=None,
                  verify_window: float = 0.1, answer_agreement: float = 0.9, tighten_gap: float = 0.02,
                  error_budget: float = 0.02, budget_window: int = 200, budget_min_audits: int = 20,
-                 verify_queue: int = 1000):
+                 verify_queue: int = 1000, contest_probability: float = 0.5):
         """decision: what a neighbour must pass: "verifier" (its rules, core/cache/verifier.py)
         or "model" (the hard conflicts, then the embedder's learned trees, core/cache/hitmodel.py).
-        margin: a hit is contested by another servable neighbour this close with another answer.
+        margin: a hit is contested by another plausible neighbour this close with another answer
+        (servable, or with the trees at contest_probability or more).
         embed: texts -> unit vectors (the embedder's), to compare answers when verifying."""
         self.margin, self.neighbours, self.embed = margin, neighbours, embed
         self.verify_window, self.answer_agreement, self.tighten_gap = verify_window, answer_agreement, tighten_gap
         self.budget_limits = {"budget": error_budget, "window": budget_window, "min_audits": budget_min_audits}
-        self.traded = False
+        self.traded, self._prob, self.contest_probability = False, None, contest_probability
         if decision == "model":
             from tidegate.core.cache.hitmodel import decide, model
             m = model(embedder)  # loaded now: a missing or stale model file fails the start, not a lookup
-            self.floor, self.traded = m.cos_floor, m.traded
+            self.floor, self.traded, self._prob = m.cos_floor, m.traded, m.prob
             self._decide = lambda q, c, cos, min_overlap, strict: decide(q, c, cos, embedder, strict)
         else:
             self.floor = RULES_FLOOR.get(embedder, 0.90)
@@ -276,10 +277,21 @@ class SemanticStore:
             for j, (other, oscore, _) in enumerate(near):
                 if j == i or oscore < score - self.margin or self._group(other) == mine:
                     continue
-                if self._serves(ns, text, other, oscore, threshold, min_overlap, strict)[0]:
+                if self._plausible(text, other, oscore, threshold, min_overlap, strict):
                     return -1, "contested", ""
             return i, "", how
         return -1, first_why, ""
+
+    def _plausible(self, text: str, eid: int, score: float, threshold: float, min_overlap: float,
+                   strict: float) -> bool:
+        """Whether another neighbour could be what the query meant: it would be served, or (the
+        trees) it clears the threshold with no hard conflict and even odds or better."""
+        if self._serves("", text, eid, score, threshold, min_overlap, strict)[0]:
+            return True
+        if self._prob is None or score < threshold:
+            return False
+        cand = self.meta[eid][2]
+        return not conflicts(text, cand, self.traded) and self._prob(text, cand, score) >= self.contest_probability
 
     def _group(self, eid: int):
         """Entries in one group never contest each other: the same answer, or verified alike."""

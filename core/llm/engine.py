@@ -61,7 +61,7 @@ class Engine:
         self.n_embd = L.llama_model_n_embd(self.model)
         n_layer = L.llama_model_n_layer(self.model)
         self.offloaded = min(mp.n_gpu_layers, n_layer) if self.gpu else 0  # layers that run on the GPU
-        threads = threads or max(1, (os.cpu_count() or 2))
+        threads = threads or max(1, len(os.sched_getaffinity(0)))  # (the CPUs this process may use)
         cp = L.llama_context_default_params()
         cp.n_ctx = n_ctx * n_seq + self.park_cells  # unified KV: n_ctx cells for each sequence
         cp.n_batch = cp.n_ubatch = n_batch
