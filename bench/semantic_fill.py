@@ -17,7 +17,9 @@ compared: the same text, or embeddings at semantic_answer_agreement), never the 
 
 Runs side by side, each on a fresh daemon and cache: verification on (near-misses verified,
 every 20th hit audited) and off (the static decision alone). Prints per 500 queries: semantic
-hits, exact hits, wrong semantic hits, promoted hits; then the totals.
+hits (and their share of the queries the exact cache did not answer: a text asked again after a
+semantic hit is not in the exact cache), exact hits, wrong semantic hits, promoted hits, audits;
+then the totals.
 """
 from __future__ import annotations
 
@@ -69,7 +71,7 @@ def run(label: str, groups, stream, embedder: str, verify: str) -> None:
                inference={"enabled": True, "models": [model]}).start()
     conn = http.client.HTTPConnection("127.0.0.1", d.port, timeout=60)
     print(f"\n{label}: embedder {embedder}, semantic_verify {verify}")
-    print(f"  {'queries':>13} {'new texts':>9} {'semantic':>9} {'% of new':>8} {'exact':>6} {'wrong':>6} "
+    print(f"  {'queries':>13} {'new texts':>9} {'semantic':>9} {'% not exact':>11} {'exact':>6} {'wrong':>6} "
           f"{'wrong %':>8} {'promoted':>9} {'audits':>7}")
     tot = {"semantic": 0, "exact": 0, "wrong": 0, "new": 0}
     seen: set[str] = set()
@@ -95,14 +97,14 @@ def run(label: str, groups, stream, embedder: str, verify: str) -> None:
                 audits = m.get("tidegate_semantic_audits_total", 0) - last.get("tidegate_semantic_audits_total", 0)
                 wrong_pct = 100.0 * win["wrong"] / max(1, win["semantic"])
                 print(f"  {i - 499:>6}-{i:<6} {win['new']:>9} {win['semantic']:>9} "
-                      f"{100 * win['semantic'] / max(1, win['new']):>7.1f}% {win['exact']:>6} {win['wrong']:>6} "
+                      f"{100 * win['semantic'] / max(1, 500 - win['exact']):>10.1f}% {win['exact']:>6} {win['wrong']:>6} "
                       f"{wrong_pct:>7.1f}% {promoted:>9.0f} {audits:>7.0f}", flush=True)
                 for k in tot:
                     tot[k] += win[k]
                 win, last = dict.fromkeys(win, 0), m
         n = len(stream)
         print(f"  total: semantic hits {tot['semantic']} ({100 * tot['semantic'] / n:.1f}% of queries, "
-              f"{100 * tot['semantic'] / max(1, tot['new']):.1f}% of the {tot['new']} first askings of a text), exact "
+              f"{100 * tot['semantic'] / max(1, n - tot['exact']):.1f}% of those the exact cache did not answer), exact "
               f"{tot['exact']} ({100 * tot['exact'] / n:.1f}%), wrong semantic hits {tot['wrong']} "
               f"({100 * tot['wrong'] / max(1, tot['semantic']):.2f}% of semantic hits)")
     finally:

@@ -61,7 +61,7 @@ class EmbedderWorker(BlockingWorker):
                                    budget_window=self.c["semantic_budget_window"],
                                    budget_min_audits=self.c["semantic_budget_min_audits"],
                                    verify_queue=self.c["semantic_verify_queue"],
-                                   contest_probability=self.c["semantic_contest_probability"])
+                                   plausible_probability=self.c["semantic_plausible_probability"])
         log.info("embedder ready", embedder=self.embedder.name, dim=self.embedder.dim,
                  decision=self.c["semantic_decision"], threshold=self.store.threshold_of(self.c["semantic_threshold"]),
                  entries=len(self.store.meta), rebuilt=self.store.stats["semantic_index_rebuilds"])
@@ -99,10 +99,11 @@ class EmbedderWorker(BlockingWorker):
                     i += op in EMBEDS
                     continue
                 if op == protocol.LOOKUP:
-                    entry, score, eid = self.store.lookup(body["ns"], vecs[i], body["text"], body["threshold"],
-                                                          body["min_overlap"], approximate=body.get("approximate", False))
+                    entry, score, eid, how = self.store.lookup(body["ns"], vecs[i], body["text"], body["threshold"],
+                                                               body["min_overlap"],
+                                                               approximate=body.get("approximate", False))
                     i += 1
-                    self.send(peer, [protocol.HIT, rid, {"entry": entry, "score": score, "id": eid}]
+                    self.send(peer, [protocol.HIT, rid, {"entry": entry, "score": score, "id": eid, "how": how}]
                               if entry is not None else [protocol.MISS, rid, {"why": score}])
                 elif op == protocol.EXPLAIN:
                     nearest = self.store.explain(body.get("tenant"), vecs[i], body["text"], body["threshold"],

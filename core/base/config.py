@@ -531,10 +531,11 @@ SCHEMA: dict[str, dict[str, Key]] = {
                                  else 'must be "verifier" or "model"'),
         "semantic_margin": Key(float, 0.1, "a hit is refused as contested when another neighbour within this much "
                                "cosine of it is plausible too (served, or the trees' odds at "
-                               "semantic_contest_probability) and its answer differs",
+                               "semantic_plausible_probability) and its answer differs",
                                lambda v: None if 0 <= v < 1 else "must be in [0, 1)"),
-        "semantic_contest_probability": Key(float, 0.5, "the trees' probability from which another neighbour "
-                                            "within the margin contests a hit", 
+        "semantic_plausible_probability": Key(float, 0.5, "the trees' probability from which a neighbour is "
+                                            "plausible: another one within the margin contests a hit, and a "
+                                            "promoted entry may serve it",
                                             lambda v: None if 0 < v <= 1 else "must be in (0, 1]"),
         "semantic_neighbours": Key(int, 10, "nearest entries a lookup looks at", 
                                    lambda v: None if 1 <= v <= 100 else "must be in 1..100"),
@@ -556,6 +557,9 @@ SCHEMA: dict[str, dict[str, Key]] = {
         "semantic_audit_rate": Key(float, 0.05, "share of semantic hits asked again of the model in the background "
                                    "class to measure the wrong-hit rate (0 = none)",
                                    lambda v: None if 0 <= v <= 1 else "must be in [0, 1]"),
+        "semantic_audit_promoted_rate": Key(float, 0.25, "share of promoted hits (served on what was learned) "
+                                            "audited: promotions are where a wrong hit is likeliest",
+                                            lambda v: None if 0 <= v <= 1 else "must be in [0, 1]"),
         "semantic_audit_max_inflight": Key(int, 2, "audits in flight per ingress worker (more are skipped)",
                                            lambda v: None if v >= 0 else "must be >= 0"),
         "semantic_verify_queue": Key(int, 1000, "verifications waiting in the embedder (the oldest dropped past it)",

@@ -35,7 +35,8 @@ class SemanticClient:
         self.stats = {"semantic_timeouts": 0, "semantic_skipped": 0, "semantic_audits_started": 0,
                       "semantic_audits_skipped": 0}
         self.audit_rate, self.audit_max = c["semantic_audit_rate"], c["semantic_audit_max_inflight"]
-        self.auditing, self.hits = 0, 0  # audits in flight from this worker; hits that could be audited
+        self.audit_promoted_rate = c["semantic_audit_promoted_rate"]
+        self.auditing, self.hits = 0, [0, 0]  # audits in flight from this worker; hits counted (plain, promoted)
         self.verified = {m["name"]: verifies(c["semantic_verify"], m) for m in models(cfg)}
 
     def counters(self) -> dict:
@@ -89,14 +90,15 @@ class SemanticClient:
                                   "max_entries": p["max_entries"], "verify": self.verified.get(model, False),
                                   "threshold": p["threshold"]})
 
-    def should_audit(self, model: str) -> bool:
-        """Whether to audit this hit: every 1/audit_rate-th hit (counted, not drawn: the share is
-        exact and a test's run repeats), where the model's answers mean something, within the
-        in-flight cap."""
-        if not self.verified.get(model) or not self.audit_rate:
+    def should_audit(self, model: str, promoted: bool = False) -> bool:
+        """Whether to audit this hit: every 1/rate-th (counted, not drawn: the share is exact and
+        a test's run repeats; promoted hits at their own, higher rate), where the model's answers
+        mean something, within the in-flight cap."""
+        rate = self.audit_promoted_rate if promoted else self.audit_rate
+        if not self.verified.get(model) or not rate:
             return False
-        self.hits += 1
-        if int(self.hits * self.audit_rate) == int((self.hits - 1) * self.audit_rate):
+        n = self.hits[promoted] = self.hits[promoted] + 1
+        if int(n * rate) == int((n - 1) * rate):
             return False
         if self.auditing >= self.audit_max:
             self.stats["semantic_audits_skipped"] += 1

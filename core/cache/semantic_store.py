@@ -100,16 +100,16 @@ class SemanticStore:
                  margin: float = 0.1, neighbours: int = 10, embedder: str = "wordllama", embed=None,
                  verify_window: float = 0.1, answer_agreement: float = 0.9, tighten_gap: float = 0.02,
                  error_budget: float = 0.02, budget_window: int = 200, budget_min_audits: int = 20,
-                 verify_queue: int = 1000, contest_probability: float = 0.5):
+                 verify_queue: int = 1000, plausible_probability: float = 0.5):
         """decision: what a neighbour must pass: "verifier" (its rules, core/cache/verifier.py)
         or "model" (the hard conflicts, then the embedder's learned trees, core/cache/hitmodel.py).
         margin: a hit is contested by another plausible neighbour this close with another answer
-        (servable, or with the trees at contest_probability or more).
+        (servable, or with the trees at plausible_probability or more, which promotions need too).
         embed: texts -> unit vectors (the embedder's), to compare answers when verifying."""
         self.margin, self.neighbours, self.embed = margin, neighbours, embed
         self.verify_window, self.answer_agreement, self.tighten_gap = verify_window, answer_agreement, tighten_gap
         self.budget_limits = {"budget": error_budget, "window": budget_window, "min_audits": budget_min_audits}
-        self.traded, self._prob, self.contest_probability = False, None, contest_probability
+        self.traded, self._prob, self.plausible_probability = False, None, plausible_probability
         if decision == "model":
             from tidegate.core.cache.hitmodel import decide, model
             m = model(embedder)  # loaded now: a missing or stale model file fails the start, not a lookup
@@ -254,8 +254,11 @@ class SemanticStore:
                 return True, ""
         else:
             why = "threshold"
+        # promoted: as close as a verified rephrasing, no hard conflict, and (the trees) plausible:
+        # a verified pair says queries this close can mean the same, not that every one does
         if b is not None and strict == 0.0 and b.promotes(score, self.tighten_gap) \
-                and not conflicts(text, cand, self.traded):
+                and not conflicts(text, cand, self.traded) \
+                and (self._prob is None or self._prob(text, cand, score) >= self.plausible_probability):
             return True, "promoted"
         return False, why
 
@@ -285,13 +288,13 @@ class SemanticStore:
     def _plausible(self, text: str, eid: int, score: float, threshold: float, min_overlap: float,
                    strict: float) -> bool:
         """Whether another neighbour could be what the query meant: it would be served, or (the
-        trees) it clears the threshold with no hard conflict and even odds or better."""
+        trees) it clears the threshold with no hard conflict and plausible_probability or more."""
         if self._serves("", text, eid, score, threshold, min_overlap, strict)[0]:
             return True
         if self._prob is None or score < threshold:
             return False
         cand = self.meta[eid][2]
-        return not conflicts(text, cand, self.traded) and self._prob(text, cand, score) >= self.contest_probability
+        return not conflicts(text, cand, self.traded) and self._prob(text, cand, score) >= self.plausible_probability
 
     def _group(self, eid: int):
         """Entries in one group never contest each other: the same answer, or verified alike."""
@@ -300,29 +303,30 @@ class SemanticStore:
 
     def lookup(self, ns: str, vec: np.ndarray, text: str, threshold: float, min_overlap: float = 0.8,
                approximate: bool = False):
-        """(entry, score, id) of the hit, or (None, why, 0). approximate: the nearest live
-        neighbour at threshold or more, not verified (only ever served marked approximate)."""
+        """(entry, score, id, how) of the hit (how: "" or "promoted"), or (None, why, 0, "").
+        approximate: the nearest live neighbour at threshold or more, not verified (only ever
+        served marked approximate)."""
         self.stats["semantic_lookups"] += 1
         space = self.spaces.get(ns)
         if space is None or not space.ids:
-            return None, "empty", 0
+            return None, "empty", 0, ""
         threshold = self.threshold_of(threshold)
         near = self._near(space, vec, threshold if approximate else threshold - self.verify_window)
         if approximate:
             if not near:
-                return None, "threshold", 0
+                return None, "threshold", 0, ""
             self.stats["semantic_approximate"] += 1
-            return self._answer(near[0][0]), near[0][1], near[0][0]
+            return self._answer(near[0][0]), near[0][1], near[0][0], "approximate"
         i, why, how = self._verdict(ns, text, near, threshold, min_overlap)
         if i >= 0:
             self.stats["semantic_hits"] += 1
             self.stats["semantic_promoted_hits"] += how == "promoted"
-            return self._answer(near[i][0]), near[i][1], near[i][0]
+            return self._answer(near[i][0]), near[i][1], near[i][0], how
         if why != "threshold":
             self.stats["semantic_verifier_rejections"] += 1
             self.stats[f"semantic_veto_{why}"] += 1
             why = f"verifier:{why}"
-        return None, why, 0
+        return None, why, 0, ""
 
     def explain(self, tenant: str | None, vec: np.ndarray, text: str, threshold: float, min_overlap: float = 0.8,
                 k: int = 5) -> list[dict]:

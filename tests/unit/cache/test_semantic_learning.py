@@ -60,7 +60,7 @@ def test_a_wrong_verdict_tightens_and_a_verified_rephrasing_promotes(tmp_path, e
     s.insert("ns", "acme", vec(emb, q0), q0, a0, 60, 100)
     eid = next(iter(s.meta))
     q1 = "How can I reset my password?"
-    entry, score, hit = s.lookup("ns", vec(emb, q1), q1, 0.9)
+    entry, score, hit, _ = s.lookup("ns", vec(emb, q1), q1, 0.9)
     assert entry == a0 and hit == eid
     s.learn("ns", eid, score, same=False)  # an audit said the model answers q1 otherwise
     assert s.lookup("ns", vec(emb, q1), q1, 0.9)[:2] == (None, "verifier:tightened")
@@ -75,8 +75,8 @@ def test_a_wrong_verdict_tightens_and_a_verified_rephrasing_promotes(tmp_path, e
     threshold = score2 - 0.01
     assert t.lookup("ns", vec(emb, q2), q2, threshold)[0] is None
     t.learn("ns", eid, score2, same=True)
-    entry, _, hit = t.lookup("ns", vec(emb, q2), q2, threshold)
-    assert entry == a0 and hit == eid and t.stats["semantic_promoted_hits"] == 1
+    entry, _, hit, how = t.lookup("ns", vec(emb, q2), q2, threshold)
+    assert entry == a0 and hit == eid and how == "promoted" and t.stats["semantic_promoted_hits"] == 1
     # what was learned survives a restart
     t.close()
     t2 = SemanticStore(str(tmp_path / "p"), emb.dim, embed=emb.embed)

@@ -160,7 +160,7 @@ class OpenAIRoutes:
             ns, text = g.semantic_key
             hit = await self.semantic.lookup(ns, text, self.semantic.policy(g.tenant)["threshold"])
             if hit is not None:
-                if self.semantic.should_audit(g.model):
+                if self.semantic.should_audit(g.model, hit.get("how") == "promoted"):
                     self._audit(g, hit)
                 return await reply(g).replay(hit["entry"], b"semantic")
         return None
