@@ -94,6 +94,7 @@ EXTRA_HELP = {
     "embed_batches": ("counter", "Embedding batches (one per embedder loop turn with work)"),
     "embed_texts": ("counter", "Texts embedded (embed_texts / embed_batches = mean batch size)"),
     "embed_seconds": ("counter", "Seconds spent embedding"),
+    "embed_reused": ("counter", "Texts whose vector was reused from a recent lookup (an insert after its miss) instead of embedded again"),
     "predict_requests": ("counter", "Predictions answered (instances of /v1/predict, batch forms included)"),
     "predict_batches": ("counter", "Micro-batches scored (predict_requests / predict_batches = mean batch size)"),
     "predict_defaulted": ("counter", "Model inputs that took their default (missing, expired, late or down)"),
