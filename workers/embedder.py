@@ -45,7 +45,7 @@ class EmbedderWorker(BlockingWorker):
 
     def open(self) -> str:
         self.embedder = make_embedder(self.c["embedder"], self.c["embedder_model"], self.cfg["server"]["data_dir"],
-                                      self.c["embedder_threads"])
+                                      self.c["embedder_threads"], self.c["embedder_quant"])
         self.store = None
         self.every(SWEEP_S, lambda: self.store and self.store.sweep())
         self.every(SAVE_S, lambda: self.store and self.store.save())

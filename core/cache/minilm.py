@@ -134,13 +134,39 @@ def to_gguf(zip_path: str, out_path: str) -> str:
     return save_gguf(w, tmp, out_path)
 
 
-def gguf_path(zip_path: str, data_dir: str) -> str:
-    """The converted GGUF under data_dir (converted once per weights file)."""
+def gguf_path(zip_path: str, data_dir: str, quant: str = "f32") -> str:
+    """The converted GGUF under data_dir (converted once per weights file); quant "q8_0": that
+    GGUF quantized by llama.cpp (matrices to 8 bits: ~30% faster here, cosine to the float32
+    vectors >= 0.999)."""
     out = os.path.join(data_dir, "embedders", f"minilm-{MODEL_ZIP_SHA256[:16]}.gguf")
     if not os.path.exists(out):
         os.makedirs(os.path.dirname(out), exist_ok=True)
         to_gguf(zip_path, out)
-    return out
+    if quant == "f32":
+        return out
+    if quant != "q8_0":
+        raise ValueError(f"unknown quantization {quant!r} (f32, q8_0)")
+    q = out[: -len(".gguf")] + "-q8_0.gguf"
+    if not os.path.exists(q):
+        quantize(out, q)
+    return q
+
+
+def quantize(src: str, dst: str) -> None:
+    """llama.cpp's quantizer to Q8_0, written to a temporary file and moved whole."""
+    import ctypes
+
+    import llama_cpp as L
+
+    from tidegate.core.llm.engine import backend_init
+    backend_init()  # (quiet: the quantizer logs a line per tensor)
+    p = L.llama_model_quantize_default_params()
+    p.ftype = L.LLAMA_FTYPE_MOSTLY_Q8_0
+    p.nthread = 1
+    tmp = f"{dst}.tmp{os.getpid()}"
+    if L.llama_model_quantize(src.encode(), tmp.encode(), ctypes.byref(p)) != 0:
+        raise RuntimeError(f"llama.cpp could not quantize {src}")
+    os.replace(tmp, dst)
 
 
 # ---- numpy: the reference ---------------------------------------------------------------------

@@ -34,6 +34,15 @@ def gpu_layers(setting, can_offload: bool) -> int:
     return int(setting)
 
 
+def backend_init() -> None:
+    """llama.cpp's backend, once per process, with its log quieted (warnings and errors only)."""
+    global _backend_ready
+    if not _backend_ready:
+        L.llama_backend_init()
+        L.llama_log_set(_quiet_log, ctypes.c_void_p(0))
+        _backend_ready = True
+
+
 class Engine:
     def __init__(self, path: str, n_ctx: int, n_seq: int, n_batch: int = 512, threads: int = 0,
                  n_gpu_layers="auto", embeddings: bool = False, park_seqs: int = 0, park_cells: int = 0,
@@ -41,11 +50,7 @@ class Engine:
         """n_seq sequences of up to n_ctx tokens each, plus park_seqs ids that only hold prefixes
         (in park_cells more cells): see prefix_cache.ParkedTier. embed_batch: embeddings tokens per
         llama_decode (0 = n_batch)."""
-        global _backend_ready
-        if not _backend_ready:
-            L.llama_backend_init()
-            L.llama_log_set(_quiet_log, ctypes.c_void_p(0))
-            _backend_ready = True
+        backend_init()
         if not os.path.exists(path):
             raise LlamaError(f"model file not found: {path}")
         mp = L.llama_model_default_params()

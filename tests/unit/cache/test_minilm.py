@@ -20,7 +20,7 @@ def weights():
 @pytest.fixture(scope="module")
 def served(weights, tmp_path_factory):
     from tidegate.core.cache.embedders import make_embedder
-    return make_embedder("minilm", data_dir=str(tmp_path_factory.mktemp("data")))
+    return make_embedder("minilm", data_dir=str(tmp_path_factory.mktemp("data")), quant="f32")
 
 
 def test_llama_cpp_runs_the_same_network_as_the_reference(weights, served, monkeypatch):
@@ -34,6 +34,15 @@ def test_llama_cpp_runs_the_same_network_as_the_reference(weights, served, monke
     monkeypatch.setattr(minilm, "_erf", lambda x: np.tanh(np.sqrt(2 / np.pi) * (x * np.sqrt(2.0) + 0.044715 * (
         x * np.sqrt(2.0)) ** 3)))  # 0.5 h (1 + erf(h / sqrt 2)) becomes ggml's tanh GELU
     assert float(np.abs(got - ref.embed(SENTENCES)).max()) < 1e-4
+
+
+def test_the_quantized_encoder_stays_within_a_thousandth_of_the_reference(weights, served, tmp_path):
+    """cache.embedder_quant = "q8_0" (the default): llama.cpp's 8-bit matrices."""
+    from tidegate.core.cache.embedders import make_embedder
+    q8 = make_embedder("minilm", data_dir=str(tmp_path), quant="q8_0")
+    assert q8.engine.path.endswith("-q8_0.gguf")
+    exact = minilm.NumpyMiniLM(weights).embed(SENTENCES)
+    assert np.all(np.sum(q8.embed(SENTENCES) * exact, axis=1) > 0.999)
 
 
 def test_the_tokenizers_agree(weights, served):
