@@ -34,11 +34,14 @@ class GGUFEmbedder:
 
     def __init__(self, path: str, n_ctx: int = 512, threads: int = 1):
         from tidegate.core.llm.engine import Engine
-        self.engine = Engine(path, n_ctx=n_ctx, n_seq=1, embeddings=True, threads=threads)
+        self.engine = Engine(path, n_ctx=n_ctx, n_seq=1, embeddings=True, threads=threads, embed_seqs=16)
         self.dim = self.engine.n_embd
 
     def embed(self, texts: list[str]) -> np.ndarray:
-        return np.array([self.engine.embed(self.engine.tokenize(t)) for t in texts], dtype=np.float32)
+        e = self.engine
+        if e.embed_seqs > 1:  # an encoder: a turn's texts (from every ingress worker) in few passes
+            return e.embed_many([e.tokenize(t)[: e.n_ctx] for t in texts])
+        return np.array([e.embed(e.tokenize(t)) for t in texts], dtype=np.float32)
 
 
 class MiniLMEmbedder(GGUFEmbedder):
@@ -50,13 +53,13 @@ class MiniLMEmbedder(GGUFEmbedder):
                          threads=threads)
 
     def embed(self, texts: list[str]) -> np.ndarray:
-        out, n = [], self.engine.n_ctx
+        inputs, n = [], self.engine.n_ctx
         for t in texts:
             toks = self.engine.tokenize(t)
             if len(toks) > n:  # cut as sentence-transformers cuts (at 256 tokens), still ending with [SEP]
                 toks = toks[: n - 1] + toks[-1:]
-            out.append(self.engine.embed(toks))
-        return np.array(out, dtype=np.float32)
+            inputs.append(toks)
+        return self.engine.embed_many(inputs)
 
 
 def make_embedder(kind: str, path: str = "", data_dir: str = "", threads: int = 1, quant: str = "q8_0"):

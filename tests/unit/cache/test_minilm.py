@@ -68,3 +68,16 @@ def test_weights_that_are_not_the_known_ones_are_refused(weights, tmp_path, monk
     monkeypatch.setattr(minilm, "MODEL_ZIP_SHA256", "0" * 64)
     with pytest.raises(minilm.MissingWeights, match="sha256"):
         minilm.weights_path()
+
+
+def test_packed_inputs_give_the_vectors_of_one_by_one(served, weights, tmp_path):
+    """A turn's texts go through llama.cpp packed (16 sequences, 512 tokens a pass): the same
+    vectors as one input at a time (float32: to 5e-4; Q8_0, whose activations are quantized per
+    pass: cosine 0.9995 or more)."""
+    from tidegate.core.cache.embedders import make_embedder
+    texts = SENTENCES * 4 + ["word " * 300]  # (the last one alone fills a pass: it is cut at 256 tokens)
+    packed = served.embed(texts)
+    alone = np.stack([served.embed([t])[0] for t in texts])
+    assert float(np.abs(packed - alone).max()) < 5e-4
+    q8 = make_embedder("minilm", data_dir=str(tmp_path), quant="q8_0")
+    assert float(np.min(np.sum(q8.embed(texts) * np.stack([q8.embed([t])[0] for t in texts]), axis=1))) > 0.9995
