@@ -5,7 +5,6 @@ the client got, how many attempts the provider saw, and how far apart they were.
 
 Deadlines are short here (1 s) so a silent backend costs a second; the defaults are 10-15 s."""
 import json
-import time
 
 import openai
 import pytest
@@ -56,6 +55,16 @@ def gw(tmp_path_factory):
     yield d
     d.stop()
     p.close()
+
+
+def refused(gw, model, stream, error):
+    """Ask `model` (its fault), expecting `error`: (the error, the attempts the fault's backend
+    saw, those the healthy backend saw)."""
+    p = gw.provider
+    before, ok = p.count(model), p.count("ok")
+    with pytest.raises(error) as e:
+        ask(gw, model, stream)
+    return e.value, p.count(model) - before, p.count("ok") - ok
 
 
 def backends(d, name) -> dict:
@@ -117,10 +126,9 @@ def test_a_500_once_is_retried_on_the_same_backend_after_a_backoff(gw, stream):
 @pytest.mark.parametrize("stream", [False, True])
 def test_a_reset_after_the_request_went_out_is_not_repeated_unless_the_client_allows_it(gw, stream):
     p = gw.provider
-    before, ok = p.count("reset"), p.count("ok")
-    with pytest.raises(openai.APIStatusError) as e:
-        ask(gw, "reset", stream)
-    assert e.value.status_code == 502 and p.count("reset") - before == 1 and p.count("ok") == ok  # lost: not rerun
+    err, attempts, healthy = refused(gw, "reset", stream, openai.APIStatusError)
+    assert err.status_code == 502 and attempts == 1 and healthy == 0  # lost: not rerun
+    ok = p.count("ok")
     text, _ = ask(gw, "reset", stream, extra_headers={"Idempotency-Key": f"k-{stream}"})
     assert text == WHOLE and p.count("ok") - ok == 1  # the client said it may run twice
 
@@ -207,11 +215,8 @@ def test_a_context_length_refusal_moves_to_the_larger_model_of_the_chain(gw, str
 
 @pytest.mark.parametrize("stream", [False, True])
 def test_a_content_filter_refusal_is_passed_on_and_never_retried(gw, stream):
-    p = gw.provider
-    before, ok = p.count("filter"), p.count("ok")
-    with pytest.raises(openai.BadRequestError) as e:
-        ask(gw, "filter", stream)
-    assert e.value.body["code"] == "content_filter" and p.count("filter") - before == 1 and p.count("ok") == ok
+    err, attempts, healthy = refused(gw, "filter", stream, openai.BadRequestError)
+    assert err.body["code"] == "content_filter" and attempts == 1 and healthy == 0
 
 
 def test_a_primary_down_for_a_while_is_routed_around_and_taken_back_when_it_recovers(gw):
