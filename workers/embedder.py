@@ -64,7 +64,8 @@ class EmbedderWorker(BlockingWorker):
                                    budget_window=self.c["semantic_budget_window"],
                                    budget_min_audits=self.c["semantic_budget_min_audits"],
                                    verify_queue=self.c["semantic_verify_queue"],
-                                   plausible_probability=self.c["semantic_plausible_probability"])
+                                   contest_probability=self.c["semantic_contest_probability"],
+                                   promote_probability=self.c["semantic_promote_probability"])
         log.info("embedder ready", embedder=self.embedder.name, dim=self.embedder.dim,
                  decision=self.c["semantic_decision"], threshold=self.store.threshold_of(self.c["semantic_threshold"]),
                  entries=len(self.store.meta), rebuilt=self.store.stats["semantic_index_rebuilds"])

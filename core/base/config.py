@@ -531,12 +531,14 @@ SCHEMA: dict[str, dict[str, Key]] = {
                                  else 'must be "verifier" or "model"'),
         "semantic_margin": Key(float, 0.1, "a hit is refused as contested when another neighbour within this much "
                                "cosine of it is plausible too (served, or the trees' odds at "
-                               "semantic_plausible_probability) and its answer differs",
+                               "semantic_contest_probability) and its answer differs",
                                lambda v: None if 0 <= v < 1 else "must be in [0, 1)"),
-        "semantic_plausible_probability": Key(float, 0.5, "the trees' probability from which a neighbour is "
-                                            "plausible: another one within the margin contests a hit, and a "
-                                            "promoted entry may serve it",
-                                            lambda v: None if 0 < v <= 1 else "must be in (0, 1]"),
+        "semantic_contest_probability": Key(float, 0.05, "the trees' probability from which another neighbour "
+                                            "within the margin contests a hit (a low bar: a wrong hit costs more "
+                                            "than a miss)", lambda v: None if 0 < v <= 1 else "must be in (0, 1]"),
+        "semantic_promote_probability": Key(float, 0.5, "the trees' probability a promoted entry still needs (a "
+                                            "verified rephrasing says queries that close can mean the same, not "
+                                            "that every one does)", lambda v: None if 0 < v <= 1 else "must be in (0, 1]"),
         "semantic_neighbours": Key(int, 10, "nearest entries a lookup looks at", 
                                    lambda v: None if 1 <= v <= 100 else "must be in 1..100"),
         "semantic_verify": Key(str, "auto", "verify near-misses and audit hits by comparing answers, off the request "
