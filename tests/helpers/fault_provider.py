@@ -59,6 +59,9 @@ class FaultProvider:
         self.down_until = 0.0
         self.intents: dict[str, str] = {}  # the "intent" model: keyword -> its answer
         self.answers: dict[str, str] = {}  # ... and whole texts -> their answer
+        self.held = False        # hold(): the intent model keeps its answers until release()
+        self._gate: asyncio.Event | None = None
+        self.in_flight = 0       # intent requests received and not yet answered
         self._seen: set[str] = set()  # 500-once: prompts that failed once
         self._ready = threading.Event()
         self.loop: asyncio.AbstractEventLoop | None = None
@@ -72,6 +75,18 @@ class FaultProvider:
             raise RuntimeError("the fault provider did not start")
 
     # ---- what a test reads -----------------------------------------------------------------
+    def hold(self) -> None:
+        """The intent model answers nothing until release() (a test's window, not a delay)."""
+        self.held = True
+
+    def release(self) -> None:
+        def go():  # (in the provider's loop: no request can slip between the flag and the gate)
+            self.held = False
+            if self._gate is not None:
+                self._gate.set()
+                self._gate = None
+        self.loop.call_soon_threadsafe(go)
+
     def count(self, model: str) -> int:
         return sum(1 for _, m, _ in self.attempts if m == model)
 
@@ -142,7 +157,15 @@ class FaultProvider:
             asked = str(msgs[-1].get("content") if chat and msgs else body.get("prompt", ""))
             answer = self.answers.get(asked) or next((a for k, a in self.intents.items() if k in asked.lower()),
                                                      "unknown")
-            return await self._intent(request, model, chat, bool(body.get("stream")), answer)
+            self.in_flight += 1
+            try:
+                if self.held:
+                    if self._gate is None:
+                        self._gate = asyncio.Event()
+                    await self._gate.wait()
+                return await self._intent(request, model, chat, bool(body.get("stream")), answer)
+            finally:
+                self.in_flight -= 1
         prefix = ""
         if chat and msgs and msgs[-1].get("role") == "assistant":
             if fault == "no-prefill":

@@ -44,8 +44,13 @@ def test_promotion_and_tightening_change_later_decisions(tmp_path):
         after = {r["text"]: r for r in d.admin_json("cache", "explain", NEAR_MISS)["body"]["nearest"]}
         assert after[Q0]["decision"] == "promoted" and after[Q0]["learned"]["same"] == 1
 
-        # a hit the model would answer otherwise: served, audited, found wrong; then refused
+        # a hit the model would answer otherwise: served, audited, found wrong; then refused.
+        # The audit is off the request path: the client has its answer while the model (held
+        # here) still has the audit
+        p.hold()
         assert ask(d, WRONG) == ("semantic", p.intents["password"])
+        wait_for(lambda: p.in_flight == 1, 30, "the audit at the model")
+        p.release()
         wait_for(lambda: metric(d, "tidegate_semantic_audit_wrong_total") >= 1, 30, "the hit audited")
         assert metric(d, "tidegate_semantic_audits_started_total") >= 1
         assert ask(d, WRONG) == ("miss", p.intents["router"])
