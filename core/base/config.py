@@ -307,9 +307,11 @@ SCHEMA: dict[str, dict[str, Key]] = {
         "boot_timeout": Key(float, 30.0, "a worker not ready this long after spawn failed to boot", positive),
         "graceful_timeout": Key(float, 30.0, "SIGTERM: how long in-flight requests may take to finish", non_negative),
         "respawn_backoff_max": Key(float, 10.0, "ceiling of the respawn delay for a crash-looping slot", positive),
-        "nice": Key(dict, {"embedder": 5, "views": 10}, "niceness added per process kind (ingress, inference, "
+        "nice": Key(dict, {"views": 10}, "niceness added per process kind (ingress, inference, "
                     "embedder, views, models): background work yields the CPU to the ingress workers, whose "
-                    "latency every class shares; on a box where clients or other services share the cores, "
+                    "latency every class shares (not the embedder: a semantic lookup is on the request path, "
+                    "and MiniLM niced under a busy model missed its deadline on every lookup); on a box where "
+                    "clients or other services share the cores, "
                     "inference = 5 protects critical traffic further at the cost of tokens/s (bench/flash_sale.py)",
                     _nice),
     },

@@ -91,6 +91,7 @@ EXTRA_HELP = {
     "semantic_index_rebuilds": ("counter", "Semantic indexes rebuilt from the payload store at start"),
     "semantic_timeouts": ("counter", "Semantic lookups that took longer than semantic_timeout (a miss)"),
     "semantic_skipped": ("counter", "Semantic lookups skipped (a miss at once) while the embedder's circuit breaker was open"),
+    "semantic_inserts_skipped": ("counter", "Answers not sent to the semantic cache while the embedder's circuit breaker was not closed (it was behind)"),
     "embed_batches": ("counter", "Embedding batches (one per embedder loop turn with work)"),
     "embed_texts": ("counter", "Texts embedded (embed_texts / embed_batches = mean batch size)"),
     "embed_seconds": ("counter", "Seconds spent embedding"),

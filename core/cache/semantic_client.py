@@ -32,7 +32,8 @@ class SemanticClient:
         self.tenants = {o["tenant"]: {**self.default, **o} for o in c["semantic_tenants"]}
         self.min_overlap, self.timeout = c["semantic_min_overlap"], c["semantic_timeout"]
         self.breaker = Breaker.from_config(cfg["breakers"], slow_call=self.timeout)
-        self.stats = {"semantic_timeouts": 0, "semantic_skipped": 0, "semantic_audits_started": 0,
+        self.stats = {"semantic_timeouts": 0, "semantic_skipped": 0, "semantic_inserts_skipped": 0,
+                      "semantic_audits_started": 0,
                       "semantic_audits_skipped": 0}
         self.audit_rate, self.audit_max = c["semantic_audit_rate"], c["semantic_audit_max_inflight"]
         self.audit_promoted_rate = c["semantic_audit_promoted_rate"]
@@ -84,6 +85,9 @@ class SemanticClient:
                model: str = "") -> None:
         """Store an answer the model gave after a miss; where the model's answers mean something
         (`semantic_verify`), the embedder also verifies it against the nearest entry."""
+        if self.breaker.state != "closed":  # the embedder is behind: more work would only deepen it
+            self.stats["semantic_inserts_skipped"] += 1
+            return
         p = self.policy(tenant)
         ttl = min(p["ttl"], ttl) if ttl else p["ttl"]  # (a request's cache.ttl only shortens it)
         self.client.send(INSERT, {"ns": ns, "tenant": tenant, "text": text, "entry": entry, "ttl": ttl,

@@ -93,7 +93,7 @@ class Engine:
             # the packing budget stays small)
             self.embed_pack = self.embed_chunk if self.embed_seqs == 1 else max(n_ctx, 512)
             ep = L.llama_context_default_params()
-            ep.n_ctx = self.embed_pack
+            ep.n_ctx = n_ctx if self.embed_seqs == 1 else self.embed_pack  # (a causal input's parts share the KV)
             ep.n_batch = ep.n_ubatch = self.embed_pack
             ep.n_seq_max = self.embed_seqs
             ep.n_threads = ep.n_threads_batch = threads
