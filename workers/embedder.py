@@ -148,7 +148,10 @@ class EmbedderWorker(BlockingWorker):
     def before_sleep(self) -> None:
         """A few verifications, once the turn's answers went out (flush comes before this)."""
         if self.store is not None and self.store.queue:
-            self.store.verify_some(self.c["semantic_verify_per_turn"])
+            try:
+                self.store.verify_some(self.c["semantic_verify_per_turn"])
+            except Exception as e:  # (a full learned-store map, a failed embed: not the cache's end)
+                log.error("semantic verification failed", error=repr(e))
 
     def counters(self) -> dict:
         if self.store is None:
