@@ -412,9 +412,10 @@ class SemanticStore:
         """Run up to n queued verifications (a loop turn's share): how many ran."""
         done = 0
         while self.queue and done < n:
-            kind, ns, eid, score, answer, new_eid = self.queue.popleft()
+            kind, _, eid, score, answer, new_eid = self.queue.popleft()
             if eid not in self.meta:
                 continue  # (evicted or expired since)
+            ns = self.meta[eid][0]  # (the entry's own namespace, whatever the message said)
             done += 1
             same = self.agree(answer_text(self._answer(eid)), answer)
             self.learn(ns, eid, score, same, audit=kind == "audit", new_eid=new_eid)
@@ -466,12 +467,15 @@ class SemanticStore:
         for eid in [eid for eid, m in self.meta.items() if m[0] == ns]:
             self._delete(eid)
         self.spaces.pop(ns, None)
-        if self.budgets.pop(ns, None) is not None:
-            with self.learned_env.begin(write=True) as txn:
-                txn.delete(b"n" + ns.encode())
+        self._drop_budget(ns)
         self.used.pop(ns, None)
         self._unlink_index(ns)
         self.stats["semantic_namespaces_evicted"] += 1
+
+    def _drop_budget(self, ns: str) -> None:
+        if self.budgets.pop(ns, None) is not None:
+            with self.learned_env.begin(write=True) as txn:
+                txn.delete(b"n" + ns.encode())
 
     def _unlink_index(self, ns: str) -> None:
         for suffix in ("", ".crc"):
@@ -513,6 +517,7 @@ class SemanticStore:
                 del self.spaces[ns]
                 self.used.pop(ns, None)
                 self._unlink_index(ns)
+                self._drop_budget(ns)
 
     def save(self) -> None:
         for ns, space in self.spaces.items():
