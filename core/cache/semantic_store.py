@@ -266,15 +266,16 @@ class SemanticStore:
 
     def _verdict(self, ns: str, text: str, near: list, threshold: float, min_overlap: float):
         """(index of the neighbour served or -1, why, how: "" | "promoted"). The first neighbour
-        the decision serves is the hit, unless another within `margin` of it would be served too
+        the decision serves is the hit, unless another within `margin` of it is plausible too
         with another answer: which one the query meant is then a guess, and a wrong hit is worse
         than a miss."""
         budget = self.budgets.get(ns)
         strict = budget.strictness if budget is not None else 0.0
-        first_why = "threshold"
+        first_why, refused = "threshold", set()  # (those the decision already refused: not asked twice)
         for i, (eid, score, _) in enumerate(near):
             ok, how = self._serves(ns, text, eid, score, threshold, min_overlap, strict)
             if not ok:
+                refused.add(eid)
                 if i == 0:
                     first_why = how
                 continue
@@ -282,18 +283,18 @@ class SemanticStore:
             for j, (other, oscore, _) in enumerate(near):
                 if j == i or oscore < score - self.margin or self._group(other) == mine:
                     continue
-                if self._plausible(text, other, oscore, threshold, min_overlap, strict):
+                if self._plausible(text, other, oscore, threshold, min_overlap, strict, other in refused):
                     return -1, "contested", ""
             return i, "", how
         return -1, first_why, ""
 
     def _plausible(self, text: str, eid: int, score: float, threshold: float, min_overlap: float,
-                   strict: float) -> bool:
+                   strict: float, refused: bool = False) -> bool:
         """Whether another neighbour could be what the query meant: it would be served, or (the
         trees) it clears the threshold with no hard conflict and contest_probability or more: a
         low bar (0.05), since a wrong hit costs more than a miss (PAWS in lookup mode: precision
-        0.83 at 0.5, 0.95 at 0.05, for 8% of the recall)."""
-        if self._serves("", text, eid, score, threshold, min_overlap, strict)[0]:
+        0.83 at 0.5, 0.95 at 0.05, for 8% of the recall). refused: the decision already said no."""
+        if not refused and self._serves("", text, eid, score, threshold, min_overlap, strict)[0]:
             return True
         if self._prob is None or score < threshold:
             return False
