@@ -13,6 +13,7 @@ import random
 import socket
 
 from helpers.redis_server import redis_binary
+from helpers.wait import wait_for
 
 
 NODE_TIMEOUT_MS = 1000
@@ -81,21 +82,18 @@ class RedisCluster:
         """The port of a replica of the master at this port, once that replica's link to it is up:
         cluster_state:ok comes before the replicas have attached (CLUSTER REPLICAS is empty for a
         moment after `--cluster create`, longer on a loaded box), so this waits for the event."""
-        deadline = time.monotonic() + timeout
         node_id = self.client(master).execute_command("CLUSTER", "MYID").decode()
-        while True:
+
+        def attached():
             try:
-                lines = self.client(master).execute_command("CLUSTER", "REPLICAS", node_id)
-                for line in lines:
+                for line in self.client(master).execute_command("CLUSTER", "REPLICAS", node_id):
                     line = line.decode() if isinstance(line, bytes) else line
                     port = int(line.split()[1].split("@")[0].rsplit(":", 1)[1])
                     if self.client(port).info("replication").get("master_link_status") == "up":
                         return port
             except redis.RedisError:
-                pass
-            if time.monotonic() > deadline:
-                raise TimeoutError(f"no replica of the master at {master} attached within {timeout:g} s")
-            time.sleep(0.1)
+                return None
+        return wait_for(attached, timeout, f"a replica of the master at {master} attached")
 
     def pause(self, port: int) -> None:  # a node that stops answering (and replicating) but keeps its sockets
         self.procs[port].send_signal(signal.SIGSTOP)
