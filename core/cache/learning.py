@@ -106,11 +106,6 @@ class ErrorBudget:
     def rate(self) -> float:
         return sum(self.outcomes) / len(self.outcomes) if self.outcomes else 0.0
 
-    @property
-    def healthy(self) -> bool:
-        """Promotions are allowed: nothing has made this namespace stricter."""
-        return self.strictness == 0.0
-
     def to_json(self) -> dict:
         return {"strictness": round(self.strictness, 4), "audited": self.audited, "wrong": self.wrong,
                 "window": list(self.outcomes)}

@@ -136,7 +136,7 @@ def to_gguf(zip_path: str, out_path: str) -> str:
 
 def gguf_path(zip_path: str, data_dir: str, quant: str = "f32") -> str:
     """The converted GGUF under data_dir (converted once per weights file); quant "q8_0": that
-    GGUF quantized by llama.cpp (matrices to 8 bits: ~30% faster here, cosine to the float32
+    GGUF quantized by llama.cpp (matrices to 8 bits: 1.2-1.5x one at a time here, cosine to the float32
     vectors >= 0.999)."""
     out = os.path.join(data_dir, "embedders", f"minilm-{MODEL_ZIP_SHA256[:16]}.gguf")
     if not os.path.exists(out):

@@ -16,7 +16,7 @@ import hashlib
 
 import orjson
 
-from tidegate.core.base.breaker import Breaker
+from tidegate.core.base.breaker import CLOSED, Breaker
 from tidegate.core.base.config import models
 from tidegate.core.cache.exact import OUTPUT_FIELDS
 from tidegate.core.llm.demo_model import is_demo
@@ -33,8 +33,7 @@ class SemanticClient:
         self.min_overlap, self.timeout = c["semantic_min_overlap"], c["semantic_timeout"]
         self.breaker = Breaker.from_config(cfg["breakers"], slow_call=self.timeout)
         self.stats = {"semantic_timeouts": 0, "semantic_skipped": 0, "semantic_inserts_skipped": 0,
-                      "semantic_audits_started": 0,
-                      "semantic_audits_skipped": 0}
+                      "semantic_audits_started": 0, "semantic_audits_skipped": 0}
         self.audit_rate, self.audit_max = c["semantic_audit_rate"], c["semantic_audit_max_inflight"]
         self.audit_promoted_rate = c["semantic_audit_promoted_rate"]
         self.auditing, self.hits = 0, [0, 0]  # audits in flight from this worker; hits counted (plain, promoted)
@@ -85,7 +84,7 @@ class SemanticClient:
                model: str = "") -> None:
         """Store an answer the model gave after a miss; where the model's answers mean something
         (`semantic_verify`), the embedder also verifies it against the nearest entry."""
-        if self.breaker.state != "closed":  # the embedder is behind: more work would only deepen it
+        if self.breaker.state != CLOSED:  # the embedder is behind: more work would only deepen it
             self.stats["semantic_inserts_skipped"] += 1
             return
         p = self.policy(tenant)

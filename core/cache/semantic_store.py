@@ -241,7 +241,7 @@ class SemanticStore:
     def threshold_of(self, threshold: float) -> float:
         return threshold if threshold > 0 else self.floor
 
-    def _serves(self, ns: str, text: str, eid: int, score: float, threshold: float, min_overlap: float,
+    def _serves(self, text: str, eid: int, score: float, threshold: float, min_overlap: float,
                 strict: float) -> tuple[bool, str]:
         """Whether entry eid may be served for text at this cosine: (True, "" | "promoted") or
         (False, why)."""
@@ -273,7 +273,7 @@ class SemanticStore:
         strict = budget.strictness if budget is not None else 0.0
         first_why, refused = "threshold", set()  # (those the decision already refused: not asked twice)
         for i, (eid, score, _) in enumerate(near):
-            ok, how = self._serves(ns, text, eid, score, threshold, min_overlap, strict)
+            ok, how = self._serves(text, eid, score, threshold, min_overlap, strict)
             if not ok:
                 refused.add(eid)
                 if i == 0:
@@ -294,7 +294,7 @@ class SemanticStore:
         trees) it clears the threshold with no hard conflict and contest_probability or more: a
         low bar (0.05), since a wrong hit costs more than a miss (PAWS in lookup mode: precision
         0.83 at 0.5, 0.95 at 0.05, for 8% of the recall). refused: the decision already said no."""
-        if not refused and self._serves("", text, eid, score, threshold, min_overlap, strict)[0]:
+        if not refused and self._serves(text, eid, score, threshold, min_overlap, strict)[0]:
             return True
         if self._prob is None or score < threshold:
             return False
@@ -354,7 +354,7 @@ class SemanticStore:
             budget = self.budgets.get(ns)
             strict = budget.strictness if budget is not None else 0.0
             for i, (eid, score, cand) in enumerate(near[:k]):
-                ok, how = self._serves(ns, text, eid, score, threshold, min_overlap, strict)
+                ok, how = self._serves(text, eid, score, threshold, min_overlap, strict)
                 if i == served:
                     verdict = "hit"
                 elif i == 0 and served < 0:  # the lookup's own reason

@@ -28,7 +28,7 @@ from dataclasses import replace
 
 import numpy as np
 
-from tidegate.core.base.breaker import Breaker, TenantBreakers
+from tidegate.core.base.breaker import CLOSED, Breaker, TenantBreakers
 from tidegate.core.http.http11 import HttpError, json_response, service_unavailable
 from tidegate.core.llm.failover import falls_back
 from tidegate.core.llm.structured import Bounds
@@ -169,11 +169,12 @@ class OpenAIRoutes:
         """Ask the model the query a semantic hit answered, in the background class, off the
         request path (the client has its answer already): the embedder compares the two answers
         and the namespace's error budget reads the outcome. Skipped when the background class is
-        shed or the model's breaker is open; a failure is no outcome. The gateway's own work:
-        not charged to the tenant's limits."""
+        shed or the model's breaker is not closed (an audit never takes a half-open breaker's
+        trial); a failure is no outcome. The gateway's own work: not charged to the tenant's
+        limits."""
         bg = replace(g, cls="background", stream=False)
         breaker = self.breakers.get(g.downstream)
-        if self._shed(bg) is not None or (breaker is not None and not breaker.allow()):
+        if self._shed(bg) is not None or (breaker is not None and breaker.state != CLOSED):
             self.semantic.stats["semantic_audits_skipped"] += 1
             return
         sc, ns = self.semantic, g.semantic_key[0]
